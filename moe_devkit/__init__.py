@@ -1,0 +1,60 @@
+"""moe-devkit: find and prove fixed the failures of dynamic-k Mixture-of-Experts routers.
+
+Public names are imported lazily (PEP 562), so ``import moe_devkit`` (and the torch-free
+``moe_devkit.lint``) loads neither torch, JAX nor matplotlib until a name needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY: dict[str, str] = {
+    "RouterConfig": "moe_devkit.config",
+    "RoutingDecision": "moe_devkit.routers.torch_router",
+    "DynamicMoERouter": "moe_devkit.routers.torch_router",
+    "StaticTopKRouter": "moe_devkit.routers.torch_router",
+    "MoELayer": "moe_devkit.routers.torch_router",
+    "MoEOutput": "moe_devkit.routers.torch_router",
+    "MoEModel": "moe_devkit.routers.torch_router",
+    "MoEModelOutput": "moe_devkit.routers.torch_router",
+}
+
+__all__ = [
+    "DynamicMoERouter",
+    "MoELayer",
+    "MoEModel",
+    "MoEModelOutput",
+    "MoEOutput",
+    "RouterConfig",
+    "RoutingDecision",
+    "StaticTopKRouter",
+    "__version__",
+]
+
+if TYPE_CHECKING:
+    from moe_devkit.config import RouterConfig
+    from moe_devkit.routers.torch_router import (
+        DynamicMoERouter,
+        MoELayer,
+        MoEModel,
+        MoEModelOutput,
+        MoEOutput,
+        RoutingDecision,
+        StaticTopKRouter,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moe_devkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

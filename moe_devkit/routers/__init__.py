@@ -1,0 +1,1 @@
+"""Reference dynamic-k routers, one readable file per framework."""

@@ -1,0 +1,597 @@
+"""Reference dynamic-k Mixture-of-Experts router and layer in PyTorch.
+
+Reads top to bottom: the routing decision record, small helpers (input checks, k selection,
+capacity, auxiliary losses), the complexity estimator, the routers (dynamic and static), the
+experts, the MoE layer and a small stack of MoE layers.
+
+Shape letters: N tokens, E experts, K = max_k slots, D hidden, F expert hidden.
+
+Design notes:
+* No host synchronisation in any forward on CUDA: every data-dependent quantity (k, counts,
+  capacity, offsets) stays a device tensor; dispatch uses ``torch._grouped_mm`` with device
+  offsets. Where a grouped matmul is unavailable for a device or dtype the experts fall back
+  to a loop over experts, which reads the per-expert counts on the host (one synchronisation).
+* The router runs in float32 whatever the model dtype ("selective precision", ST-MoE,
+  Zoph et al. 2022): softmax and top-k over bfloat16 logits would tie and flip experts.
+* Gradient to the complexity estimator: k is an integer, so each slot j gets a hard mask
+  ``j < k`` in the forward pass and the gradient of a soft mask
+  ``sigmoid((c * (R + 1) - (j - min_k + 1)) / tau)`` in the backward pass (straight-through
+  estimator, Bengio et al. 2013), R = max_k - min_k. The soft mask scales the expert weights,
+  so the task loss pushes c up where more experts help and the compute-cost term (expected
+  k / max_k) pushes it down.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import record_function
+
+from moe_devkit.config import RouterConfig
+
+STAGES: tuple[str, ...] = ("complexity", "gating", "select_k", "dispatch", "experts", "combine")
+"""Routing stages, each wrapped in a ``record_function`` span named ``"moe." + stage``."""
+
+
+def span_name(stage: str) -> str:
+    """Returns the profiler span name of a routing stage."""
+    return f"moe.{stage}"
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """What a router decided for N tokens (flattened over batch and sequence).
+
+    Attributes:
+        expert_indices: int64[N, K], selected experts in decreasing probability, -1 padded.
+        expert_weights: float32[N, K], renormalised over the selected experts; 0 on padding
+            and on pairs dropped by the capacity limit.
+        k_per_token: int64[N], number of experts selected (0 for non-finite tokens).
+        complexity: float32[N], the complexity score in [0, 1] (learned estimator in
+            "complexity" mode; normalised entropy of router_probs otherwise).
+        router_logits: float32[N, E].
+        router_probs: float32[N, E], softmax of router_logits.
+        dropped: bool[N, K], selected pairs dropped by the capacity limit.
+        nonfinite: bool[N], tokens whose input or logits were NaN/Inf (routed nowhere).
+        load_balancing_loss: float32[], Switch loss E * sum_e f_e * P_e with variable k.
+        z_loss: float32[], ST-MoE router z-loss mean(logsumexp(logits)^2).
+        compute_loss: float32[], expected k / max_k (differentiable in "complexity" mode).
+        aux_loss: float32[], the three losses weighted by the config's coefficients.
+        batch_shape: leading shape of the input (e.g. (batch, seq)).
+    """
+
+    expert_indices: torch.Tensor
+    expert_weights: torch.Tensor
+    k_per_token: torch.Tensor
+    complexity: torch.Tensor
+    router_logits: torch.Tensor
+    router_probs: torch.Tensor
+    dropped: torch.Tensor
+    nonfinite: torch.Tensor
+    load_balancing_loss: torch.Tensor
+    z_loss: torch.Tensor
+    compute_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    batch_shape: tuple[int, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.expert_indices.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router_logits.shape[-1])
+
+    @property
+    def max_k(self) -> int:
+        return int(self.expert_indices.shape[-1])
+
+    @property
+    def active(self) -> torch.Tensor:
+        """bool[N, K]: pairs that are selected and executed (not padding, not dropped)."""
+        return (self.expert_indices >= 0) & ~self.dropped
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def flatten_tokens(hidden_states: object, hidden_size: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Checks ``hidden_states`` and flattens it to [N, D].
+
+    Args:
+        hidden_states: float[batch, seq, D] or float[N, D].
+        hidden_size: the expected D.
+
+    Returns:
+        The [N, D] view and the leading batch shape.
+
+    Raises:
+        TypeError: not a floating-point tensor.
+        ValueError: wrong rank, wrong hidden size or no tokens.
+    """
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(f"hidden_states must be a torch.Tensor; got {type(hidden_states).__name__}")
+    if not hidden_states.is_floating_point():
+        raise TypeError(
+            "hidden_states must be a floating-point tensor (float32, bfloat16 or float16); "
+            f"got dtype={hidden_states.dtype}"
+        )
+    if hidden_states.dim() not in (2, 3):
+        raise ValueError(
+            "hidden_states must have shape [batch, seq, hidden] or [tokens, hidden]; "
+            f"got shape {tuple(hidden_states.shape)}"
+        )
+    if hidden_states.shape[-1] != hidden_size:
+        raise ValueError(
+            f"hidden_states last dimension must be hidden_size={hidden_size}; "
+            f"got shape {tuple(hidden_states.shape)}"
+        )
+    if hidden_states.numel() == 0:
+        raise ValueError(
+            f"hidden_states must hold at least one token; got shape {tuple(hidden_states.shape)}"
+        )
+    batch_shape = tuple(hidden_states.shape[:-1])
+    return hidden_states.reshape(-1, hidden_size), batch_shape  # [N, D]
+
+
+def _find_nonfinite(flat: torch.Tensor, router_logits: torch.Tensor, policy: str) -> torch.Tensor:
+    """bool[N]: tokens whose input or logits hold NaN/Inf; raises under policy "raise"."""
+    nonfinite = ~(torch.isfinite(flat).all(dim=-1) & torch.isfinite(router_logits).all(dim=-1))
+    if policy == "raise" and bool(nonfinite.any()):  # host sync, by the user's choice
+        count = int(nonfinite.sum())
+        first = int(nonfinite.int().argmax())
+        raise ValueError(
+            f"hidden_states must be finite; got {count} token(s) with NaN/Inf, first at "
+            f"flattened token index {first} (set nonfinite_policy='mask' to route them nowhere)"
+        )
+    return nonfinite
+
+
+def normalized_entropy(router_probs: torch.Tensor) -> torch.Tensor:
+    """float32[N]: entropy of each row of router_probs divided by log(E), in [0, 1]."""
+    num_experts = router_probs.shape[-1]
+    if num_experts == 1:
+        return torch.zeros_like(router_probs[:, 0])
+    entropy = -(router_probs * torch.log(router_probs.clamp_min(1e-30))).sum(dim=-1)
+    return entropy / math.log(num_experts)
+
+
+def slot_positions(max_k: int, device: torch.device) -> torch.Tensor:
+    """int64[1, K]: the slot number j of each of the K selection slots."""
+    return torch.arange(max_k, device=device).unsqueeze(0)
+
+
+def k_from_complexity(complexity: torch.Tensor, min_k: int, max_k: int) -> torch.Tensor:
+    """int64[N]: k = min_k + floor(c * (max_k - min_k + 1)), clamped to [min_k, max_k].
+
+    Equal-width bins of the score: c in [0, 1/(R+1)) gives min_k, the top bin gives max_k.
+    """
+    span = max_k - min_k + 1
+    steps = torch.floor(complexity.nan_to_num(0.0) * span).to(torch.int64)
+    return (min_k + steps).clamp(min_k, max_k)
+
+
+def soft_slot_mask(
+    complexity: torch.Tensor, min_k: int, max_k: int, temperature: float
+) -> torch.Tensor:
+    """float32[N, K]: differentiable relaxation of ``j < k_from_complexity(c)``."""
+    slots = slot_positions(max_k, complexity.device)  # [1, K]
+    span = max_k - min_k + 1
+    margin = complexity.unsqueeze(-1) * span - (slots - min_k + 1)  # [N, K]
+    soft = torch.sigmoid(margin / temperature)
+    return torch.where(slots < min_k, torch.ones_like(soft), soft)
+
+
+def k_from_top_p(sorted_probs: torch.Tensor, top_p: float, min_k: int) -> torch.Tensor:
+    """int64[N]: smallest k whose top-k probability mass reaches top_p, within [min_k, K].
+
+    Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models".
+
+    Args:
+        sorted_probs: float32[N, K], the K = max_k largest probabilities, decreasing.
+    """
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # [N, K] exclusive
+    k = (mass_before < top_p).sum(dim=-1)
+    return k.clamp(min_k, sorted_probs.shape[-1])
+
+
+def capacity_dropped(
+    expert_indices: torch.Tensor, num_experts: int, capacity_factor: float
+) -> torch.Tensor:
+    """bool[N, K]: selected pairs beyond each expert's capacity.
+
+    Capacity = ceil(capacity_factor * (number of selected pairs) / E), a device tensor.
+    Priority: all first choices before any second choice, then token order (Switch).
+    """
+    num_tokens, max_k = expert_indices.shape
+    selected = expert_indices >= 0
+    key = torch.where(selected, expert_indices, num_experts).t().reshape(-1)  # [K*N] slot-major
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=key.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    starts = torch.cumsum(counts, dim=0) - counts  # [E+1]
+    rank_sorted = torch.arange(key.numel(), device=key.device) - starts[key[order]]
+    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # [K*N]
+    rank = rank.reshape(max_k, num_tokens).t()  # [N, K]
+    capacity = torch.ceil(capacity_factor * selected.sum() / num_experts)
+    return selected & (rank >= capacity)
+
+
+def expert_counts(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64[E]: how often each expert was selected; -1 padding is ignored."""
+    flat = expert_indices.reshape(-1)
+    valid = flat >= 0
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, torch.where(valid, flat, num_experts), torch.ones_like(flat))
+    return counts[:num_experts]
+
+
+def load_balancing_loss(
+    router_probs: torch.Tensor, expert_indices: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32[]: Switch load-balancing loss E * sum_e f_e * P_e (Fedus et al. 2021).
+
+    f_e = (selections of e) / N counts every selected slot, so a token with larger k weighs
+    more; for static top-k this equals transformers' ``load_balancing_loss_func``. Balanced
+    routing gives mean k; collapse onto one expert gives E * mean k.
+
+    Args:
+        router_probs: float32[N, E].
+        expert_indices: int64[N, K], -1 padded.
+        token_mask: bool[N], tokens to count (default all).
+    """
+    num_experts = router_probs.shape[-1]
+    if token_mask is None:
+        token_mask = torch.ones_like(router_probs[:, 0], dtype=torch.bool)
+    num_valid = token_mask.sum().clamp_min(1).to(router_probs.dtype)
+    indices = torch.where(token_mask.unsqueeze(-1), expert_indices, -1)
+    fraction = expert_counts(indices, num_experts).to(router_probs.dtype) / num_valid
+    probs = torch.where(token_mask.unsqueeze(-1), router_probs, 0.0)
+    mean_prob = probs.sum(dim=0) / num_valid
+    return num_experts * torch.sum(fraction * mean_prob)
+
+
+def router_z_loss(
+    router_logits: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32[]: ST-MoE router z-loss, mean over tokens of logsumexp(logits)^2."""
+    if token_mask is None:
+        return torch.logsumexp(router_logits, dim=-1).square().mean()
+    logits = torch.where(token_mask.unsqueeze(-1), router_logits, 0.0)
+    z = torch.logsumexp(logits, dim=-1).square()
+    return torch.where(token_mask, z, 0.0).sum() / token_mask.sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------------- routers
+
+
+class ComplexityEstimator(nn.Module):
+    """Small MLP giving each token a complexity score in [0, 1]."""
+
+    def __init__(self, hidden_size: int, inner_size: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, inner_size)
+        self.fc2 = nn.Linear(inner_size, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """float[N, D] -> float32[N]."""
+        x = hidden_states.to(self.fc1.weight.dtype)
+        return torch.sigmoid(self.fc2(F.gelu(self.fc1(x))).float()).squeeze(-1)
+
+
+class _RouterBase(nn.Module):
+    """Router network and the decision assembly shared by the dynamic and static routers."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.router_network = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+
+    def _gate(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float[N, D] -> float32 router_logits[N, E] and router_probs[N, E]."""
+        router_logits = F.linear(flat.float(), self.router_network.weight.float())
+        return router_logits, torch.softmax(router_logits, dim=-1)
+
+    def _decide(
+        self,
+        *,
+        flat: torch.Tensor,
+        batch_shape: tuple[int, ...],
+        router_logits: torch.Tensor,
+        router_probs: torch.Tensor,
+        top_probs: torch.Tensor,
+        top_indices: torch.Tensor,
+        k_per_token: torch.Tensor,
+        slot_gate: torch.Tensor,
+        complexity: torch.Tensor,
+    ) -> RoutingDecision:
+        """Masks, weights, capacity and losses from the chosen k (all on device)."""
+        cfg = self.config
+        nonfinite = _find_nonfinite(flat, router_logits, cfg.nonfinite_policy)
+        finite = ~nonfinite
+        k_per_token = torch.where(nonfinite, 0, k_per_token)
+        max_k = top_indices.shape[-1]
+        hard = slot_positions(max_k, flat.device) < k_per_token.unsqueeze(-1)  # [N, K]
+        expert_indices = torch.where(hard, top_indices, -1)
+        gate = torch.where(hard, slot_gate, 0.0)  # hard is all False on non-finite tokens
+        masked = torch.where(finite.unsqueeze(-1), top_probs, 0.0) * gate  # [N, K]
+        expert_weights = masked / masked.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if cfg.capacity_factor is None:
+            dropped = torch.zeros_like(hard)
+        else:
+            dropped = capacity_dropped(expert_indices, cfg.num_experts, cfg.capacity_factor)
+            expert_weights = torch.where(dropped, 0.0, expert_weights)
+        lb_loss = load_balancing_loss(router_probs, expert_indices, finite)
+        z_loss = router_z_loss(router_logits, finite)
+        expected_k = torch.where(finite, gate.sum(dim=-1), 0.0)
+        compute_loss = expected_k.sum() / finite.sum().clamp_min(1) / max_k
+        aux_loss = (
+            cfg.load_balance_coef * lb_loss
+            + cfg.z_loss_coef * z_loss
+            + cfg.compute_cost_coef * compute_loss
+        )
+        return RoutingDecision(
+            expert_indices=expert_indices,
+            expert_weights=expert_weights,
+            k_per_token=k_per_token,
+            complexity=complexity,
+            router_logits=router_logits,
+            router_probs=router_probs,
+            dropped=dropped,
+            nonfinite=nonfinite,
+            load_balancing_loss=lb_loss,
+            z_loss=z_loss,
+            compute_loss=compute_loss,
+            aux_loss=aux_loss,
+            batch_shape=batch_shape,
+        )
+
+
+class DynamicMoERouter(_RouterBase):
+    """Routes each token to a data-dependent number of experts k in [min_k, max_k].
+
+    Mode "complexity": a learned complexity estimator scores each token and ``compute_k``
+    maps the score to k. Mode "top_p": k is the smallest number of experts whose softmax
+    mass reaches ``top_p`` (capped at max_k); the complexity reported is the normalised
+    entropy of the router distribution, and no estimator is built.
+    """
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__(config)
+        self.complexity_estimator: ComplexityEstimator | None = (
+            ComplexityEstimator(config.hidden_size, config.complexity_hidden_size)
+            if config.mode == "complexity"
+            else None
+        )
+
+    def compute_k(self, complexity: torch.Tensor) -> torch.Tensor:
+        """Maps complexity float32[N] in [0, 1] to int64[N] k in [min_k, max_k]."""
+        return k_from_complexity(complexity, self.config.min_k, self.config.max_k)
+
+    def forward(self, hidden_states: torch.Tensor) -> RoutingDecision:
+        """Routes float[..., D] hidden states; see RoutingDecision for the outputs."""
+        cfg = self.config
+        flat, batch_shape = flatten_tokens(hidden_states, cfg.hidden_size)
+        with record_function(span_name("complexity")):
+            estimated = (
+                self.complexity_estimator(flat) if self.complexity_estimator is not None else None
+            )
+        with record_function(span_name("gating")):
+            router_logits, router_probs = self._gate(flat)
+            top_probs, top_indices = router_probs.topk(cfg.max_k, dim=-1)  # [N, K] sorted
+        with record_function(span_name("select_k")):
+            if estimated is not None:
+                complexity = estimated
+                k_per_token = self.compute_k(complexity)
+                soft = soft_slot_mask(complexity, cfg.min_k, cfg.max_k, cfg.k_temperature)
+                hard = slot_positions(cfg.max_k, flat.device) < k_per_token.unsqueeze(-1)
+                slot_gate = hard.float() + soft - soft.detach()  # straight-through
+            else:
+                complexity = normalized_entropy(router_probs)
+                k_per_token = k_from_top_p(top_probs, cfg.top_p, cfg.min_k)
+                slot_gate = torch.ones_like(top_probs)
+            return self._decide(
+                flat=flat,
+                batch_shape=batch_shape,
+                router_logits=router_logits,
+                router_probs=router_probs,
+                top_probs=top_probs,
+                top_indices=top_indices,
+                k_per_token=k_per_token,
+                slot_gate=slot_gate,
+                complexity=complexity,
+            )
+
+
+class StaticTopKRouter(_RouterBase):
+    """Fixed top-k router (k = config.max_k unless given): the baseline for dynamic routing.
+
+    Its ``complexity`` is the normalised entropy of the router distribution.
+    """
+
+    def __init__(self, config: RouterConfig, k: int | None = None) -> None:
+        super().__init__(config)
+        k = config.max_k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= config.num_experts:
+            raise ValueError(
+                f"k must be an int in [1, num_experts={config.num_experts}]; got k={k!r}"
+            )
+        self.k = k
+
+    def forward(self, hidden_states: torch.Tensor) -> RoutingDecision:
+        """Routes float[..., D] hidden states to exactly k experts each."""
+        flat, batch_shape = flatten_tokens(hidden_states, self.config.hidden_size)
+        with record_function(span_name("gating")):
+            router_logits, router_probs = self._gate(flat)
+            top_probs, top_indices = router_probs.topk(self.k, dim=-1)  # [N, k] sorted
+        with record_function(span_name("select_k")):
+            k_per_token = torch.full_like(top_indices[:, 0], self.k)
+            return self._decide(
+                flat=flat,
+                batch_shape=batch_shape,
+                router_logits=router_logits,
+                router_probs=router_probs,
+                top_probs=top_probs,
+                top_indices=top_indices,
+                k_per_token=k_per_token,
+                slot_gate=torch.ones_like(top_probs),
+                complexity=normalized_entropy(router_probs),
+            )
+
+
+# ----------------------------------------------------------------------------- experts
+
+_GROUPED_MM_BROKEN: set[tuple[str, torch.dtype]] = set()
+
+
+class SwiGLUExperts(nn.Module):
+    """E SwiGLU feed-forward experts, run as grouped matmuls over expert-sorted rows.
+
+    Weights follow nn.Linear's [out, in] layout per expert; the grouped matmul reads them
+    transposed (column-major), the layout Hopper's grouped GEMM wants.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, inner_size: int) -> None:
+        super().__init__()
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * inner_size, hidden_size))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, inner_size))
+        nn.init.normal_(self.w_gate_up, std=hidden_size**-0.5)
+        nn.init.normal_(self.w_down, std=inner_size**-0.5)
+
+    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Runs expert e on rows [offsets[e-1], offsets[e]) of x_sorted.
+
+        Args:
+            x_sorted: float[M, D], rows grouped by expert; rows past offsets[-1] are ignored
+                (their outputs are undefined).
+            offsets: int32[E], end row of each expert's group (cumulative counts).
+        """
+        key = (x_sorted.device.type, x_sorted.dtype)
+        if hasattr(torch, "_grouped_mm") and key not in _GROUPED_MM_BROKEN:
+            try:
+                return self._grouped(x_sorted, offsets)
+            except RuntimeError:  # device or dtype not supported by this torch build
+                _GROUPED_MM_BROKEN.add(key)
+        return self._looped(x_sorted, offsets)
+
+    def _grouped(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        gate_up = torch._grouped_mm(x_sorted, self.w_gate_up.transpose(-2, -1), offs=offsets)
+        gate, up = gate_up.chunk(2, dim=-1)  # [M, F] each
+        hidden = F.silu(gate) * up
+        return torch._grouped_mm(hidden, self.w_down.transpose(-2, -1), offs=offsets)
+
+    def _looped(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x_sorted)
+        start = 0
+        for expert, end in enumerate(offsets.tolist()):  # one host sync, fallback only
+            if end > start:
+                gate, up = F.linear(x_sorted[start:end], self.w_gate_up[expert]).chunk(2, dim=-1)
+                out[start:end] = F.linear(F.silu(gate) * up, self.w_down[expert])
+            start = end
+        return out
+
+
+# ----------------------------------------------------------------------------- layer
+
+
+class MoEOutput(NamedTuple):
+    """Output of MoELayer: the layer output, same shape as its input, and the routing."""
+
+    hidden_states: torch.Tensor
+    routing: RoutingDecision
+
+
+class MoELayer(nn.Module):
+    """Router + E SwiGLU experts + sort-based dispatch and index_add_ combine.
+
+    Args:
+        config: the router configuration.
+        router: a router to use instead of ``DynamicMoERouter(config)`` (e.g. a
+            ``StaticTopKRouter`` for the baseline).
+    """
+
+    def __init__(self, config: RouterConfig, router: _RouterBase | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.router = router if router is not None else DynamicMoERouter(config)
+        self.experts = SwiGLUExperts(
+            config.num_experts, config.hidden_size, config.expert_hidden_size
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> MoEOutput:
+        """float[..., D] -> MoEOutput with float[..., D] hidden states."""
+        routing = self.router(hidden_states)
+        flat = hidden_states.reshape(-1, self.config.hidden_size)  # [N, D], checked by router
+        if flat.dtype != self.experts.w_down.dtype:
+            raise TypeError(
+                f"hidden_states dtype must match the experts' dtype {self.experts.w_down.dtype}; "
+                f"got dtype={flat.dtype} (cast the input or call layer.to(dtype))"
+            )
+        num_experts = self.config.num_experts
+        with record_function(span_name("dispatch")):
+            active = routing.active.reshape(-1)  # [N*K]
+            key = torch.where(active, routing.expert_indices.reshape(-1), num_experts)
+            order = torch.argsort(key, stable=True)  # [N*K], pairs grouped by expert
+            counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+            counts.scatter_add_(0, key, torch.ones_like(key))
+            offsets = torch.cumsum(counts[:num_experts], dim=0).to(torch.int32)  # [E]
+            token_of_pair = order // routing.max_k  # [N*K]
+            x_sorted = flat[token_of_pair]  # [N*K, D]
+        with record_function(span_name("experts")):
+            y_sorted = self.experts(x_sorted, offsets)  # [N*K, D]
+        with record_function(span_name("combine")):
+            weight = routing.expert_weights.reshape(-1)[order].unsqueeze(-1)  # [N*K, 1]
+            # Accumulate in float32: a token sums up to max_k expert outputs.
+            contrib = torch.where(active[order].unsqueeze(-1), y_sorted.float() * weight, 0.0)
+            out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+            out.index_add_(0, token_of_pair, contrib)
+            out = torch.where(routing.nonfinite.unsqueeze(-1), math.nan, out)
+        return MoEOutput(out.to(flat.dtype).reshape(hidden_states.shape), routing)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class MoEModelOutput(NamedTuple):
+    """Output of MoEModel: final hidden states, one routing per layer, summed aux loss."""
+
+    hidden_states: torch.Tensor
+    routings: tuple[RoutingDecision, ...]
+    aux_loss: torch.Tensor
+
+
+class MoEBlock(nn.Module):
+    """Pre-norm residual block: x + MoE(RMSNorm(x))."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(config.hidden_size)
+        self.moe = MoELayer(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> MoEOutput:
+        moe_out = self.moe(self.norm(hidden_states))
+        return MoEOutput(hidden_states + moe_out.hidden_states, moe_out.routing)
+
+
+class MoEModel(nn.Module):
+    """A stack of MoE blocks, the reference model the devkit's tools are tried on."""
+
+    def __init__(self, config: RouterConfig, num_layers: int = 2) -> None:
+        super().__init__()
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be an int >= 1; got num_layers={num_layers!r}")
+        self.config = config
+        self.layers = nn.ModuleList(MoEBlock(config) for _ in range(num_layers))
+
+    def forward(self, hidden_states: torch.Tensor) -> MoEModelOutput:
+        routings: list[RoutingDecision] = []
+        for layer in self.layers:
+            hidden_states, routing = layer(hidden_states)
+            routings.append(routing)
+        aux_loss = torch.stack([r.aux_loss for r in routings]).sum()
+        return MoEModelOutput(hidden_states, tuple(routings), aux_loss)
