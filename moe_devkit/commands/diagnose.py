@@ -8,11 +8,30 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from moe_devkit.cli import UsageError
+from moe_devkit.cli import UsageError, positive_int
 from moe_devkit.commands._torch import require_torch, resolve_device, resolve_dtype
 
 
-def run_diagnose(args: argparse.Namespace, console: Console) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declares the options of ``moe-devkit diagnose``."""
+    model = parser.add_argument_group("reference model")
+    model.add_argument("--hidden-size", type=positive_int, default=256)
+    model.add_argument("--num-experts", type=positive_int, default=16)
+    model.add_argument("--min-k", type=positive_int, default=1)
+    model.add_argument("--max-k", type=positive_int, default=4)
+    model.add_argument("--mode", choices=("complexity", "top_p"), default="complexity")
+    model.add_argument("--top-p", type=float, default=0.6)
+    model.add_argument("--layers", type=positive_int, default=2)
+    work = parser.add_argument_group("workload")
+    work.add_argument("--steps", type=positive_int, default=20, help="forward passes to record")
+    work.add_argument("--batch", type=positive_int, default=8)
+    work.add_argument("--seq", type=positive_int, default=128)
+    work.add_argument("--seed", type=int, default=0)
+    work.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    work.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
     """Runs the diagnose command; returns the exit code."""
     require_torch()
     import torch

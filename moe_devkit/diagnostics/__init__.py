@@ -1,0 +1,1 @@
+"""Diagnostics: pure functions and small recorders over routing, numerics, memory and time."""
