@@ -1,0 +1,165 @@
+"""Check one file: decode, pre-filter, parse, apply the rules, honour `# noqa`, fix if asked."""
+
+from __future__ import annotations
+
+import io
+import re
+import tokenize
+from dataclasses import dataclass
+
+from moe_devkit.lint.analysis import Candidate, Policy, analyse
+from moe_devkit.lint.config import Settings
+from moe_devkit.lint.rules import NOQA_ALIASES, TRIGGER_WORDS
+from moe_devkit.lint.source import Decoded, SourceError, decode, encode, parse
+
+NOQA = re.compile(
+    r"#\s*noqa(?::[\s]?(?P<codes>[A-Z]+[0-9]+(?:[,\s]+[A-Z]+[0-9]+)*))?", re.IGNORECASE
+)
+
+
+@dataclass(frozen=True, order=True)
+class Finding:
+    """One reported problem; `str()` gives the output line `path:line:col: CODE message`."""
+
+    path: str
+    line: int
+    col: int
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.col}: {self.code} {self.message}"
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """The findings left in a file, how many `--fix` removed, and the fixed bytes if any."""
+
+    findings: tuple[Finding, ...]
+    fixed: int = 0
+    new_data: bytes | None = None
+
+
+def may_contain_finding(text: str) -> bool:
+    """Return whether the text holds a word that every finding needs (a cheap pre-filter)."""
+    return any(word in text for word in TRIGGER_WORDS)
+
+
+def _char_col(lines: list[str], line: int, byte_col: int) -> int:
+    """Convert `ast`'s UTF-8 byte offset into a character offset."""
+    if line > len(lines) or lines[line - 1].isascii():
+        return byte_col
+    return len(lines[line - 1].encode("utf-8")[:byte_col].decode("utf-8", "ignore"))
+
+
+def _comment_lines(text: str) -> dict[int, str] | None:
+    comments: dict[int, str] = {}
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.COMMENT:
+                comments[token.start[0]] = token.string
+    except (tokenize.TokenError, SyntaxError):
+        return None
+    return comments
+
+
+class _Noqa:
+    """Answer whether a code is suppressed on a line, reading comments only when needed."""
+
+    def __init__(self, text: str, lines: list[str]) -> None:
+        self.text = text
+        self.lines = lines
+        self.comments: dict[int, str] | None = None
+        self.tokenized = False
+
+    def suppressed(self, line: int, code: str) -> bool:
+        if line > len(self.lines) or "noqa" not in self.lines[line - 1].lower():
+            return False
+        if not self.tokenized:
+            self.comments, self.tokenized = _comment_lines(self.text), True
+        comment = self.lines[line - 1] if self.comments is None else self.comments.get(line, "")
+        match = NOQA.search(comment)
+        if match is None:
+            return False
+        if not match.group("codes"):
+            return True
+        codes = {c.upper() for c in re.split(r"[,\s]+", match.group("codes")) if c}
+        return code in codes or any(code in NOQA_ALIASES.get(c, ()) for c in codes)
+
+
+def check_source(text: str, path: str = "<string>", settings: Settings | None = None) -> list[Finding]:
+    """Return the findings in Python source text, sorted.
+
+    Args:
+        text: the source, already decoded.
+        path: the name to report (and to match against per-path settings).
+        settings: what to check; the defaults if None.
+    """
+    decoded = Decoded(text.removeprefix("\ufeff"), "utf-8", False)
+    return list(_check_decoded(decoded, path, settings or Settings(), fix=False).findings)
+
+
+def check_file(path: str, settings: Settings | None = None, fix: bool = False) -> FileResult:
+    """Check (and with `fix`, repair in memory) one file; never raises for a bad file."""
+    settings = settings or Settings()
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        return FileResult((Finding(path, 1, 1, "DBG902", f"cannot read file: {err.strerror}"),))
+    try:
+        decoded = decode(data)
+    except SourceError as err:
+        return FileResult((Finding(path, err.line, err.col, err.code, err.message),))
+    return _check_decoded(decoded, path, settings, fix)
+
+
+def _check_decoded(decoded: Decoded, path: str, settings: Settings, fix: bool) -> FileResult:
+    text = decoded.text
+    try:
+        tree = parse(text, path)
+    except SourceError as err:
+        return FileResult((Finding(path, err.line, err.col, err.code, err.message),))
+    if not may_contain_finding(text):
+        return FileResult(())
+    relpath = settings.relative(path)
+    enabled = settings.enabled_codes(relpath)
+    policy = Policy(
+        settings.print_allowed(relpath), settings.allow_print_to_file, settings.allow_main_block
+    )
+    lines = text.splitlines()
+    noqa = _Noqa(text, lines)
+    kept = [
+        c
+        for c in analyse(tree, policy)
+        if c.code in enabled and not noqa.suppressed(c.line, c.code)
+    ]
+    if fix and any(c.removal for c in kept):
+        return _fix(decoded, path, kept, lines)
+    return FileResult(tuple(sorted(_finding(path, c, lines) for c in kept)))
+
+
+def _finding(path: str, candidate: Candidate, lines: list[str]) -> Finding:
+    col = _char_col(lines, candidate.line, candidate.col) + 1
+    return Finding(path, candidate.line, col, candidate.code, candidate.message)
+
+
+def _fix(decoded: Decoded, path: str, kept: list[Candidate], lines: list[str]) -> FileResult:
+    from moe_devkit.lint.fixer import apply_removals  # libcst is imported only to fix
+
+    removals = {
+        (c.removal.line, _char_col(lines, c.removal.line, c.removal.col)): c.removal.names
+        for c in kept
+        if c.removal is not None
+    }
+    new_text, applied = apply_removals(decoded.text, removals)
+    left = [
+        c
+        for c in kept
+        if c.removal is None
+        or (c.removal.line, _char_col(lines, c.removal.line, c.removal.col)) not in applied
+    ]
+    findings = tuple(sorted(_finding(path, c, lines) for c in left))
+    if new_text == decoded.text:
+        return FileResult(findings)
+    return FileResult(findings, len(kept) - len(left), encode(new_text, decoded))

@@ -1,0 +1,127 @@
+"""A small, flow-insensitive scope analysis over Python's `ast`, enough to resolve call targets.
+
+libcst's ScopeProvider/QualifiedNameProvider answer the same question for every node and cost
+about ten times a parse; the checker only needs the qualified names of a few call targets, so it
+records every binding once and resolves a name only when a rule asks. Python's rules are kept
+where they matter: a name bound anywhere in a function is local to all of it, class bodies do
+not enclose their methods, `global`/`nonlocal` redirect a binding, an unbound name is a builtin.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+
+DYNAMIC_IMPORTERS = frozenset({"builtins.__import__", "importlib.import_module"})
+
+
+class Scope:
+    """The names bound in one function, class, lambda, comprehension or module body."""
+
+    __slots__ = ("bindings", "globals", "kind", "nonlocals", "parent", "star_imports")
+
+    def __init__(self, kind: str, parent: Scope | None) -> None:
+        self.kind = kind
+        self.parent = parent
+        # A binding is a qualified name (import), None (anything else), or a call that may be
+        # a dynamic import, resolved lazily in the scope where it ran.
+        self.bindings: dict[str, list[str | tuple[ast.Call, Scope] | None]] = {}
+        self.globals: set[str] = set()
+        self.nonlocals: set[str] = set()
+        self.star_imports: list[str] = []
+
+    def module(self) -> Scope:
+        """Return the module scope at the root of this chain."""
+        scope = self
+        while scope.parent is not None:
+            scope = scope.parent
+        return scope
+
+    def target_for(self, name: str) -> Scope:
+        """Return the scope that a binding of `name` made here lands in."""
+        if name in self.globals:
+            return self.module()
+        if name in self.nonlocals:
+            scope = self.parent
+            while scope is not None and scope.kind == "class":
+                scope = scope.parent
+            while scope is not None and name not in scope.bindings and scope.parent is not None:
+                scope = scope.parent
+            return scope if scope is not None else self.module()
+        return self
+
+    def bind(self, name: str, value: str | tuple[ast.Call, Scope] | None) -> None:
+        """Record that `name` is bound to `value` (flow-insensitively)."""
+        self.target_for(name).bindings.setdefault(name, []).append(value)
+
+
+def lookup(name: str, scope: Scope) -> list[str | tuple[ast.Call, Scope] | None] | None:
+    """Return the bindings `name` refers to from `scope`, or None when it is a builtin."""
+    current: Scope | None = scope
+    if name in scope.globals:
+        current = scope.module()
+    first = True
+    while current is not None:
+        if (first or current.kind != "class") and name in current.bindings:
+            return current.bindings[name]
+        first = False
+        current = current.parent
+    return None
+
+
+def qualified_names(node: ast.expr, scope: Scope, depth: int = 0) -> set[str]:
+    """Return the qualified names an expression (`a.b.c`, `__import__("m").f`) may refer to."""
+    if isinstance(node, ast.Name):
+        return _name_qualnames(node.id, scope, depth)
+    if isinstance(node, ast.Attribute):
+        return {f"{base}.{node.attr}" for base in qualified_names(node.value, scope, depth)}
+    if isinstance(node, ast.Call):
+        module = dynamic_import_target(node, scope, depth)
+        return {module} if module is not None else set()
+    return set()
+
+
+def _name_qualnames(name: str, scope: Scope, depth: int) -> set[str]:
+    bindings = lookup(name, scope)
+    if bindings is None:
+        names = {f"builtins.{name}"}
+        current: Scope | None = scope
+        while current is not None:
+            names.update(f"{module}.{name}" for module in current.star_imports)
+            current = current.parent
+        return names
+    result: set[str] = set()
+    for value in bindings:
+        if isinstance(value, str):
+            result.add(value)
+        elif value is not None and depth < 8:
+            module = dynamic_import_target(value[0], value[1], depth + 1)
+            if module is not None:
+                result.add(module)
+    return result
+
+
+def dynamic_import_target(call: ast.Call, scope: Scope, depth: int = 0) -> str | None:
+    """Return the module that `__import__("m")` or `importlib.import_module("m")` yields."""
+    if not call.args or not isinstance(call.args[0], ast.Constant):
+        return None
+    module = call.args[0].value
+    if not isinstance(module, str) or not module or module.startswith("."):
+        return None
+    importers = qualified_names(call.func, scope, depth + 1) & DYNAMIC_IMPORTERS
+    if not importers:
+        return None
+    if "builtins.__import__" in importers and len(call.args) < 5 and not call.keywords:
+        return module.split(".")[0]  # __import__("a.b") returns the top-level package
+    return module
+
+
+def target_names(target: ast.expr) -> Iterator[ast.Name]:
+    """Yield the names an assignment target binds."""
+    if isinstance(target, ast.Name):
+        yield target
+    elif isinstance(target, (ast.Tuple, ast.List)):
+        for element in target.elts:
+            yield from target_names(element)
+    elif isinstance(target, ast.Starred):
+        yield from target_names(target.value)
