@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from moe_devkit.lint import rules as r
 from moe_devkit.lint.scopes import Scope, dynamic_import_target, qualified_names
-from moe_devkit.lint.walker import CallSite, ModuleFacts, Walker
+from moe_devkit.lint.walker import CallSite, Walker
 
 FALSY_STRINGS = frozenset({"", "0", "false", "no", "off", "default"})
 STANDARD_STREAMS = frozenset({"sys.stdout", "sys.stderr", "sys.__stdout__", "sys.__stderr__"})
@@ -94,7 +94,9 @@ class Analysis:
         self._imports()
         return self.candidates
 
-    def _add(self, node: ast.AST, stmt: ast.stmt, code: str, message: str, fix: bool) -> None:
+    def _add(
+        self, node: ast.expr | ast.stmt, stmt: ast.stmt, code: str, message: str, fix: bool
+    ) -> None:
         line = stmt.lineno
         col = node.col_offset if getattr(node, "lineno", 0) == line else stmt.col_offset
         removal = Removal(stmt.lineno, stmt.col_offset) if fix else None
@@ -143,9 +145,13 @@ class Analysis:
         if policy.allow_print_to_file and stream is not None and not self._standard(stream, site):
             return None
         short = name.rsplit(".", 1)[1]
-        return ("DBG102", f"`{short}()` in library code") if pprint else (
-            "DBG101",
-            "`print()` in library code",
+        return (
+            ("DBG102", f"`{short}()` in library code")
+            if pprint
+            else (
+                "DBG101",
+                "`print()` in library code",
+            )
         )
 
     @staticmethod
@@ -164,9 +170,9 @@ class Analysis:
             return "DBG202", "CUDA sync debug mode enabled"
         if name in r.JAX_CONFIG_UPDATE:
             flag = argument(call, 0, "name")
-            if isinstance(flag, ast.Constant) and flag.value in r.JAX_DEBUG_FLAGS:
-                if truthy(argument(call, 1, "val")):
-                    return "DBG204", f"JAX debug flag `{flag.value}` enabled"
+            enabled = truthy(argument(call, 1, "val"))
+            if isinstance(flag, ast.Constant) and flag.value in r.JAX_DEBUG_FLAGS and enabled:
+                return "DBG204", f"JAX debug flag `{flag.value}` enabled"
             return None
         if name in r.JAX_DEBUG_CONTEXTS:
             value = argument(call, 0, "disable" if name == "jax.disable_jit" else "new_val")
@@ -186,7 +192,7 @@ class Analysis:
         elif name == f"{r.ENVIRON}.update":
             first = argument(call, 0, "")
             if isinstance(first, ast.Dict):
-                pairs.extend(zip(first.keys, first.values))
+                pairs.extend(zip(first.keys, first.values, strict=True))
             pairs.extend((ast.Constant(kw.arg), kw.value) for kw in call.keywords if kw.arg)
         found = debug_env_vars(pairs)
         if not found:
@@ -196,13 +202,16 @@ class Analysis:
     def _env_assign(self, node: ast.Assign | ast.AugAssign, scope: Scope) -> None:
         pairs: list[tuple[ast.expr | None, ast.expr | None]] = []
         if isinstance(node, ast.Assign):
-            for target in node.targets:
-                if isinstance(target, ast.Subscript):
-                    if r.ENVIRON in qualified_names(target.value, scope):
-                        pairs.append((target.slice, node.value))
-        elif isinstance(node.op, ast.BitOr) and isinstance(node.value, ast.Dict):
-            if r.ENVIRON in qualified_names(node.target, scope):
-                pairs.extend(zip(node.value.keys, node.value.values))
+            subscripts = [t for t in node.targets if isinstance(t, ast.Subscript)]
+            for target in subscripts:
+                if r.ENVIRON in qualified_names(target.value, scope):
+                    pairs.append((target.slice, node.value))
+        elif (
+            isinstance(node.op, ast.BitOr)
+            and isinstance(node.value, ast.Dict)
+            and r.ENVIRON in qualified_names(node.target, scope)
+        ):
+            pairs.extend(zip(node.value.keys, node.value.values, strict=True))
         found = debug_env_vars(pairs)
         if found:
             whole = isinstance(node, ast.Assign) and len(node.targets) == 1
@@ -223,7 +232,9 @@ class Analysis:
                 removal = Removal(node.lineno, node.col_offset, () if whole else names)
             shown = ", ".join(f"`{alias_target(node, a)}`" for a in flagged)
             message = f"import of debugger {shown}"
-            self.candidates.append(Candidate(node.lineno, node.col_offset, "DBG001", message, removal))
+            self.candidates.append(
+                Candidate(node.lineno, node.col_offset, "DBG001", message, removal)
+            )
 
     @staticmethod
     def _debugger_alias(node: ast.Import | ast.ImportFrom, alias: ast.alias) -> bool:

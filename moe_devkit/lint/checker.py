@@ -87,7 +87,9 @@ class _Noqa:
         return code in codes or any(code in NOQA_ALIASES.get(c, ()) for c in codes)
 
 
-def check_source(text: str, path: str = "<string>", settings: Settings | None = None) -> list[Finding]:
+def check_source(
+    text: str, path: str = "<string>", settings: Settings | None = None
+) -> list[Finding]:
     """Return the findings in Python source text, sorted.
 
     Args:

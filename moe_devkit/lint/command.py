@@ -13,7 +13,9 @@ from moe_devkit.lint.checker import FileResult, Finding, check_file
 from moe_devkit.lint.config import ConfigError, Settings, load_settings, settings_from_table
 from moe_devkit.lint.rules import RULES
 
-SKIP_DIRS = frozenset({".git", ".hg", ".venv", "venv", ".nox", ".tox", "__pycache__", "build", "dist"})
+SKIP_DIRS = frozenset(
+    {".git", ".hg", ".venv", "venv", ".nox", ".tox", "__pycache__", "build", "dist"}
+)
 # Below this much work a process pool costs more than it saves (fork plus imports ~ 50 ms).
 PARALLEL_MIN_FILES = 16
 PARALLEL_MIN_BYTES = 2_000_000
@@ -25,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="check-debug",
         description="Find (and with --fix remove) leftover debug statements in Python files.",
     )
-    parser.add_argument("paths", nargs="*", help="files or directories (directories: their .py files)")
+    parser.add_argument(
+        "paths", nargs="*", help="files or directories (directories: their .py files)"
+    )
     parser.add_argument("--fix", action="store_true", help="remove what can be removed safely")
     parser.add_argument("--select", help="comma-separated codes or prefixes to check (e.g. DBG0)")
     parser.add_argument("--ignore", help="comma-separated codes or prefixes not to check")
@@ -54,7 +58,7 @@ def _check_one(job: tuple[str, Settings, bool]) -> FileResult:
     path, settings, fix = job
     try:
         return check_file(path, settings, fix)
-    except Exception as err:  # noqa: BLE001 - one bad file must not stop the others
+    except Exception as err:  # one bad file must not stop the others
         message = f"internal error, file not checked: {type(err).__name__}: {err}"
         return FileResult((Finding(path, 1, 1, "DBG900", message),))
 
@@ -62,13 +66,15 @@ def _check_one(job: tuple[str, Settings, bool]) -> FileResult:
 def check_paths(files: list[str], settings: Settings, fix: bool, jobs: int) -> list[FileResult]:
     """Check files, in parallel when there is enough work to pay for the processes."""
     work = [(path, settings, fix) for path in files]
-    size = sum(os.path.getsize(p) for p in files[:PARALLEL_MIN_FILES * 4] if os.path.isfile(p))
+    size = sum(os.path.getsize(p) for p in files[: PARALLEL_MIN_FILES * 4] if os.path.isfile(p))
     jobs = jobs or os.cpu_count() or 1
     if jobs < 2 or len(files) < PARALLEL_MIN_FILES or size < PARALLEL_MIN_BYTES // 4:
         return [_check_one(job) for job in work]
     import multiprocessing
 
-    with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(jobs) as pool:
+    with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+        jobs
+    ) as pool:
         return list(pool.imap(_check_one, work, chunksize=4))
 
 
@@ -121,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(files: list[str], results: list[FileResult]) -> int:
     status = 0
     findings: list[Finding] = []
-    for path, result in zip(files, results):
+    for path, result in zip(files, results, strict=True):
         findings.extend(result.findings)
         if result.new_data is not None:
             write_atomically(path, result.new_data)

@@ -93,7 +93,7 @@ def path_matches(relpath: str, pattern: str) -> bool:
 
 def _codes(value: Any, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ConfigError(f"{key} must be a list of codes such as [\"DBG101\"]; got {value!r}")
+        raise ConfigError(f'{key} must be a list of codes such as ["DBG101"]; got {value!r}')
     for code in value:
         if not any(rule.code.startswith(code) for rule in RULES) or not code:
             raise ConfigError(f"unknown code {code!r} in {key}; codes are DBG001..DBG902")
@@ -129,8 +129,12 @@ def settings_from_table(table: dict[str, Any], root: str = ".") -> Settings:
     per_file = table.get("per-file-ignores", {})
     if not isinstance(per_file, dict):
         raise ConfigError(f"per-file-ignores must be a table of glob = [codes]; got {per_file!r}")
-    pairs = tuple((glob, _codes(codes, f"per-file-ignores.{glob}")) for glob, codes in per_file.items())
-    paths = _globs(table.get("print-allowed-paths", list(DEFAULT_PRINT_PATHS)), "print-allowed-paths")
+    pairs = tuple(
+        (glob, _codes(codes, f"per-file-ignores.{glob}")) for glob, codes in per_file.items()
+    )
+    paths = _globs(
+        table.get("print-allowed-paths", list(DEFAULT_PRINT_PATHS)), "print-allowed-paths"
+    )
     paths += _globs(table.get("extend-print-allowed-paths", []), "extend-print-allowed-paths")
     return replace(
         settings,
@@ -169,7 +173,7 @@ def load_settings(config: str | None = None, start: str = ".") -> Settings:
         import tomllib
     else:  # pragma: no cover - Python 3.10
         try:
-            import tomli as tomllib
+            import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
         except ImportError:
             if "[tool.check-debug]" in data:
                 raise ConfigError("reading [tool.check-debug] on Python 3.10 needs tomli") from None

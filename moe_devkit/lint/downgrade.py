@@ -20,10 +20,14 @@ class _Downgrade(cst.CSTTransformer):
     ) -> cst.FunctionDef:
         return updated_node.with_changes(type_parameters=None)
 
-    def leave_ClassDef(self, original_node: cst.ClassDef, updated_node: cst.ClassDef) -> cst.ClassDef:
+    def leave_ClassDef(
+        self, original_node: cst.ClassDef, updated_node: cst.ClassDef
+    ) -> cst.ClassDef:
         return updated_node.with_changes(type_parameters=None)
 
-    def leave_TypeAlias(self, original_node: cst.TypeAlias, updated_node: cst.TypeAlias) -> cst.Assign:
+    def leave_TypeAlias(
+        self, original_node: cst.TypeAlias, updated_node: cst.TypeAlias
+    ) -> cst.Assign:
         target = cst.AssignTarget(updated_node.name)
         return cst.Assign(targets=[target], value=updated_node.value)
 

@@ -46,9 +46,11 @@ class _Remover(cst.CSTTransformer):
         # Keyed by id; the values keep the nodes alive so that no id is reused.
         self.emptied: dict[int, cst.SimpleStatementLine] = {}
 
-    def _filter(self, original: Sequence[cst.BaseSmallStatement], updated: Sequence[cst.BaseSmallStatement]) -> list[cst.BaseSmallStatement]:
+    def _filter(
+        self, original: Sequence[cst.BaseSmallStatement], updated: Sequence[cst.BaseSmallStatement]
+    ) -> list[cst.BaseSmallStatement]:
         body: list[cst.BaseSmallStatement] = []
-        for before, after in zip(original, updated):
+        for before, after in zip(original, updated, strict=True):
             start = self.get_metadata(PositionProvider, before).start
             key = (start.line, start.column)
             if key not in self.removals:
@@ -69,9 +71,12 @@ class _Remover(cst.CSTTransformer):
         body = self._filter(original_node.body, updated_node.body)
         if len(body) == len(updated_node.body) and body == list(updated_node.body):
             return updated_node
-        result = updated_node.with_changes(body=body)
-        if not body:
-            self.emptied[id(result)] = result
+        if body:
+            return updated_node.with_changes(body=body)
+        # libcst drops an emptied line together with its comments; a marked `pass` keeps the
+        # line until its block moves the comments on (see _compact).
+        result = updated_node.with_changes(body=[cst.Pass()])
+        self.emptied[id(result)] = result
         return result
 
     def leave_SimpleStatementSuite(

@@ -75,9 +75,11 @@ def qualified_names(node: ast.expr, scope: Scope, depth: int = 0) -> set[str]:
         return _name_qualnames(node.id, scope, depth)
     if isinstance(node, ast.Attribute):
         return {f"{base}.{node.attr}" for base in qualified_names(node.value, scope, depth)}
-    if isinstance(node, ast.Call):
+    if isinstance(node, ast.Call) and depth < 8:
+        # A call's result is named after the callee (`pdb.Pdb().set_trace` -> pdb.Pdb.set_trace),
+        # except that a dynamic import yields the module it imports.
         module = dynamic_import_target(node, scope, depth)
-        return {module} if module is not None else set()
+        return {module} if module is not None else qualified_names(node.func, scope, depth + 1)
     return set()
 
 

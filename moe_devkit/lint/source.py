@@ -48,7 +48,9 @@ def decode(data: bytes) -> Decoded:
     try:
         encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
     except SyntaxError as err:
-        raise SourceError("DBG901", f"cannot decode: {err}") from None
+        if "unknown encoding" in str(err):
+            raise SourceError("DBG901", f"cannot decode: {err}") from None
+        encoding = "utf-8"  # bad bytes in the first two lines: located below
     bom = data.startswith(codecs.BOM_UTF8)
     body = data[len(codecs.BOM_UTF8) :] if bom else data
     encoding = "utf-8" if encoding == "utf-8-sig" else encoding

@@ -1,0 +1,188 @@
+"""`--fix`: inline before/after cases, byte preservation, and property tests."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moe_devkit.lint import check_file, check_source, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fix(source: str | bytes, tmp_path: Path, name: str = "mod.py") -> bytes:
+    path = tmp_path / name
+    path.write_bytes(source.encode() if isinstance(source, str) else source)
+    result = check_file(str(path), fix=True)
+    return result.new_data if result.new_data is not None else path.read_bytes()
+
+
+CASES = [
+    ("import pdb\npdb.set_trace()\nx = 1\n", "x = 1\n"),
+    ("import os, pdb\npdb.set_trace()\nos.getcwd()\n", "import os\nos.getcwd()\n"),
+    (
+        "from ipdb import set_trace as st, launch_ipdb_on_exception\n"
+        "st()\nlaunch_ipdb_on_exception\n",
+        "from ipdb import launch_ipdb_on_exception\nlaunch_ipdb_on_exception\n",
+    ),
+    ("import pdb\nclass P(pdb.Pdb):\n    pass\n", "import pdb\nclass P(pdb.Pdb):\n    pass\n"),
+    ("def f():\n    breakpoint()\n", "def f():\n    pass\n"),
+    ("if x:\n    print(1)\nelse:\n    y = 2\n", "if x:\n    pass\nelse:\n    y = 2\n"),
+    ("if x: breakpoint()\n", "if x: pass\n"),
+    ("x = 1; breakpoint(); y = 2\n", "x = 1; y = 2\n"),
+    ("x = 1; breakpoint()\n", "x = 1\n"),
+    (
+        "def f():\n    # why we stop here\n    breakpoint()\n    return 1\n",
+        "def f():\n    # why we stop here\n    return 1\n",
+    ),
+    (
+        "def f():\n    x = 1\n    # trailing note\n    breakpoint()\ny = 2\n",
+        "def f():\n    x = 1\n    # trailing note\ny = 2\n",
+    ),
+    (
+        "import os\nos.environ['CUDA_LAUNCH_BLOCKING'] = '1'\nimport torch\n"
+        "torch.autograd.set_detect_anomaly(True)\nrun()\n",
+        "import os\nimport torch\nrun()\n",
+    ),
+    (
+        "try:\n    import ipdb\nexcept ImportError:\n    import pdb\n",
+        "try:\n    pass\nexcept ImportError:\n    pass\n",
+    ),
+    ("x = f(breakpoint())\n", "x = f(breakpoint())\n"),  # inside an expression: reported only
+    ("with jax.disable_jit():\n    f()\n", "with jax.disable_jit():\n    f()\n"),
+    ("breakpoint()  # noqa\n", "breakpoint()  # noqa\n"),
+]
+
+
+@pytest.mark.parametrize(("before", "after"), CASES)
+def test_fix(tmp_path: Path, before: str, after: str) -> None:
+    assert fix(before, tmp_path).decode() == after
+
+
+def test_fix_keeps_crlf_bom_and_encoding(tmp_path: Path) -> None:
+    before = b"\xef\xbb\xbfimport os\r\nbreakpoint()\r\nx = 1\r\n"
+    assert fix(before, tmp_path) == b"\xef\xbb\xbfimport os\r\nx = 1\r\n"
+    latin = b"# -*- coding: latin-1 -*-\nx = '\xe9'\nbreakpoint()\n"
+    assert fix(latin, tmp_path) == b"# -*- coding: latin-1 -*-\nx = '\xe9'\n"
+
+
+def test_fix_never_touches_an_unparsable_file(tmp_path: Path) -> None:
+    assert fix("breakpoint()\ndef f(:\n", tmp_path) == b"breakpoint()\ndef f(:\n"
+
+
+def test_fix_exit_codes_and_second_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "a.py"
+    path.write_text("import pdb\npdb.set_trace()\nx = f(breakpoint())\n")
+    assert main(["--fix", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"{path}:3:7: DBG003 `breakpoint()` left in code\n"
+    assert err == f"Fixed 2 finding(s) in {path}\n"
+    assert path.read_text() == "x = f(breakpoint())\n"
+    path.write_text("x = 1\n")
+    assert main(["--fix", str(path)]) == 0
+
+
+STATEMENTS = [
+    "x = 1",
+    "y = f(x)",
+    "pdb.set_trace()",
+    "breakpoint()",
+    "print(x)",
+    "print(x, file=fh)",
+    "ipdb.set_trace()",
+    "torch.autograd.set_detect_anomaly(True)",
+    "os.environ['CUDA_LAUNCH_BLOCKING'] = '1'",
+    "# a comment",
+    "",
+    "z = g(breakpoint())",
+]
+FLAGGED_STATEMENTS = {STATEMENTS[i] for i in (2, 3, 4, 6, 7, 8)}
+
+
+@st.composite
+def modules(draw: st.DrawFn) -> str:
+    lines = ["import os", "import pdb", "import ipdb", "import torch"]
+    for _ in range(draw(st.integers(0, 12))):
+        kind = draw(st.integers(0, 3))
+        body = [draw(st.sampled_from(STATEMENTS)) for _ in range(draw(st.integers(1, 3)))]
+        body.append("w = 0")  # a block always holds a statement
+        if kind == 0:
+            lines.extend(body)
+        elif kind == 1:
+            lines.append(draw(st.sampled_from(["def f():", "if x:", "for i in r:", "class C:"])))
+            lines.extend(f"    {line}" if line else "" for line in body)
+        elif kind == 2:
+            lines.append(
+                "; ".join(line for line in body if line and not line.startswith("#")) or "x = 1"
+            )
+        else:
+            lines.append(
+                "if x: " + (body[0] if body[0] and not body[0].startswith("#") else "y = 1")
+            )
+    newline = draw(st.sampled_from(["\n", "\r\n"]))
+    return newline.join(lines) + newline
+
+
+def kept_lines(source: str) -> list[str]:
+    return [
+        line.strip()
+        for line in source.splitlines()
+        if line.strip() and line.strip() not in FLAGGED_STATEMENTS and line.strip() != "pass"
+    ]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(modules())
+def test_fix_property_generated(tmp_path: Path, source: str) -> None:
+    fixed = fix(source.encode(), tmp_path).decode()
+    ast.parse(fixed)  # the result parses
+    assert (
+        kept_lines(fixed)
+        == [
+            line
+            for line in kept_lines(source)
+            if line not in {"import pdb", "import ipdb"}
+            and not set(line.split("; ")) <= FLAGGED_STATEMENTS
+        ]
+        or ";" in source
+        or "if x: " in source
+    )
+    assert fix(fixed.encode(), tmp_path).decode() == fixed  # a second run is a no-op
+    remaining = {f.code for f in check_source(fixed, "mod.py")}
+    assert remaining <= {"DBG003", "DBG001"}  # only what cannot be removed safely
+
+
+PROJECT_FILES = sorted(
+    str(p)
+    for p in ROOT.glob("**/*.py")
+    if not any(part in {".venv", ".nox", "fixtures", ".git"} for part in p.parts)
+)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.sampled_from(PROJECT_FILES), st.integers(0, 10_000))
+def test_fix_property_project_files(tmp_path: Path, path: str, seed: int) -> None:
+    """Insert a breakpoint() after a random top-level statement; --fix restores the file."""
+    source = Path(path).read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    ends = [node.end_lineno for node in tree.body if node.end_lineno is not None]
+    at = ends[seed % len(ends)] if ends else 0
+    injected = "".join(lines[:at]) + "breakpoint()\n" + "".join(lines[at:])
+    if not source.endswith("\n") and at == len(lines):
+        return
+    before = {(f.code, f.message) for f in check_source(source, os.path.relpath(path, ROOT))}
+    fixed = fix(injected, tmp_path, "case.py").decode()
+    ast.parse(fixed)
+    if not before:
+        assert fixed == source
+    assert fix(fixed, tmp_path, "case.py").decode() == fixed
