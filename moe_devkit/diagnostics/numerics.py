@@ -1,0 +1,466 @@
+"""NaN/Inf detection: a cheap one-tensor check and a guard that watches every module of a model.
+
+``check_numerical_stability`` is the design document's check (section 3) returning a
+``Finding`` instead of printing: one fused reduction (the max-abs norm, which is NaN when any
+element is NaN) decides; counts and positions are computed only when something is wrong.
+
+``NumericsGuard`` hooks a model: forward hooks see every module's outputs (tensors, tuples,
+NamedTuples, dicts and dataclasses such as ``RoutingDecision``, so the router's complexity,
+logits and weights are checked: the seed's ``debug_router_forward``), and tensor hooks see
+the gradient each module hands back to its inputs during backward. It names the first module,
+by qualified name, whose output or gradient became non-finite, with the step and the tensor.
+
+Synchronisation: in the default mode nothing is read on the host between checks. Each
+watched tensor costs one max-abs reduction written into a device row (forward outputs are
+batched into one multi-tensor reduction per forward); at each step boundary (the next
+forward of the watched model) the row is folded into device state that keeps the row of the
+first bad step. ``check()`` (or every ``check_every`` steps) reads that state with one
+device-to-host transfer. ``strict=True`` reads every tensor's flag at once and raises
+``NonFiniteError`` at the first offending module: one host synchronisation per watched
+tensor, so use it to pin a failure down, not for training throughput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from moe_devkit.diagnostics.findings import Finding
+
+logger = logging.getLogger(__name__)
+
+ROOT = "<model>"
+"""Location used for the watched model itself (its qualified name is the empty string)."""
+
+_INF = float("inf")
+_MAX_DEPTH = 4
+_MAX_ROW = 1 << 16
+
+
+# ----------------------------------------------------------------------------- one tensor
+
+
+def check_numerical_stability(
+    tensor: object, name: str = "tensor", *, threshold: float = 1e6, max_positions: int = 5
+) -> Finding | None:
+    """Checks one tensor for NaN, Inf and values whose magnitude exceeds ``threshold``.
+
+    Costs one reduction and one host read when the tensor is clean; counts and the first
+    ``max_positions`` positions are computed only when it is not.
+
+    Args:
+        tensor: any tensor; integer and boolean tensors are always finite.
+        name: what to call the tensor in the finding.
+        threshold: magnitude above which finite values are reported (a warning).
+        max_positions: how many offending positions to list.
+
+    Returns:
+        None when the tensor is clean; otherwise a Finding, code "nonfinite-values"
+        (severity error) or "large-values" (warning), with counts, max_abs and positions.
+
+    Raises:
+        TypeError: ``tensor`` is not a torch.Tensor.
+        ValueError: ``threshold`` is not a positive number or ``max_positions`` < 0.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor; got {type(tensor).__name__}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold <= 0:
+        raise ValueError(f"threshold must be a positive number; got threshold={threshold!r}")
+    if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 0:
+        raise ValueError(f"max_positions must be an int >= 0; got max_positions={max_positions!r}")
+    values = _as_real(tensor.detach())
+    if values is None or values.numel() == 0:
+        return None
+    max_abs = float(torch.linalg.vector_norm(values, _INF))  # NaN if any element is NaN
+    if math.isfinite(max_abs) and max_abs <= threshold:
+        return None
+    return _describe_problem(values, name, threshold, max_positions)
+
+
+def _as_real(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The floating-point values to check, or None for integer/boolean tensors."""
+    if tensor.is_complex():
+        return torch.view_as_real(tensor)
+    return tensor if tensor.is_floating_point() else None
+
+
+def _describe_problem(
+    values: torch.Tensor, name: str, threshold: float, max_positions: int
+) -> Finding:
+    nan = torch.isnan(values)
+    inf = torch.isinf(values)
+    finite_abs = torch.where(nan | inf, 0.0, values.abs())
+    counts = torch.stack([nan.sum(), inf.sum(), (finite_abs > threshold).sum()]).tolist()
+    nan_count, inf_count, large_count = (int(c) for c in counts)
+    details: dict[str, Any] = {
+        "shape": list(values.shape),
+        "dtype": str(values.dtype).removeprefix("torch."),
+        "nan_count": nan_count,
+        "inf_count": inf_count,
+        "large_count": large_count,
+        "threshold": threshold,
+        "max_abs_finite": float(finite_abs.max()),
+    }
+    if nan_count or inf_count:
+        details["positions"] = _positions(nan | inf, max_positions)
+        message = f"{name} holds {nan_count} NaN and {inf_count} Inf value(s)"
+        return Finding("nonfinite-values", "error", message, location=name, details=details)
+    details["positions"] = _positions(finite_abs > threshold, max_positions)
+    message = (
+        f"{name} holds {large_count} value(s) with magnitude above {threshold:g} "
+        f"(max {details['max_abs_finite']:.4g})"
+    )
+    return Finding("large-values", "warning", message, location=name, details=details)
+
+
+def _positions(mask: torch.Tensor, limit: int) -> list[list[int]]:
+    """The first ``limit`` indices where ``mask`` is true, in row-major order."""
+    if limit == 0:
+        return []
+    flat = torch.nonzero(mask.reshape(-1)).reshape(-1)[:limit]
+    if mask.dim() == 0:
+        return [[] for _ in flat.tolist()]
+    coords = torch.stack(torch.unravel_index(flat, mask.shape), dim=-1)
+    return [list(map(int, row)) for row in coords.tolist()]
+
+
+# ----------------------------------------------------------------------------- the guard
+
+
+class NonFiniteError(ArithmeticError):
+    """Raised by a strict NumericsGuard at the first non-finite output or gradient."""
+
+    def __init__(self, finding: Finding) -> None:
+        super().__init__(finding.message)
+        self.finding = finding
+
+
+@dataclass(frozen=True)
+class WatchSite:
+    """One watched tensor of a step: which module, forward or backward, and which tensor."""
+
+    module: str
+    phase: str  # "forward" or "backward"
+    tensor: str  # e.g. "output.routing.router_logits", "gradient of input[0]"
+
+
+def iter_tensors(value: object, prefix: str, depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (description, tensor) for the floating-point tensors nested in ``value``.
+
+    Follows tuples, lists, NamedTuples, dicts and dataclass instances (``RoutingDecision``).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield prefix, value
+        return
+    if depth >= _MAX_DEPTH:
+        return
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        for field_name, item in zip(value._fields, value, strict=True):
+            yield from iter_tensors(item, f"{prefix}.{field_name}", depth + 1)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from iter_tensors(item, f"{prefix}[{i}]", depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from iter_tensors(item, f"{prefix}[{key!r}]", depth + 1)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            yield from iter_tensors(getattr(value, field.name), f"{prefix}.{field.name}", depth + 1)
+
+
+class _DeviceState:
+    """Per-device flags: the current step's max-abs row and the row of the first bad step."""
+
+    def __init__(self, device: torch.device, capacity: int) -> None:
+        self.row = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.first_row = torch.zeros(capacity, dtype=torch.float32, device=device)
+        # found, step of the first bad row, signature id of that step
+        self.meta = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self.row.numel()
+        if extra > 0:
+            self.row = torch.cat([self.row, self.row.new_zeros(extra)])
+            self.first_row = torch.cat([self.first_row, self.first_row.new_zeros(extra)])
+
+    def fold(self, used: int, step: int, signature: int) -> None:
+        """Keeps this row if it is the first with a non-finite value; no host sync."""
+        bad = ~torch.isfinite(self.row[:used]).all()
+        take = bad & (self.meta[0] == 0)
+        self.first_row = torch.where(take, self.row, self.first_row)
+        update = torch.stack(
+            [
+                torch.ones_like(self.meta[0]),
+                self.meta.new_full((), step),
+                self.meta.new_full((), signature),
+            ]
+        )
+        self.meta = torch.where(take, update, self.meta)
+        self.row.zero_()
+
+
+class NumericsGuard:
+    """Watches every module of a model for non-finite outputs and gradients.
+
+    A step is one forward of the watched model and the backward that follows it; the step
+    counter advances at each forward of the model.
+
+    Example::
+
+        guard = NumericsGuard(model, check_every=100)
+        with guard:
+            for batch in data:
+                loss = model(batch).hidden_states.square().mean()
+                loss.backward()
+        findings = guard.check()
+
+    Args:
+        model: the module to watch (all of its submodules are watched).
+        check_every: read the flags every N steps (one host synchronisation each); None
+            reads them only when ``check()`` is called.
+        strict: raise ``NonFiniteError`` at the first offending tensor (one host
+            synchronisation per watched tensor).
+        gradients: also watch the gradients handed back to each module's inputs.
+
+    Raises:
+        TypeError: ``model`` is not an nn.Module or an option has the wrong type.
+        ValueError: ``check_every`` < 1.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        check_every: int | None = None,
+        strict: bool = False,
+        gradients: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if check_every is not None and (
+            isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
+        ):
+            raise ValueError(f"check_every must be None or an int >= 1; got {check_every!r}")
+        self.model = model
+        self.check_every = check_every
+        self.strict = bool(strict)
+        self.gradients = bool(gradients)
+        self.findings: list[Finding] = []
+        self._names = {id(m): (name or ROOT) for name, m in model.named_modules()}
+        self._handles: list[RemovableHandle] = []
+        self._state: _DeviceState | None = None
+        self._step = 0
+        self._checks = 0
+        self._sites: list[WatchSite] = []
+        self._pending: list[torch.Tensor] = []
+        self._claims: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        self._signatures: dict[tuple[WatchSite, ...], int] = {}
+
+    # -- attaching
+
+    def attach(self) -> NumericsGuard:
+        """Registers the hooks; returns self. Attaching twice is a no-op."""
+        if self._handles:
+            return self
+        root = self.model
+        self._handles.append(root.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
+        for module in root.modules():
+            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+        self._handles.append(root.register_forward_hook(self._on_root_post))
+        return self
+
+    def detach(self) -> None:
+        """Removes the hooks (the flags gathered so far stay readable by ``check()``)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> NumericsGuard:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    @property
+    def step(self) -> int:
+        """Number of forwards of the watched model seen so far (the current step, 1-based)."""
+        return self._step
+
+    # -- hooks
+
+    def _on_root_pre(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self._end_step()
+        if self.check_every is not None and self._step and self._step % self.check_every == 0:
+            self.check()
+        self._step += 1
+        for desc, tensor in iter_tensors((args, kwargs), "input"):
+            self._watch(ROOT, "forward", _input_desc(desc), tensor)
+
+    def _on_forward(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        name = self._names.get(id(module), type(module).__name__)
+        for desc, tensor in iter_tensors(output, "output"):
+            self._watch(name, "forward", desc, tensor)
+        if self.gradients and torch.is_grad_enabled():
+            for desc, tensor in iter_tensors((args, kwargs), "input"):
+                if tensor.requires_grad:
+                    self._claim(name, _input_desc(desc), tensor)
+
+    def _on_root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.gradients and torch.is_grad_enabled():
+            for desc, tensor in iter_tensors(output, "output"):
+                if tensor.requires_grad:
+                    self._claim(ROOT, f"{desc} (from the loss)", tensor)
+        self._flush()
+
+    # -- recording
+
+    def _watch(self, module: str, phase: str, desc: str, tensor: torch.Tensor) -> None:
+        site = WatchSite(module, phase, desc)
+        if self.strict:
+            self._strict_check(site, tensor)
+            return
+        if len(self._sites) >= _MAX_ROW:  # a step that never ends: fold what it has
+            self._end_step()
+        self._pending.append(tensor.detach())
+        self._sites.append(site)
+        if len(self._pending) >= 256:
+            self._flush()
+
+    def _claim(self, module: str, desc: str, tensor: torch.Tensor) -> None:
+        """Hooks the gradient of ``tensor`` once; the first (innermost) module claims it."""
+        key = id(tensor)
+        claim = self._claims.get(key)
+        if claim is not None and claim[0]() is tensor:
+            return
+        self._claims[key] = (weakref.ref(tensor), module)
+        site = WatchSite(module, "backward", f"gradient of {desc}")
+        tensor.register_hook(self._gradient_hook(site))
+
+    def _gradient_hook(self, site: WatchSite) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            if self.strict:
+                self._strict_check(site, grad)
+                return
+            if len(self._sites) >= _MAX_ROW:
+                self._end_step()
+            self._flush()
+            slot = len(self._sites)
+            self._sites.append(site)
+            row = self._row(slot + 1, grad.device)
+            norm = torch.linalg.vector_norm(grad.detach(), _INF)
+            row[slot].copy_(norm, non_blocking=True)
+
+        return hook
+
+    def _strict_check(self, site: WatchSite, tensor: torch.Tensor) -> None:
+        if not bool(torch.isfinite(tensor.detach()).all()):  # host sync: strict mode only
+            finding = self._finding(site, self._step, [])
+            self.findings.append(finding)
+            raise NonFiniteError(finding)
+
+    def _row(self, size: int, device: torch.device) -> torch.Tensor:
+        """The device row of this step, grown to hold at least ``size`` slots."""
+        if self._state is None:
+            self._state = _DeviceState(device, max(64, size))
+        elif size > self._state.row.numel():
+            self._state.grow(max(2 * self._state.row.numel(), size))
+        return self._state.row
+
+    def _flush(self) -> None:
+        """Writes the max-abs of the pending forward tensors into the row (one batched op)."""
+        if not self._pending:
+            return
+        tensors, self._pending = self._pending, []
+        start = len(self._sites) - len(tensors)
+        row = self._row(len(self._sites), tensors[0].device)
+        norms = torch._foreach_norm(tensors, _INF)
+        if any(n.dtype != torch.float32 or n.device != row.device for n in norms):
+            norms = [n.to(row.device, torch.float32, non_blocking=True) for n in norms]
+        torch.stack(norms, out=row[start : start + len(tensors)])
+
+    def _end_step(self) -> None:
+        """Folds this step's row into the device state; no host synchronisation."""
+        self._flush()
+        self._claims.clear()
+        if self._state is None or not self._sites:
+            self._sites = []
+            return
+        signature = tuple(self._sites)
+        sig_id = self._signatures.setdefault(signature, len(self._signatures))
+        self._state.fold(len(signature), self._step, sig_id)
+        self._sites = []
+
+    # -- reading
+
+    def check(self) -> list[Finding]:
+        """Reads the flags (one device-to-host transfer) and returns new findings.
+
+        Returns the first non-finite output or gradient seen since the previous check (an
+        empty list when there is none), and appends it to ``self.findings``. The flags are
+        reset, so a later check reports a later failure.
+        """
+        self._checks += 1
+        self._end_step()
+        state = self._state
+        if state is None:
+            return []
+        packed = torch.cat([state.meta, state.first_row.double()]).cpu().tolist()
+        found, step, sig_id = bool(packed[0]), int(packed[1]), int(packed[2])
+        if not found:
+            return []
+        state.meta.zero_()
+        signature = next(sig for sig, i in self._signatures.items() if i == sig_id)
+        values = packed[3 : 3 + len(signature)]
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        others = [f"{signature[i].module}: {signature[i].tensor}" for i in bad[1:11]]
+        finding = self._finding(signature[bad[0]], step, others)
+        self.findings.append(finding)
+        logger.warning("%s", finding.message)
+        return [finding]
+
+    def _finding(self, site: WatchSite, step: int, others: list[str]) -> Finding:
+        what = "gradient" if site.phase == "backward" else "output"
+        message = f"first non-finite {what} at step {step}: module {site.module!r}, {site.tensor}"
+        return Finding(
+            f"nonfinite-{what}",
+            "error",
+            message,
+            location=site.module,
+            step=step,
+            details={"phase": site.phase, "tensor": site.tensor, "also_nonfinite": others},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's ``numerics`` section."""
+        return {
+            "steps": self._step,
+            "checks": self._checks,
+            "strict": self.strict,
+            "check_every": self.check_every,
+            "watched_modules": len(self._names),
+            "gradients": self.gradients,
+            "first_nonfinite": [f.to_dict() for f in self.findings],
+        }
+
+
+def _input_desc(desc: str) -> str:
+    """'input[0][0]' -> 'input[0]', "input[1]['x']" -> "input['x']": args then kwargs."""
+    if desc.startswith("input[0]"):
+        return "input" + desc[len("input[0]") :]
+    if desc.startswith("input[1]"):
+        return "input" + desc[len("input[1]") :]
+    return desc
