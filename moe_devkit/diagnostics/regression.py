@@ -295,7 +295,9 @@ def _decide_clean(
     ratio, ci_low, ci_high = math.exp(med), math.exp(low), math.exp(high)
     p_slower = signed_rank_greater(log_ratios)
     p_faster = signed_rank_greater([-d for d in log_ratios])
-    effect = f"{100 * (ratio - 1):+.1f}% (CI {100 * (ci_low - 1):+.1f}..{100 * (ci_high - 1):+.1f}%)"
+    effect = (
+        f"{100 * (ratio - 1):+.1f}% (CI {100 * (ci_low - 1):+.1f}..{100 * (ci_high - 1):+.1f}%)"
+    )
     verdict: Verdict = "pass"
     if ci_low > 1 and p_slower < policy.alpha and ratio >= 1 + policy.min_effect:
         verdict, reason = "regression", f"slower by {effect}, p={p_slower:.2g}"
@@ -527,7 +529,7 @@ class PerformanceMonitor:
         Args:
             threshold: minimum relative increase (0.1 = 10%).
         """
-        if not 0 <= threshold:
+        if threshold < 0:
             raise ValueError(f"threshold must be >= 0; got threshold={threshold}")
         results = self.evaluate(threshold)
         return {name: r for name, r in results.items() if r.verdict == "regression"}
@@ -555,7 +557,11 @@ class PerformanceMonitor:
             verdict = "inconclusive"
         elif ratio >= 1 + threshold and p < self.alpha:
             verdict = "regression"
-        elif len(ref) > 1 and ratio <= 1 - threshold and mann_whitney_greater(ref, values) < self.alpha:
+        elif (
+            len(ref) > 1
+            and ratio <= 1 - threshold
+            and mann_whitney_greater(ref, values) < self.alpha
+        ):
             verdict = "improvement"
         return MetricRegression(
             regression_percent=100 * (ratio - 1), baseline=base_med, current=cur_med,

@@ -1,0 +1,143 @@
+"""Side-by-side revisions: export a git revision to a temporary tree and time it in a worker.
+
+Baseline and candidate each run in their own worker process (same Python, same torch), so
+the two sides see the same process conditions; the parent alternates their samples. The
+worker speaks JSON lines on stdin/stdout:
+
+    {"op": "setup", "case": NAME}            -> {"ok": true} | {"skip": REASON}
+    {"op": "sample", "case": NAME, "number": N} -> {"wall": s, "cpu": s, "number": N}
+    {"op": "gates", "case": NAME}            -> Gates.to_dict()
+    {"op": "info"}                           -> {"moe_devkit": path, ...}
+    {"op": "quit"}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from moe_devkit.diagnostics.regression import Sample, Sampler
+
+
+class RevisionError(RuntimeError):
+    """A git revision could not be resolved or exported."""
+
+
+def resolve_revision(rev: str, repo: str | os.PathLike[str] = ".") -> str:
+    """The full commit hash of ``rev``.
+
+    Raises:
+        RevisionError: not a git repository, or no such revision.
+    """
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RevisionError(
+            f"cannot resolve git revision {rev!r} in {repo} ({proc.stderr.strip()})"
+        )
+    return proc.stdout.strip()
+
+
+def export_revision(
+    rev: str, dest: str | os.PathLike[str], repo: str | os.PathLike[str] = "."
+) -> Path:
+    """Writes the tree of ``rev`` into ``dest`` with ``git archive`` (no worktree state).
+
+    Raises:
+        RevisionError: the revision does not exist or git failed.
+    """
+    commit = resolve_revision(rev, repo)
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "archive", "--format=tar", commit],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RevisionError(f"git archive {rev} failed: {proc.stderr.decode(errors='replace')}")
+    target = Path(dest)
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+class WorkerProcess:
+    """A benchmark worker importing ``moe_devkit`` from ``tree`` (a checkout or export).
+
+    Args:
+        script: the worker script (run as ``python script --worker ARGS``).
+        tree: directory put first on PYTHONPATH, so its ``moe_devkit`` is the one imported.
+        args: extra arguments for the worker.
+        env: extra environment variables.
+    """
+
+    def __init__(
+        self,
+        script: str | os.PathLike[str],
+        tree: str | os.PathLike[str],
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        environ = dict(os.environ) | dict(env or {})
+        environ["PYTHONPATH"] = os.pathsep.join([str(tree), environ.get("PYTHONPATH", "")])
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), "--worker", *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environ, bufsize=1,
+        )  # fmt: skip
+
+    def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        """Sends one request and returns the reply.
+
+        Raises:
+            RuntimeError: the worker exited or answered with an error.
+        """
+        stdin, stdout = self._pipes()
+        stdin.write(json.dumps(dict(message)) + "\n")
+        stdin.flush()
+        line = stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker exited (code {self.proc.poll()})")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"benchmark worker: {reply['error']}")
+        return reply
+
+    def _pipes(self) -> tuple[IO[str], IO[str]]:
+        if self.proc.stdin is None or self.proc.stdout is None:
+            raise RuntimeError("benchmark worker has no pipes")
+        return self.proc.stdin, self.proc.stdout
+
+    def sampler(self, case: str) -> Sampler:
+        """A Sampler that times ``case`` in this worker."""
+
+        def sample(number: int) -> Sample:
+            reply = self.request({"op": "sample", "case": case, "number": number})
+            return Sample(float(reply["wall"]), float(reply["cpu"]), int(reply["number"]))
+
+        return sample
+
+    def close(self) -> None:
+        """Asks the worker to quit; kills it if it does not."""
+        try:
+            if self.proc.poll() is None:
+                stdin, _ = self._pipes()
+                stdin.write(json.dumps({"op": "quit"}) + "\n")
+                stdin.flush()
+                self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired, RuntimeError):
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
