@@ -49,6 +49,22 @@ COMMANDS: dict[str, Command] = {
         "run the reference router on a synthetic workload and report its routing",
         "moe_devkit.commands.diagnose",
     ),
+    "report": Command(
+        "re-render routing_analysis.png and report.html from a stored report.json",
+        "moe_devkit.commands.report",
+    ),
+    "numerics": Command(
+        "train the reference model under the NaN/Inf guard; --plant-nan MODULE demonstrates",
+        "moe_devkit.commands.numerics",
+    ),
+    "gradients": Command(
+        "one training step of the reference model and its gradient statistics",
+        "moe_devkit.commands.gradients",
+    ),
+    "memory": Command(
+        "train the reference model for N steps and judge memory growth (leak verdict)",
+        "moe_devkit.commands.memory",
+    ),
     "check-debug": Command(
         "find leftover debug statements in Python files (same as the check-debug hook)",
         "moe_devkit.commands.check_debug",
@@ -90,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(_load(COMMANDS[args.command]).run(args, console))
     except UsageError as exc:
-        Console(stderr=True).print(f"moe-devkit {args.command}: error: {exc}", highlight=False)
+        sys.stderr.write(f"moe-devkit {args.command}: error: {exc}\n")  # one unwrapped line
         return 2
     except KeyboardInterrupt:
         return 130

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -29,15 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--seed", type=int, default=0)
     work.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     work.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument(
+        "--out", default="moe_devkit_report", help="directory of report.json/.png/.html"
+    )
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    """Runs the diagnose command; returns the exit code."""
+    """Runs the diagnose command; returns 0, or 1 when an error-level alarm fired."""
     require_torch()
     import torch
 
     from moe_devkit.config import RouterConfig
-    from moe_devkit.routers.torch_router import MoEModel, expert_counts
+    from moe_devkit.inspect import RouterInspector
+    from moe_devkit.routers.torch_router import MoEModel
     from moe_devkit.workloads import mixed_difficulty_batch
 
     try:
@@ -55,53 +62,68 @@ def run(args: argparse.Namespace, console: Console) -> int:
     torch.manual_seed(args.seed)
     model = MoEModel(config, num_layers=args.layers).to(device=device, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(args.seed)
-    counts = torch.zeros(args.layers, config.num_experts, dtype=torch.int64, device=device)
-    k_hist = torch.zeros(args.layers, config.max_k + 1, dtype=torch.int64, device=device)
-    with torch.no_grad(), Progress(console=console, transient=True) as progress:
+    with (
+        torch.no_grad(),
+        RouterInspector(model) as inspector,
+        Progress(console=console, transient=True) as progress,
+    ):
         task = progress.add_task("routing", total=args.steps)
         for _ in range(args.steps):
             batch = mixed_difficulty_batch(
                 args.batch, args.seq, config.hidden_size, generator=generator
             )
-            out = model(batch.hidden_states.to(device=device, dtype=dtype))
-            for layer, routing in enumerate(out.routings):
-                counts[layer] += expert_counts(routing.expert_indices, config.num_experts)
-                k_hist[layer].scatter_add_(
-                    0, routing.k_per_token, torch.ones_like(routing.k_per_token)
-                )
+            model(batch.hidden_states.to(device=device, dtype=dtype))
             progress.advance(task)
-    _print_utilization(console, counts.cpu().tolist())
-    _print_k_histogram(console, k_hist.cpu().tolist(), config.max_k)
-    return 0
+    summary = inspector.summary()
+    print_summary(console, summary.layers, summary.findings)
+    paths = write_report_files(summary, args.out, console)
+    console.print(f"report: {paths.json}  {paths.png}  {paths.html}", highlight=False)
+    return 1 if any(f.severity == "error" for f in summary.findings) else 0
 
 
-def _print_utilization(console: Console, counts: list[list[int]]) -> None:
+def write_report_files(summary: Any, out: str, console: Console) -> Any:
+    """Writes the three report files; a path that cannot be written is a UsageError."""
+    from moe_devkit.inspect.report import write_report
+
+    try:
+        return write_report(summary, out)
+    except OSError as exc:
+        raise UsageError(f"--out {out!r} cannot be written: {exc.strerror or exc}") from None
+
+
+def print_summary(console: Console, layers: dict[str, Any], findings: Sequence[Any]) -> None:
+    """Prints the alarms, per-expert utilization and the k histogram of every layer."""
+    for finding in findings:
+        style = {"error": "bold red", "warning": "yellow"}.get(finding.severity, "")
+        console.print(f"[{style}]{finding.severity}[/]: {escape(finding.message)}")
+    names = list(layers)
     table = Table(title="Expert utilization (share of token-expert selections)")
     table.add_column("expert", justify="right")
-    for layer in range(len(counts)):
-        table.add_column(f"layer {layer}", justify="right")
-    totals = [max(sum(row), 1) for row in counts]
-    for expert in range(len(counts[0])):
-        cells = [
-            f"{100 * row[expert] / total:5.1f}%" for row, total in zip(counts, totals, strict=True)
-        ]
+    for name in names:
+        table.add_column(escape(name), justify="right")
+    for expert in range(max(layers[n]["num_experts"] for n in names)):
+        cells = []
+        for name in names:
+            shares = layers[name]["utilization"]["shares"]
+            cells.append(f"{100 * shares[expert]:5.1f}%" if expert < len(shares) else "")
         table.add_row(str(expert), *cells)
     console.print(table)
+    _print_k_table(console, layers)
 
 
-def _print_k_histogram(console: Console, k_hist: list[list[int]], max_k: int) -> None:
+def _print_k_table(console: Console, layers: dict[str, Any]) -> None:
     table = Table(title="Experts per token (k)")
     table.add_column("k", justify="right")
-    for layer in range(len(k_hist)):
-        table.add_column(f"layer {layer}", justify="right")
-    tokens = [max(sum(row), 1) for row in k_hist]
-    for k in range(max_k + 1):
-        if all(row[k] == 0 for row in k_hist):
+    for name in layers:
+        table.add_column(escape(name), justify="right")
+    hists = [layer["k"]["histogram"] for layer in layers.values()]
+    for k in range(max(len(h) for h in hists)):
+        if all(k >= len(h) or h[k] == 0 for h in hists):
             continue
-        cells = [f"{100 * row[k] / n:5.1f}%" for row, n in zip(k_hist, tokens, strict=True)]
+        cells = [f"{100 * h[k] / max(sum(h), 1):5.1f}%" if k < len(h) else "" for h in hists]
         table.add_row(str(k), *cells)
-    means = [
-        sum(k * c for k, c in enumerate(row)) / n for row, n in zip(k_hist, tokens, strict=True)
-    ]
-    table.add_row("mean", *[f"{m:.2f}" for m in means], style="bold")
+    table.add_row("mean", *[f"{layer['k']['mean']:.2f}" for layer in layers.values()], style="bold")
+    table.add_row(
+        "saved", *[f"{100 * layer['k']['compute_saved']:.0f}%" for layer in layers.values()]
+    )
     console.print(table)

@@ -1,0 +1,105 @@
+"""``report.html``: one self-contained page (plots embedded, no network) from a report.
+
+Alarms come first, then a summary table per layer, then the plots. Every string that comes
+from a model or a user (layer names, messages) is HTML-escaped. A Content-Security-Policy
+forbids any network load, and a small inline script marks the page ready once every image
+has decoded (``<body data-ready="ok">``), which the browser test reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from typing import Any
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1500px}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f3f3f3}td.name{text-align:left;font-family:monospace}
+.error{color:#a00}.warning{color:#a60}.info{color:#06a}
+img{max-width:100%;border:1px solid #ddd}
+"""
+
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.length > 0 && imgs.every(function (i) { return i.complete && i.naturalWidth > 0; });
+  document.body.setAttribute('data-ready', ok ? 'ok' : 'broken-image');
+});
+"""
+
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return "n/a"
+    return html.escape(str(value))
+
+
+def _findings_html(findings: list[dict[str, Any]]) -> str:
+    if not findings:
+        return "<p>No alarms.</p>"
+    items = "".join(
+        f'<li class="{html.escape(f["severity"])}"><b>{html.escape(f["severity"])}</b> '
+        f"<code>{html.escape(f['code'])}</code>: {html.escape(f['message'])}</li>"
+        for f in findings
+    )
+    return f"<ul>{items}</ul>"
+
+
+_COLUMNS = (
+    ("layer", lambda x: x["name"]),
+    ("steps", lambda x: x["steps"]),
+    ("tokens", lambda x: x["tokens"]),
+    ("mean k", lambda x: x["k"]["mean"]),
+    ("compute saved", lambda x: x["k"]["compute_saved"]),
+    ("CV", lambda x: x["utilization"]["cv"]),
+    ("max/mean", lambda x: x["utilization"]["max_over_mean"]),
+    ("Gini", lambda x: x["utilization"]["gini"]),
+    ("entropy", lambda x: x["utilization"]["normalized_entropy"]),
+    ("dead", lambda x: len(x["utilization"]["dead_experts"])),
+    ("complexity mean", lambda x: x["complexity"]["mean"]),
+    ("complexity-k ρ", lambda x: x["complexity"]["k_spearman"]),
+    ("non-finite", lambda x: x["nonfinite_tokens"]),
+    ("dropped", lambda x: x["dropped_pairs"]),
+)
+
+
+def _layers_table(layers: dict[str, Any]) -> str:
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in _COLUMNS)
+    rows = []
+    for layer in layers.values():
+        cells = [f'<td class="name">{html.escape(str(layer["name"]))}</td>']
+        cells += [f"<td>{_fmt(get(layer))}</td>" for _, get in _COLUMNS[1:]]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def render_html(report: dict[str, Any], png: bytes) -> str:
+    """Returns the page for a report envelope and its routing figure."""
+    section = report["sections"]["routing"]
+    totals = section["totals"]
+    image = base64.b64encode(png).decode("ascii")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<title>moe-devkit routing report</title><style>{_CSS}</style></head>
+<body data-ready="pending">
+<h1>moe-devkit routing report</h1>
+<p>Created {html.escape(str(report.get("created")))} · {totals["layers"]} router(s) ·
+{totals["decisions"]} decisions · {totals["tokens"]} tokens · schema version
+{html.escape(str(report.get("version")))}</p>
+<h2>Alarms</h2>
+{_findings_html(report.get("findings", []))}
+<h2>Layers</h2>
+{_layers_table(section["layers"])}
+<h2>Plots</h2>
+<img alt="routing analysis" src="data:image/png;base64,{image}">
+<script>{_SCRIPT}</script>
+</body></html>
+"""

@@ -1,0 +1,414 @@
+"""RouterInspector: records every routing decision of a model through forward hooks.
+
+The inspector never changes a model's code or outputs: it registers a forward hook on each
+reference router (any module whose forward returns a ``RoutingDecision``) and folds each
+decision into bounded, on-device running statistics:
+
+* counts per expert, a joint histogram of (complexity bin, k), non-finite and dropped counts,
+  loss sums, Welford/Chan moments of complexity, an expert co-activation matrix;
+* cumulative snapshots every ``window`` steps for trends (when the buffer is full, every
+  other snapshot is dropped and the window doubles, so memory stays bounded);
+* a uniform sample of (complexity, k) pairs for plots: a bottom-k reservoir on random keys.
+
+Every update is a tensor operation on the decision's device: no ``.item()``, no ``nonzero``,
+no ``bincount``, hence no host synchronisation. Values reach the host only in ``summary()``
+and ``report()``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_devkit.routers.torch_router import RoutingDecision
+
+
+@dataclass(frozen=True, kw_only=True)
+class InspectorConfig:
+    """Knobs of the inspector's statistics and alarms.
+
+    Attributes:
+        window: steps per trend window (doubles when ``max_windows`` is reached).
+        max_windows: snapshots kept per layer.
+        complexity_bins: bins of the complexity histogram over [0, 1].
+        reservoir_size: (complexity, k) pairs kept per layer for plots.
+        coactivation_every: update the co-activation matrix every this many steps (0: never).
+        collapse_ratio: alarm when an expert's load exceeds this multiple of the mean load.
+        collapse_token_share: alarm when one expert is chosen by at least this share of tokens
+            (catches collapse where E / k is too small for ``collapse_ratio`` to be reached).
+        dead_window_steps: an expert with no selection over the last this many steps is dead.
+        drift_k: alarm when mean k moves by more than this between first and last window.
+        drift_complexity: same for mean complexity.
+        seed: seed of the reservoir's random keys.
+    """
+
+    window: int = 50
+    max_windows: int = 64
+    complexity_bins: int = 20
+    reservoir_size: int = 2048
+    coactivation_every: int = 1
+    collapse_ratio: float = 4.0
+    collapse_token_share: float = 0.9
+    dead_window_steps: int = 50
+    drift_k: float = 0.5
+    drift_complexity: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("window", "max_windows", "complexity_bins", "reservoir_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 2:
+                raise ValueError(f"{name} must be an int >= 2; got {name}={value!r}")
+        if self.max_windows % 2:
+            raise ValueError(f"max_windows must be even; got max_windows={self.max_windows}")
+
+
+class LayerState:
+    """Running statistics of one router, all tensors on the router's device."""
+
+    def __init__(
+        self, name: str, num_experts: int, max_k: int, device: torch.device, config: InspectorConfig
+    ) -> None:
+        self.name, self.num_experts, self.max_k, self.config = name, num_experts, max_k, config
+        bins, kk = config.complexity_bins, max_k + 1
+        i64, f64 = dict(dtype=torch.int64, device=device), dict(dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_experts, **i64)  # type: ignore[arg-type]
+        self.joint = torch.zeros(bins + 1, kk, **i64)  # type: ignore[arg-type]  # last row: non-finite
+        self.dropped = torch.zeros((), **i64)  # type: ignore[arg-type]
+        self.loss_sums = torch.zeros(2, **f64)  # type: ignore[arg-type]  # load-balancing, z
+        self.moments = torch.zeros(3, **f64)  # type: ignore[arg-type]  # n, mean, M2
+        self.extrema = torch.tensor([float("inf"), float("-inf")], **f64)  # type: ignore[arg-type]
+        self.coactivation = torch.zeros(num_experts, num_experts, **f64)  # type: ignore[arg-type]
+        self.snapshots = torch.zeros(config.max_windows, num_experts + kk + 1, **f64)  # type: ignore[arg-type]
+        self.snapshot_steps: list[int] = []
+        self.window = config.window
+        self.res_keys = torch.full((config.reservoir_size,), float("inf"), device=device)
+        self.res_complexity = torch.zeros(config.reservoir_size, device=device)
+        self.res_k = torch.full((config.reservoir_size,), -1, **i64)  # type: ignore[arg-type]
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.steps = 0
+        self.first_time: float | None = None
+        self.last_time: float | None = None
+
+    @torch.no_grad()
+    def update(self, d: RoutingDecision) -> None:
+        """Folds one decision into the statistics (device ops only)."""
+        cfg, num_experts, kk = self.config, self.num_experts, self.max_k + 1
+        indices = d.expert_indices.detach()
+        flat = indices.reshape(-1)
+        selected = flat >= 0
+        slot = torch.where(selected, flat, num_experts)
+        counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+        counts.scatter_add_(0, slot, torch.ones_like(slot))
+        self.counts += counts[:num_experts]
+        complexity = d.complexity.detach().to(torch.float64)
+        finite = ~d.nonfinite & torch.isfinite(complexity)
+        bins = cfg.complexity_bins
+        cbin = (complexity.nan_to_num(0.0).clamp(0, 1) * bins).long().clamp_max(bins - 1)
+        cbin = torch.where(finite, cbin, bins)
+        k = d.k_per_token.detach().clamp(0, self.max_k)
+        self.joint.view(-1).scatter_add_(0, cbin * kk + k, torch.ones_like(k))
+        self.dropped += d.dropped.sum()
+        self.loss_sums += torch.stack([d.load_balancing_loss, d.z_loss]).detach().double()
+        self._update_moments(complexity, finite)
+        if cfg.coactivation_every and self.steps % cfg.coactivation_every == 0:
+            multi_hot = torch.zeros(indices.shape[0], num_experts + 1, device=flat.device)
+            multi_hot.scatter_(1, torch.where(indices >= 0, indices, num_experts), 1.0)
+            multi_hot = multi_hot[:, :num_experts]  # [N, E]
+            self.coactivation += (multi_hot.t() @ multi_hot).double()
+        self._update_reservoir(complexity.float(), k)
+        self.steps += 1
+        if self.steps % self.window == 0:
+            self._snapshot()
+        now = time.time()
+        self.first_time = now if self.first_time is None else self.first_time
+        self.last_time = now
+
+    def _update_moments(self, complexity: torch.Tensor, finite: torch.Tensor) -> None:
+        """Chan et al.'s parallel merge of the batch's (n, mean, M2) into the running one."""
+        n_b = finite.sum().double()
+        values = torch.where(finite, complexity, 0.0)
+        mean_b = values.sum() / n_b.clamp_min(1)
+        m2_b = torch.where(finite, (complexity - mean_b).square(), 0.0).sum()
+        n_a, mean_a, m2_a = self.moments.unbind()
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        mean = mean_a + delta * n_b / n.clamp_min(1)
+        m2 = m2_a + m2_b + delta.square() * n_a * n_b / n.clamp_min(1)
+        self.moments.copy_(torch.stack([n, mean, m2]))
+        lo = torch.where(finite, complexity, float("inf")).min()
+        hi = torch.where(finite, complexity, float("-inf")).max()
+        self.extrema.copy_(torch.stack([self.extrema[0].minimum(lo), self.extrema[1].maximum(hi)]))
+
+    def _update_reservoir(self, complexity: torch.Tensor, k: torch.Tensor) -> None:
+        """Keeps the pairs with the smallest random keys: a uniform sample of all tokens."""
+        keys = torch.rand(k.shape[0], device=k.device, generator=self.generator)
+        all_keys = torch.cat([self.res_keys, keys])
+        keep = torch.topk(all_keys, self.res_keys.shape[0], largest=False, sorted=False).indices
+        self.res_keys = all_keys[keep]
+        self.res_complexity = torch.cat([self.res_complexity, complexity])[keep]
+        self.res_k = torch.cat([self.res_k, k])[keep]
+
+    def _snapshot(self) -> None:
+        """Stores cumulative counts, k histogram and complexity sum at a window's end."""
+        if len(self.snapshot_steps) == self.config.max_windows:
+            keep = self.snapshots[1::2].clone()  # every other cumulative snapshot
+            self.snapshots.zero_()
+            self.snapshots[: keep.shape[0]] = keep
+            self.snapshot_steps = self.snapshot_steps[1::2]
+            self.window *= 2
+            if self.steps % self.window:
+                return
+        row = len(self.snapshot_steps)
+        k_hist = self.joint.sum(dim=0).double()
+        csum = self.moments[0:1] * self.moments[1:2]
+        self.snapshots[row] = torch.cat([self.counts.double(), k_hist, csum])
+        self.snapshot_steps.append(self.steps)
+
+    def host_state(self) -> dict[str, Any]:
+        """Moves the statistics to the host (the only synchronising call)."""
+        rows = len(self.snapshot_steps)
+        valid = self.res_k >= 0
+        return {
+            "name": self.name,
+            "num_experts": self.num_experts,
+            "max_k": self.max_k,
+            "steps": self.steps,
+            "time_range": [self.first_time, self.last_time],
+            "counts": self.counts.cpu(),
+            "joint": self.joint.cpu(),
+            "dropped": int(self.dropped),
+            "loss_sums": self.loss_sums.cpu(),
+            "moments": self.moments.cpu(),
+            "extrema": self.extrema.cpu(),
+            "coactivation": self.coactivation.cpu(),
+            "coactivation_steps": (
+                0
+                if not self.config.coactivation_every
+                else -(-self.steps // self.config.coactivation_every)
+            ),
+            "snapshots": self.snapshots[:rows].cpu(),
+            "snapshot_steps": list(self.snapshot_steps),
+            "sample_complexity": self.res_complexity[valid].cpu(),
+            "sample_k": self.res_k[valid].cpu(),
+        }
+
+
+def _is_router(module: nn.Module) -> bool:
+    from moe_devkit.routers.torch_router import DynamicMoERouter, StaticTopKRouter
+
+    return isinstance(module, DynamicMoERouter | StaticTopKRouter)
+
+
+class RouterInspector:
+    """Records the routing of every reference router in a model.
+
+    Use as ``with RouterInspector().attach(model) as inspector: ...`` or call ``attach`` /
+    ``detach`` yourself; ``summary()`` and ``report(out_dir)`` read the statistics.
+
+    Args:
+        model: a model to attach to when used as a context manager (optional).
+        config: statistics and alarm settings.
+    """
+
+    def __init__(
+        self, model: nn.Module | None = None, config: InspectorConfig | None = None
+    ) -> None:
+        self.config = config if config is not None else InspectorConfig()
+        self.layers: dict[str, LayerState] = {}
+        self._model = model
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.routing_history_size = 0
+
+    # ------------------------------------------------------------------ attach / detach
+
+    def attach(self, model: nn.Module | None = None) -> RouterInspector:
+        """Registers forward hooks on every reference router of ``model``; returns self.
+
+        Raises:
+            TypeError: model is not an nn.Module.
+            ValueError: the model holds no reference router, or the inspector is attached.
+        """
+        model = model if model is not None else self._model
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if self._handles:
+            raise ValueError("the inspector is already attached; call detach() first")
+        routers = [(name or "router", m) for name, m in model.named_modules() if _is_router(m)]
+        if not routers:
+            raise ValueError(
+                f"model must contain a moe_devkit router (DynamicMoERouter or StaticTopKRouter); "
+                f"found none in {type(model).__name__}"
+            )
+        for name, module in routers:
+            self._handles.append(module.register_forward_hook(self._hook_for(name)))
+        self._model = model
+        return self
+
+    def detach(self) -> None:
+        """Removes every hook; the statistics are kept."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> RouterInspector:
+        if not self._handles:
+            self.attach()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.detach()
+
+    def _hook_for(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, RoutingDecision):
+                self.record(output, layer=name)
+
+        return hook
+
+    # ------------------------------------------------------------------ recording
+
+    def record(self, decision: RoutingDecision, layer: str = "router") -> None:
+        """Folds one decision into the statistics of ``layer`` (no host synchronisation)."""
+        state = self.layers.get(layer)
+        if state is None:
+            state = LayerState(
+                layer,
+                decision.num_experts,
+                decision.max_k,
+                decision.expert_indices.device,
+                self.config,
+            )
+            self.layers[layer] = state
+        elif (state.num_experts, state.max_k) != (decision.num_experts, decision.max_k):
+            raise ValueError(
+                f"layer {layer!r} was recorded with num_experts={state.num_experts}, "
+                f"max_k={state.max_k}; got num_experts={decision.num_experts}, "
+                f"max_k={decision.max_k}"
+            )
+        state.update(decision)
+
+    def inspect_routing_decision(
+        self,
+        inputs: torch.Tensor,
+        complexity: torch.Tensor,
+        k_values: torch.Tensor,
+        expert_indices: torch.Tensor,
+        layer: str = "manual",
+        num_experts: int | None = None,
+    ) -> dict[str, Any]:
+        """Records one decision given as raw tensors (the seed's manual API).
+
+        Args:
+            inputs: float[..., D], only its shape is used.
+            complexity: float[...] per token.
+            k_values: int[...] per token.
+            expert_indices: int[..., K], -1 padded.
+            layer: the name the statistics are kept under.
+            num_experts: E (default: the layer's, or 1 + the largest index seen).
+
+        Returns:
+            The seed's summary of this decision: input shape, complexity and k statistics.
+            (This call reads values on the host, unlike the hooks.)
+        """
+        if num_experts is None and layer in self.layers:
+            num_experts = self.layers[layer].num_experts
+        decision = decision_from_tensors(complexity, k_values, expert_indices, num_experts)
+        self.record(decision, layer=layer)
+        c, k = decision.complexity, decision.k_per_token.double()
+        return {
+            "timestamp": time.time(),
+            "input_shape": tuple(inputs.shape),
+            "complexity_stats": _moments(c.double()),
+            "k_stats": _moments(k),
+        }
+
+    def summary(self) -> Any:
+        """Per-layer statistics and alarms, read to the host (see inspect.report)."""
+        from moe_devkit.inspect.report import summarize
+
+        return summarize(self)
+
+    def report(self, out_dir: str = "moe_devkit_report") -> Any:
+        """Writes report.json, routing_analysis.png and report.html into ``out_dir``."""
+        from moe_devkit.inspect.report import write_report
+
+        return write_report(self.summary(), out_dir)
+
+    def __iter__(self) -> Iterator[LayerState]:
+        return iter(self.layers.values())
+
+
+def _moments(values: torch.Tensor) -> dict[str, float]:
+    std = float(values.std()) if values.numel() > 1 else 0.0
+    return {
+        "mean": float(values.mean()),
+        "std": std,
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+
+
+def decision_from_tensors(
+    complexity: torch.Tensor,
+    k_values: torch.Tensor,
+    expert_indices: torch.Tensor,
+    num_experts: int | None = None,
+) -> RoutingDecision:
+    """Builds a RoutingDecision from raw per-token tensors (losses set to 0, no logits).
+
+    Raises:
+        ValueError: shapes disagree, indices are out of range, or there are no tokens.
+    """
+    indices = expert_indices.reshape(-1, expert_indices.shape[-1]).long()
+    num_tokens = indices.shape[0]
+    if num_tokens == 0:
+        raise ValueError(
+            f"expert_indices must hold at least one token; got shape {tuple(expert_indices.shape)}"
+        )
+    if complexity.numel() != num_tokens or k_values.numel() != num_tokens:
+        raise ValueError(
+            "complexity and k_values must have one value per token of expert_indices "
+            f"({num_tokens}); got complexity shape {tuple(complexity.shape)}, "
+            f"k_values shape {tuple(k_values.shape)}"
+        )
+    largest, smallest = int(indices.max()), int(indices.min())
+    if num_experts is None:
+        num_experts = max(largest + 1, 1)
+    if largest >= num_experts or smallest < -1:
+        raise ValueError(
+            f"expert_indices must be in [-1, num_experts={num_experts}); "
+            f"got values in [{smallest}, {largest}]"
+        )
+    zero = torch.zeros((), device=indices.device)
+    empty = torch.zeros(num_tokens, num_experts, device=indices.device)
+    return RoutingDecision(
+        expert_indices=indices,
+        expert_weights=torch.zeros(indices.shape, device=indices.device),
+        k_per_token=k_values.reshape(-1).long(),
+        complexity=complexity.reshape(-1).float(),
+        router_logits=empty,
+        router_probs=empty,
+        dropped=torch.zeros(indices.shape, dtype=torch.bool, device=indices.device),
+        nonfinite=~torch.isfinite(complexity.reshape(-1).float()),
+        load_balancing_loss=zero,
+        z_loss=zero,
+        compute_loss=zero,
+        aux_loss=zero,
+        batch_shape=(num_tokens,),
+    )

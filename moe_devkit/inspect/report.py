@@ -1,0 +1,361 @@
+"""Turns an inspector's statistics into the ``routing`` report section, alarms and files.
+
+``summarize`` reads the on-device statistics once and derives the metrics; ``write_report``
+writes ``report.json`` (versioned envelope, see docs/report-schema.md), then renders
+``routing_analysis.png`` and ``report.html`` from that JSON alone, so ``render_report`` can
+re-render a stored report (``moe-devkit report report.json``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from moe_devkit.diagnostics.findings import Finding
+from moe_devkit.reporting import load_report_json, make_report, write_atomic, write_report_json
+
+if TYPE_CHECKING:
+    from moe_devkit.inspect.inspector import InspectorConfig, RouterInspector
+
+SECTION = "routing"
+
+
+@dataclass(frozen=True)
+class InspectorSummary:
+    """What the inspector recorded: one entry per layer, and the alarms raised."""
+
+    layers: dict[str, dict[str, Any]]
+    findings: tuple[Finding, ...]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_report(self) -> dict[str, Any]:
+        """The JSON report envelope holding this summary as its ``routing`` section."""
+        totals = _totals(self.layers)
+        section = {"totals": totals, "config": self.config, "layers": self.layers}
+        return make_report({SECTION: section}, self.findings)
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Files written by ``write_report``."""
+
+    json: Path
+    png: Path
+    html: Path
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def balance_metrics(counts: np.ndarray) -> dict[str, Any]:
+    """Load-balance metrics of per-expert counts (formulas in docs/metrics.md)."""
+    total = float(counts.sum())
+    num = len(counts)
+    if total == 0:
+        nan = math.nan
+        return dict(
+            shares=[0.0] * num,
+            cv=nan,
+            max_over_mean=nan,
+            max_vio=nan,
+            normalized_entropy=nan,
+            gini=nan,
+            dead_experts=list(range(num)),
+        )
+    shares = counts / total
+    mean = total / num
+    cv = float(counts.std() / mean)
+    nonzero = shares[shares > 0]
+    entropy = float(-(nonzero * np.log(nonzero)).sum() / math.log(num)) if num > 1 else 1.0
+    ordered = np.sort(counts.astype(np.float64))
+    ranks = np.arange(1, num + 1)
+    gini = float((2 * ranks - num - 1) @ ordered / (num * ordered.sum()))
+    return dict(
+        shares=shares.tolist(),
+        cv=cv,
+        max_over_mean=float(counts.max() / mean),
+        max_vio=float(counts.max() / mean - 1),
+        normalized_entropy=entropy,
+        gini=gini,
+        dead_experts=[int(e) for e in np.flatnonzero(counts == 0)],
+    )
+
+
+def binned_spearman(joint: np.ndarray) -> float:
+    """Spearman correlation of (complexity bin, k) from their joint histogram.
+
+    Tied values share their average rank; the result is Pearson's r of the ranks, each
+    (bin, k) cell weighted by its count. NaN when either variable is constant.
+    """
+    total = joint.sum()
+    if total < 2:
+        return math.nan
+    rows, cols = joint.sum(axis=1), joint.sum(axis=0)
+    rank_r = np.cumsum(rows) - rows + (rows + 1) / 2  # average rank of each bin
+    rank_c = np.cumsum(cols) - cols + (cols + 1) / 2
+    mean_r = (rows * rank_r).sum() / total
+    mean_c = (cols * rank_c).sum() / total
+    dr, dc = rank_r - mean_r, rank_c - mean_c
+    cov = (joint * np.outer(dr, dc)).sum()
+    var_r, var_c = (rows * dr**2).sum(), (cols * dc**2).sum()
+    if var_r <= 0 or var_c <= 0:
+        return math.nan
+    return float(cov / math.sqrt(var_r * var_c))
+
+
+def _layer_summary(state: dict[str, Any], bins: int) -> dict[str, Any]:
+    counts = state["counts"].numpy().astype(np.int64)
+    joint = state["joint"].numpy().astype(np.int64)
+    finite_joint = joint[:bins]
+    k_hist = joint.sum(axis=0)
+    tokens = int(k_hist.sum())
+    max_k = state["max_k"]
+    ks = np.arange(max_k + 1)
+    routed_tokens = max(tokens, 1)
+    mean_k = float((k_hist * ks).sum() / routed_tokens)
+    std_k = float(math.sqrt(max((k_hist * ks**2).sum() / routed_tokens - mean_k**2, 0.0)))
+    n, mean_c, m2 = (float(v) for v in state["moments"])
+    lo, hi = (float(v) for v in state["extrema"])
+    steps = state["steps"]
+    snapshots = state["snapshots"].numpy()
+    return {
+        "name": state["name"],
+        "num_experts": state["num_experts"],
+        "max_k": max_k,
+        "steps": steps,
+        "tokens": tokens,
+        "selections": int(counts.sum()),
+        "time_range": state["time_range"],
+        "utilization": {"counts": counts.tolist(), **balance_metrics(counts)},
+        "k": {
+            "histogram": k_hist.tolist(),
+            "mean": mean_k,
+            "std": std_k,
+            "compute_saved": 1.0 - mean_k / max_k if tokens else 0.0,
+        },
+        "complexity": {
+            "mean": mean_c if n else math.nan,
+            "std": math.sqrt(m2 / (n - 1)) if n > 1 else math.nan,
+            "min": lo if n else math.nan,
+            "max": hi if n else math.nan,
+            "histogram": finite_joint.sum(axis=1).tolist(),
+            "k_spearman": binned_spearman(finite_joint),
+            "joint_histogram": finite_joint.tolist(),
+        },
+        "losses": {
+            "load_balancing_mean": float(state["loss_sums"][0]) / max(steps, 1),
+            "z_loss_mean": float(state["loss_sums"][1]) / max(steps, 1),
+        },
+        "nonfinite_tokens": int(joint[bins].sum()),
+        "dropped_pairs": state["dropped"],
+        "coactivation": {
+            "steps": state["coactivation_steps"],
+            "matrix": state["coactivation"].numpy().round().astype(np.int64).tolist(),
+        },
+        "windows": _windows(snapshots, state["snapshot_steps"], state["num_experts"], max_k),
+        "sample": {
+            "complexity": [round(float(c), 5) for c in state["sample_complexity"]],
+            "k": [int(k) for k in state["sample_k"]],
+        },
+    }
+
+
+def _windows(
+    snapshots: np.ndarray, steps: list[int], num_experts: int, max_k: int
+) -> list[dict[str, Any]]:
+    """Per-window statistics from cumulative snapshots (differences of neighbours)."""
+    out: list[dict[str, Any]] = []
+    previous = np.zeros(snapshots.shape[1]) if len(snapshots) else None
+    start = 0
+    for row, end in zip(snapshots, steps, strict=True):
+        assert previous is not None
+        delta = row - previous
+        counts = delta[:num_experts]
+        k_hist = delta[num_experts : num_experts + max_k + 1]
+        tokens = float(k_hist.sum())
+        csum = float(delta[-1])
+        out.append(
+            {
+                "start_step": start,
+                "end_step": end,
+                "counts": counts.round().astype(np.int64).tolist(),
+                "tokens": int(round(tokens)),
+                "mean_k": float((k_hist * np.arange(max_k + 1)).sum() / tokens)
+                if tokens
+                else math.nan,
+                "mean_complexity": csum / tokens if tokens else math.nan,
+                "max_share": float(counts.max() / counts.sum()) if counts.sum() else math.nan,
+            }
+        )
+        previous, start = row, end
+    return out
+
+
+def _totals(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    starts = [lay["time_range"][0] for lay in layers.values() if lay["time_range"][0]]
+    ends = [lay["time_range"][1] for lay in layers.values() if lay["time_range"][1]]
+    return {
+        "layers": len(layers),
+        "decisions": sum(lay["steps"] for lay in layers.values()),
+        "tokens": sum(lay["tokens"] for lay in layers.values()),
+        "selections": sum(lay["selections"] for lay in layers.values()),
+        "time_range": {"start": min(starts, default=None), "end": max(ends, default=None)},
+    }
+
+
+# ----------------------------------------------------------------------------- alarms
+
+
+def alarms(layer: dict[str, Any], config: InspectorConfig) -> list[Finding]:
+    """Routing collapse, dead experts, k/complexity drift, NaNs and drops of one layer."""
+    name, out = layer["name"], []
+    util = layer["utilization"]
+    top = int(np.argmax(util["counts"]))
+    token_share = util["counts"][top] / max(layer["tokens"], 1)
+    if layer["selections"] and (
+        util["max_over_mean"] > config.collapse_ratio or token_share >= config.collapse_token_share
+    ):
+        out.append(
+            Finding(
+                "routing-collapse",
+                "error",
+                f"{name}: expert {top} takes {100 * util['shares'][top]:.1f}% of selections "
+                f"({util['max_over_mean']:.1f}x the mean load; chosen by {100 * token_share:.0f}% "
+                f"of tokens)",
+                location=name,
+                details={
+                    "expert": top,
+                    "max_over_mean": util["max_over_mean"],
+                    "token_share": token_share,
+                },
+            )
+        )
+    dead = _dead_experts(layer, config)
+    if dead:
+        out.append(
+            Finding(
+                "dead-experts",
+                "warning",
+                f"{name}: {len(dead)} of {layer['num_experts']} experts got no token in the "
+                f"last {config.dead_window_steps} steps: {dead[:16]}",
+                location=name,
+                details={"experts": dead},
+            )
+        )
+    out.extend(_drift(layer, config))
+    if layer["nonfinite_tokens"]:
+        out.append(
+            Finding(
+                "nonfinite-tokens",
+                "error",
+                f"{name}: {layer['nonfinite_tokens']} token(s) had NaN/Inf input, logits or "
+                "complexity and were routed to no expert",
+                location=name,
+                details={"tokens": layer["nonfinite_tokens"]},
+            )
+        )
+    if layer["dropped_pairs"]:
+        share = layer["dropped_pairs"] / max(layer["selections"], 1)
+        out.append(
+            Finding(
+                "dropped-pairs",
+                "warning",
+                f"{name}: capacity dropped {layer['dropped_pairs']} token-expert pairs "
+                f"({100 * share:.2f}% of selections)",
+                location=name,
+                details={"pairs": layer["dropped_pairs"], "share": share},
+            )
+        )
+    return out
+
+
+def _dead_experts(layer: dict[str, Any], config: InspectorConfig) -> list[int]:
+    windows = layer["windows"]
+    recent = np.zeros(layer["num_experts"], dtype=np.int64)
+    covered = 0
+    for window in reversed(windows):
+        if covered >= config.dead_window_steps:
+            break
+        recent += np.asarray(window["counts"], dtype=np.int64)
+        covered += window["end_step"] - window["start_step"]
+    if covered < config.dead_window_steps:  # too few windows: use all steps
+        recent = np.asarray(layer["utilization"]["counts"], dtype=np.int64)
+    if not layer["selections"]:
+        return []
+    return [int(e) for e in np.flatnonzero(recent == 0)]
+
+
+def _drift(layer: dict[str, Any], config: InspectorConfig) -> list[Finding]:
+    windows = [w for w in layer["windows"] if w["tokens"]]
+    if len(windows) < 2:
+        return []
+    first, last = windows[0], windows[-1]
+    out = []
+    for key, limit, label in (
+        ("mean_k", config.drift_k, "mean k"),
+        ("mean_complexity", config.drift_complexity, "mean complexity"),
+    ):
+        change = last[key] - first[key]
+        if math.isfinite(change) and abs(change) > limit:
+            out.append(
+                Finding(
+                    f"{key.replace('_', '-')}-drift",
+                    "warning",
+                    f"{layer['name']}: {label} moved from {first[key]:.3f} (steps "
+                    f"{first['start_step']}-{first['end_step']}) to {last[key]:.3f} (steps "
+                    f"{last['start_step']}-{last['end_step']}), more than {limit}",
+                    location=layer["name"],
+                    details={"first": first[key], "last": last[key], "limit": limit},
+                )
+            )
+    return out
+
+
+def summarize(inspector: RouterInspector) -> InspectorSummary:
+    """Reads the inspector's statistics to the host and derives metrics and alarms."""
+    from dataclasses import asdict
+
+    config = inspector.config
+    layers = {
+        name: _layer_summary(state.host_state(), config.complexity_bins)
+        for name, state in inspector.layers.items()
+    }
+    findings = tuple(f for layer in layers.values() for f in alarms(layer, config))
+    order = {"error": 0, "warning": 1, "info": 2}
+    findings = tuple(sorted(findings, key=lambda f: order[f.severity]))
+    return InspectorSummary(layers=layers, findings=findings, config=asdict(config))
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_report(summary: InspectorSummary, out_dir: str | Path) -> ReportPaths:
+    """Writes report.json, then renders routing_analysis.png and report.html from it."""
+    out = Path(out_dir)
+    json_path = write_report_json(out / "report.json", summary.to_report())
+    return render_report(json_path, out)
+
+
+def render_report(report_json: str | Path, out_dir: str | Path | None = None) -> ReportPaths:
+    """Renders routing_analysis.png and report.html from a stored report.json.
+
+    Raises:
+        ValueError: the file is not a moe-devkit report or has no routing section.
+        FileNotFoundError: the file does not exist.
+    """
+    from moe_devkit.inspect.html import render_html
+    from moe_devkit.inspect.plots import routing_figure_png
+
+    json_path = Path(report_json)
+    report = load_report_json(json_path)
+    if SECTION not in report.get("sections", {}):
+        raise ValueError(f"{json_path}: the report has no {SECTION!r} section to render")
+    out = Path(out_dir) if out_dir is not None else json_path.parent
+    png = routing_figure_png(report["sections"][SECTION])
+    png_path = write_atomic(out / "routing_analysis.png", png)
+    html_path = write_atomic(out / "report.html", render_html(report, png))
+    return ReportPaths(json=json_path, png=png_path, html=html_path)
