@@ -1,0 +1,250 @@
+"""Which experts router logits select for a per-token k, vectorised (the seed's selection).
+
+The design document's ``debug_expert_selection`` loops over every token, calls
+``router_logits[b, s].topk(k)`` and counts the chosen experts in a ``Counter``. This module
+gives the same answer without a per-token Python loop, plus tensor-valued variants that keep
+everything on the device for the inspector.
+
+Tie semantics. ``torch.topk`` resolves a tie at the k boundary (the k-th and (k+1)-th largest
+logits equal) in an implementation-defined way that differs between CPU and CUDA and between
+k values. ``debug_expert_selection`` reproduces it exactly: it counts the untied tokens with
+per-token thresholds and re-runs ``topk(k)`` on the few tokens with a boundary tie (or a NaN,
+or an extreme logit). ``selected_experts`` and ``selection_counts_from_logits`` take slots
+``j < k`` of one ``topk(max_k)`` call, which equals ``topk(k)`` except at boundary ties.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from moe_devkit.routers.torch_router import expert_counts, slot_positions
+
+_CHUNK_TOKENS = 4096
+"""Tokens per block in the threshold passes: keeps the working buffer in L2 cache on CPU."""
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _require_tensor(value: object, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    return value
+
+
+def require_integer(value: object, name: str) -> torch.Tensor:
+    """Checks that ``value`` is an integer (not bool) tensor and returns it."""
+    tensor = _require_tensor(value, name)
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must be an integer tensor (int64 or int32); got dtype={tensor.dtype} "
+            f"(cast with {name}.long() if the values are whole numbers)"
+        )
+    return tensor
+
+
+def host_min_max(tensor: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty integer tensor in one device-to-host copy (a host sync)."""
+    low, high = torch.stack([tensor.min(), tensor.max()]).tolist()
+    return int(low), int(high)
+
+
+def check_logits_and_k(
+    router_logits: object,
+    k_per_token: object,
+    *,
+    validate: bool = True,
+    k_name: str = "k_per_token",
+) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """Checks router logits and per-token k and flattens them over tokens.
+
+    Args:
+        router_logits: float[..., E].
+        k_per_token: int[...], the leading shape of router_logits.
+        validate: also check that every k lies in [0, E] (one host sync).
+        k_name: the argument name used in error messages.
+
+    Returns:
+        float[N, E] logits, int64[N] k, and the largest k when ``validate`` (else None).
+
+    Raises:
+        TypeError: not tensors, logits not floating point, k not integer.
+        ValueError: mismatched shapes, no tokens, no experts, k out of [0, E].
+    """
+    logits = _require_tensor(router_logits, "router_logits")
+    if not logits.is_floating_point():
+        raise TypeError(f"router_logits must be a floating-point tensor; got dtype={logits.dtype}")
+    k = require_integer(k_per_token, k_name)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(
+            f"router_logits must have shape [..., num_experts] with num_experts >= 1; "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if tuple(k.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{k_name} must have the leading shape of router_logits {tuple(logits.shape[:-1])}; "
+            f"got shape {tuple(k.shape)}"
+        )
+    num_experts = logits.shape[-1]
+    if k.numel() == 0:
+        raise ValueError(
+            f"router_logits must hold at least one token; got shape {tuple(logits.shape)}"
+        )
+    flat_logits = logits.reshape(-1, num_experts)  # [N, E]
+    flat_k = k.reshape(-1).long()  # [N]
+    if not validate:
+        return flat_logits, flat_k, None
+    low, high = host_min_max(flat_k)
+    if low < 0 or high > num_experts:
+        raise ValueError(
+            f"{k_name} must lie in [0, num_experts={num_experts}]; got min={low}, max={high}"
+        )
+    return flat_logits, flat_k, high
+
+
+# ----------------------------------------------------------------------------- device paths
+
+
+def selected_experts(
+    router_logits: torch.Tensor,
+    k_per_token: torch.Tensor,
+    *,
+    max_k: int | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """int64[N, max_k]: the top-k experts of each token, decreasing, -1 padded.
+
+    Slots ``j < k`` of ``topk(max_k)``; no host sync when ``max_k`` is given and
+    ``validate=False``.
+
+    Args:
+        router_logits: float[..., E].
+        k_per_token: int[...], each in [0, E].
+        max_k: the largest k (columns of the result); default: read from k (a host sync).
+        validate: check k's range (a host sync); the inspector switches it off.
+
+    Raises:
+        TypeError, ValueError: see ``check_logits_and_k``; also max_k out of [0, E].
+    """
+    logits, k, high = check_logits_and_k(router_logits, k_per_token, validate=validate)
+    num_experts = logits.shape[-1]
+    if max_k is None:
+        max_k = high if high is not None else host_min_max(k)[1]
+    if isinstance(max_k, bool) or not isinstance(max_k, int) or not 0 <= max_k <= num_experts:
+        raise ValueError(f"max_k must be an int in [0, num_experts={num_experts}]; got {max_k!r}")
+    if high is not None and high > max_k:
+        raise ValueError(f"max_k must be >= the largest k; got max_k={max_k}, largest k={high}")
+    top = torch.topk(logits, max_k, dim=-1).indices  # [N, max_k]
+    keep = slot_positions(max_k, logits.device) < k.unsqueeze(-1)  # [N, max_k]
+    return torch.where(keep, top, -1)
+
+
+def selection_counts_from_logits(
+    router_logits: torch.Tensor,
+    k_per_token: torch.Tensor,
+    *,
+    max_k: int | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """int64[E]: how often each expert is among its token's top-k (see ``selected_experts``)."""
+    indices = selected_experts(router_logits, k_per_token, max_k=max_k, validate=validate)
+    return expert_counts(indices, router_logits.shape[-1])
+
+
+# ----------------------------------------------------------------------------- seed-exact
+
+
+def _threshold_block(
+    logits: torch.Tensor, k: torch.Tensor, max_k: int, work: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts and unresolved tokens of one block of tokens by per-token thresholds.
+
+    maxima[j] is the largest logit below maxima[j - 1] (everything at or above it is pushed
+    down by float32 max), so maxima[k - 1] is the k-th largest when there are no ties. A token
+    is resolved when exactly k logits are >= that threshold: then its top-k set is unique and
+    equals topk's. Ties, NaN (amax propagates it, so no logit is >= it) and extreme logits
+    leave a count != k and are returned as unresolved.
+    """
+    shift = torch.finfo(work.dtype).max
+    maxima = torch.empty(max(max_k, 1), logits.shape[0], dtype=work.dtype, device=logits.device)
+    torch.amax(logits, dim=-1, out=maxima[0])
+    for j in range(1, max_k):
+        torch.ge(logits, maxima[j - 1].unsqueeze(-1), out=work)  # float 0/1: fast on CPU
+        torch.add(logits, work, alpha=-shift, out=work)
+        torch.amax(work, dim=-1, out=maxima[j])
+    threshold = maxima.gather(0, (k - 1).clamp_min(0).unsqueeze(0)).squeeze(0)  # [n]
+    torch.ge(logits, threshold.unsqueeze(-1), out=work)  # [n, E] selection mask
+    selected = work.sum(dim=-1)  # [n], exact small integers
+    resolved = (selected == k) & (k > 0)
+    counts = work.t() @ resolved.to(work.dtype)  # [E], exact below 2**24 tokens per block
+    return counts, (selected != k) & (k > 0)
+
+
+def _threshold_counts(
+    logits: torch.Tensor, k: torch.Tensor, max_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64[E] counts of the resolved tokens and bool[N] unresolved tokens."""
+    # float32 keeps bf16/fp16 exact; float64 logits stay float64 so no new ties appear.
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits = logits.to(dtype)
+    work = torch.empty(min(_CHUNK_TOKENS, logits.shape[0]), logits.shape[1], dtype=dtype,
+                       device=logits.device)  # fmt: skip
+    counts = torch.zeros(logits.shape[1], dtype=torch.int64, device=logits.device)
+    unresolved = []
+    for start in range(0, logits.shape[0], _CHUNK_TOKENS):
+        block = logits[start : start + _CHUNK_TOKENS]  # [n, E]
+        block_k = k[start : start + _CHUNK_TOKENS]
+        block_counts, block_unresolved = _threshold_block(
+            block, block_k, max_k, work[: block.shape[0]]
+        )
+        counts += block_counts.round().long()
+        unresolved.append(block_unresolved)
+    return counts, torch.cat(unresolved)
+
+
+def _topk_counts(logits: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """int64[E]: counts from ``topk(k)`` on the given token rows, exactly as the seed calls it.
+
+    Rows are grouped by their k so that each group is one batched ``topk`` call; topk runs
+    each row independently, so a batched call picks what a per-row call picks.
+    """
+    num_experts = logits.shape[-1]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=logits.device)
+    row_k = k[rows]
+    for value in range(1, num_experts + 1):
+        group = rows[row_k == value]  # host sync: this is the rare fallback
+        if group.numel() == 0:
+            continue
+        top = torch.topk(logits[group], value, dim=-1).indices.reshape(-1)
+        counts.scatter_add_(0, top, torch.ones_like(top))
+    return counts
+
+
+def debug_expert_selection(router_logits: torch.Tensor, k_values: torch.Tensor) -> Counter[int]:
+    """Per-expert selection counts for per-token k: the seed's function, vectorised and silent.
+
+    Equal to the design document's loop (``router_logits[b, s].topk(k_values[b, s])``
+    counted into a ``Counter``) on every input, ties and NaN included, but without a
+    per-token Python loop and without printing. Unlike the seed it accepts any leading shape
+    and raises a clear error where the seed raised from inside ``topk`` or divided by zero.
+
+    Args:
+        router_logits: float[..., E] (the seed: [batch, seq, E]).
+        k_values: int[...], the leading shape of router_logits, each in [0, E].
+
+    Returns:
+        ``Counter`` of expert id -> number of tokens that selected it; experts never selected
+        are absent (as in the seed), so ``result == seed_result`` compares them directly.
+
+    Raises:
+        TypeError: not tensors, logits not floating point, k not integer.
+        ValueError: mismatched shapes, no tokens, k out of [0, E].
+    """
+    logits, k, high = check_logits_and_k(router_logits, k_values, k_name="k_values")
+    counts, unresolved = _threshold_counts(logits, k, high if high is not None else 0)
+    rows = torch.nonzero(unresolved).squeeze(-1)  # host sync: the result is a host Counter
+    if rows.numel() > 0:
+        counts += _topk_counts(logits, k, rows)
+    return Counter({e: c for e, c in enumerate(counts.tolist()) if c > 0})
