@@ -20,6 +20,8 @@ _LAZY: dict[str, str] = {
     "MoEOutput": "moe_devkit.routers.torch_router",
     "MoEModel": "moe_devkit.routers.torch_router",
     "MoEModelOutput": "moe_devkit.routers.torch_router",
+    "UtilizationStats": "moe_devkit.diagnostics.utilization",
+    "debug_expert_selection": "moe_devkit.diagnostics.utilization",
 }
 
 __all__ = [
@@ -31,11 +33,14 @@ __all__ = [
     "RouterConfig",
     "RoutingDecision",
     "StaticTopKRouter",
+    "UtilizationStats",
     "__version__",
+    "debug_expert_selection",
 ]
 
 if TYPE_CHECKING:
     from moe_devkit.config import RouterConfig
+    from moe_devkit.diagnostics.utilization import UtilizationStats, debug_expert_selection
     from moe_devkit.routers.torch_router import (
         DynamicMoERouter,
         MoELayer,
