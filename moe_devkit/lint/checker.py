@@ -40,9 +40,14 @@ class FileResult:
     new_data: bytes | None = None
 
 
+PRINT_CALL = re.compile(r"\bprint\s*\(")
+
+
 def may_contain_finding(text: str) -> bool:
     """Return whether the text holds a word that every finding needs (a cheap pre-filter)."""
-    return any(word in text for word in TRIGGER_WORDS)
+    if any(word in text for word in TRIGGER_WORDS):
+        return True
+    return "print" in text and PRINT_CALL.search(text) is not None
 
 
 def _char_col(lines: list[str], line: int, byte_col: int) -> int:
@@ -118,12 +123,12 @@ def check_file(path: str, settings: Settings | None = None, fix: bool = False) -
 
 def _check_decoded(decoded: Decoded, path: str, settings: Settings, fix: bool) -> FileResult:
     text = decoded.text
+    if not may_contain_finding(text) and not settings.all_syntax:
+        return FileResult(())
     try:
         tree = parse(text, path)
     except SourceError as err:
         return FileResult((Finding(path, err.line, err.col, err.code, err.message),))
-    if not may_contain_finding(text):
-        return FileResult(())
     relpath = settings.relative(path)
     enabled = settings.enabled_codes(relpath)
     policy = Policy(

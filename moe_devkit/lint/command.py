@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore", help="comma-separated codes or prefixes not to check")
     parser.add_argument("--config", help="pyproject.toml to read [tool.check-debug] from")
     parser.add_argument("--jobs", "-j", type=int, default=0, help="processes (default: all cores)")
+    parser.add_argument(
+        "--all-syntax",
+        action="store_true",
+        help="also parse files that cannot hold a finding, to report their syntax errors",
+    )
     parser.add_argument("--list-rules", action="store_true", help="print the rule codes and exit")
     return parser
 
@@ -94,6 +99,8 @@ def write_atomically(path: str, data: bytes) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
+    if args.all_syntax:
+        settings = replace(settings, all_syntax=True)
     if args.select:
         table = {"select": [c.strip() for c in args.select.split(",") if c.strip()]}
         settings = replace(settings, select=settings_from_table(table).select)

@@ -31,6 +31,7 @@ KEYS = frozenset(
         "allow-print-to-file",
         "allow-main-block",
         "exclude",
+        "all-syntax",
     }
 )
 
@@ -50,6 +51,7 @@ class Settings:
     allow_print_to_file: bool = True
     allow_main_block: bool = True
     exclude: tuple[str, ...] = ()
+    all_syntax: bool = False
     root: str = field(default=".", compare=False)
 
     def relative(self, path: str) -> str:
@@ -143,6 +145,7 @@ def settings_from_table(table: dict[str, Any], root: str = ".") -> Settings:
         allow_print_to_file=_flag(table.get("allow-print-to-file", True), "allow-print-to-file"),
         allow_main_block=_flag(table.get("allow-main-block", True), "allow-main-block"),
         exclude=_globs(table.get("exclude", []), "exclude"),
+        all_syntax=_flag(table.get("all-syntax", False), "all-syntax"),
     )
 
 

@@ -102,7 +102,8 @@ JAX_PRINT = "jax.debug.print"
 # A file that contains none of these words cannot contain a finding (every rule needs one of
 # them in the source text, whatever the import form), so it is not analysed.
 TRIGGER_WORDS: tuple[str, ...] = (
-    "print",
+    "print(",  # `print` alone is mostly prose in docstrings; PRINT_CALL catches `print (`
+    "pprint",
     "pdb",
     "breakpoint",
     "set_trace",
