@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -208,7 +209,7 @@ class MemoryTracker:
         gc.freeze()
         if self.track_tensors and self._origins is None:
             self._origins = _TensorOrigins()
-            self._origins.__enter__()
+            self._origins.__enter__()  # type: ignore[no-untyped-call]
         if self.history_path is not None and torch.cuda.is_available():
             torch.cuda.memory._record_memory_history(max_entries=100_000)
             self._recording = True
@@ -223,7 +224,7 @@ class MemoryTracker:
             torch.cuda.memory._record_memory_history(enabled=None)
             self._recording = False
         if self._origins is not None:
-            self._origins.__exit__(None, None, None)
+            self._origins.__exit__(None, None, None)  # type: ignore[no-untyped-call]
             self._origins = None
         gc.unfreeze()
         if self._started_tracing:
@@ -369,7 +370,7 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 def _caller_line() -> str | None:
     """The first frame outside torch and this module: where the user's code made a tensor."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         filename = frame.f_code.co_filename
         if not filename.startswith(_TORCH_DIR) and filename != _THIS_FILE:
@@ -404,7 +405,7 @@ class _TensorOrigins(TorchFunctionMode):
         by_device: Counter[str] = Counter()
         by_line: Counter[str] = Counter()
         seen: set[tuple[str, int]] = set()
-        for tensor, line in list(self.origins.items()):
+        for tensor, line in list(self.origins.items()):  # type: ignore[no-untyped-call]
             try:
                 storage = tensor.untyped_storage()
             except (RuntimeError, NotImplementedError):  # sparse or wrapper tensors
@@ -419,7 +420,7 @@ class _TensorOrigins(TorchFunctionMode):
 
 
 def _cuda_counters() -> tuple[int | None, int | None, int | None]:
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         return None, None, None
     return (
         torch.cuda.memory_allocated(),
@@ -434,7 +435,7 @@ def _dump_history(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.cuda.memory._dump_snapshot(tmp)
+        torch.cuda.memory._dump_snapshot(tmp)  # type: ignore[no-untyped-call]
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

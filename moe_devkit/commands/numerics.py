@@ -1,0 +1,102 @@
+"""``moe-devkit numerics``: train the reference model under the NaN/Inf guard and report."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from moe_devkit.cli import UsageError, positive_int
+from moe_devkit.commands._training import add_training_arguments, build_model, training_step
+
+if TYPE_CHECKING:
+    import torch
+
+    from moe_devkit.diagnostics.numerics import NumericsGuard
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declares the options of ``moe-devkit numerics``."""
+    add_training_arguments(parser, steps=5)
+    guard = parser.add_argument_group("guard")
+    guard.add_argument("--check-every", type=positive_int, default=None, help="check every N steps")
+    guard.add_argument("--strict", action="store_true", help="raise at the first bad tensor")
+    guard.add_argument(
+        "--plant-nan",
+        metavar="MODULE",
+        default=None,
+        help="demonstration: make this module's output NaN (e.g. layers.1.moe.experts)",
+    )
+    guard.add_argument("--plant-step", type=positive_int, default=2, help="step to plant it at")
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Runs the numerics command; 0 when clean, 1 when a non-finite tensor was found."""
+    from moe_devkit.diagnostics.numerics import NonFiniteError, NumericsGuard
+    from moe_devkit.reporting import make_report, write_report_json
+
+    model, device, dtype = build_model(args)
+    if args.plant_nan is not None:
+        _plant_nan(model, args.plant_nan, args.plant_step)
+    step = training_step(model, args, device, dtype)
+    guard = NumericsGuard(model, check_every=args.check_every, strict=args.strict)
+    with guard, Progress(console=console, transient=True) as progress:
+        task = progress.add_task("training under the guard", total=args.steps)
+        for i in range(args.steps):
+            try:
+                step(i)
+            except NonFiniteError:
+                break
+            progress.advance(task)
+    if not args.strict:
+        guard.check()
+    _print(console, guard)
+    if args.out:
+        write_report_json(args.out, make_report({"numerics": guard.to_dict()}, guard.findings))
+    return 1 if guard.findings else 0
+
+
+def _plant_nan(model: torch.nn.Module, name: str, at_step: int) -> None:
+    """Makes module ``name`` return NaN at the ``at_step``-th forward of the model."""
+    import torch
+
+    modules = dict(model.named_modules())
+    if name not in modules or not name:
+        names = ", ".join(n for n in modules if n.count(".") <= 2 and n)
+        raise UsageError(f"--plant-nan: no module named {name!r}; try one of: {names}")
+    calls = {"n": 0}
+    root = model
+
+    def count(*_: object) -> None:
+        calls["n"] += 1
+
+    def plant(_: object, __: object, output: object) -> object:
+        if calls["n"] == at_step and isinstance(output, torch.Tensor):
+            return output * float("nan")
+        if calls["n"] == at_step and isinstance(output, tuple) and output:
+            first = output[0]
+            if isinstance(first, torch.Tensor):
+                if hasattr(output, "_fields"):  # a NamedTuple such as MoEOutput
+                    fields = output._fields
+                    return output._replace(**{fields[0]: first * float("nan")})  # type: ignore[attr-defined]
+                return (first * float("nan"), *output[1:])
+        return output
+
+    root.register_forward_pre_hook(count)
+    modules[name].register_forward_hook(plant)
+
+
+def _print(console: Console, guard: NumericsGuard) -> None:
+    if not guard.findings:
+        console.print(f"[green]no non-finite outputs or gradients in {guard.step} step(s)[/green]")
+        return
+    table = Table(title="First non-finite tensors")
+    for column in ("step", "module", "phase", "tensor"):
+        table.add_column(column)
+    for finding in guard.findings:
+        details = finding.details
+        table.add_row(str(finding.step), str(finding.location), details["phase"], details["tensor"])
+    console.print(table)
