@@ -50,7 +50,7 @@ def _average_ranks(values: torch.Tensor) -> torch.Tensor:
     first = torch.cumsum(size, dim=0) - size  # 0-based first position of each group
     mean_rank = first + (size + 1.0) / 2.0  # [N] per group
     ranks = torch.empty(num, dtype=torch.float64, device=values.device)
-    return ranks.scatter_(0, order, mean_rank[group])
+    return ranks.scatter_(0, order, mean_rank.index_select(0, group))
 
 
 def spearman_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -138,8 +138,9 @@ def complexity_stats(
     pos = levels * (count - 1).clamp_min(0)  # [Q] fractional order statistic
     low, high = pos.floor().long(), pos.ceil().long()
     frac = pos - low
-    values = ordered[low] * (1.0 - frac) + ordered[high] * frac
-    last = ordered[(count - 1).clamp_min(0)]
+    # index_select, not ordered[tensor]: a 0-d tensor index would be read on the host.
+    values = ordered.index_select(0, low) * (1.0 - frac) + ordered.index_select(0, high) * frac
+    last = ordered.index_select(0, (count - 1).clamp_min(0).reshape(1)).squeeze(0)
     nan = torch.full_like(mean, math.nan)
     empty = count == 0
     return ComplexityStats(
