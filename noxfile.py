@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``.
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``, ``nox -s perf``.
 
 Session virtualenvs are reused, so torch is installed once per session, not on every run.
 Torch comes from the constraints file named by MOE_DEVKIT_CONSTRAINTS (default: the CPU
@@ -46,3 +46,41 @@ def typecheck(session: nox.Session) -> None:
     """Runs mypy --strict on the package."""
     install_project(session, "torch,dev")
     session.run("mypy")
+
+
+PERF_SYSTEM_ENV = "MOE_DEVKIT_PERF_SYSTEM_PYTHON"
+
+
+def _cuda_available(session: nox.Session) -> tuple[bool, str]:
+    """Whether the session's torch sees a GPU, and why not."""
+    code = (
+        "import torch; ok = torch.cuda.is_available(); "
+        "print('yes' if ok else "
+        "f'no: torch {torch.__version__} (cuda {torch.version.cuda}) sees no GPU')"
+    )
+    out = session.run("python", "-c", code, silent=True) or ""
+    line = str(out).strip().splitlines()[-1] if str(out).strip() else "no: torch check failed"
+    return line == "yes", line.removeprefix("no: ")
+
+
+@nox.session
+@nox.parametrize("device", ["cpu", "cuda"])
+def perf(session: nox.Session, device: str) -> None:
+    """Performance-regression suite (benchmarks/perf_suite.py); CUDA skipped where no GPU.
+
+    ``nox -s perf -- --against main`` picks the baseline revision (default HEAD);
+    ``-- --update-baseline`` rewrites benchmarks/baselines/<device>.json. On a machine
+    without internet (the GPU machine) run with the machine's own torch:
+    ``nox --no-venv -s "perf(device='cuda')"`` or set MOE_DEVKIT_PERF_SYSTEM_PYTHON=1
+    (the project must then be importable, e.g. ``pip install --no-deps -e .``).
+    """
+    system = session.venv_backend == "none" or os.environ.get(PERF_SYSTEM_ENV) == "1"
+    if not system:
+        install_project(session, "torch")
+    ok, reason = _cuda_available(session) if device == "cuda" else (True, "")
+    if not ok:
+        session.skip(f"perf(device='cuda'): {reason}")
+    session.run(
+        "python", "benchmarks/perf_suite.py", "--device", device, *session.posargs,
+        env={"PYTHONPATH": os.getcwd()} if system else {},
+    )  # fmt: skip

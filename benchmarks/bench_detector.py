@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,7 +60,7 @@ def make_work(reps: int) -> Callable[[], object]:
     torch.manual_seed(0)
     config = RouterConfig(hidden_size=128, num_experts=16, max_k=4, expert_hidden_size=256)
     router = DynamicMoERouter(config).eval()
-    x = torch.randn(256, config.hidden_size)
+    x = torch.randn(64, config.hidden_size)  # short calls: fewer samples time-sliced
 
     def work() -> None:
         with torch.no_grad():
@@ -106,6 +109,9 @@ def run_trials(args: argparse.Namespace) -> list[dict[str, object]]:
 
 def _record(comp: Comparison, slowdown: float, policy: DecisionPolicy) -> dict[str, object]:
     wall = decide(comp.baseline_samples, comp.candidate_samples, clock="wall", policy=policy)
+    # The same samples on the CPU clock without setting time-sliced pairs aside.
+    unfiltered = replace(policy, max_slice_ratio=1e9)
+    cpu_all = decide(comp.baseline_samples, comp.candidate_samples, policy=unfiltered)
     return {
         "slowdown": slowdown,
         "verdict": comp.decision.verdict,
@@ -117,6 +123,8 @@ def _record(comp: Comparison, slowdown: float, policy: DecisionPolicy) -> dict[s
         "elapsed": comp.elapsed,
         "wall_clock_verdict": wall.verdict,
         "wall_clock_ratio": wall.ratio,
+        "cpu_unfiltered_verdict": cpu_all.verdict,
+        "loadavg_1min": os.getloadavg()[0],
     }
 
 
@@ -135,12 +143,15 @@ def summarise(results: list[dict[str, object]]) -> list[dict[str, object]]:
         n = len(group)
         flagged = sum(r["verdict"] == "regression" for r in group)
         wall_flagged = sum(r["wall_clock_verdict"] == "regression" for r in group)
+        unfiltered = sum(r["cpu_unfiltered_verdict"] == "regression" for r in group)
+        loads = sorted(float(str(r["loadavg_1min"])) for r in group)
         inconclusive = sum(r["verdict"] == "inconclusive" for r in group)
         times = sorted(float(str(r["elapsed"])) for r in group)
         rows.append({
             "slowdown": slowdown, "trials": n, "regression": flagged,
             "rate": flagged / n, "rate_ci95": [wilson_lower(flagged, n), wilson_upper(flagged, n)],
             "inconclusive": inconclusive, "wall_clock_regression": wall_flagged,
+            "cpu_unfiltered_regression": unfiltered, "median_loadavg": loads[n // 2],
             "median_ratio": sorted(float(str(r["ratio"])) for r in group)[n // 2],
             "median_s": times[n // 2], "max_s": times[-1],
         })  # fmt: skip
@@ -149,16 +160,17 @@ def summarise(results: list[dict[str, object]]) -> list[dict[str, object]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--identical", type=int, default=100)
-    parser.add_argument("--per-slowdown", type=int, default=30)
+    parser.add_argument("--identical", type=int, default=50)
+    parser.add_argument("--per-slowdown", type=int, default=15)
     parser.add_argument("--pairs", type=int, default=40)
-    parser.add_argument("--sample-s", type=float, default=0.01)
+    parser.add_argument("--sample-s", type=float, default=0.004)
     parser.add_argument("--min-effect", type=float, default=0.05)
     parser.add_argument("--no-load", action="store_true", help="no second loading process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write trials and summary here")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally: end the load
     load = None
     if not args.no_load:
         load = subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT, str(args.seed)])

@@ -74,8 +74,10 @@ def _live_tensor_bytes() -> int:
     """Bytes of the distinct storages of every tensor the garbage collector sees."""
     seen: dict[int, int] = {}
     for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor):  # type(): no attribute access on obj
+            continue
         try:
-            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            if obj.device.type == "cpu":
                 storage = obj.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()
         except (RuntimeError, ReferenceError):  # meta/sparse tensors, dead weakrefs

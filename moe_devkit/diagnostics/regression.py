@@ -184,7 +184,7 @@ class DecisionPolicy:
     min_effect: float = 0.05
     alpha: float = 0.01
     max_slice_ratio: float = 1.3
-    max_sliced_fraction: float = 0.75
+    max_sliced_fraction: float = 0.9
     min_pairs: int = 20
     resamples: int = 2000
     seed: int = 0

@@ -1,0 +1,208 @@
+"""Parent side of benchmarks/perf_suite.py: workers, A/B decisions, gates, table, JSON.
+
+Uses the working tree's moe_devkit (the library's regression, gates and baseline modules);
+the workers may run another revision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from moe_devkit.diagnostics.perf_gates import Gates, compare_gates
+from moe_devkit.diagnostics.perf_store import BaselineStore, environment
+from moe_devkit.diagnostics.perf_worker import RevisionError, WorkerProcess, export_revision
+from moe_devkit.diagnostics.regression import (
+    ABSchedule,
+    DecisionPolicy,
+    compare_interleaved,
+)
+from moe_devkit.reporting import make_report, write_report_json
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "perf_suite.py"
+
+
+def _schedule(args: argparse.Namespace) -> tuple[DecisionPolicy, ABSchedule]:
+    if args.quick:
+        budget = args.budget or 4.0
+        policy = DecisionPolicy(min_effect=args.min_effect, min_pairs=10)
+        return policy, ABSchedule(budget_s=budget, target_sample_s=0.005, pairs=16, warmup=1)
+    policy = DecisionPolicy(min_effect=args.min_effect)
+    return policy, ABSchedule(budget_s=args.budget or 20.0, target_sample_s=0.01, pairs=40)
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    out = ["--device", args.device, "--threads", str(args.threads)]
+    return out + (["--quick"] if args.quick else [])
+
+
+def run_suite(args: argparse.Namespace, console: Console) -> int:
+    """Runs every case; returns the exit code (1 on a confirmed regression)."""
+    if args.threads and args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    cases = [c for c in args.cases.split(",") if c]
+    with tempfile.TemporaryDirectory(prefix="moe-perf-") as tmp:
+        baseline_tree: Path | None = None
+        if args.against.lower() != "none":
+            try:
+                baseline_tree = export_revision(args.against, Path(tmp) / "baseline", ROOT)
+            except RevisionError as exc:
+                console.print(f"perf_suite: error: {exc}")
+                return 2
+        rows = _run_cases(args, console, cases, baseline_tree)
+    return _finish(args, console, rows)
+
+
+def _run_cases(
+    args: argparse.Namespace, console: Console, cases: list[str], baseline_tree: Path | None
+) -> list[dict[str, Any]]:
+    policy, schedule = _schedule(args)
+    clock = "wall" if args.device == "cuda" else "cpu"
+    cand = WorkerProcess(SCRIPT, ROOT, _worker_args(args))
+    base = WorkerProcess(SCRIPT, baseline_tree, _worker_args(args)) if baseline_tree else None
+    rows = []
+    try:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("perf cases", total=len(cases))
+            for case in cases:
+                progress.update(task, description=f"perf {case}")
+                rows.append(_run_case(case, cand, base, policy, schedule, clock))
+                progress.advance(task)
+    finally:
+        cand.close()
+        if base is not None:
+            base.close()
+    return rows
+
+
+def _run_case(
+    case: str,
+    cand: WorkerProcess,
+    base: WorkerProcess | None,
+    policy: DecisionPolicy,
+    schedule: ABSchedule,
+    clock: str,
+) -> dict[str, Any]:
+    setup = cand.request({"op": "setup", "case": case})
+    if "skip" in setup:
+        return {"case": case, "status": "skipped", "reason": setup["skip"]}
+    row: dict[str, Any] = {"case": case, "status": "measured"}
+    row["gates"] = cand.request({"op": "gates", "case": case})
+    base_setup = base.request({"op": "setup", "case": case}) if base else {"skip": "no baseline"}
+    if base is None or "skip" in base_setup:
+        row["reason"] = f"no A/B: baseline {base_setup.get('skip')}"
+        sample = cand.sampler(case)
+        sample(1)
+        row["candidate"] = sample(max(1, _calls_for(sample, schedule.target_sample_s)))._asdict()
+        return row
+    comparison = compare_interleaved(
+        case, base.sampler(case), cand.sampler(case), clock="wall" if clock == "wall" else "cpu",
+        policy=policy, schedule=schedule,
+    )  # fmt: skip
+    row["comparison"] = comparison.to_dict()
+    base_gates = Gates.from_dict(base.request({"op": "gates", "case": case}))
+    row["gate_results"] = [
+        g.to_dict() for g in compare_gates(base_gates, Gates.from_dict(row["gates"]))
+    ]
+    return row
+
+
+def _calls_for(sample: Any, target: float) -> int:
+    one = sample(1).wall
+    return max(1, math.ceil(target / max(one, 1e-9)))
+
+
+def _is_regression(row: dict[str, Any]) -> bool:
+    timing = row.get("comparison", {}).get("decision", {}).get("verdict") == "regression"
+    return timing or any(g["regression"] for g in row.get("gate_results", []))
+
+
+def _candidate_times(row: dict[str, Any]) -> tuple[float, float]:
+    if "comparison" in row:
+        c = row["comparison"]
+        return float(c["candidate_wall"]), float(c["candidate_cpu"])
+    if "candidate" in row:
+        return float(row["candidate"]["wall"]), float(row["candidate"]["cpu"])
+    return math.nan, math.nan
+
+
+def _finish(args: argparse.Namespace, console: Console, rows: list[dict[str, Any]]) -> int:
+    env = environment(args.device)
+    store = BaselineStore(args.baseline_dir / f"{args.device}.json")
+    stored = store.lookup(env) or {}
+    for row in rows:
+        _add_trend(row, stored.get(row["case"]), against_none=args.against.lower() == "none")
+    _print_table(console, rows, args)
+    regressions = [r["case"] for r in rows if _is_regression(r)]
+    report = make_report({
+        "perf": {
+            "device": args.device, "against": args.against, "quick": args.quick,
+            "environment": env, "cases": rows, "regressions": regressions,
+        }
+    })  # fmt: skip
+    out = args.json or ROOT / "build" / "perf" / f"{args.device}.json"
+    write_report_json(out, report)
+    console.print(f"report: {out}")
+    if args.update_baseline:
+        measured = {r["case"]: _baseline_entry(r) for r in rows if r["status"] == "measured"}
+        path = store.update(env, measured)
+        console.print(f"baseline updated: {path} ({len(measured)} cases)")
+    if regressions:
+        console.print(f"[red]confirmed regression[/] in: {', '.join(regressions)}")
+        return 1
+    return 0
+
+
+def _baseline_entry(row: dict[str, Any]) -> dict[str, Any]:
+    wall, cpu = _candidate_times(row)
+    return {"wall": wall, "cpu": cpu, "gates": row["gates"]}
+
+
+def _add_trend(row: dict[str, Any], stored: dict[str, Any] | None, *, against_none: bool) -> None:
+    """Stored timings are a trend only; stored gates decide only without an A/B baseline."""
+    if stored is None or row["status"] != "measured":
+        return
+    wall, cpu = _candidate_times(row)
+    row["trend"] = {"wall_vs_stored": wall / stored["wall"], "cpu_vs_stored": cpu / stored["cpu"]}
+    if against_none:
+        results = compare_gates(Gates.from_dict(stored["gates"]), Gates.from_dict(row["gates"]))
+        row["gate_results"] = [g.to_dict() for g in results]
+
+
+def _print_table(console: Console, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    table = Table(title=f"perf({args.device}) against {args.against}")
+    for col in ("case", "verdict", "ratio (CI)", "pairs/sliced", "cpu ms", "wall ms", "gates"):
+        table.add_column(col, justify="left" if col in ("case", "verdict", "gates") else "right")
+    for row in rows:
+        table.add_row(*_cells(row))
+    console.print(table)
+    for row in rows:
+        if row["status"] == "skipped":
+            console.print(f"[yellow]skipped[/] {row['case']}: {row['reason']}")
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    if row["status"] == "skipped":
+        return [row["case"], "[yellow]skipped[/]", "", "", "", "", ""]
+    wall, cpu = _candidate_times(row)
+    gates = ", ".join(g["gate"] for g in row.get("gate_results", []) if g["regression"])
+    gate_cell = f"[red]{gates}[/]" if gates else "ok"
+    if "comparison" not in row:
+        return [row["case"], "measured", "", "", f"{cpu * 1e3:.3f}", f"{wall * 1e3:.3f}", gate_cell]
+    d = row["comparison"]["decision"]
+    style = {"regression": "red", "improvement": "green", "inconclusive": "yellow"}
+    verdict = f"[{style[d['verdict']]}]{d['verdict']}[/]" if d["verdict"] in style else "pass"
+    ratio = f"{d['ratio']:.3f} ({d['ci_low']:.3f}-{d['ci_high']:.3f})"
+    return [
+        row["case"], verdict, ratio, f"{d['pairs']}/{d['sliced']}",
+        f"{cpu * 1e3:.3f}", f"{wall * 1e3:.3f}", gate_cell,
+    ]  # fmt: skip
