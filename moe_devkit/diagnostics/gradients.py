@@ -2,14 +2,14 @@
 
 The design document's ``debug_gradients`` (section 4) reads five statistics per parameter
 with one ``.item()`` each: on a GPU that is five host synchronisations per parameter. Here
-the gradients of each (device, dtype) group are concatenated once; sums, maxima and minima
-are segment reductions over the concatenation, norms come from ``torch._foreach_norm``, and
-every statistic of every parameter is stacked into one [P, 6] float64 tensor read with a
-single transfer.
+the gradients of each (device, dtype) group are concatenated once; means, centred sums of
+squares (two passes, so the standard deviation matches ``Tensor.std`` even when the mean is
+large), maxima and minima are segment reductions over the concatenation, norms come from
+``torch._foreach_norm``, and every statistic of every parameter is stacked into one [P, 5]
+float64 tensor read with a single transfer.
 
-Standard deviation uses ``(sum_sq - sum^2 / n) / (n - 1)`` (unbiased, as ``Tensor.std``)
-accumulated in float64 from float32 sums: exact enough for gradients, whose mean is small
-against their spread; a parameter whose gradient is a large constant loses precision.
+Memory: the concatenation and the centred copy each take as much memory as the gradients
+of one (device, dtype) group, for the duration of the call.
 """
 
 from __future__ import annotations
@@ -94,12 +94,15 @@ class GradientReport:
 class PendingGradientStats:
     """Statistics still on the device; ``resolve()`` reads them with one transfer.
 
-    ``raw`` holds float64[P, 4] rows (norm, sum, max, min) in ``names`` order.
+    ``raw`` holds float64[P, 5] rows (norm, mean, centred sum of squares, max, min),
+    grouped by (device, dtype);
+    ``order[k]`` is the position in ``names`` of row k.
     """
 
     names: tuple[str, ...]
     numels: tuple[int, ...]
     raw: torch.Tensor
+    order: tuple[int, ...]
     missing: tuple[str, ...]
 
     def resolve(
@@ -111,7 +114,9 @@ class PendingGradientStats:
         groups: Iterable[tuple[str, str]] = DEFAULT_GROUPS,
     ) -> GradientReport:
         """Reads the statistics (one device-to-host transfer) and builds the report."""
-        rows = self.raw.cpu().tolist()
+        rows: list[list[float]] = [[] for _ in self.order]
+        for k, row in zip(self.order, self.raw.cpu().tolist(), strict=True):
+            rows[k] = row
         patterns = [(g, re.compile(p)) for g, p in groups]
         params = tuple(
             _parameter(name, _group_of(name, patterns), n, row)
@@ -127,11 +132,8 @@ class PendingGradientStats:
 
 
 def _parameter(name: str, group: str, numel: int, row: list[float]) -> ParameterGradient:
-    norm, total, high, low = row
-    mean = total / numel
-    # unbiased, as Tensor.std; float64 from float32 sums (see the module docstring)
-    var = (norm * norm - total * total / numel) / (numel - 1) if numel > 1 else math.nan
-    std = math.sqrt(max(var, 0.0)) if var == var else math.nan
+    norm, mean, centred_sq, high, low = row
+    std = math.sqrt(centred_sq / (numel - 1)) if numel > 1 else math.nan  # unbiased, as .std()
     return ParameterGradient(name, group, numel, norm, mean, std, high, low)
 
 
@@ -168,11 +170,11 @@ def collect_gradient_stats(
     groups = _groups(grads)
     target = grads[0].device
     parts = [_group_stats([grads[i] for i in idx], device) for (device, _), idx in groups]
-    raw = torch.cat([p.to(target, non_blocking=True) for p in parts])  # [P, 4] group order
-    order = [i for _, idx in groups for i in idx]
-    names = tuple(with_grad[i][0] for i in order)
-    numels = tuple(grads[i].numel() for i in order)
-    return PendingGradientStats(names, numels, raw, missing)
+    raw = torch.cat([p.to(target, non_blocking=True) for p in parts])  # [P, 5] group order
+    order = tuple(i for _, idx in groups for i in idx)
+    names = tuple(name for name, _ in with_grad)
+    numels = tuple(g.numel() for g in grads)
+    return PendingGradientStats(names, numels, raw, order, missing)
 
 
 def gradient_statistics(
@@ -205,7 +207,7 @@ def gradient_statistics(
 
 def _named(parameters: object) -> list[tuple[str, torch.Tensor]]:
     if isinstance(parameters, nn.Module):
-        named = list(parameters.named_parameters())
+        named: list[tuple[str, torch.Tensor]] = list(parameters.named_parameters())
         if not named:
             raise ValueError(
                 f"the model has no parameters ({type(parameters).__name__}); "
@@ -217,7 +219,7 @@ def _named(parameters: object) -> list[tuple[str, torch.Tensor]]:
             "parameters must be an nn.Module or (name, parameter) pairs such as "
             f"model.named_parameters(); got {type(parameters).__name__}"
         )
-    named = list(parameters)
+    named = list(parameters)  # checked item by item below
     for item in named:
         if not (
             isinstance(item, tuple)
@@ -246,16 +248,19 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _group_stats(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """float64[P, 4]: norm, sum, max, min of same-device, same-dtype gradients."""
+    """float64[P, 5]: norm, mean, centred sum of squares, max, min of same-device gradients."""
     norms = torch.stack(torch._foreach_norm(grads, 2.0))
-    lengths = _to_device(torch.tensor([g.numel() for g in grads], dtype=torch.int64), device)
-    flat = torch.cat([g.reshape(-1) for g in grads])  # [sum numel]
+    numels = [g.numel() for g in grads]
+    lengths = _to_device(torch.tensor(numels, dtype=torch.int64), device)
+    flat = torch.cat([g.reshape(-1) for g in grads])  # [T], T = sum of numels
     if flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.float()
-    sums = torch.segment_reduce(flat, "sum", lengths=lengths)
+    mean = torch.segment_reduce(flat, "sum", lengths=lengths) / lengths
+    centred = flat - torch.repeat_interleave(mean, lengths, output_size=flat.numel())  # [T]
+    sq = torch.segment_reduce(centred.square_(), "sum", lengths=lengths)
     maxs = torch.segment_reduce(flat, "max", lengths=lengths)
     mins = torch.segment_reduce(flat, "min", lengths=lengths)
-    return torch.stack([norms.to(flat.dtype), sums, maxs, mins], dim=-1).double()
+    return torch.stack([norms.to(flat.dtype), mean, sq, maxs, mins], dim=-1).double()
 
 
 def _group_of(name: str, patterns: list[tuple[str, re.Pattern[str]]]) -> str:

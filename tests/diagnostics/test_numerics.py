@@ -106,9 +106,11 @@ def test_strict_mode_raises_in_forward_and_backward() -> None:
     with NumericsGuard(mlp(bad), strict=True) as guard, pytest.raises(NonFiniteError) as info:
         train(guard.model, 1)
     assert info.value.finding.location == "2.1"
-    with NumericsGuard(mlp(BadBackward()), strict=True) as guard:
-        with pytest.raises(NonFiniteError) as info:
-            train(guard.model, 1)
+    with (
+        NumericsGuard(mlp(BadBackward()), strict=True) as guard,
+        pytest.raises(NonFiniteError) as info,
+    ):
+        train(guard.model, 1)
     assert info.value.finding.code == "nonfinite-gradient"
     assert info.value.finding.location == "2.1"
 
@@ -151,7 +153,7 @@ def test_reference_model_clean_and_planted_nan_in_a_named_layer() -> None:
 
 
 def test_guard_rejects_bad_input() -> None:
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         NumericsGuard("model")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="check_every"):
         NumericsGuard(nn.Linear(2, 2), check_every=0)
@@ -171,7 +173,7 @@ def test_check_numerical_stability() -> None:
     large = check_numerical_stability(torch.tensor([1.0, 2e7]), threshold=1e6)
     assert large is not None and large.code == "large-values" and large.severity == "warning"
     assert large.details["positions"] == [[1]]
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         check_numerical_stability([1.0, 2.0])
     with pytest.raises(ValueError, match="threshold"):
         check_numerical_stability(t, threshold=-1)
