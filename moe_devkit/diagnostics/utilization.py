@@ -38,6 +38,7 @@ from moe_devkit.diagnostics.dynamic_k import (
 )
 from moe_devkit.diagnostics.selection import (
     check_logits_and_k,
+    count_selections,
     debug_expert_selection,
     host_min_max,
     require_integer,
@@ -47,7 +48,6 @@ from moe_devkit.diagnostics.selection import (
 from moe_devkit.routers.torch_router import (
     RoutingDecision,
     capacity_dropped,
-    expert_counts,
     load_balancing_loss,
     normalized_entropy,
     router_z_loss,
@@ -62,6 +62,7 @@ __all__ = [
     "coefficient_of_variation",
     "complexity_stats",
     "compute_saved",
+    "count_selections",
     "dead_experts",
     "debug_expert_selection",
     "gini_coefficient",
@@ -100,7 +101,7 @@ def selection_counts(
         ValueError: no tokens, num_experts < 1, indices out of range.
     """
     indices = _check_indices(expert_indices, num_experts, validate=validate)
-    return expert_counts(indices, num_experts)
+    return count_selections(indices, num_experts)
 
 
 def selection_shares(tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -395,7 +396,7 @@ def _build(
         num_tokens=int(indices.shape[0]),
         num_experts=num_experts,
         max_k=max_k,
-        balance=load_balance(expert_counts(indices, num_experts)),
+        balance=load_balance(count_selections(indices, num_experts)),
         k_histogram=k_histogram(k, max_k),
         mean_k=mean_k(k),
         compute_saved=compute_saved(k, max_k),

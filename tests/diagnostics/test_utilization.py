@@ -19,6 +19,7 @@ from moe_devkit.diagnostics.utilization import (
     coefficient_of_variation,
     complexity_stats,
     compute_saved,
+    count_selections,
     dead_experts,
     debug_expert_selection,
     gini_coefficient,
@@ -41,6 +42,7 @@ from moe_devkit.diagnostics.utilization import (
 from moe_devkit.routers.torch_router import (
     MoEModel,
     capacity_dropped,
+    expert_counts,
     load_balancing_loss,
     router_z_loss,
 )
@@ -366,8 +368,26 @@ def test_indices_bad_input(
 
 
 def test_validate_false_skips_range_checks() -> None:
-    # The inspector's hot path: no host sync, out-of-range padding below -1 is just ignored.
-    assert selection_counts(torch.tensor([[0, -5]]), 2, validate=False).tolist() == [1, 0]
+    # The inspector's hot path: no host sync; out-of-range values are ignored, not fatal.
+    assert selection_counts(torch.tensor([[0, -5], [7, 1]]), 2, validate=False).tolist() == [1, 1]
+
+
+def test_count_selections_equals_router_expert_counts() -> None:
+    indices = torch.randint(-1, 16, (300, 4), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(count_selections(indices, 16), expert_counts(indices, 16))
+    assert torch.equal(count_selections(indices.int(), 16), expert_counts(indices, 16))
+
+
+def test_hot_paths_read_no_values() -> None:
+    # On the meta device any host read (item, bool, nonzero) raises: proof of no host sync.
+    logits, k = torch.randn(64, 16, device="meta"), torch.randint(0, 5, (64,), device="meta")
+    indices = selected_experts(logits, k, max_k=4, validate=False)
+    stats = utilization_from_indices(
+        indices, 16, router_logits=logits, complexity=torch.rand(64, device="meta"),
+        capacity_factor=1.25, validate=False,
+    )  # fmt: skip
+    assert stats.co_activation.shape == (16, 16)
+    assert utilization_from_logits(logits, k, max_k=4, validate=False).k_histogram.shape == (5,)
 
 
 def test_other_bad_arguments() -> None:
