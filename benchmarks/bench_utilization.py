@@ -1,0 +1,157 @@
+"""Benchmark utilization counting against the design document's per-token loop, in one run.
+
+Usage: python benchmarks/bench_utilization.py [--device cpu|cuda] [--threads N]
+       [--seed-tokens N] [--repeat N] [--json PATH]
+
+Workload: router logits [batch=8, seq=2048, experts=64] float32, k uniform in [1, 8] per
+token. Timed, each as the median (and min) of --repeat runs:
+
+* seed: the design document's ``debug_expert_selection`` loop (prints removed), on the first
+  --seed-tokens tokens and extrapolated linearly to all 16384 (the loop is linear in tokens);
+* ours: ``moe_devkit.debug_expert_selection`` on all tokens (same Counter, checked);
+* from_logits: ``selection_counts_from_logits`` (topk(max_k), stays on the device);
+* from_indices: ``selection_counts`` of a RoutingDecision's int64[N, 8] indices (one scatter);
+* topk_bincount: the plain vectorised approach, for reference.
+
+CUDA timings use CUDA events after a synchronize. Prints the machine and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from moe_devkit import debug_expert_selection
+from moe_devkit.diagnostics.utilization import (
+    selected_experts,
+    selection_counts,
+    selection_counts_from_logits,
+)
+from moe_devkit.reporting import write_atomic
+
+BATCH, SEQ, EXPERTS, MAX_K = 8, 2048, 64, 8
+
+
+def seed_debug_expert_selection(router_logits: torch.Tensor, k_values: torch.Tensor) -> Counter:
+    """The design document's function, minus the prints."""
+    expert_counts: Counter = Counter()
+    for batch_idx in range(router_logits.size(0)):
+        for seq_idx in range(router_logits.size(1)):
+            k = k_values[batch_idx, seq_idx]
+            top_experts = router_logits[batch_idx, seq_idx].topk(k).indices
+            for expert_id in top_experts:
+                expert_counts[expert_id.item()] += 1
+    return expert_counts
+
+
+def topk_bincount(router_logits: torch.Tensor, k_values: torch.Tensor) -> torch.Tensor:
+    top = router_logits.reshape(-1, EXPERTS).topk(MAX_K, dim=-1).indices
+    keep = torch.arange(MAX_K, device=top.device) < k_values.reshape(-1, 1)
+    return torch.bincount(top[keep], minlength=EXPERTS)
+
+
+def timed(fn: Callable[[], Any], device: str, repeat: int) -> tuple[float, float]:
+    """(median, min) seconds of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times), min(times)
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    text = f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    text += f"{torch.get_num_threads()} intra-op threads"
+    if device == "cuda":
+        text += f", GPU {torch.cuda.get_device_name()}"
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--seed-tokens", type=int, default=1024, help="tokens the seed loop runs")
+    parser.add_argument("--repeat", type=int, default=21)
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(BATCH, SEQ, EXPERTS, generator=gen).to(args.device)
+    k = torch.randint(1, MAX_K + 1, (BATCH, SEQ), generator=gen).to(args.device)
+    indices = selected_experts(logits, k, max_k=MAX_K)  # a RoutingDecision's expert_indices
+    num_tokens = BATCH * SEQ
+    seed_tokens = min(args.seed_tokens, num_tokens)
+    sub_logits = logits.reshape(1, num_tokens, EXPERTS)[:, :seed_tokens]
+    sub_k = k.reshape(1, num_tokens)[:, :seed_tokens]
+
+    ours = debug_expert_selection(logits, k)
+    if debug_expert_selection(sub_logits, sub_k) != seed_debug_expert_selection(sub_logits, sub_k):
+        raise SystemExit("debug_expert_selection disagrees with the seed loop")
+    if [ours[e] for e in range(EXPERTS)] != selection_counts(indices, EXPERTS).tolist():
+        raise SystemExit("debug_expert_selection disagrees with the indices path")
+
+    seed_reps = max(3, args.repeat // 4)
+    seed_med, seed_min = timed(
+        lambda: seed_debug_expert_selection(sub_logits, sub_k), args.device, seed_reps
+    )
+    scale = num_tokens / seed_tokens
+    results = {
+        "seed": (seed_med * scale, seed_min * scale),
+        "ours": timed(lambda: debug_expert_selection(logits, k), args.device, args.repeat),
+        "from_logits": timed(
+            lambda: selection_counts_from_logits(logits, k, max_k=MAX_K, validate=False),
+            args.device,
+            args.repeat,
+        ),
+        "from_indices": timed(
+            lambda: selection_counts(indices, EXPERTS, validate=False), args.device, args.repeat
+        ),
+        "topk_bincount": timed(lambda: topk_bincount(logits, k), args.device, args.repeat),
+    }
+    print(f"machine: {machine(args.device)}")
+    print(
+        f"workload: logits [{BATCH}, {SEQ}, {EXPERTS}] float32 on {args.device}, k in [1, {MAX_K}]"
+    )
+    print(
+        f"seed loop timed on {seed_tokens} of {num_tokens} tokens and extrapolated linearly "
+        f"(x{scale:g})"
+    )
+    print(f"{'path':<16}{'median':>12}{'min':>12}{'vs seed (median)':>20}")
+    for name, (med, low) in results.items():
+        ratio = results["seed"][0] / med
+        print(f"{name:<16}{med * 1e3:>10.3f}ms{low * 1e3:>10.3f}ms{ratio:>19.1f}x")
+    if args.json:
+        payload = {
+            "machine": machine(args.device),
+            "device": args.device,
+            "seed_tokens": seed_tokens,
+            "seconds": {name: {"median": m, "min": lo} for name, (m, lo) in results.items()},
+        }
+        write_atomic(args.json, json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
