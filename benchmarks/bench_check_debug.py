@@ -76,11 +76,10 @@ def main() -> None:
     print(f"python: {platform.python_version()}; corpus: {corpus}")
     print(f"corpus: {len(files)} files, {size / 1e6:.1f} MB")
     names = [str(p) for p in files]
+    load = os.getloadavg()[0]
     t = compare(names, args.repeat)
     n = len(files)
-    print(
-        f"load average before: {os.getloadavg()[0]:.2f} (other work on the machine skews wall time)"
-    )
+    print(f"load average before: {load:.2f} (other work on the machine skews wall time)")
     print(f"corpus  debug-statement-hook: {t['base']:6.2f} s wall {t['base_cpu']:6.2f} s CPU")
     print(f"corpus  check-debug:          {t['ours']:6.2f} s wall {t['ours_cpu']:6.2f} s CPU")
     print(

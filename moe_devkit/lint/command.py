@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def iter_python_files(paths: Iterable[str], settings: Settings) -> Iterator[str]:
     """Yield the files to check: files as given, directories' `.py` files; minus excludes."""
+    seen: set[str] = set()
+    for path in _expand(paths, settings):
+        key = os.path.normpath(path)
+        if key not in seen:
+            seen.add(key)
+            yield path
+
+
+def _expand(paths: Iterable[str], settings: Settings) -> Iterator[str]:
     for path in paths:
         if os.path.isdir(path):
             for directory, dirs, files in os.walk(path):
