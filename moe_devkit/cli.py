@@ -65,6 +65,10 @@ COMMANDS: dict[str, Command] = {
         "train the reference model for N steps and judge memory growth (leak verdict)",
         "moe_devkit.commands.memory",
     ),
+    "profile": Command(
+        "time and profile the reference MoE layer: per-stage breakdown, dynamic vs static",
+        "moe_devkit.commands.profile",
+    ),
     "check-debug": Command(
         "find leftover debug statements in Python files (same as the check-debug hook)",
         "moe_devkit.commands.check_debug",

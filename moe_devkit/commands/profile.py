@@ -1,0 +1,142 @@
+"""``moe-devkit profile``: latency of the reference MoE layer, per stage, dynamic vs static."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+from moe_devkit.cli import UsageError, positive_int
+from moe_devkit.commands._torch import require_torch, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from moe_devkit.diagnostics.latency import DynamicStaticComparison, Measurement, ProfileResult
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declares the options of ``moe-devkit profile``."""
+    model = parser.add_argument_group("reference layer")
+    model.add_argument("--hidden-size", type=positive_int, default=256)
+    model.add_argument("--expert-hidden-size", type=positive_int, default=512)
+    model.add_argument("--num-experts", type=positive_int, default=16)
+    model.add_argument("--min-k", type=positive_int, default=1)
+    model.add_argument("--max-k", type=positive_int, default=4)
+    model.add_argument("--mode", choices=("complexity", "top_p"), default="complexity")
+    model.add_argument("--top-p", type=float, default=0.6)
+    run = parser.add_argument_group("run")
+    run.add_argument("--tokens", type=positive_int, default=1024)
+    run.add_argument("--warmup", type=int, default=10)
+    run.add_argument("--iterations", type=positive_int, default=50)
+    run.add_argument("--profile-steps", type=positive_int, default=3)
+    run.add_argument("--top", type=positive_int, default=10, help="operators listed")
+    run.add_argument("--no-static", action="store_true", help="skip the static comparison")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", type=Path, help="write trace.json and latency.json here")
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Runs the profile command; returns the exit code."""
+    require_torch()
+    import torch
+
+    from moe_devkit.config import RouterConfig
+    from moe_devkit.diagnostics.latency import (
+        compare_dynamic_static,
+        latency_section,
+        profile_inference_latency,
+    )
+    from moe_devkit.reporting import make_report, write_report_json
+    from moe_devkit.routers.torch_router import MoELayer, StaticTopKRouter
+
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out must be a directory; {args.out} is a file")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0; got {args.warmup}")
+    try:
+        config = RouterConfig(
+            hidden_size=args.hidden_size, expert_hidden_size=args.expert_hidden_size,
+            num_experts=args.num_experts, min_k=args.min_k, max_k=args.max_k,
+            mode=args.mode, top_p=args.top_p,
+        )  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    torch.manual_seed(args.seed)
+    dynamic = MoELayer(config).to(device=device, dtype=dtype).eval()
+    x = torch.randn(args.tokens, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=device, dtype=dtype)
+    trace = args.out / "trace.json" if args.out else None
+    with console.status("timing and profiling the dynamic layer"):
+        profile = profile_inference_latency(
+            dynamic, x, warmup=args.warmup, iterations=args.iterations,
+            profile_active=args.profile_steps, trace_path=trace, top=args.top,
+        )  # fmt: skip
+    comparison = None
+    if not args.no_static:
+        static = MoELayer(config, router=StaticTopKRouter(config)).to(device=device, dtype=dtype)
+        static.experts.load_state_dict(dynamic.experts.state_dict())
+        static.router.router_network.load_state_dict(dynamic.router.router_network.state_dict())
+        with console.status("timing dynamic vs static"):
+            comparison = compare_dynamic_static(
+                dynamic, static.eval(), x, warmup=args.warmup, iterations=args.iterations
+            )
+    _print_timing(console, profile.measurement)
+    _print_stages(console, profile.profile)
+    _print_ops(console, profile.profile)
+    if comparison is not None:
+        _print_comparison(console, comparison)
+    if args.out:
+        report = make_report({"latency": latency_section(profile, comparison)})
+        path = write_report_json(args.out / "latency.json", report)
+        console.print(f"trace: {trace}  (open in https://ui.perfetto.dev)\nreport: {path}")
+    return 0
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
+def _print_timing(console: Console, m: Measurement) -> None:
+    table = Table(title=f"Latency per forward, ms ({m.n} iterations, {m.method}, {m.device})")
+    for col in ("median", "p10", "p90", "p99", "mean", "min", "host CPU"):
+        table.add_column(col, justify="right")
+    table.add_row(*map(_ms, (m.median, m.p10, m.p90, m.p99, m.mean, m.min, m.cpu_median)))
+    console.print(table)
+
+
+def _print_stages(console: Console, profile: ProfileResult) -> None:
+    table = Table(title=f"Routing stages ({profile.time_basis} time per step)")
+    table.add_column("stage")
+    table.add_column("ms", justify="right")
+    table.add_column("share", justify="right")
+    for s in profile.stages:
+        table.add_row(s.stage, _ms(s.time), f"{100 * s.share:.1f}%")
+    console.print(table)
+
+
+def _print_ops(console: Console, profile: ProfileResult) -> None:
+    table = Table(title=f"Top operators by self {profile.time_basis} time")
+    for col, justify in (("operator", "left"), ("calls", "right"), ("self ms", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for op in profile.top_ops:
+        table.add_row(op.name, f"{op.calls:g}", _ms(op.self_time))
+    console.print(table)
+
+
+def _print_comparison(console: Console, c: DynamicStaticComparison) -> None:
+    table = Table(title=f"Dynamic vs static top-max_k (mean k = {c.mean_k:.2f})")
+    for col in ("layer", "median ms", "active pairs", "ns per pair"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        "static", _ms(c.static.median), str(c.static_pairs), f"{c.static_per_pair * 1e9:.1f}"
+    )
+    table.add_row(
+        "dynamic", _ms(c.dynamic.median), str(c.dynamic_pairs), f"{c.dynamic_per_pair * 1e9:.1f}"
+    )
+    table.add_row("ratio", f"{c.time_ratio:.3f}", f"{c.pairs_ratio:.3f}", "", style="bold")
+    console.print(table)
