@@ -61,7 +61,7 @@ _COLUMNS = (
     ("CV", lambda x: x["utilization"]["cv"]),
     ("max/mean", lambda x: x["utilization"]["max_over_mean"]),
     ("Gini", lambda x: x["utilization"]["gini"]),
-    ("entropy", lambda x: x["utilization"]["normalized_entropy"]),
+    ("entropy", lambda x: x["utilization"]["entropy"]),
     ("dead", lambda x: len(x["utilization"]["dead_experts"])),
     ("complexity mean", lambda x: x["complexity"]["mean"]),
     ("complexity-k ρ", lambda x: x["complexity"]["k_spearman"]),

@@ -52,37 +52,18 @@ class ReportPaths:
 
 
 def balance_metrics(counts: np.ndarray) -> dict[str, Any]:
-    """Load-balance metrics of per-expert counts (formulas in docs/metrics.md)."""
-    total = float(counts.sum())
-    num = len(counts)
-    if total == 0:
-        nan = math.nan
-        return dict(
-            shares=[0.0] * num,
-            cv=nan,
-            max_over_mean=nan,
-            max_vio=nan,
-            normalized_entropy=nan,
-            gini=nan,
-            dead_experts=list(range(num)),
-        )
-    shares = counts / total
-    mean = total / num
-    cv = float(counts.std() / mean)
-    nonzero = shares[shares > 0]
-    entropy = float(-(nonzero * np.log(nonzero)).sum() / math.log(num)) if num > 1 else 1.0
-    ordered = np.sort(counts.astype(np.float64))
-    ranks = np.arange(1, num + 1)
-    gini = float((2 * ranks - num - 1) @ ordered / (num * ordered.sum()))
-    return dict(
-        shares=shares.tolist(),
-        cv=cv,
-        max_over_mean=float(counts.max() / mean),
-        max_vio=float(counts.max() / mean - 1),
-        normalized_entropy=entropy,
-        gini=gini,
-        dead_experts=[int(e) for e in np.flatnonzero(counts == 0)],
-    )
+    """Load-balance metrics of per-expert counts (diagnostics.utilization; docs/metrics.md).
+
+    Adds ``max_over_mean`` (= MaxVio + 1), the form the collapse alarm reads.
+    """
+    import torch
+
+    from moe_devkit.diagnostics.utilization import load_balance
+
+    metrics = load_balance(torch.from_numpy(np.asarray(counts, dtype=np.int64))).to_dict()
+    metrics.pop("tokens_per_expert")
+    metrics["max_over_mean"] = metrics["max_vio"] + 1.0
+    return metrics
 
 
 def binned_spearman(joint: np.ndarray) -> float:
