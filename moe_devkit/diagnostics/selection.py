@@ -193,7 +193,8 @@ def _threshold_block(
     torch.ge(logits, threshold.unsqueeze(-1), out=work)  # [n, E] selection mask
     selected = work.sum(dim=-1)  # [n], exact small integers
     resolved = (selected == k) & (k > 0)
-    counts = work.t() @ resolved.to(work.dtype)  # [E], exact below 2**24 tokens per block
+    mask = work if logits.shape[0] < 2**24 else work.double()  # sums of 0/1 stay exact
+    counts = mask.t() @ resolved.to(mask.dtype)  # [E]
     return counts, (selected != k) & (k > 0)
 
 
@@ -204,13 +205,15 @@ def _threshold_counts(
     # float32 keeps bf16/fp16 exact; float64 logits stay float64 so no new ties appear.
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logits = logits.to(dtype)
-    work = torch.empty(min(_CHUNK_TOKENS, logits.shape[0]), logits.shape[1], dtype=dtype,
+    # Blocks only help CPU caches; on an accelerator one block saves kernel launches.
+    chunk = _CHUNK_TOKENS if logits.device.type == "cpu" else logits.shape[0]
+    work = torch.empty(min(chunk, logits.shape[0]), logits.shape[1], dtype=dtype,
                        device=logits.device)  # fmt: skip
     counts = torch.zeros(logits.shape[1], dtype=torch.int64, device=logits.device)
     unresolved = []
-    for start in range(0, logits.shape[0], _CHUNK_TOKENS):
-        block = logits[start : start + _CHUNK_TOKENS]  # [n, E]
-        block_k = k[start : start + _CHUNK_TOKENS]
+    for start in range(0, logits.shape[0], chunk):
+        block = logits[start : start + chunk]  # [n, E]
+        block_k = k[start : start + chunk]
         block_counts, block_unresolved = _threshold_block(
             block, block_k, max_k, work[: block.shape[0]]
         )
