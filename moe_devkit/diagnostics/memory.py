@@ -356,12 +356,11 @@ def _location(frame: tracemalloc.Frame) -> str:
 
 
 def _python_lines() -> Counter[str]:
-    snapshot = tracemalloc.take_snapshot().filter_traces(
-        [tracemalloc.Filter(False, f) for f in _IGNORED_FILES]
-    )
     lines: Counter[str] = Counter()
-    for stat in snapshot.statistics("lineno"):
-        lines[_location(stat.traceback[0])] += stat.size
+    for stat in tracemalloc.take_snapshot().statistics("lineno"):
+        frame = stat.traceback[0]
+        if frame.filename not in _IGNORED_FILES:
+            lines[_location(frame)] += stat.size
     return lines
 
 
