@@ -348,7 +348,7 @@ class NumericsGuard:
             return
         self._claims[key] = (weakref.ref(tensor), module)
         site = WatchSite(module, "backward", f"gradient of {desc}")
-        tensor.register_hook(self._gradient_hook(site))
+        tensor.register_hook(self._gradient_hook(site))  # type: ignore[no-untyped-call]
 
     def _gradient_hook(self, site: WatchSite) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
@@ -387,7 +387,7 @@ class NumericsGuard:
         tensors, self._pending = self._pending, []
         start = len(self._sites) - len(tensors)
         row = self._row(len(self._sites), tensors[0].device)
-        norms = torch._foreach_norm(tensors, _INF)
+        norms = list(torch._foreach_norm(tensors, _INF))
         if any(n.dtype != torch.float32 or n.device != row.device for n in norms):
             norms = [n.to(row.device, torch.float32, non_blocking=True) for n in norms]
         torch.stack(norms, out=row[start : start + len(tensors)])
