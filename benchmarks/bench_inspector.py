@@ -15,8 +15,8 @@ import json
 import statistics
 
 import torch
-
 from bench_moe_layer import PRESETS, machine_name, timer  # type: ignore[import-not-found]
+
 from moe_devkit import MoELayer, RouterConfig
 from moe_devkit.inspect import RouterInspector
 

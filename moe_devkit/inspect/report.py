@@ -164,7 +164,7 @@ def _windows(
                 "start_step": start,
                 "end_step": end,
                 "counts": counts.round().astype(np.int64).tolist(),
-                "tokens": int(round(tokens)),
+                "tokens": round(tokens),
                 "mean_k": float((k_hist * np.arange(max_k + 1)).sum() / tokens)
                 if tokens
                 else math.nan,
