@@ -132,6 +132,7 @@ def main() -> None:
         "topk_bincount": timed(lambda: topk_bincount(logits, k), args.device, args.repeat),
     }
     print(f"machine: {machine(args.device)}")
+    print("load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(
         f"workload: logits [{BATCH}, {SEQ}, {EXPERTS}] float32 on {args.device}, k in [1, {MAX_K}]"
     )
@@ -148,6 +149,7 @@ def main() -> None:
             "machine": machine(args.device),
             "device": args.device,
             "seed_tokens": seed_tokens,
+            "load_average": list(os.getloadavg()),
             "seconds": {name: {"median": m, "min": lo} for name, (m, lo) in results.items()},
         }
         write_atomic(args.json, json.dumps(payload, indent=2) + "\n")
