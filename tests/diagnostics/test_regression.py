@@ -1,0 +1,241 @@
+"""The regression decision on synthetic samples, the A/B loop and the monitor (fake clocks)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moe_devkit.diagnostics.perf_gates import (
+    Gates,
+    compare_gates,
+    count_flops,
+    count_host_syncs,
+    count_ops,
+    memory_growth,
+)
+from moe_devkit.diagnostics.perf_store import BaselineStore, environment, environment_key
+from moe_devkit.diagnostics.regression import (
+    ABSchedule,
+    DecisionPolicy,
+    PerformanceMonitor,
+    Sample,
+    callable_sampler,
+    compare_interleaved,
+    decide,
+    mann_whitney_greater,
+    signed_rank_greater,
+)
+
+
+def paired(n: int, shift: float, noise: float, seed: int = 0, slice_every: int = 0):
+    """n pairs with multiplicative noise; every slice_every-th pair time-sliced (wall = 3 cpu)."""
+    rng = np.random.default_rng(seed)
+    level = 1e-3 * (1 + 0.5 * rng.random(n))  # the machine's speed drifts by up to 50%
+    base, cand = [], []
+    for i in range(n):
+        b = level[i] * (1 + noise * rng.standard_normal())
+        c = level[i] * (1 + shift) * (1 + noise * rng.standard_normal())
+        sliced = slice_every and i % slice_every == 0
+        base.append(Sample(b * (3 if sliced else 1.02), b, 1))
+        cand.append(Sample(c * (3 if sliced else 1.02), c, 1))
+    return base, cand
+
+
+def test_identical_samples_pass() -> None:
+    base, cand = paired(40, 0.0, 0.02)
+    d = decide(base, cand)
+    assert d.verdict == "pass"
+    assert d.ci_low < 1 < d.ci_high
+    assert d.pairs == 40 and d.sliced == 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_identical_samples_never_alarm_across_seeds(seed: int) -> None:
+    assert decide(*paired(40, 0.0, 0.03, seed=seed)).verdict == "pass"
+
+
+def test_shifted_samples_are_a_regression() -> None:
+    d = decide(*paired(40, 0.10, 0.02))
+    assert d.verdict == "regression"
+    assert 1.07 < d.ratio < 1.13
+    assert d.p_slower < 0.01
+
+
+def test_faster_samples_are_an_improvement() -> None:
+    assert decide(*paired(40, -0.2, 0.02)).verdict == "improvement"
+
+
+def test_significant_but_small_change_passes() -> None:
+    d = decide(*paired(40, 0.02, 0.002))
+    assert d.verdict == "pass"
+    assert d.ci_low > 1
+    assert "below the minimum effect" in d.reason
+
+
+def test_time_sliced_pairs_are_set_aside() -> None:
+    d = decide(*paired(60, 0.10, 0.02, slice_every=3))
+    assert d.sliced == 20
+    assert d.verdict == "regression"
+
+
+def test_mostly_time_sliced_run_is_inconclusive_not_failed() -> None:
+    base, cand = paired(30, 0.5, 0.02, slice_every=1)
+    d = decide(base, cand)
+    assert d.verdict == "inconclusive"
+    assert d.sliced == 30
+
+
+def test_wall_clock_does_not_filter_slicing() -> None:
+    d = decide(*paired(30, 0.0, 0.02, slice_every=1), clock="wall")
+    assert d.verdict == "pass"
+
+
+def test_unpaired_samples_are_rejected() -> None:
+    with pytest.raises(ValueError, match="paired"):
+        decide([Sample(1, 1, 1)], [])
+
+
+def test_policy_validation() -> None:
+    with pytest.raises(ValueError, match="min_effect"):
+        DecisionPolicy(min_effect=1.5)
+
+
+def test_rank_tests() -> None:
+    assert mann_whitney_greater([2, 3, 4, 5] * 3, [0, 1, 1, 0] * 3) < 0.001
+    assert mann_whitney_greater([1] * 10, [1] * 10) == 1.0
+    assert signed_rank_greater([0.1] * 20) < 0.001
+    assert signed_rank_greater([-0.1] * 20) > 0.99
+
+
+class FakeClock:
+    """A clock advanced by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_callable_sampler_with_fake_timers() -> None:
+    wall, cpu = FakeClock(), FakeClock()
+
+    def work() -> None:
+        wall.now += 0.003
+        cpu.now += 0.002
+
+    sample = callable_sampler(work, timer=wall, cpu_timer=cpu)(10)
+    assert sample == Sample(pytest.approx(0.003), pytest.approx(0.002), 10)
+
+
+def test_compare_interleaved_alternates_abba_and_decides() -> None:
+    clock, calls = FakeClock(), []
+
+    def sampler(name: str, per_call: float):
+        def sample(number: int) -> Sample:
+            calls.append(name)
+            clock.now += per_call * number
+            return Sample(per_call, per_call, number)
+
+        return sample
+
+    comp = compare_interleaved(
+        "case", sampler("b", 1e-3), sampler("c", 1.2e-3), timer=clock,
+        schedule=ABSchedule(target_sample_s=0.01, pairs=24, warmup=1),
+    )  # fmt: skip
+    assert comp.decision.verdict == "regression"
+    assert comp.number == 10  # 1 call took 1 ms; 10 calls reach the 10 ms target
+    measured = calls[-48:]
+    assert measured[:4] == ["b", "c", "c", "b"]
+    assert comp.attempts == 1
+    json.dumps(comp.to_dict(samples=True))
+
+
+def test_compare_interleaved_repeats_while_inconclusive_and_stops() -> None:
+    clock = FakeClock()
+
+    def sliced(number: int) -> Sample:
+        clock.now += 0.01
+        return Sample(3e-3, 1e-3, number)
+
+    comp = compare_interleaved(
+        "busy", sliced, sliced, timer=clock,
+        schedule=ABSchedule(budget_s=1e6, pairs=10, max_attempts=3, warmup=0),
+    )  # fmt: skip
+    assert comp.decision.verdict == "inconclusive"
+    assert comp.attempts == 3
+    assert len(comp.baseline_samples) == 30
+
+
+def test_compare_interleaved_respects_budget() -> None:
+    clock = FakeClock()
+
+    def slow(number: int) -> Sample:
+        clock.now += 1.0
+        return Sample(3e-3, 1e-3, number)
+
+    comp = compare_interleaved("slow", slow, slow, timer=clock, schedule=ABSchedule(budget_s=20))
+    assert comp.elapsed <= 25
+
+
+def test_monitor_keeps_seed_api_with_sample_baseline() -> None:
+    monitor = PerformanceMonitor(baseline_metrics={"router": [1.0, 1.01, 0.99, 1.0] * 3})
+    for v in itertools.islice(itertools.cycle([1.2, 1.21, 1.19]), 12):
+        monitor.record_metric("router", v)
+    monitor.record_metric("other", 5.0)
+    regressions = monitor.check_regression(threshold=0.1)
+    assert set(regressions) == {"router"}
+    assert regressions["router"].regression_percent == pytest.approx(20.0, abs=1)
+    assert monitor.check_regression(threshold=0.3) == {}
+
+
+def test_monitor_scalar_baseline_and_too_few_samples() -> None:
+    monitor = PerformanceMonitor(baseline_metrics={"m": 1.0})
+    monitor.record_metric("m", 5.0)
+    assert monitor.evaluate()["m"].verdict == "inconclusive"
+    for _ in range(9):
+        monitor.record_metric("m", 1.5)
+    assert monitor.evaluate()["m"].verdict == "regression"
+
+
+def test_gates_flops_ops_and_syncs_on_cpu() -> None:
+    a, b = torch.ones(8, 16), torch.ones(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    assert count_ops(lambda: (a @ b).relu())["mm"] == 1
+    assert count_host_syncs(lambda: a.sum().item(), "cpu") is None
+
+
+def test_memory_growth_finds_a_leak() -> None:
+    kept: list[torch.Tensor] = []
+    assert memory_growth(lambda: torch.ones(1024).sum(), "cpu") == 0
+    growth = memory_growth(lambda: kept.append(torch.ones(1024)), "cpu")
+    assert growth == pytest.approx(4096, rel=0.01)
+
+
+def test_compare_gates_flags_any_increase() -> None:
+    base = Gates(ops=10, flops=100, host_syncs=None, memory_growth=0.0)
+    same = compare_gates(base, base)
+    assert not any(g.regression for g in same)
+    worse = compare_gates(base, Gates(ops=11, flops=100, host_syncs=None, memory_growth=1e6))
+    assert [g.gate for g in worse if g.regression] == ["ops", "memory_growth"]
+
+
+def test_baseline_store_round_trip(tmp_path) -> None:
+    env = environment("cpu")
+    store = BaselineStore(tmp_path / "cpu.json")
+    assert store.lookup(env) is None
+    store.update(env, {"router": {"wall": 1e-3, "cpu": 1e-3, "gates": {}}})
+    again = BaselineStore(tmp_path / "cpu.json")
+    assert again.lookup(env) == {"router": {"wall": 1e-3, "cpu": 1e-3, "gates": {}}}
+    assert environment_key(env) in json.loads((tmp_path / "cpu.json").read_text())["entries"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_baseline_store_rejects_other_files(tmp_path) -> None:
+    (tmp_path / "x.json").write_text('{"schema": "other"}')
+    with pytest.raises(ValueError, match="not a perf baseline"):
+        BaselineStore(tmp_path / "x.json")
