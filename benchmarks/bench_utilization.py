@@ -13,7 +13,9 @@ token. Timed, each as the median (and min) of --repeat runs:
 * from_indices: ``selection_counts`` of a RoutingDecision's int64[N, 8] indices (one scatter);
 * topk_bincount: the plain vectorised approach, for reference.
 
-CUDA timings use CUDA events after a synchronize. Prints the machine and the ratios.
+Each round times every path once (rounds interleaved, so machine load hits all paths alike);
+the medians and minima over rounds are reported, with ratios seed / path for both. CUDA
+timings use CUDA events after a synchronize. Prints the machine, its load and the ratios.
 """
 
 from __future__ import annotations
@@ -59,24 +61,32 @@ def topk_bincount(router_logits: torch.Tensor, k_values: torch.Tensor) -> torch.
     return torch.bincount(top[keep], minlength=EXPERTS)
 
 
-def timed(fn: Callable[[], Any], device: str, repeat: int) -> tuple[float, float]:
-    """(median, min) seconds of ``fn`` after one warm-up call."""
+def time_once(fn: Callable[[], Any], device: str) -> float:
+    """Seconds of one call of ``fn`` (CUDA: between events, after a synchronize)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
     fn()
-    times = []
+    return time.perf_counter() - begin
+
+
+def interleaved(
+    paths: dict[str, Callable[[], Any]], device: str, repeat: int
+) -> dict[str, list[float]]:
+    """Times every path once per round, rounds interleaved so that load hits all alike."""
+    for fn in paths.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeat):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
-    return statistics.median(times), min(times)
+        for name, fn in paths.items():
+            times[name].append(time_once(fn, device))
+    return times
 
 
 def machine(device: str) -> str:
@@ -93,7 +103,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--seed-tokens", type=int, default=1024, help="tokens the seed loop runs")
-    parser.add_argument("--repeat", type=int, default=21)
+    parser.add_argument("--repeat", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     if args.threads is not None:
@@ -113,24 +123,17 @@ def main() -> None:
     if [ours[e] for e in range(EXPERTS)] != selection_counts(indices, EXPERTS).tolist():
         raise SystemExit("debug_expert_selection disagrees with the indices path")
 
-    seed_reps = max(3, args.repeat // 4)
-    seed_med, seed_min = timed(
-        lambda: seed_debug_expert_selection(sub_logits, sub_k), args.device, seed_reps
-    )
     scale = num_tokens / seed_tokens
-    results = {
-        "seed": (seed_med * scale, seed_min * scale),
-        "ours": timed(lambda: debug_expert_selection(logits, k), args.device, args.repeat),
-        "from_logits": timed(
-            lambda: selection_counts_from_logits(logits, k, max_k=MAX_K, validate=False),
-            args.device,
-            args.repeat,
-        ),
-        "from_indices": timed(
-            lambda: selection_counts(indices, EXPERTS, validate=False), args.device, args.repeat
-        ),
-        "topk_bincount": timed(lambda: topk_bincount(logits, k), args.device, args.repeat),
+    paths: dict[str, Callable[[], Any]] = {
+        "seed": lambda: seed_debug_expert_selection(sub_logits, sub_k),
+        "ours": lambda: debug_expert_selection(logits, k),
+        "from_logits": lambda: selection_counts_from_logits(logits, k, max_k=MAX_K, validate=False),
+        "from_indices": lambda: selection_counts(indices, EXPERTS, validate=False),
+        "topk_bincount": lambda: topk_bincount(logits, k),
     }
+    times = interleaved(paths, args.device, args.repeat)
+    times["seed"] = [t * scale for t in times["seed"]]
+    results = {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
     print(f"machine: {machine(args.device)}")
     print("load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(
@@ -140,10 +143,14 @@ def main() -> None:
         f"seed loop timed on {seed_tokens} of {num_tokens} tokens and extrapolated linearly "
         f"(x{scale:g})"
     )
-    print(f"{'path':<16}{'median':>12}{'min':>12}{'vs seed (median)':>20}")
+    print(f"{args.repeat} interleaved rounds; ratios are seed / path, medians and minima")
+    print(f"{'path':<16}{'median':>12}{'min':>12}{'x (median)':>12}{'x (min)':>10}")
     for name, (med, low) in results.items():
-        ratio = results["seed"][0] / med
-        print(f"{name:<16}{med * 1e3:>10.3f}ms{low * 1e3:>10.3f}ms{ratio:>19.1f}x")
+        ratio_med, ratio_min = results["seed"][0] / med, results["seed"][1] / low
+        print(
+            f"{name:<16}{med * 1e3:>10.3f}ms{low * 1e3:>10.3f}ms"
+            f"{ratio_med:>11.1f}x{ratio_min:>9.1f}x"
+        )
     if args.json:
         payload = {
             "machine": machine(args.device),

@@ -282,6 +282,18 @@ def test_debug_expert_selection_equals_seed(case: tuple[torch.Tensor, torch.Tens
     assert debug_expert_selection(logits, k) == seed_debug_expert_selection(logits, k)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(logits_and_k())
+def test_debug_expert_selection_topk_thresholds_equal_seed(
+    case: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    # The accelerator branch (thresholds from one topk), exercised on CPU.
+    logits, k = case
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(selection, "_PASS_DEVICES", ())
+        assert debug_expert_selection(logits, k) == seed_debug_expert_selection(logits, k)
+
+
 def test_debug_expert_selection_equals_seed_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(selection, "_CHUNK_TOKENS", 256)  # 1200 tokens: 5 blocks, last partial
     gen = torch.Generator().manual_seed(4)
