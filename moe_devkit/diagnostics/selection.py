@@ -15,6 +15,7 @@ or an extreme logit). ``selected_experts`` and ``selection_counts_from_logits`` 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -205,9 +206,11 @@ def _threshold_block(
     boundary, NaN (no logit is >= NaN) and extreme logits leave a count != k: unresolved.
     """
     if logits.device.type in _PASS_DEVICES:
-        maxima = _cpu_maxima(logits, max_k, work)
+        maxima = _cpu_maxima(logits, max_k, work)  # a NaN row is NaN throughout (amax)
     else:
         maxima = torch.topk(logits, max_k, dim=-1).values.t()  # [max_k, n]
+        # topk ranks NaN first but the k-th value may be a number: make such rows unresolved.
+        maxima = torch.where(torch.isnan(logits).any(dim=-1), math.nan, maxima)
     threshold = maxima.gather(0, (k - 1).clamp_min(0).unsqueeze(0)).squeeze(0)  # [n]
     torch.ge(logits, threshold.unsqueeze(-1), out=work)  # [n, E] selection mask
     selected = work.sum(dim=-1)  # [n], exact small integers
