@@ -89,7 +89,7 @@ __all__ = [
 def selection_counts(
     expert_indices: torch.Tensor, num_experts: int, *, validate: bool = True
 ) -> torch.Tensor:
-    """int64[E]: how often each expert was selected (one ``scatter_add_``, -1 ignored).
+    """int64[E]: how often each expert was selected (one ``index_add_``, -1 ignored).
 
     Args:
         expert_indices: int[..., K], -1 padded.
@@ -115,17 +115,18 @@ def _check_indices(expert_indices: object, num_experts: object, *, validate: boo
     indices = require_integer(expert_indices, "expert_indices")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be an int >= 1; got num_experts={num_experts!r}")
-    if indices.dim() < 1:
+    if indices.dim() < 1 or indices.shape[-1] < 1:
         raise ValueError(
-            f"expert_indices must have shape [..., K]; got shape {tuple(indices.shape)}"
+            f"expert_indices must have shape [..., K] with K >= 1 (or [N] for K = 1); "
+            f"got shape {tuple(indices.shape)}"
         )
-    flat = indices.reshape(-1, indices.shape[-1]).long() if indices.dim() > 1 else indices.long()
-    flat = flat if indices.dim() > 1 else flat.unsqueeze(-1)  # [N, K]; [N] means K = 1
+    width = indices.shape[-1] if indices.dim() > 1 else 1
+    flat = indices.long().reshape(-1, width)  # [N, K]
     if flat.shape[0] == 0:
         raise ValueError(
             f"expert_indices must hold at least one token; got shape {tuple(indices.shape)}"
         )
-    if validate and flat.numel() > 0:
+    if validate:
         low, high = host_min_max(flat)
         if low < -1 or high >= num_experts:
             raise ValueError(
