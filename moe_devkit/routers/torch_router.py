@@ -200,6 +200,25 @@ def k_from_top_p(sorted_probs: torch.Tensor, top_p: float, min_k: int) -> torch.
     return k.clamp(min_k, sorted_probs.shape[-1])
 
 
+def count_values(values: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """int64[num_bins]: occurrences of each integer value in [0, num_bins); others ignored.
+
+    ``torch.histc`` with a fixed range: no host synchronisation (unlike ``bincount`` with
+    ``minlength``), and privatised histograms instead of the atomic contention that a
+    ``scatter_add_`` into a few bins suffers on a GPU. Values are centred in their bins
+    (v + 0.5); float32 counts are exact up to 2^24 per call, so larger inputs use float64.
+    """
+    dtype = torch.float32 if values.numel() < 2**24 else torch.float64
+    centred = values.reshape(-1).to(dtype) + 0.5
+    return torch.histc(centred, bins=num_bins, min=0, max=num_bins).to(torch.int64)
+
+
+def group_offsets(sorted_keys: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """int64[G]: end position of each group g in keys sorted ascending (binary search)."""
+    bounds = torch.arange(1, num_groups + 1, device=sorted_keys.device, dtype=sorted_keys.dtype)
+    return torch.searchsorted(sorted_keys, bounds)
+
+
 def capacity_dropped(
     expert_indices: torch.Tensor, num_experts: int, capacity_factor: float
 ) -> torch.Tensor:
@@ -211,11 +230,10 @@ def capacity_dropped(
     num_tokens, max_k = expert_indices.shape
     selected = expert_indices >= 0
     key = torch.where(selected, expert_indices, num_experts).t().reshape(-1)  # [K*N] slot-major
-    order = torch.argsort(key, stable=True)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=key.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    starts = torch.cumsum(counts, dim=0) - counts  # [E+1]
-    rank_sorted = torch.arange(key.numel(), device=key.device) - starts[key[order]]
+    sorted_key, order = torch.sort(key, stable=True)
+    ends = group_offsets(sorted_key, num_experts + 1)  # [E+1]
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    rank_sorted = torch.arange(key.numel(), device=key.device) - starts[sorted_key]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # [K*N]
     rank = rank.reshape(max_k, num_tokens).t()  # [N, K]
     capacity = torch.ceil(capacity_factor * selected.sum() / num_experts)
@@ -224,11 +242,7 @@ def capacity_dropped(
 
 def expert_counts(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """int64[E]: how often each expert was selected; -1 padding is ignored."""
-    flat = expert_indices.reshape(-1)
-    valid = flat >= 0
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, torch.where(valid, flat, num_experts), torch.ones_like(flat))
-    return counts[:num_experts]
+    return count_values(expert_indices, num_experts)
 
 
 def load_balancing_loss(
@@ -463,35 +477,48 @@ class SwiGLUExperts(nn.Module):
         nn.init.normal_(self.w_gate_up, std=hidden_size**-0.5)
         nn.init.normal_(self.w_down, std=inner_size**-0.5)
 
-    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Runs expert e on rows [offsets[e-1], offsets[e]) of x_sorted.
+    def forward(
+        self, x_sorted: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Runs expert e on rows [offsets[e-1], offsets[e]) of x_sorted, scaled per row.
 
         Args:
             x_sorted: float[M, D], rows grouped by expert; rows past offsets[-1] are ignored
                 (their outputs are undefined).
             offsets: int32[E], end row of each expert's group (cumulative counts).
+            row_weights: float32[M], the routing weight of each row's token-expert pair,
+                applied to the F-wide activation before the down projection (half the
+                elements of scaling the D-wide output).
+
+        Returns:
+            float[M, D]: ``weight * expert(x)`` per row.
         """
         key = (x_sorted.device.type, x_sorted.dtype)
         if hasattr(torch, "_grouped_mm") and key not in _GROUPED_MM_BROKEN:
             try:
-                return self._grouped(x_sorted, offsets)
+                return self._grouped(x_sorted, offsets, row_weights)
             except RuntimeError:  # device or dtype not supported by this torch build
                 _GROUPED_MM_BROKEN.add(key)
-        return self._looped(x_sorted, offsets)
+        return self._looped(x_sorted, offsets, row_weights)
 
-    def _grouped(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def _grouped(
+        self, x_sorted: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor
+    ) -> torch.Tensor:
         gate_up = torch._grouped_mm(x_sorted, self.w_gate_up.transpose(-2, -1), offs=offsets)
         gate, up = gate_up.chunk(2, dim=-1)  # [M, F] each
-        hidden = F.silu(gate) * up
+        hidden = F.silu(gate) * up * row_weights.unsqueeze(-1).to(up.dtype)
         return torch._grouped_mm(hidden, self.w_down.transpose(-2, -1), offs=offsets)
 
-    def _looped(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def _looped(
+        self, x_sorted: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros_like(x_sorted)
         start = 0
         for expert, end in enumerate(offsets.tolist()):  # one host sync, fallback only
             if end > start:
                 gate, up = F.linear(x_sorted[start:end], self.w_gate_up[expert]).chunk(2, dim=-1)
-                out[start:end] = F.linear(F.silu(gate) * up, self.w_down[expert])
+                scale = row_weights[start:end].unsqueeze(-1).to(up.dtype)
+                out[start:end] = F.linear(F.silu(gate) * up * scale, self.w_down[expert])
             start = end
         return out
 
@@ -532,24 +559,30 @@ class MoELayer(nn.Module):
                 f"hidden_states dtype must match the experts' dtype {self.experts.w_down.dtype}; "
                 f"got dtype={flat.dtype} (cast the input or call layer.to(dtype))"
             )
-        num_experts = self.config.num_experts
+        num_experts, num_tokens = self.config.num_experts, flat.shape[0]
         with record_function(span_name("dispatch")):
             active = routing.active.reshape(-1)  # [N*K]
             key = torch.where(active, routing.expert_indices.reshape(-1), num_experts)
-            order = torch.argsort(key, stable=True)  # [N*K], pairs grouped by expert
-            counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-            counts.scatter_add_(0, key, torch.ones_like(key))
-            offsets = torch.cumsum(counts[:num_experts], dim=0).to(torch.int32)  # [E]
-            token_of_pair = order // routing.max_k  # [N*K]
-            x_sorted = flat[token_of_pair]  # [N*K, D]
+            sorted_key, order = torch.sort(key, stable=True)  # [N*K], pairs grouped by expert
+            offsets = group_offsets(sorted_key, num_experts).to(torch.int32)  # [E]
+            active_sorted = sorted_key < num_experts
+            # Inactive rows (padding, drops) read and write a spare row N: the grouped matmul
+            # leaves rows past offsets[-1] undefined, forward and backward, and this keeps
+            # that garbage out of every real token's output and gradient.
+            token_of_pair = torch.where(active_sorted, order // routing.max_k, num_tokens)
+            x_sorted = F.pad(flat, (0, 0, 0, 1))[token_of_pair]  # [N*K, D]
+            # where, not a product: it also stops the padding rows' undefined gradients.
+            row_weights = torch.where(active_sorted, routing.expert_weights.reshape(-1)[order], 0.0)
         with record_function(span_name("experts")):
-            y_sorted = self.experts(x_sorted, offsets)  # [N*K, D]
+            y_sorted = self.experts(x_sorted, offsets, row_weights)  # [N*K, D], weighted
         with record_function(span_name("combine")):
-            weight = routing.expert_weights.reshape(-1)[order].unsqueeze(-1)  # [N*K, 1]
-            # Accumulate in float32: a token sums up to max_k expert outputs.
-            contrib = torch.where(active[order].unsqueeze(-1), y_sorted.float() * weight, 0.0)
-            out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
-            out.index_add_(0, token_of_pair, contrib)
+            # Back to (token, slot) order, then sum the K slots in float32: one read of the
+            # expert outputs, no float32 copy of them, no atomics.
+            pair_of_row = torch.where(active_sorted, order, num_tokens * routing.max_k)
+            by_pair = y_sorted.new_zeros(num_tokens * routing.max_k + 1, flat.shape[-1])
+            by_pair.index_copy_(0, pair_of_row, y_sorted)
+            by_pair = by_pair[:-1].view(num_tokens, routing.max_k, -1)  # [N, K, D]
+            out = by_pair.sum(dim=1, dtype=torch.float32)  # [N, D]
             out = torch.where(routing.nonfinite.unsqueeze(-1), math.nan, out)
         return MoEOutput(out.to(flat.dtype).reshape(hidden_states.shape), routing)
 

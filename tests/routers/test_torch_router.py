@@ -371,10 +371,52 @@ def test_looped_experts_equal_grouped() -> None:
     order = torch.argsort(key, stable=True)
     offsets = torch.bincount(key, minlength=7)[:6].cumsum(0).to(torch.int32)
     rows = x[order // d.max_k]
+    weights = torch.rand(rows.shape[0])
     n = int(offsets[-1])
     torch.testing.assert_close(
-        layer.experts._looped(rows, offsets)[:n], layer.experts._grouped(rows, offsets)[:n]
+        layer.experts._looped(rows, offsets, weights)[:n],
+        layer.experts._grouped(rows, offsets, weights)[:n],
     )
+
+
+class _PoisonPadding(torch.autograd.Function):
+    """Sets rows past offsets[-1] to NaN in the forward output and in the backward gradient."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(offsets)
+        return _poison(out, offsets)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (offsets,) = ctx.saved_tensors
+        return _poison(grad, offsets), None
+
+
+def _poison(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    pad = torch.arange(t.shape[0]).unsqueeze(-1) >= offsets[-1]
+    return torch.where(pad, torch.nan, t)
+
+
+def test_padding_rows_never_poison_outputs_or_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The grouped matmul leaves rows past the last group undefined, forward and backward:
+    # make them NaN both ways and check that no real output or gradient sees them.
+    real = torch._grouped_mm
+
+    def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return _PoisonPadding.apply(real(a, b, offs=offs), offs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", grouped_mm)
+    torch.manual_seed(12)
+    layer = MoELayer(tiny_config(min_k=1, max_k=3, capacity_factor=1.0))
+    x = torch.randn(40, 16, requires_grad=True)
+    out = layer(x)
+    assert int((out.routing.k_per_token < 3).sum()) > 0
+    (out.hidden_states.square().sum() + out.routing.aux_loss).backward()
+    assert bool(torch.isfinite(out.hidden_states).all())
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and bool(torch.isfinite(param.grad).all()), name
 
 
 # --------------------------------------------------------------------- CUDA
