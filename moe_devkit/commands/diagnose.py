@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--seed", type=int, default=0)
     work.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     work.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    work.add_argument(
+        "--framework",
+        choices=("torch", "jax"),
+        default="torch",
+        help="run the PyTorch or the JAX reference model (same weights for the same seed)",
+    )
     parser.add_argument(
         "--out", default="moe_devkit_report", help="directory of report.json/.png/.html"
     )
@@ -58,6 +64,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
         )
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    if getattr(args, "framework", "torch") == "jax":
+        from moe_devkit.commands._diagnose_jax import run_jax
+
+        return _finish(run_jax(args, config, console), args, console)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     torch.manual_seed(args.seed)
     model = MoEModel(config, num_layers=args.layers).to(device=device, dtype=dtype).eval()
@@ -74,7 +84,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
             )
             model(batch.hidden_states.to(device=device, dtype=dtype))
             progress.advance(task)
-    summary = inspector.summary()
+    return _finish(inspector.summary(), args, console)
+
+
+def _finish(summary: Any, args: argparse.Namespace, console: Console) -> int:
+    """Prints the summary, writes the report files; 1 when an error-level alarm fired."""
     print_summary(console, summary.layers, summary.findings)
     paths = write_report_files(summary, args.out, console)
     console.print(f"report: {paths.json}  {paths.png}  {paths.html}", highlight=False)

@@ -1,0 +1,84 @@
+"""``moe-devkit diagnose --framework jax``: the JAX reference model on the built-in workload.
+
+The model is initialised exactly as the PyTorch path does (``torch.manual_seed(seed)``, then
+``MoEModel``) and converted, so the same seed routes with the same weights in both
+frameworks. Each step is one jitted call returning the routing statistics as an auxiliary
+output; ``JaxRouterInspector`` accumulates them and writes the same report.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+
+from moe_devkit.cli import UsageError
+
+
+def require_jax() -> None:
+    """Raises UsageError with the install hint if jax is not importable."""
+    try:
+        import jax  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--framework jax needs JAX; install it with `pip install 'moe-devkit[jax]'`"
+        ) from None
+
+
+def resolve_jax_device(name: str) -> Any:
+    """'auto' is JAX's default device; 'cpu', 'cuda' or 'cuda:N' pick one, else UsageError."""
+    import jax
+
+    if name == "auto":
+        return jax.devices()[0]
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}")
+    try:
+        devices = jax.devices("cpu" if kind == "cpu" else "gpu")
+    except RuntimeError:
+        raise UsageError(f"--device {name} was asked for but JAX sees no such device") from None
+    if int(index or 0) >= len(devices):
+        raise UsageError(f"--device {name}: JAX sees only {len(devices)} {kind} device(s)")
+    return devices[int(index or 0)]
+
+
+def run_jax(args: argparse.Namespace, config: Any, console: Console) -> Any:
+    """Runs ``args.steps`` jitted forward passes; returns the inspector's summary."""
+    require_jax()
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from moe_devkit.inspect.jax_inspector import JaxRouterInspector, model_routing_stats
+    from moe_devkit.routers import jax_router, torch_router
+    from moe_devkit.routers.convert import tensor_to_jax, torch_to_jax
+    from moe_devkit.workloads import mixed_difficulty_batch
+
+    device = resolve_jax_device(args.device)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
+    torch.manual_seed(args.seed)
+    params = jax.device_put(torch_to_jax(torch_router.MoEModel(config, args.layers), dtype), device)
+    model = jax_router.MoEModel(config, num_layers=args.layers)
+    inspector = JaxRouterInspector()
+    bins = inspector.config.complexity_bins
+
+    @jax.jit
+    def step(params: Any, hidden_states: Any, key: Any) -> Any:
+        out = model(params, hidden_states)
+        return model_routing_stats(out.routings, complexity_bins=bins, key=key)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    key = jax.random.key(args.seed)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("routing (jax)", total=args.steps)
+        for i in range(args.steps):
+            batch = mixed_difficulty_batch(
+                args.batch, args.seq, config.hidden_size, generator=generator
+            )
+            hidden = jax.device_put(tensor_to_jax(batch.hidden_states, dtype), device)
+            inspector.record_model(step(params, hidden, jax.random.fold_in(key, i)))
+            progress.advance(task)
+    return inspector.summary()
