@@ -13,12 +13,23 @@ decision into bounded, on-device running statistics:
 Every update is a tensor operation on the decision's device: no ``.item()``, no ``nonzero``,
 no ``bincount``, hence no host synchronisation. Values reach the host only in ``summary()``
 and ``report()``.
+
+Under ``torch.compile`` the hooks trace into the graph without a break (``fullgraph=True``):
+the reservoir's random keys are a counter-based hash (no ``torch.Generator``), and the
+host-side bookkeeping (the Python step count, trend windows, wall-clock time) is skipped
+while compiling; compiled steps are counted in a device tensor instead. So a compiled model
+records the same counts, histograms, moments, losses, co-activation and sample as in eager
+mode, but no trend windows or time range for its compiled steps.
+
+Hooks skip the second forward that activation checkpointing runs during the backward pass
+(see ``in_backward_recompute``), so each step is recorded once.
 """
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -91,7 +102,8 @@ class LayerState:
         self.res_keys = torch.full((config.reservoir_size,), float("inf"), device=device)
         self.res_complexity = torch.zeros(config.reservoir_size, device=device)
         self.res_k = torch.full((config.reservoir_size,), -1, **i64)  # type: ignore[arg-type]
-        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.tokens_seen = torch.zeros((), dtype=torch.int64, device=device)  # reservoir keys
+        self.compiled_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.steps = 0
         self.first_time: float | None = None
         self.last_time: float | None = None
@@ -117,12 +129,20 @@ class LayerState:
         self.dropped += d.dropped.sum()
         self.loss_sums += torch.stack([d.load_balancing_loss, d.z_loss]).detach().double()
         self._update_moments(complexity, finite)
-        if cfg.coactivation_every and self.steps % cfg.coactivation_every == 0:
+        compiling = torch.compiler.is_compiling()
+        every = cfg.coactivation_every
+        if every and (compiling or self.steps % every == 0):
             multi_hot = torch.zeros(indices.shape[0], num_experts + 1, device=flat.device)
             multi_hot.scatter_(1, torch.where(indices >= 0, indices, num_experts), 1.0)
             multi_hot = multi_hot[:, :num_experts]  # [N, E]
+            if compiling and every > 1:  # a Python step test would recompile every step
+                due = (self.steps + self.compiled_steps) % every == 0
+                multi_hot = multi_hot * due
             self.coactivation += (multi_hot.t() @ multi_hot).double()
         self._update_reservoir(complexity.float(), k)
+        if compiling:  # host-side bookkeeping (windows, wall time) stays out of the graph
+            self.compiled_steps += 1
+            return
         self.steps += 1
         if self.steps % self.window == 0:
             self._snapshot()
@@ -148,7 +168,9 @@ class LayerState:
 
     def _update_reservoir(self, complexity: torch.Tensor, k: torch.Tensor) -> None:
         """Keeps the pairs with the smallest random keys: a uniform sample of all tokens."""
-        keys = torch.rand(k.shape[0], device=k.device, generator=self.generator)
+        index = self.tokens_seen + torch.arange(k.shape[0], device=k.device)
+        self.tokens_seen += k.shape[0]
+        keys = _uniform_keys(index, self.config.seed)
         all_keys = torch.cat([self.res_keys, keys])
         keep = torch.topk(all_keys, self.res_keys.shape[0], largest=False, sorted=False).indices
         self.res_keys = all_keys[keep]
@@ -179,7 +201,7 @@ class LayerState:
             "name": self.name,
             "num_experts": self.num_experts,
             "max_k": self.max_k,
-            "steps": self.steps,
+            "steps": self.steps + int(self.compiled_steps),
             "time_range": [self.first_time, self.last_time],
             "counts": self.counts.cpu(),
             "joint": self.joint.cpu(),
@@ -191,7 +213,7 @@ class LayerState:
             "coactivation_steps": (
                 0
                 if not self.config.coactivation_every
-                else -(-self.steps // self.config.coactivation_every)
+                else -(-(self.steps + int(self.compiled_steps)) // self.config.coactivation_every)
             ),
             "snapshots": self.snapshots[:rows].cpu(),
             "snapshot_steps": list(self.snapshot_steps),
@@ -200,10 +222,61 @@ class LayerState:
         }
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _uniform_keys(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """float32[N] in [0, 1): a counter-based hash of int64 token indices (no RNG state).
+
+    Two rounds of a 32-bit multiply-xorshift mix; every product stays below 2**63, so int64
+    arithmetic never overflows on any backend. Compiles without a graph break, unlike a
+    ``torch.Generator``, and leaves the model's random streams untouched.
+    """
+    h = (index + ((seed * 0x9E3779B9) & _MASK32)) & _MASK32
+    for multiplier in (0x7FEB352D, 0x2C1B3C6D):
+        h = h ^ (h >> 16)
+        h = (h * multiplier) & _MASK32
+    h = h ^ (h >> 15)
+    return (h >> 8).float() / float(1 << 24)
+
+
+def in_backward_recompute() -> bool:
+    """True while autograd's engine runs a forward: activation checkpointing's recompute.
+
+    Checkpointing (reentrant or not, including transformers' gradient checkpointing) runs a
+    layer's forward a second time inside the backward pass; hooks skip that call so a step
+    is recorded once. Always False under torch.compile, which recomputes inside its graphs.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
 def _is_router(module: nn.Module) -> bool:
     from moe_devkit.routers.torch_router import DynamicMoERouter, StaticTopKRouter
 
     return isinstance(module, DynamicMoERouter | StaticTopKRouter)
+
+
+Hook = Callable[[nn.Module, Any, Any], None]
+
+
+def _adapter_hooks(
+    inspector: RouterInspector, model: nn.Module, *, required: bool
+) -> list[tuple[nn.Module, Hook]]:
+    """Hooks from the adapter registry (moe_devkit.integrations.hf), imported lazily.
+
+    The registry is consulted when it was already imported (a user registered an adapter) or
+    when the model holds a transformers module; otherwise nothing is imported.
+    """
+    registry = "moe_devkit.integrations.hf"
+    if registry not in sys.modules and not any(
+        type(m).__module__.startswith("transformers.") for m in model.modules()
+    ):
+        return []
+    from moe_devkit.integrations.hf import adapter_hooks
+
+    return adapter_hooks(inspector, model, required=required)
 
 
 class RouterInspector:
@@ -229,11 +302,16 @@ class RouterInspector:
     # ------------------------------------------------------------------ attach / detach
 
     def attach(self, model: nn.Module | None = None) -> RouterInspector:
-        """Registers forward hooks on every reference router of ``model``; returns self.
+        """Registers forward hooks on every router of ``model``; returns self.
+
+        Routers are the reference routers and any module a registered adapter converts
+        (transformers MoE models: see moe_devkit.integrations.hf).
 
         Raises:
             TypeError: model is not an nn.Module.
-            ValueError: the model holds no reference router, or the inspector is attached.
+            ValueError: the model holds no router it knows (for an MoE model of an unknown
+                architecture, the message says how to register an adapter), or the
+                inspector is already attached.
         """
         model = model if model is not None else self._model
         if not isinstance(model, nn.Module):
@@ -241,13 +319,15 @@ class RouterInspector:
         if self._handles:
             raise ValueError("the inspector is already attached; call detach() first")
         routers = [(name or "router", m) for name, m in model.named_modules() if _is_router(m)]
-        if not routers:
+        hooks = [(m, self._hook_for(name)) for name, m in routers]
+        hooks += _adapter_hooks(self, model, required=not routers)
+        if not hooks:
             raise ValueError(
-                f"model must contain a moe_devkit router (DynamicMoERouter or StaticTopKRouter); "
-                f"found none in {type(model).__name__}"
+                f"model must contain a moe_devkit router (DynamicMoERouter or StaticTopKRouter) "
+                f"or a router with a registered adapter; found none in {type(model).__name__}"
             )
-        for name, module in routers:
-            self._handles.append(module.register_forward_hook(self._hook_for(name)))
+        for module, hook in hooks:
+            self._handles.append(module.register_forward_hook(hook))
         self._model = model
         return self
 
@@ -276,7 +356,7 @@ class RouterInspector:
 
     def _hook_for(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, RoutingDecision):
+            if isinstance(output, RoutingDecision) and not in_backward_recompute():
                 self.record(output, layer=name)
 
         return hook

@@ -1,0 +1,1 @@
+"""Integrations: transformers models (hf), torch.distributed (distributed); imported lazily."""
