@@ -112,6 +112,15 @@ class ComplexityStats:
         return self._assemble(to_host(self._tensors()))
 
 
+def _device_vector(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """float64[len(values)] filled on the device (torch.tensor(list, device="cuda") would be a
+    synchronous host-to-device copy)."""
+    out = torch.empty(len(values), dtype=torch.float64, device=device)
+    for i, value in enumerate(values):
+        out[i] = float(value)  # a fill kernel, no copy
+    return out
+
+
 def complexity_stats(
     complexity: torch.Tensor, quantiles: Sequence[float] = DEFAULT_QUANTILES
 ) -> ComplexityStats:
@@ -134,7 +143,7 @@ def complexity_stats(
     ordered = torch.sort(scores).values  # NaN sort last
     mean = torch.where(valid, scores, 0.0).sum() / count.clamp_min(1)
     var = torch.where(valid, (scores - mean).square(), 0.0).sum() / count.clamp_min(1)
-    levels = torch.tensor(list(quantiles), dtype=torch.float64, device=scores.device)
+    levels = _device_vector(quantiles, scores.device)
     pos = levels * (count - 1).clamp_min(0)  # [Q] fractional order statistic
     low, high = pos.floor().long(), pos.ceil().long()
     frac = pos - low
