@@ -8,9 +8,10 @@ everything on the device for the inspector.
 Tie semantics. ``torch.topk`` resolves a tie at the k boundary (the k-th and (k+1)-th largest
 logits equal) in an implementation-defined way that differs between CPU and CUDA and between
 k values. ``debug_expert_selection`` reproduces it exactly: it counts the untied tokens with
-per-token thresholds and re-runs ``topk(k)`` on the few tokens with a boundary tie (or a NaN,
-or an extreme logit). ``selected_experts`` and ``selection_counts_from_logits`` take slots
-``j < k`` of one ``topk(max_k)`` call, which equals ``topk(k)`` except at boundary ties.
+per-token thresholds (amax passes on CPU, one ``topk(max_k)`` elsewhere) and re-runs
+``topk(k)`` on the few tokens with a boundary tie (or a NaN, or an extreme logit).
+``selected_experts`` and ``selection_counts_from_logits`` take slots ``j < k`` of one
+``topk(max_k)`` call, which equals ``topk(k)`` except at boundary ties.
 """
 
 from __future__ import annotations
