@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_devkit.inspect.inspector import InspectorConfig
-from moe_devkit.routers.jax_router import RoutingDecision
+from moe_devkit.routers.jax_router import RoutingDecision, expert_counts
 
 if TYPE_CHECKING:
     from moe_devkit.inspect.report import InspectorSummary, ReportPaths
@@ -93,7 +93,7 @@ def routing_stats(
     """
     num_experts, max_k = decision.num_experts, decision.max_k
     indices = decision.expert_indices
-    counts = _expert_counts(indices, num_experts)
+    counts = expert_counts(indices, num_experts)
     complexity = decision.complexity.astype(jnp.float32)
     finite = ~decision.nonfinite & jnp.isfinite(complexity)
     cbin = (jnp.clip(jnp.nan_to_num(complexity), 0, 1) * complexity_bins).astype(jnp.int32)
@@ -142,11 +142,6 @@ def model_routing_stats(
 def _slot(indices: jax.Array, num_experts: int) -> jax.Array:
     """Indices with the -1 padding sent to an extra bin E."""
     return jnp.where(indices >= 0, indices, num_experts)
-
-
-def _expert_counts(indices: jax.Array, num_experts: int) -> jax.Array:
-    slots = _slot(indices.reshape(-1), num_experts)
-    return jnp.zeros(num_experts + 1, jnp.int32).at[slots].add(1)[:num_experts]
 
 
 def _extrema(complexity: jax.Array, finite: jax.Array) -> jax.Array:

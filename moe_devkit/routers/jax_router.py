@@ -230,6 +230,23 @@ def k_from_top_p(sorted_probs: jax.Array, top_p: float, min_k: int) -> jax.Array
     return jnp.clip(k, min_k, sorted_probs.shape[-1])
 
 
+def count_values(values: jax.Array, num_bins: int) -> jax.Array:
+    """int32[num_bins]: occurrences of each integer value in [0, num_bins); others ignored.
+
+    A scatter-add (XLA's segment sum); values outside the range go to a dropped bin (JAX
+    would otherwise wrap negative indices). PyTorch uses ``histc`` for its GPU contention.
+    """
+    flat = values.reshape(-1)
+    bins = jnp.where((flat >= 0) & (flat < num_bins), flat, num_bins)
+    return jnp.zeros(num_bins, jnp.int32).at[bins].add(1, mode="drop")
+
+
+def group_offsets(sorted_keys: jax.Array, num_groups: int) -> jax.Array:
+    """int32[G]: end position of each group g in keys sorted ascending (binary search)."""
+    bounds = jnp.arange(1, num_groups + 1, dtype=sorted_keys.dtype)
+    return jnp.searchsorted(sorted_keys, bounds).astype(jnp.int32)
+
+
 def capacity_dropped(
     expert_indices: jax.Array, num_experts: int, capacity_factor: float
 ) -> jax.Array:
@@ -242,9 +259,10 @@ def capacity_dropped(
     selected = expert_indices >= 0
     key = jnp.where(selected, expert_indices, num_experts).T.reshape(-1)  # [K*N] slot-major
     order = jnp.argsort(key, stable=True)
-    counts = jnp.zeros(num_experts + 1, jnp.int32).at[key].add(1)
-    starts = jnp.cumsum(counts) - counts  # [E+1]
-    rank_sorted = jnp.arange(key.shape[0]) - starts[key[order]]
+    sorted_key = key[order]
+    ends = group_offsets(sorted_key, num_experts + 1)  # [E+1]
+    starts = jnp.concatenate([jnp.zeros(1, ends.dtype), ends[:-1]])
+    rank_sorted = jnp.arange(key.shape[0]) - starts[sorted_key]
     rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)  # [K*N]
     rank = rank.reshape(max_k, num_tokens).T  # [N, K]
     capacity = jnp.ceil(capacity_factor * selected.sum().astype(jnp.float32) / num_experts)
@@ -253,9 +271,7 @@ def capacity_dropped(
 
 def expert_counts(expert_indices: jax.Array, num_experts: int) -> jax.Array:
     """int32[E]: how often each expert was selected; -1 padding is ignored."""
-    flat = expert_indices.reshape(-1)
-    slot = jnp.where(flat >= 0, flat, num_experts)
-    return jnp.zeros(num_experts + 1, jnp.int32).at[slot].add(1)[:num_experts]
+    return count_values(expert_indices, num_experts)
 
 
 def load_balancing_loss(
@@ -546,35 +562,47 @@ class SwiGLUExperts:
             "w_down": jax.random.normal(k2, (e, d, f)) * f**-0.5,
         }
 
-    def __call__(self, params: Params, x_sorted: jax.Array, offsets: jax.Array) -> jax.Array:
-        """Runs expert e on rows [offsets[e-1], offsets[e]) of x_sorted.
+    def __call__(
+        self, params: Params, x_sorted: jax.Array, offsets: jax.Array, row_weights: jax.Array
+    ) -> jax.Array:
+        """Runs expert e on rows [offsets[e-1], offsets[e]) of x_sorted, scaled per row.
 
         Args:
             x_sorted: float[M, D], rows grouped by expert; rows past offsets[-1] are ignored
                 (their outputs are undefined).
             offsets: int32[E], end row of each expert's group (cumulative counts).
+            row_weights: float32[M], the routing weight of each row's token-expert pair,
+                applied to the F-wide activation before the down projection.
+
+        Returns:
+            float[M, D]: ``weight * expert(x)`` per row.
         """
         if self.implementation == "ragged_dot":
-            return self._grouped(params, x_sorted, offsets)
-        return self._dense(params, x_sorted, offsets)
+            return self._grouped(params, x_sorted, offsets, row_weights)
+        return self._dense(params, x_sorted, offsets, row_weights)
 
-    def _grouped(self, params: Params, x_sorted: jax.Array, offsets: jax.Array) -> jax.Array:
+    def _grouped(
+        self, params: Params, x_sorted: jax.Array, offsets: jax.Array, row_weights: jax.Array
+    ) -> jax.Array:
         group_sizes = jnp.diff(offsets, prepend=0).astype(jnp.int32)  # [E]
         w_gate_up = jnp.swapaxes(params["w_gate_up"], -2, -1)  # [E, D, 2F]
         gate_up = jax.lax.ragged_dot(x_sorted, w_gate_up, group_sizes)  # [M, 2F]
         gate, up = jnp.split(gate_up, 2, axis=-1)  # [M, F] each
-        hidden = jax.nn.silu(gate) * up
+        hidden = jax.nn.silu(gate) * up * row_weights[:, None].astype(up.dtype)
         w_down = jnp.swapaxes(params["w_down"], -2, -1)  # [E, F, D]
         return jax.lax.ragged_dot(hidden, w_down, group_sizes)  # [M, D]
 
-    def _dense(self, params: Params, x_sorted: jax.Array, offsets: jax.Array) -> jax.Array:
+    def _dense(
+        self, params: Params, x_sorted: jax.Array, offsets: jax.Array, row_weights: jax.Array
+    ) -> jax.Array:
         rows = jnp.arange(x_sorted.shape[0])
         out = jnp.zeros_like(x_sorted)
         start = jnp.zeros((), offsets.dtype)
         for expert in range(self.num_experts):  # static loop over experts, not tokens
             end = offsets[expert]
             gate, up = jnp.split(x_sorted @ params["w_gate_up"][expert].T, 2, axis=-1)
-            y = (jax.nn.silu(gate) * up) @ params["w_down"][expert].T
+            scale = row_weights[:, None].astype(up.dtype)
+            y = (jax.nn.silu(gate) * up * scale) @ params["w_down"][expert].T
             out = jnp.where(((rows >= start) & (rows < end))[:, None], y, out)
             start = end
         return out
@@ -591,7 +619,7 @@ class MoEOutput(NamedTuple):
 
 
 class MoELayer:
-    """Router + E SwiGLU experts + sort-based dispatch and segment-sum combine.
+    """Router + E SwiGLU experts + sort-based dispatch and a slot-order combine.
 
     Args:
         config: the router configuration.
@@ -624,22 +652,29 @@ class MoELayer:
                 f"hidden_states dtype must match the experts' dtype {expert_dtype}; "
                 f"got dtype={flat.dtype} (cast the input or the parameters)"
             )
-        num_experts = self.config.num_experts
+        num_experts, num_tokens, max_k = self.config.num_experts, flat.shape[0], routing.max_k
         with jax.named_scope(span_name("dispatch")):
             active = routing.active.reshape(-1)  # [N*K]
             key = jnp.where(active, routing.expert_indices.reshape(-1), num_experts)
             order = jnp.argsort(key, stable=True)  # [N*K], pairs grouped by expert
-            counts = jnp.zeros(num_experts + 1, jnp.int32).at[key].add(1)
-            offsets = jnp.cumsum(counts[:num_experts]).astype(jnp.int32)  # [E]
-            token_of_pair = order // routing.max_k  # [N*K]
-            x_sorted = flat[token_of_pair]  # [N*K, D]
+            sorted_key = key[order]
+            offsets = group_offsets(sorted_key, num_experts)  # [E]
+            active_sorted = sorted_key < num_experts
+            # Inactive rows (padding, drops) read and write a spare row N, as in PyTorch:
+            # rows past offsets[-1] of a grouped matmul are undefined there.
+            token_of_pair = jnp.where(active_sorted, order // max_k, num_tokens)
+            x_sorted = jnp.pad(flat, ((0, 1), (0, 0)))[token_of_pair]  # [N*K, D]
+            # where, not a product: it also stops the padding rows' gradients.
+            row_weights = jnp.where(active_sorted, routing.expert_weights.reshape(-1)[order], 0.0)
         with jax.named_scope(span_name("experts")):
-            y_sorted = self.experts(params["experts"], x_sorted, offsets)  # [N*K, D]
+            y_sorted = self.experts(params["experts"], x_sorted, offsets, row_weights)  # [N*K, D]
         with jax.named_scope(span_name("combine")):
-            weight = routing.expert_weights.reshape(-1)[order][:, None]  # [N*K, 1]
-            # Accumulate in float32: a token sums up to max_k expert outputs.
-            contrib = jnp.where(active[order][:, None], y_sorted.astype(jnp.float32) * weight, 0.0)
-            out = jax.ops.segment_sum(contrib, token_of_pair, num_segments=flat.shape[0])
+            # Back to (token, slot) order, then sum the K slots in float32.
+            pair_of_row = jnp.where(active_sorted, order, num_tokens * max_k)
+            by_pair = jnp.zeros((num_tokens * max_k + 1, flat.shape[-1]), y_sorted.dtype)
+            by_pair = by_pair.at[pair_of_row].set(y_sorted)
+            by_pair = by_pair[:-1].reshape(num_tokens, max_k, -1)  # [N, K, D]
+            out = by_pair.sum(axis=1, dtype=jnp.float32)  # [N, D]
             out = jnp.where(routing.nonfinite[:, None], jnp.nan, out)
         return MoEOutput(out.astype(flat.dtype).reshape(hidden_states.shape), routing)
 
