@@ -392,28 +392,29 @@ def _build(
     capacity_factor: float | None,
 ) -> UtilizationStats:
     """UtilizationStats from checked int64[N, K] indices and int64[N] k."""
-    spearman = None if complexity is None else spearman_correlation(complexity, k)
-    return UtilizationStats(
-        num_tokens=int(indices.shape[0]),
-        num_experts=num_experts,
-        max_k=max_k,
-        balance=load_balance(count_selections(indices, num_experts)),
-        k_histogram=k_histogram(k, max_k),
-        mean_k=mean_k(k),
-        compute_saved=compute_saved(k, max_k),
-        complexity=None if complexity is None else complexity_stats(complexity),
-        complexity_k_spearman=spearman,
-        co_activation=co_activation(indices, num_experts),
-        load_balancing_loss=losses[0],
-        z_loss=losses[1],
-        dropped_pairs=dropped,
-        capacity_factor=capacity_factor,
-    )
+    with torch.no_grad():  # statistics never join the training graph
+        spearman = None if complexity is None else spearman_correlation(complexity, k)
+        return UtilizationStats(
+            num_tokens=int(indices.shape[0]),
+            num_experts=num_experts,
+            max_k=max_k,
+            balance=load_balance(count_selections(indices, num_experts)),
+            k_histogram=k_histogram(k, max_k),
+            mean_k=mean_k(k),
+            compute_saved=compute_saved(k, max_k),
+            complexity=None if complexity is None else complexity_stats(complexity),
+            complexity_k_spearman=spearman,
+            co_activation=co_activation(indices, num_experts),
+            load_balancing_loss=None if losses[0] is None else losses[0].detach(),
+            z_loss=None if losses[1] is None else losses[1].detach(),
+            dropped_pairs=dropped,
+            capacity_factor=capacity_factor,
+        )
 
 
 def _logit_losses(logits: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Switch and z losses over the tokens with finite logits (as the router computes them)."""
-    logits = logits.float()
+    logits = logits.detach().float()
     finite = torch.isfinite(logits).all(dim=-1)
     probs = torch.softmax(torch.where(finite.unsqueeze(-1), logits, 0.0), dim=-1)
     return load_balancing_loss(probs, indices, finite), router_z_loss(logits, finite)

@@ -241,6 +241,7 @@ def test_decision_and_per_layer() -> None:
     model = MoEModel(config, num_layers=2).eval()
     with torch.no_grad():
         routings = model(torch.randn(2, 5, 16)).routings
+    model.train()
     layers = per_layer_utilization(routings)
     assert len(layers) == 2
     first = utilization_from_decision(routings[0])
@@ -248,6 +249,10 @@ def test_decision_and_per_layer() -> None:
     assert same(utilization_to_dicts(layers), [s.to_dict() for s in layers])
     decision = routings[0]
     assert first.num_tokens == 10 and first.max_k == 3
+    training = utilization_from_decision(model(torch.randn(2, 5, 16)).routings[0])
+    assert training.load_balancing_loss is not None
+    assert not training.load_balancing_loss.requires_grad  # no graph kept alive
+    assert training.complexity is not None and not training.complexity.mean.requires_grad
     assert first.to_dict()["load_balancing_loss"] == float(decision.load_balancing_loss)
     assert first.to_dict()["dropped_pairs"] == 0
     summary = first.summary()
