@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_devkit.routers.torch_router import RoutingDecision
+from moe_devkit.routers.torch_router import RoutingDecision, count_values
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +57,8 @@ class InspectorConfig:
         drift_k: alarm when mean k moves by more than this between first and last window.
         drift_complexity: same for mean complexity.
         seed: seed of the reservoir's random keys.
+        cuda_graphs: on CUDA, replay each update from a captured CUDA graph (one launch per
+            step; up to 4 input shapes per layer, eager beyond).
     """
 
     window: int = 50
@@ -70,6 +72,7 @@ class InspectorConfig:
     drift_k: float = 0.5
     drift_complexity: float = 0.15
     seed: int = 0
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("window", "max_windows", "complexity_bins", "reservoir_size"):
@@ -104,51 +107,117 @@ class LayerState:
         self.res_k = torch.full((config.reservoir_size,), -1, **i64)  # type: ignore[arg-type]
         self.tokens_seen = torch.zeros((), dtype=torch.int64, device=device)  # reservoir keys
         self.compiled_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.stream: torch.cuda.Stream | None = (
+            torch.cuda.Stream(device=device)
+            if device.type == "cuda" and not torch.compiler.is_compiling()
+            else None
+        )
+        self._graphs: dict[Any, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self.steps = 0
         self.first_time: float | None = None
         self.last_time: float | None = None
 
     @torch.no_grad()
     def update(self, d: RoutingDecision) -> None:
-        """Folds one decision into the statistics (device ops only)."""
-        cfg, num_experts, kk = self.config, self.num_experts, self.max_k + 1
-        indices = d.expert_indices.detach()
-        flat = indices.reshape(-1)
-        selected = flat >= 0
-        slot = torch.where(selected, flat, num_experts)
-        counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-        counts.scatter_add_(0, slot, torch.ones_like(slot))
-        self.counts += counts[:num_experts]
-        complexity = d.complexity.detach().to(torch.float64)
-        finite = ~d.nonfinite & torch.isfinite(complexity)
-        bins = cfg.complexity_bins
-        cbin = (complexity.nan_to_num(0.0).clamp(0, 1) * bins).long().clamp_max(bins - 1)
-        cbin = torch.where(finite, cbin, bins)
-        k = d.k_per_token.detach().clamp(0, self.max_k)
-        self.joint.view(-1).scatter_add_(0, cbin * kk + k, torch.ones_like(k))
-        self.dropped += d.dropped.sum()
-        self.loss_sums += torch.stack([d.load_balancing_loss, d.z_loss]).detach().double()
-        self._update_moments(complexity, finite)
+        """Folds one decision into the statistics (device ops only, no host sync).
+
+        On CUDA the tensor work is captured once per input shape into a CUDA graph and
+        replayed: one launch instead of about fifty small kernels per step.
+        """
+        inputs = tuple(t.detach() for t in _decision_tensors(d))
+        every = self.config.coactivation_every
         compiling = torch.compiler.is_compiling()
-        every = cfg.coactivation_every
-        if every and (compiling or self.steps % every == 0):
-            multi_hot = torch.zeros(indices.shape[0], num_experts + 1, device=flat.device)
-            multi_hot.scatter_(1, torch.where(indices >= 0, indices, num_experts), 1.0)
-            multi_hot = multi_hot[:, :num_experts]  # [N, E]
-            if compiling and every > 1:  # a Python step test would recompile every step
-                due = (self.steps + self.compiled_steps) % every == 0
-                multi_hot = multi_hot * due
-            self.coactivation += (multi_hot.t() @ multi_hot).double()
-        self._update_reservoir(complexity.float(), k)
-        if compiling:  # host-side bookkeeping (windows, wall time) stays out of the graph
-            self.compiled_steps += 1
+        if compiling:
+            due = None if every <= 1 else (self.steps + self.compiled_steps) % every == 0
+            self._update_tensors(*inputs, coactivation=every > 0, due=due)
+            self.compiled_steps += 1  # host-side bookkeeping stays out of the graph
             return
+        coactivation = bool(every) and self.steps % every == 0
+        if self.stream is not None and self.config.cuda_graphs:
+            self._replay(inputs, coactivation)
+        else:
+            self._update_tensors(*inputs, coactivation=coactivation, due=None)
         self.steps += 1
         if self.steps % self.window == 0:
             self._snapshot()
         now = time.time()
         self.first_time = now if self.first_time is None else self.first_time
         self.last_time = now
+
+    def _update_tensors(
+        self,
+        indices: torch.Tensor,
+        complexity: torch.Tensor,
+        nonfinite: torch.Tensor,
+        k: torch.Tensor,
+        dropped: torch.Tensor,
+        lb_loss: torch.Tensor,
+        z_loss: torch.Tensor,
+        *,
+        coactivation: bool,
+        due: torch.Tensor | None,
+    ) -> None:
+        """The tensor work of one update, all in place (so a CUDA graph can replay it)."""
+        num_experts, kk, bins = self.num_experts, self.max_k + 1, self.config.complexity_bins
+        self.counts += count_values(indices, num_experts)  # histc: no atomics, no sync
+        complexity = complexity.to(torch.float64)
+        finite = ~nonfinite & torch.isfinite(complexity)
+        cbin = (complexity.nan_to_num(0.0).clamp(0, 1) * bins).long().clamp_max(bins - 1)
+        cbin = torch.where(finite, cbin, bins)
+        k = k.clamp(0, self.max_k)
+        self.joint.view(-1).add_(count_values(cbin * kk + k, self.joint.numel()))
+        self.dropped += dropped.sum()
+        self.loss_sums += torch.stack([lb_loss, z_loss]).double()
+        self._update_moments(complexity, finite)
+        if coactivation:
+            multi_hot = torch.zeros(indices.shape[0], num_experts + 1, device=indices.device)
+            multi_hot.scatter_(1, torch.where(indices >= 0, indices, num_experts), 1.0)
+            multi_hot = multi_hot[:, :num_experts]  # [N, E]
+            if due is not None:  # compiled: a Python step test would recompile every step
+                multi_hot = multi_hot * due
+            self.coactivation += (multi_hot.t() @ multi_hot).double()
+        self._update_reservoir(complexity.float(), k)
+
+    def _replay(self, inputs: tuple[torch.Tensor, ...], coactivation: bool) -> None:
+        """Copies the inputs into a captured graph's buffers and replays it."""
+        key = (tuple(t.shape for t in inputs), coactivation)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= _MAX_GRAPHS:  # many shapes: eager is cheaper
+                self._update_tensors(*inputs, coactivation=coactivation, due=None)
+                return
+            entry = self._capture(inputs, coactivation)
+            self._graphs[key] = entry
+        graph, buffers = entry
+        for buffer, value in zip(buffers, inputs, strict=True):
+            buffer.copy_(value, non_blocking=True)
+        graph.replay()
+
+    def _capture(
+        self, inputs: tuple[torch.Tensor, ...], coactivation: bool
+    ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
+        """Captures one update; warm-up and capture run on copies of the state."""
+        buffers = tuple(t.clone() for t in inputs)
+        saved = {name: t.clone() for name, t in self._state_tensors().items()}
+        warm = torch.cuda.Stream(device=inputs[0].device)
+        warm.wait_stream(torch.cuda.current_stream(inputs[0].device))
+        with torch.cuda.stream(warm):
+            for _ in range(2):  # lazy initialisation (cuBLAS handles, allocator) before capture
+                self._update_tensors(*buffers, coactivation=coactivation, due=None)
+        torch.cuda.current_stream(inputs[0].device).wait_stream(warm)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._update_tensors(*buffers, coactivation=coactivation, due=None)
+        for name, value in saved.items():
+            getattr(self, name).copy_(value)
+        return graph, buffers
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        names = (
+            "counts", "joint", "dropped", "loss_sums", "moments", "extrema", "coactivation",
+            "res_keys", "res_complexity", "res_k", "tokens_seen",
+        )  # fmt: skip
+        return {name: getattr(self, name) for name in names}
 
     def _update_moments(self, complexity: torch.Tensor, finite: torch.Tensor) -> None:
         """Chan et al.'s parallel merge of the batch's (n, mean, M2) into the running one."""
@@ -173,9 +242,10 @@ class LayerState:
         keys = _uniform_keys(index, self.config.seed)
         all_keys = torch.cat([self.res_keys, keys])
         keep = torch.topk(all_keys, self.res_keys.shape[0], largest=False, sorted=False).indices
-        self.res_keys = all_keys[keep]
-        self.res_complexity = torch.cat([self.res_complexity, complexity])[keep]
-        self.res_k = torch.cat([self.res_k, k])[keep]
+        # In place, never rebinding: a captured CUDA graph holds these addresses.
+        self.res_complexity.copy_(torch.cat([self.res_complexity, complexity])[keep])
+        self.res_k.copy_(torch.cat([self.res_k, k])[keep])
+        self.res_keys.copy_(all_keys[keep])
 
     def _snapshot(self) -> None:
         """Stores cumulative counts, k histogram and complexity sum at a window's end."""
@@ -195,6 +265,8 @@ class LayerState:
 
     def host_state(self) -> dict[str, Any]:
         """Moves the statistics to the host (the only synchronising call)."""
+        if self.stream is not None:
+            self.stream.synchronize()  # updates run on a side stream
         rows = len(self.snapshot_steps)
         valid = self.res_k >= 0
         return {
@@ -225,6 +297,9 @@ class LayerState:
 _MASK32 = 0xFFFFFFFF
 
 
+_MAX_GRAPHS = 4  # captured input shapes per layer
+
+
 def _uniform_keys(index: torch.Tensor, seed: int) -> torch.Tensor:
     """float32[N] in [0, 1): a counter-based hash of int64 token indices (no RNG state).
 
@@ -250,6 +325,19 @@ def in_backward_recompute() -> bool:
     if torch.compiler.is_compiling():
         return False
     return bool(torch._C._current_graph_task_id() != -1)
+
+
+def _decision_tensors(decision: RoutingDecision) -> tuple[torch.Tensor, ...]:
+    """The decision's tensors that ``LayerState.update`` reads."""
+    return (
+        decision.expert_indices,
+        decision.complexity,
+        decision.nonfinite,
+        decision.k_per_token,
+        decision.dropped,
+        decision.load_balancing_loss,
+        decision.z_loss,
+    )
 
 
 def _is_router(module: nn.Module) -> bool:
@@ -381,7 +469,17 @@ class RouterInspector:
                 f"max_k={state.max_k}; got num_experts={decision.num_experts}, "
                 f"max_k={decision.max_k}"
             )
-        state.update(decision)
+        if state.stream is None:
+            state.update(decision)
+            return
+        # On CUDA the update runs on a side stream, after the decision is computed, so its
+        # small kernels overlap the model's next ones instead of lengthening the forward.
+        main = torch.cuda.current_stream(state.stream.device)
+        state.stream.wait_stream(main)
+        with torch.cuda.stream(state.stream):
+            state.update(decision)
+        for tensor in _decision_tensors(decision):
+            tensor.record_stream(state.stream)  # keep its memory until the update has run
 
     def inspect_routing_decision(
         self,

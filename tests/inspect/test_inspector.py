@@ -238,3 +238,25 @@ def test_cuda_recording_makes_no_host_sync() -> None:
             torch.cuda.set_sync_debug_mode(0)
     layer = inspector.summary().layers["layers.0.moe.router"]
     assert layer["steps"] == 6 and layer["tokens"] == 6 * 1024
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager_updates() -> None:
+    config = RouterConfig(hidden_size=64, num_experts=8, max_k=4, expert_hidden_size=64)
+    model = MoEModel(config, num_layers=1).to("cuda")
+    graphed = RouterInspector(config=InspectorConfig(window=3, coactivation_every=2))
+    eager = RouterInspector(
+        config=InspectorConfig(window=3, coactivation_every=2, cuda_graphs=False)
+    )
+    graphed.attach(model)
+    eager.attach(model)
+    with torch.no_grad():
+        for step in range(9):
+            tokens = 128 if step % 3 else 96  # two shapes: two captured graphs
+            model(torch.randn(tokens, 64, device="cuda") * (1 + step))
+    a = graphed.summary().layers["layers.0.moe.router"]
+    b = eager.summary().layers["layers.0.moe.router"]
+    for key in ("utilization", "k", "coactivation", "windows", "sample", "tokens", "steps"):
+        assert a[key] == b[key], key
+    assert a["complexity"]["mean"] == pytest.approx(b["complexity"]["mean"])
+    assert a["complexity"]["std"] == pytest.approx(b["complexity"]["std"])
