@@ -36,6 +36,18 @@ JAX_DEBUG_ENV: Mapping[str, str] = {
 JAX_PLATFORMS: Mapping[str, str] = {"cpu": "cpu", "gpu": "cuda"}
 
 
+def jax_cache_env() -> dict[str, str]:
+    """A persistent compilation cache for every op: with jit off, JAX compiles each primitive
+    on first use (hundreds of small compiles a step), so a second debug run starts in a
+    third of the time."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return {
+        "JAX_COMPILATION_CACHE_DIR": os.path.join(base, "moe-devkit", "jax-debug"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
+
+
 def apply_env(
     variables: Mapping[str, str], environ: MutableMapping[str, str] | None = None
 ) -> dict[str, str]:
@@ -51,14 +63,14 @@ def apply_env(
 
 
 def jax_env(platform: str) -> dict[str, str]:
-    """The JAX debugging variables plus ``JAX_PLATFORMS`` for ``platform`` ("cpu" or "gpu").
+    """The JAX debugging variables, the compilation cache and ``JAX_PLATFORMS`` for ``platform``.
 
     Raises:
         ValueError: an unknown platform.
     """
     if platform not in JAX_PLATFORMS:
         raise ValueError(f"platform must be one of {sorted(JAX_PLATFORMS)}; got {platform!r}")
-    return {**JAX_DEBUG_ENV, "JAX_PLATFORMS": JAX_PLATFORMS[platform]}
+    return {**JAX_DEBUG_ENV, **jax_cache_env(), "JAX_PLATFORMS": JAX_PLATFORMS[platform]}
 
 
 def configure_jax(platform: str) -> None:
