@@ -139,9 +139,14 @@ def flatten_tokens(hidden_states: object, hidden_size: int) -> tuple[torch.Tenso
     return hidden_states.reshape(-1, hidden_size), batch_shape  # [N, D]
 
 
-def _find_nonfinite(flat: torch.Tensor, router_logits: torch.Tensor, policy: str) -> torch.Tensor:
-    """bool[N]: tokens whose input or logits hold NaN/Inf; raises under policy "raise"."""
-    nonfinite = ~(torch.isfinite(flat).all(dim=-1) & torch.isfinite(router_logits).all(dim=-1))
+def _find_nonfinite(router_logits: torch.Tensor, policy: str) -> torch.Tensor:
+    """bool[N]: tokens whose input or logits hold NaN/Inf; raises under policy "raise".
+
+    Only the logits are scanned ([N, E], not [N, D]): every logit sums over every input
+    feature, and NaN * w and Inf * 0 are NaN, so a non-finite input always gives a non-finite
+    logit row.
+    """
+    nonfinite = ~torch.isfinite(router_logits).all(dim=-1)
     if policy == "raise" and bool(nonfinite.any()):  # host sync, by the user's choice
         count = int(nonfinite.sum())
         first = int(nonfinite.int().argmax())
@@ -326,7 +331,7 @@ class _RouterBase(nn.Module):
     ) -> RoutingDecision:
         """Masks, weights, capacity and losses from the chosen k (all on device)."""
         cfg = self.config
-        nonfinite = _find_nonfinite(flat, router_logits, cfg.nonfinite_policy)
+        nonfinite = _find_nonfinite(router_logits, cfg.nonfinite_policy)
         finite = ~nonfinite
         k_per_token = torch.where(nonfinite, 0, k_per_token)
         max_k = top_indices.shape[-1]
