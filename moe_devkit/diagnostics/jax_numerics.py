@@ -19,6 +19,7 @@ The finding has the format of ``NumericsGuard``'s (code ``nonfinite-output``, ph
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import traceback
@@ -62,7 +63,7 @@ def locate_nonfinite(
         source line that produced one.
     """
     name = location or getattr(fn, "__name__", type(fn).__name__)
-    err, out = checkify.checkify(fn, errors=checkify.float_checks)(*args)
+    err, out = _checked(fn)(*args)
     checkify_message = err.get()
     bad_inputs = nonfinite_leaves(args)
     bad_outputs = nonfinite_leaves(out, prefix="output")
@@ -88,6 +89,12 @@ def locate_nonfinite(
         "also_nonfinite": (bad_inputs[1:] + bad_outputs)[:10],
     }
     return Finding("nonfinite-output", "error", message, location=name, step=step, details=details)
+
+
+@functools.lru_cache(maxsize=32)
+def _checked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` checkified and jitted, cached so repeated checks compile once per shape."""
+    return jax.jit(checkify.checkify(fn, errors=checkify.float_checks))
 
 
 def _first_bad_primitive(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, Any]:
