@@ -121,6 +121,8 @@ def count_selections(expert_indices: torch.Tensor, num_experts: int) -> torch.Te
     outside [-1, E) land in discarded buckets instead of failing on the device.
     """
     flat = expert_indices.reshape(-1)
+    if flat.dtype not in (torch.int32, torch.int64):
+        flat = flat.long()  # index_add_ takes int32 or int64 indices
     bucket = (flat + 1).clamp_(0, num_experts + 1)  # 0: padding, 1..E: experts, E+1: too large
     ones = torch.ones(1, dtype=torch.int64, device=flat.device).expand(flat.numel())
     counts = torch.zeros(num_experts + 2, dtype=torch.int64, device=flat.device)
@@ -138,7 +140,7 @@ def selected_experts(
     """int64[N, max_k]: the top-k experts of each token, decreasing, -1 padded.
 
     Slots ``j < k`` of ``topk(max_k)``; no host sync when ``max_k`` is given and
-    ``validate=False``.
+    ``validate=False`` (then a k above max_k selects max_k experts).
 
     Args:
         router_logits: float[..., E].
