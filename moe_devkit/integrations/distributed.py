@@ -1,0 +1,309 @@
+"""Global routing statistics over torch.distributed ranks, reduced at summary time only.
+
+Each rank's ``RouterInspector`` keeps its statistics on its own device and never talks to
+the other ranks while training. ``distributed_summary`` (a collective: every rank calls it)
+first checks in with every rank over a gloo group with a timeout, so a rank that failed or
+never calls it gives ``RankTimeoutError`` on the others instead of a hang, then gathers
+every rank's statistics in one ``all_gather`` and merges them on the host:
+
+* counts, k/complexity histogram, drops, loss sums, co-activation and steps are summed;
+* complexity mean and variance are merged with Chan et al.'s parallel formula, extrema by
+  min/max; trend windows are summed when all ranks took the same steps (else omitted);
+* the reservoir keeps the smallest keys of all ranks' samples.
+
+Each layer of the result carries ``per_rank_counts`` (E counts per rank), ``per_rank_tokens``,
+``per_rank_steps`` and ``rank_imbalance`` (max over mean tokens per rank): the per-rank load.
+A rank that recorded no decision for a layer contributes zeros to it.
+
+With NCCL, the data goes through the NCCL group (tensors on the rank's current CUDA device)
+and the check-in through a gloo group created from it; create that group at start-up with
+``control_group()`` while every rank is alive (creating a group is itself collective).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moe_devkit.inspect.inspector import LayerState, RouterInspector
+from moe_devkit.inspect.report import InspectorSummary, ReportPaths, write_report
+
+DEFAULT_TIMEOUT_S = 60.0
+
+_CONTROL_GROUPS: dict[int, Any] = {}
+
+
+class RankTimeoutError(RuntimeError):
+    """Some rank did not reach the inspector's reduction within the timeout."""
+
+
+def control_group(group: Any = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> Any:
+    """The gloo group the check-in runs on: ``group`` itself when it is gloo.
+
+    Collective the first time for a non-gloo group: call it on every rank, at start-up.
+
+    Args:
+        group: the process group whose ranks are reduced (default: the world).
+        timeout: seconds the check-in waits for every rank.
+    """
+    if _backend(group) == "gloo":
+        return group
+    key = id(group)
+    if key not in _CONTROL_GROUPS:
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        _CONTROL_GROUPS[key] = dist.new_group(
+            ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout)
+        )
+    return _CONTROL_GROUPS[key]
+
+
+def distributed_summary(
+    inspector: RouterInspector, *, group: Any = None, timeout: float = DEFAULT_TIMEOUT_S
+) -> InspectorSummary:
+    """The inspector's summary over all ranks of ``group``, with the per-rank load.
+
+    Collective: every rank calls it and gets the same summary.
+
+    Args:
+        inspector: this rank's inspector.
+        group: the process group (default: the world).
+        timeout: seconds to wait for every rank to arrive.
+
+    Raises:
+        RuntimeError: torch.distributed is not initialised.
+        RankTimeoutError: a rank failed, exited or did not call it within ``timeout``.
+        ValueError: ranks recorded a layer with different num_experts or max_k.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "distributed_summary needs torch.distributed initialised "
+            "(dist.init_process_group); use inspector.summary() in a single process"
+        )
+    control = control_group(group, timeout=timeout)
+    _check_in(control, timeout)
+    local = {name: _local_layer(state) for name, state in inspector.layers.items()}
+    metas = _all_gather_object({n: v["meta"] for n, v in local.items()}, control, timeout)
+    layout = _layout(metas)
+    world = len(metas)
+    gathered = _all_gather_tensor(_pack(local, layout, inspector), group, world)
+    merged = RouterInspector(config=inspector.config)
+    per_rank: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for name, (num_experts, max_k) in layout.items():
+        size = _packed_size(num_experts, max_k, inspector)
+        rows = gathered[:, offset : offset + size]
+        offset += size
+        merged.layers[name], per_rank[name] = _merge(name, rows, metas, num_experts, max_k, merged)
+    summary = merged.summary()
+    for name, extra in per_rank.items():
+        summary.layers[name].update(extra)
+    return InspectorSummary(
+        layers=summary.layers,
+        findings=summary.findings,
+        config={**summary.config, "world_size": world},
+    )
+
+
+def distributed_report(
+    inspector: RouterInspector,
+    out_dir: str = "moe_devkit_report",
+    *,
+    group: Any = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    dst: int = 0,
+) -> ReportPaths | None:
+    """Writes the global report on rank ``dst`` (collective; other ranks return None)."""
+    summary = distributed_summary(inspector, group=group, timeout=timeout)
+    if dist.get_rank() != dst:
+        return None
+    return write_report(summary, out_dir)
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _backend(group: Any) -> str:
+    return str(dist.get_backend(group)).lower()
+
+
+def _check_in(control: Any, timeout: float) -> None:
+    """A monitored barrier: names the missing ranks on rank 0, times out on the others."""
+    try:
+        dist.monitored_barrier(
+            group=control, timeout=timedelta(seconds=timeout), wait_all_ranks=True
+        )
+    except RuntimeError as err:  # DistBackendError and gloo's timeouts are RuntimeErrors
+        raise _timeout_error(timeout, err) from err
+
+
+def _timeout_error(timeout: float, err: BaseException) -> RankTimeoutError:
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return RankTimeoutError(
+        f"rank {dist.get_rank()} of {dist.get_world_size()}: not every rank reached the "
+        f"inspector's reduction within {timeout:g} s; a rank failed, exited or did not call "
+        f"distributed_summary/distributed_report (every rank must call it). Backend: {detail}"
+    )
+
+
+def _all_gather_object(obj: Any, control: Any, timeout: float) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size(control)
+    try:
+        dist.all_gather_object(out, obj, group=control)
+    except RuntimeError as err:
+        raise _timeout_error(timeout, err) from err
+    return out
+
+
+def _all_gather_tensor(packed: torch.Tensor, group: Any, world: int) -> torch.Tensor:
+    """[world, L] float64 on the host; on the current CUDA device in between for NCCL."""
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if _backend(group) == "nccl"
+        else torch.device("cpu")
+    )
+    packed = packed.to(device)
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(parts, packed, group=group)
+    return torch.stack(parts).cpu()
+
+
+# ----------------------------------------------------------------------------- pack / merge
+
+
+def _local_layer(state: LayerState) -> dict[str, Any]:
+    host = state.host_state()  # synchronises this rank's device once
+    meta = {
+        "num_experts": state.num_experts,
+        "max_k": state.max_k,
+        "steps": host["steps"],
+        "snapshot_steps": host["snapshot_steps"],
+        "window": state.window,
+        "time_range": host["time_range"],
+    }
+    reservoir = (state.res_keys.cpu(), state.res_complexity.cpu(), state.res_k.cpu())
+    return {"meta": meta, "host": host, "reservoir": reservoir}
+
+
+def _layout(metas: list[dict[str, dict[str, Any]]]) -> dict[str, tuple[int, int]]:
+    """Layer name -> (E, K) over the union of all ranks' layers, sorted by name."""
+    layout: dict[str, tuple[int, int]] = {}
+    for rank, layers in enumerate(metas):
+        for name, meta in layers.items():
+            shape = (meta["num_experts"], meta["max_k"])
+            if layout.setdefault(name, shape) != shape:
+                raise ValueError(
+                    f"layer {name!r} must have the same num_experts and max_k on every rank; "
+                    f"got (num_experts, max_k)={layout[name]} on one rank and {shape} on "
+                    f"rank {rank}"
+                )
+    return dict(sorted(layout.items()))
+
+
+def _packed_size(num_experts: int, max_k: int, inspector: RouterInspector) -> int:
+    cfg = inspector.config
+    kk = max_k + 1
+    return (
+        num_experts  # counts
+        + (cfg.complexity_bins + 1) * kk  # joint
+        + 1 + 2 + 3 + 2  # dropped, loss sums, moments, extrema
+        + num_experts * num_experts  # co-activation
+        + cfg.max_windows * (num_experts + kk + 1)  # snapshots
+        + 3 * cfg.reservoir_size  # keys, complexity, k
+    )  # fmt: skip
+
+
+def _pack(
+    local: dict[str, Any], layout: dict[str, tuple[int, int]], ins: RouterInspector
+) -> torch.Tensor:
+    cfg = ins.config
+    chunks: list[torch.Tensor] = []
+    for name, (num_experts, max_k) in layout.items():
+        if name not in local:  # this rank never ran the layer: zeros, empty reservoir
+            empty = LayerState(name, num_experts, max_k, torch.device("cpu"), cfg)
+            local = {**local, name: _local_layer(empty)}
+        host, (keys, comp, ks) = local[name]["host"], local[name]["reservoir"]
+        snapshots = torch.zeros(cfg.max_windows, num_experts + max_k + 2, dtype=torch.float64)
+        snapshots[: host["snapshots"].shape[0]] = host["snapshots"]
+        parts = [
+            host["counts"], host["joint"], torch.tensor([host["dropped"]]), host["loss_sums"],
+            host["moments"], host["extrema"], host["coactivation"], snapshots, keys, comp, ks,
+        ]  # fmt: skip
+        chunks.extend(p.reshape(-1).double() for p in parts)
+    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64)
+
+
+def _merge(
+    name: str,
+    rows: torch.Tensor,
+    metas: list[dict[str, dict[str, Any]]],
+    num_experts: int,
+    max_k: int,
+    merged: RouterInspector,
+) -> tuple[LayerState, dict[str, Any]]:
+    """One layer's [world, L] packed statistics -> a host LayerState and the per-rank load."""
+    cfg = merged.config
+    kk, bins, res = max_k + 1, cfg.complexity_bins, cfg.reservoir_size
+    sizes = [num_experts, (bins + 1) * kk, 1, 2, 3, 2, num_experts**2]
+    sizes += [cfg.max_windows * (num_experts + kk + 1), res, res, res]
+    parts = torch.split(rows, sizes, dim=1)
+    counts, joint, dropped, losses, moments, extrema, coact, snaps, keys, comp, ks = parts
+    state = LayerState(name, num_experts, max_k, torch.device("cpu"), cfg)
+    state.counts = counts.sum(0).round().long()
+    state.joint = joint.sum(0).round().long().reshape(bins + 1, kk)
+    state.dropped = dropped.sum().round().long()
+    state.loss_sums = losses.sum(0)
+    state.moments = _chan_merge(moments)
+    state.extrema = torch.stack([extrema[:, 0].min(), extrema[:, 1].max()])
+    state.coactivation = coact.sum(0).reshape(num_experts, num_experts)
+    metas_here = [m.get(name) for m in metas]
+    steps = [0 if m is None else int(m["steps"]) for m in metas_here]
+    state.steps = sum(steps)
+    windows = {None if m is None else tuple(m["snapshot_steps"]) for m in metas_here}
+    if len(windows) == 1 and None not in windows:  # every rank took the same steps
+        state.snapshots = snaps.sum(0).reshape(cfg.max_windows, -1)
+        state.snapshot_steps = list(metas_here[0]["snapshot_steps"])  # type: ignore[index]
+    keep = torch.topk(keys.reshape(-1), res, largest=False, sorted=False).indices
+    state.res_keys = keys.reshape(-1)[keep].float()
+    state.res_complexity = comp.reshape(-1)[keep].float()
+    state.res_k = ks.reshape(-1)[keep].long()
+    state.first_time, state.last_time = _time_range(metas_here)
+    per_rank_counts = counts.round().long()
+    extra = {
+        "per_rank_counts": per_rank_counts.tolist(),
+        "per_rank_tokens": joint.sum(1).round().long().tolist(),
+        "per_rank_steps": steps,
+    }
+    extra["rank_imbalance"] = rank_imbalance(extra["per_rank_tokens"])
+    return state, extra
+
+
+def _chan_merge(moments: torch.Tensor) -> torch.Tensor:
+    """Merges per-rank (n, mean, M2) rows into one (Chan, Golub and LeVeque 1979)."""
+    n, mean, m2 = 0.0, 0.0, 0.0
+    for n_b, mean_b, m2_b in moments.tolist():
+        if n_b <= 0:
+            continue
+        total = n + n_b
+        delta = mean_b - mean
+        mean += delta * n_b / total
+        m2 += m2_b + delta * delta * n * n_b / total
+        n = total
+    return torch.tensor([n, mean, m2], dtype=torch.float64)
+
+
+def _time_range(metas: list[dict[str, Any] | None]) -> tuple[float | None, float | None]:
+    starts = [m["time_range"][0] for m in metas if m and m["time_range"][0] is not None]
+    ends = [m["time_range"][1] for m in metas if m and m["time_range"][1] is not None]
+    return (min(starts, default=None), max(ends, default=None))
+
+
+def rank_imbalance(per_rank_tokens: list[int]) -> float:
+    """Max over mean tokens per rank (1.0 = balanced; NaN when no rank saw a token)."""
+    tokens = np.asarray(per_rank_tokens, dtype=np.float64)
+    mean = tokens.mean() if tokens.size else 0.0
+    return float(tokens.max() / mean) if mean > 0 else math.nan

@@ -1,0 +1,143 @@
+"""Two CPU processes (gloo): global statistics are the sum of the ranks'; no hang on failure."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe_devkit import RouterConfig
+from moe_devkit.inspect import RouterInspector
+from moe_devkit.integrations.distributed import RankTimeoutError, distributed_summary
+from moe_devkit.routers.torch_router import DynamicMoERouter
+
+WORLD = 2
+JOIN_TIMEOUT_S = 60.0
+
+
+def _init(rank: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=30),
+    )
+
+
+def _router() -> DynamicMoERouter:
+    torch.manual_seed(0)  # same weights on every rank, as data parallelism has
+    return DynamicMoERouter(RouterConfig(hidden_size=8, num_experts=4, min_k=1, max_k=3))
+
+
+def _ok_worker(rank: int, init_file: str, results: Any) -> None:
+    _init(rank, init_file)
+    model = _router()
+    inspector = RouterInspector().attach(model)
+    data = torch.Generator().manual_seed(100 + rank)
+    with torch.no_grad():
+        for _ in range(3):  # rank r routes 4 + 2r tokens per step: uneven load
+            model(torch.randn(4 + 2 * rank, 8, generator=data) * (1 + rank))
+    local = inspector.summary().layers["router"]
+    merged = distributed_summary(inspector, timeout=30).layers["router"]
+    results.put((rank, local, merged))
+    dist.destroy_process_group()
+
+
+def _absent_worker(rank: int, init_file: str, results: Any, mode: str) -> None:
+    _init(rank, init_file)
+    model = _router()
+    inspector = RouterInspector().attach(model)
+    with torch.no_grad():
+        model(torch.randn(4, 8))
+    if rank == 1:
+        if mode == "crash":
+            os._exit(3)  # dies without a word
+        time.sleep(20)  # alive but never calls distributed_summary
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        distributed_summary(inspector, timeout=3)
+        results.put((rank, "no error", 0.0))
+    except RankTimeoutError as err:
+        results.put((rank, str(err), time.monotonic() - start))
+    results.close()
+    results.join_thread()  # flush before os._exit, which skips the queue's feeder thread
+    os._exit(0)
+
+
+def _collect(results: Any, count: int, procs: list[Any], grace: float = 30) -> list[Any]:
+    got = []
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        while len(got) < count:
+            got.append(results.get(timeout=max(deadline - time.monotonic(), 0.1)))
+    except queue.Empty:
+        pytest.fail(f"only {len(got)} of {count} results within {JOIN_TIMEOUT_S} s (a hang)")
+    finally:
+        for proc in procs:
+            proc.join(timeout=grace)
+            if proc.is_alive():
+                proc.kill()
+    return got
+
+
+def test_global_counts_are_the_sum_of_the_ranks(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    init_file = str(tmp_path / "init")
+    procs = [ctx.Process(target=_ok_worker, args=(r, init_file, results)) for r in range(WORLD)]
+    for proc in procs:
+        proc.start()
+    got = sorted(_collect(results, WORLD, procs), key=lambda item: item[0])
+    locals_ = [item[1] for item in got]
+    merged = got[0][2]
+    assert json.dumps(got[1][2]) == json.dumps(merged)  # every rank: the same global view
+    expected = [
+        sum(c) for c in zip(*(lay["utilization"]["counts"] for lay in locals_), strict=True)
+    ]
+    assert merged["utilization"]["counts"] == expected
+    assert merged["per_rank_counts"] == [lay["utilization"]["counts"] for lay in locals_]
+    assert merged["per_rank_tokens"] == [12, 18] and merged["tokens"] == 30
+    assert merged["per_rank_steps"] == [3, 3] and merged["steps"] == 6
+    hist = [sum(h) for h in zip(*(lay["k"]["histogram"] for lay in locals_), strict=True)]
+    assert merged["k"]["histogram"] == hist
+    loss = sum(lay["losses"]["load_balancing_mean"] for lay in locals_) / 2
+    assert merged["losses"]["load_balancing_mean"] == pytest.approx(loss)
+    n = [lay["tokens"] for lay in locals_]
+    mean = sum(lay["complexity"]["mean"] * t for lay, t in zip(locals_, n, strict=True)) / sum(n)
+    assert merged["complexity"]["mean"] == pytest.approx(mean)
+    assert merged["complexity"]["min"] == min(lay["complexity"]["min"] for lay in locals_)
+    assert merged["rank_imbalance"] == pytest.approx(18 / 15)
+
+
+@pytest.mark.parametrize("mode", ["absent", "crash"])
+def test_a_missing_rank_gives_a_clear_error_not_a_hang(tmp_path: Path, mode: str) -> None:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    init_file = str(tmp_path / "init")
+    procs = [
+        ctx.Process(target=_absent_worker, args=(r, init_file, results, mode)) for r in range(WORLD)
+    ]
+    for proc in procs:
+        proc.start()
+    [(rank, message, waited)] = _collect(results, 1, procs, grace=1)
+    assert rank == 0
+    assert "not every rank reached the inspector's reduction within 3 s" in message
+    assert waited < 15
+
+
+def test_needs_an_initialised_process_group() -> None:
+    inspector = RouterInspector().attach(_router())
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        distributed_summary(inspector)
