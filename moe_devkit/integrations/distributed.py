@@ -272,13 +272,13 @@ def _merge(
     state.res_complexity = comp.reshape(-1)[keep].float()
     state.res_k = ks.reshape(-1)[keep].long()
     state.first_time, state.last_time = _time_range(metas_here)
-    per_rank_counts = counts.round().long()
-    extra = {
-        "per_rank_counts": per_rank_counts.tolist(),
-        "per_rank_tokens": joint.sum(1).round().long().tolist(),
+    tokens = joint.sum(1).round().long().tolist()
+    extra: dict[str, Any] = {
+        "per_rank_counts": counts.round().long().tolist(),
+        "per_rank_tokens": tokens,
         "per_rank_steps": steps,
+        "rank_imbalance": rank_imbalance(tokens),
     }
-    extra["rank_imbalance"] = rank_imbalance(extra["per_rank_tokens"])
     return state, extra
 
 
