@@ -87,21 +87,27 @@ __all__ = [
 
 
 def selection_counts(
-    expert_indices: torch.Tensor, num_experts: int, *, validate: bool = True
+    source: RoutingDecision | torch.Tensor,
+    num_experts: int | None = None,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """int64[E]: how often each expert was selected (one ``index_add_``, -1 ignored).
 
     Args:
-        expert_indices: int[..., K], -1 padded.
-        num_experts: E.
+        source: a ``RoutingDecision`` (its selected pairs, before capacity drops; no checks,
+            no host sync) or int[..., K] expert indices, -1 padded.
+        num_experts: E; required for indices.
         validate: check that indices lie in [-1, E) (a host sync).
 
     Raises:
         TypeError: indices not an integer tensor.
-        ValueError: no tokens, num_experts < 1, indices out of range.
+        ValueError: no tokens, num_experts missing or < 1, indices out of range.
     """
-    indices = _check_indices(expert_indices, num_experts, validate=validate)
-    return count_selections(indices, num_experts)
+    if isinstance(source, RoutingDecision):
+        return count_selections(source.expert_indices, source.num_experts)
+    indices, experts = _check_indices(source, num_experts, validate=validate)
+    return count_selections(indices, experts)
 
 
 def selection_shares(tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -110,8 +116,10 @@ def selection_shares(tokens_per_expert: torch.Tensor) -> torch.Tensor:
     return counts / counts.sum().clamp_min(1.0)
 
 
-def _check_indices(expert_indices: object, num_experts: object, *, validate: bool) -> torch.Tensor:
-    """int64[N, K] view of -1 padded indices, checked."""
+def _check_indices(
+    expert_indices: object, num_experts: object, *, validate: bool
+) -> tuple[torch.Tensor, int]:
+    """int64[N, K] view of -1 padded indices and E, checked."""
     indices = require_integer(expert_indices, "expert_indices")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be an int >= 1; got num_experts={num_experts!r}")
@@ -133,7 +141,7 @@ def _check_indices(expert_indices: object, num_experts: object, *, validate: boo
                 f"expert_indices must lie in [-1, num_experts={num_experts}) (-1 is padding); "
                 f"got min={low}, max={high}"
             )
-    return flat
+    return flat, num_experts
 
 
 # ----------------------------------------------------------------------------- load balance
@@ -448,7 +456,7 @@ def utilization_from_indices(
     Raises:
         TypeError, ValueError: wrong types, shapes, ranges, no tokens.
     """
-    indices = _check_indices(expert_indices, num_experts, validate=validate)
+    indices, num_experts = _check_indices(expert_indices, num_experts, validate=validate)
     _check_capacity_factor(capacity_factor)
     scores = _check_complexity(complexity, indices.shape[0])
     losses: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)

@@ -249,6 +249,8 @@ def test_decision_and_per_layer() -> None:
     assert same(utilization_to_dicts(layers), [s.to_dict() for s in layers])
     decision = routings[0]
     assert first.num_tokens == 10 and first.max_k == 3
+    assert torch.equal(selection_counts(decision), expert_counts(decision.expert_indices, 8))
+    assert torch.equal(first.tokens_per_expert, selection_counts(decision))
     training = utilization_from_decision(model(torch.randn(2, 5, 16)).routings[0])
     assert training.load_balancing_loss is not None
     assert not training.load_balancing_loss.requires_grad  # no graph kept alive
@@ -373,6 +375,7 @@ def test_debug_expert_selection_bad_input(
         (torch.zeros(0, 2, dtype=torch.int64), 4, ValueError, "at least one token"),
         (torch.tensor([[0.0, 1.0]]), 4, TypeError, "expert_indices must be an integer"),
         (torch.tensor([[0, 1]]), 0, ValueError, "num_experts must be an int >= 1"),
+        (torch.tensor([[0, 1]]), None, ValueError, "num_experts must be an int >= 1"),
     ],
 )
 def test_indices_bad_input(
