@@ -61,5 +61,12 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext moe_devkit``: registers the notebook magics (imports IPython only now)."""
+    from moe_devkit.integrations.notebook import load_ipython_extension as load
+
+    load(ipython)
+
+
 def __dir__() -> list[str]:
     return sorted(__all__)
