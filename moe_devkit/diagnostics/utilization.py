@@ -3,7 +3,8 @@
 Pure, vectorised functions over tensors: no per-token Python loop, no printing, and no host
 synchronisation in the counting and metric paths (results stay 0-d or small device tensors).
 Values reach the host once, in ``to_dict()`` / ``summary()``. Every formula and its source is
-in docs/metrics.md.
+in docs/metrics.md. Metrics live in ``selection`` (which experts logits pick), ``balance`` and
+``dynamic_k``; this module re-exports them all and builds ``UtilizationStats``.
 
 Three ways in, one result (``UtilizationStats``):
 
@@ -26,6 +27,16 @@ from typing import Any
 import torch
 
 from moe_devkit.diagnostics._host import prefixed, to_host, unprefixed
+from moe_devkit.diagnostics.balance import (
+    LoadBalance,
+    coefficient_of_variation,
+    dead_experts,
+    gini_coefficient,
+    load_balance,
+    load_entropy,
+    max_violation,
+    selection_shares,
+)
 from moe_devkit.diagnostics.dynamic_k import (
     DEFAULT_QUANTILES,
     ComplexityStats,
@@ -49,7 +60,6 @@ from moe_devkit.routers.torch_router import (
     RoutingDecision,
     capacity_dropped,
     load_balancing_loss,
-    normalized_entropy,
     router_z_loss,
 )
 
@@ -110,12 +120,6 @@ def selection_counts(
     return count_selections(indices, experts)
 
 
-def selection_shares(tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """float32[E]: each expert's fraction of all selections (zeros when there are none)."""
-    counts = tokens_per_expert.to(torch.float32)
-    return counts / counts.sum().clamp_min(1.0)
-
-
 def _check_indices(
     expert_indices: object, num_experts: object, *, validate: bool
 ) -> tuple[torch.Tensor, int]:
@@ -142,112 +146,6 @@ def _check_indices(
                 f"got min={low}, max={high}"
             )
     return flat, num_experts
-
-
-# ----------------------------------------------------------------------------- load balance
-
-
-def _undefined_if_empty(counts: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """NaN where nothing was selected: the ratios below are undefined then."""
-    return torch.where(counts.sum() > 0, value, torch.full_like(value, math.nan))
-
-
-def coefficient_of_variation(tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """float32[]: population std / mean of the per-expert load (0 = perfectly even)."""
-    load = tokens_per_expert.to(torch.float64)
-    mean = load.mean()
-    cv = (load - mean).square().mean().sqrt() / mean.clamp_min(1e-300)
-    return _undefined_if_empty(tokens_per_expert, cv).to(torch.float32)
-
-
-def max_violation(tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """float32[]: MaxVio = max load / mean load - 1 (Wang et al. 2024)."""
-    load = tokens_per_expert.to(torch.float64)
-    vio = load.max() / load.mean().clamp_min(1e-300) - 1.0
-    return _undefined_if_empty(tokens_per_expert, vio).to(torch.float32)
-
-
-def load_entropy(tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """float32[]: entropy of the selection shares / log(E), in [0, 1] (1 = even)."""
-    shares = selection_shares(tokens_per_expert).unsqueeze(0)  # [1, E]
-    return _undefined_if_empty(tokens_per_expert, normalized_entropy(shares)[0])
-
-
-def gini_coefficient(tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """float32[]: Gini coefficient of the load, 0 (even) to (E - 1) / E (one expert)."""
-    load = torch.sort(tokens_per_expert.to(torch.float64)).values  # ascending
-    num = load.shape[0]
-    rank = torch.arange(1, num + 1, dtype=torch.float64, device=load.device)
-    gini = 2.0 * (rank * load).sum() / (num * load.sum().clamp_min(1e-300)) - (num + 1) / num
-    return _undefined_if_empty(tokens_per_expert, gini).to(torch.float32)
-
-
-def dead_experts(tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """bool[E]: experts selected by no token."""
-    return tokens_per_expert == 0
-
-
-@dataclass(frozen=True)
-class LoadBalance:
-    """How evenly selections spread over experts (device tensors).
-
-    Attributes:
-        tokens_per_expert: int64[E], selections per expert.
-        shares: float32[E], fraction of all selections.
-        cv: float32[], coefficient of variation of the load.
-        max_vio: float32[], max load / mean load - 1.
-        entropy: float32[], normalised entropy of the shares.
-        gini: float32[], Gini coefficient of the load.
-        dead: bool[E], experts never selected.
-    """
-
-    tokens_per_expert: torch.Tensor
-    shares: torch.Tensor
-    cv: torch.Tensor
-    max_vio: torch.Tensor
-    entropy: torch.Tensor
-    gini: torch.Tensor
-    dead: torch.Tensor
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "tokens_per_expert": self.tokens_per_expert,
-            "shares": self.shares,
-            "cv": self.cv,
-            "max_vio": self.max_vio,
-            "entropy": self.entropy,
-            "gini": self.gini,
-            "dead": self.dead,
-        }
-
-    @staticmethod
-    def _assemble(host: Mapping[str, Any]) -> dict[str, Any]:
-        out = {name: host[name] for name in ("tokens_per_expert", "shares", "cv", "max_vio")}
-        out.update(entropy=host["entropy"], gini=host["gini"])
-        dead = [e for e, is_dead in enumerate(host["dead"]) if is_dead]
-        out.update(dead_count=len(dead), dead_experts=dead)
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form (one host transfer); dead experts as a count and id list."""
-        return self._assemble(to_host(self._tensors()))
-
-
-def load_balance(tokens_per_expert: torch.Tensor) -> LoadBalance:
-    """All load-balance metrics of one per-expert count vector.
-
-    Args:
-        tokens_per_expert: int[E], e.g. from ``selection_counts``.
-    """
-    return LoadBalance(
-        tokens_per_expert=tokens_per_expert,
-        shares=selection_shares(tokens_per_expert),
-        cv=coefficient_of_variation(tokens_per_expert),
-        max_vio=max_violation(tokens_per_expert),
-        entropy=load_entropy(tokens_per_expert),
-        gini=gini_coefficient(tokens_per_expert),
-        dead=dead_experts(tokens_per_expert),
-    )
 
 
 # ----------------------------------------------------------------------------- all together
