@@ -24,6 +24,7 @@ Design notes:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from moe_devkit.config import RouterConfig
+from moe_devkit.routers import triton_grouped
 
 STAGES: tuple[str, ...] = ("complexity", "gating", "select_k", "dispatch", "experts", "combine")
 """Routing stages, each wrapped in a ``record_function`` span named ``"moe." + stage``."""
@@ -466,6 +468,29 @@ class StaticTopKRouter(_RouterBase):
 # ----------------------------------------------------------------------------- experts
 
 _GROUPED_MM_BROKEN: set[tuple[str, torch.dtype]] = set()
+"""CPU dtypes whose ``torch._grouped_mm`` raised (stride alignment in some torch builds)."""
+
+GroupedMatmul = Callable[..., torch.Tensor]
+"""``(a: float[M, K], b: float[G, K, N], offs=int32[G]) -> float[M, N]``."""
+
+
+def cuda_grouped_matmul(x: torch.Tensor) -> GroupedMatmul | None:
+    """The grouped matmul that runs x's CUDA device and dtype without a host sync, or None.
+
+    ``torch._grouped_mm`` has a CUTLASS kernel only for bfloat16 on sm90/sm100; for other
+    dtypes and devices it copies the offsets to the host, so those use the Triton kernel.
+    """
+    major = torch.cuda.get_device_capability(x.device)[0]
+    if (
+        x.dtype == torch.bfloat16
+        and major in (9, 10)
+        and torch.version.hip is None
+        and hasattr(torch, "_grouped_mm")
+    ):
+        return torch._grouped_mm
+    if triton_grouped.is_available(x.device):
+        return triton_grouped.grouped_mm
+    return None
 
 
 class SwiGLUExperts(nn.Module):
@@ -487,6 +512,10 @@ class SwiGLUExperts(nn.Module):
     ) -> torch.Tensor:
         """Runs expert e on rows [offsets[e-1], offsets[e]) of x_sorted, scaled per row.
 
+        On CUDA: ``torch._grouped_mm`` for bfloat16 on sm90/sm100, the Triton grouped matmul
+        for other dtypes and devices, and where Triton is missing the loop over experts (one
+        host sync). On CPU: ``torch._grouped_mm``, or the loop where this build rejects it.
+
         Args:
             x_sorted: float[M, D], rows grouped by expert; rows past offsets[-1] are ignored
                 (their outputs are undefined).
@@ -498,21 +527,31 @@ class SwiGLUExperts(nn.Module):
         Returns:
             float[M, D]: ``weight * expert(x)`` per row.
         """
-        key = (x_sorted.device.type, x_sorted.dtype)
-        if hasattr(torch, "_grouped_mm") and key not in _GROUPED_MM_BROKEN:
-            try:
-                return self._grouped(x_sorted, offsets, row_weights)
-            except RuntimeError:  # device or dtype not supported by this torch build
-                _GROUPED_MM_BROKEN.add(key)
+        if x_sorted.device.type == "cuda":
+            matmul = cuda_grouped_matmul(x_sorted)
+            if matmul is not None:  # no try/except: a sync-debug error must reach the caller
+                return self._grouped(x_sorted, offsets, row_weights, matmul)
+        elif x_sorted.device.type == "cpu" and hasattr(torch, "_grouped_mm"):
+            key = ("cpu", x_sorted.dtype)
+            if key not in _GROUPED_MM_BROKEN:
+                try:
+                    return self._grouped(x_sorted, offsets, row_weights)
+                except RuntimeError:  # the CPU kernel's stride-alignment check in some builds
+                    _GROUPED_MM_BROKEN.add(key)
         return self._looped(x_sorted, offsets, row_weights)
 
     def _grouped(
-        self, x_sorted: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor
+        self,
+        x_sorted: torch.Tensor,
+        offsets: torch.Tensor,
+        row_weights: torch.Tensor,
+        matmul: GroupedMatmul | None = None,
     ) -> torch.Tensor:
-        gate_up = torch._grouped_mm(x_sorted, self.w_gate_up.transpose(-2, -1), offs=offsets)
+        matmul = torch._grouped_mm if matmul is None else matmul
+        gate_up = matmul(x_sorted, self.w_gate_up.transpose(-2, -1), offs=offsets)
         gate, up = gate_up.chunk(2, dim=-1)  # [M, F] each
         hidden = F.silu(gate) * up * row_weights.unsqueeze(-1).to(up.dtype)
-        return torch._grouped_mm(hidden, self.w_down.transpose(-2, -1), offs=offsets)
+        return matmul(hidden, self.w_down.transpose(-2, -1), offs=offsets)
 
     def _looped(
         self, x_sorted: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor
