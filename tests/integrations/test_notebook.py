@@ -131,3 +131,20 @@ def test_report_before_any_forward(shell: InteractiveShell) -> None:
     shell.run_line_magic("moe_inspect", "model")
     with pytest.raises(UsageError, match="no routing recorded yet"):
         shell.run_line_magic("moe_report", "")
+
+
+def test_documented_jupyter_workflow(shell: InteractiveShell) -> None:
+    """docs/notebook.md: autoreload, %lprun (line_profiler), %memit (memory_profiler)."""
+    pytest.importorskip("line_profiler")
+    pytest.importorskip("memory_profiler")
+    for line in (
+        "%load_ext autoreload",
+        "%autoreload 2",
+        "%load_ext line_profiler",
+        "from moe_devkit.routers.torch_router import DynamicMoERouter, MoELayer",
+        "%lprun -f DynamicMoERouter.forward -f MoELayer.forward model(x)",
+        "%load_ext memory_profiler",
+        "%memit model(x)",
+    ):
+        shell.run_cell(line).raise_error()
+    shell.run_line_magic("autoreload", "0")
