@@ -117,13 +117,18 @@ class LayerState:
         self.first_time: float | None = None
         self.last_time: float | None = None
 
-    @torch.no_grad()
     def update(self, d: RoutingDecision) -> None:
         """Folds one decision into the statistics (device ops only, no host sync).
 
         On CUDA the tensor work is captured once per input shape into a CUDA graph and
         replayed: one launch instead of about fifty small kernels per step.
         """
+        # A context, not a decorator: torch.compile cannot call a decorated method of a
+        # LayerState created inside the compiled region (on the first step).
+        with torch.no_grad():
+            self._update(d)
+
+    def _update(self, d: RoutingDecision) -> None:
         inputs = tuple(t.detach() for t in _decision_tensors(d))
         every = self.config.coactivation_every
         compiling = torch.compiler.is_compiling()
