@@ -139,10 +139,9 @@ class CaseBuilder:
         mod = _optional("moe_devkit.diagnostics.utilization")
         if isinstance(mod, str):
             return mod
-        names = ("utilization_metrics", "expert_utilization", "compute_utilization")
-        fn = next((getattr(mod, n) for n in names if callable(getattr(mod, n, None))), None)
-        if fn is None:
-            return f"moe_devkit.diagnostics.utilization has none of {names} yet"
+        fn = getattr(mod, "utilization_from_decision", None)
+        if fn is None:  # an older revision, compared with --against
+            return "moe_devkit.diagnostics.utilization has no utilization_from_decision here"
         routing = self._routing()
         return lambda: fn(routing)
 
