@@ -164,9 +164,14 @@ def flatten_tokens(hidden_states: object, hidden_size: int) -> tuple[jax.Array, 
     return hidden_states.reshape(-1, hidden_size), shape[:-1]  # [N, D]
 
 
-def _find_nonfinite(flat: jax.Array, router_logits: jax.Array, policy: str) -> jax.Array:
-    """bool[N]: tokens whose input or logits hold NaN/Inf; raises under policy "raise"."""
-    nonfinite = ~(jnp.isfinite(flat).all(axis=-1) & jnp.isfinite(router_logits).all(axis=-1))
+def _find_nonfinite(router_logits: jax.Array, policy: str) -> jax.Array:
+    """bool[N]: tokens whose input or logits hold NaN/Inf; raises under policy "raise".
+
+    Only the logits are scanned ([N, E], not [N, D]): every logit sums over every input
+    feature, and NaN * w and Inf * 0 are NaN, so a non-finite input always gives a non-finite
+    logit row.
+    """
+    nonfinite = ~jnp.isfinite(router_logits).all(axis=-1)
     if policy != "raise":
         return nonfinite
     message = (
@@ -382,7 +387,7 @@ class _RouterBase:
     ) -> RoutingDecision:
         """Masks, weights, capacity and losses from the chosen k (all traced)."""
         cfg = self.config
-        nonfinite = _find_nonfinite(flat, router_logits, cfg.nonfinite_policy)
+        nonfinite = _find_nonfinite(router_logits, cfg.nonfinite_policy)
         finite = ~nonfinite
         k_per_token = jnp.where(nonfinite, 0, k_per_token)
         max_k = top_indices.shape[-1]

@@ -57,7 +57,9 @@ def assert_same_routing(t: tr.RoutingDecision, j: jr.RoutingDecision) -> None:
     ("mode", "capacity_factor"),
     [("complexity", None), ("complexity", 1.0), ("top_p", None), ("top_p", 0.75)],
 )
-def test_layer_matches_torch_with_the_same_weights(mode: str, capacity_factor: float | None) -> None:
+def test_layer_matches_torch_with_the_same_weights(
+    mode: str, capacity_factor: float | None
+) -> None:
     config = tiny_config(mode=mode, capacity_factor=capacity_factor)
     torch.manual_seed(0)
     torch_layer = tr.MoELayer(config)
@@ -207,9 +209,13 @@ def test_bad_input_is_a_clear_error(value: object, error: type, match: str) -> N
         jr.flatten_tokens(value, 16)
 
 
+TORCH_ONLY = {"cuda_grouped_matmul"}  # picks a CUDA kernel; XLA picks JAX's
+
+
 def test_same_names_in_the_same_order_as_the_torch_file() -> None:
     def public_order(module: object) -> list[str]:
-        source = open(module.__file__).read()  # type: ignore[attr-defined]
+        with open(module.__file__) as handle:  # type: ignore[attr-defined]
+            source = handle.read()
         names = [
             line.split()[1].split("(")[0].rstrip(":")
             for line in source.splitlines()
@@ -218,7 +224,8 @@ def test_same_names_in_the_same_order_as_the_torch_file() -> None:
         return [n for n in names if not n.startswith("_")]
 
     torch_names, jax_names = public_order(tr), public_order(jr)
-    assert [n for n in jax_names if n in torch_names] == torch_names
+    assert [n for n in jax_names if n in torch_names] == [n for n in torch_names if n in jax_names]
+    assert set(torch_names) - set(jax_names) <= TORCH_ONLY
 
 
 def test_import_moe_devkit_does_not_import_jax() -> None:
