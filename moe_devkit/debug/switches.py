@@ -37,9 +37,11 @@ JAX_PLATFORMS: Mapping[str, str] = {"cpu": "cpu", "gpu": "cuda"}
 
 
 def jax_cache_env() -> dict[str, str]:
-    """A persistent compilation cache for every op: with jit off, JAX compiles each primitive
-    on first use (hundreds of small compiles a step), so a second debug run starts in a
-    third of the time."""
+    """A persistent compilation cache that keeps even the smallest compiled op.
+
+    With jit off JAX compiles each primitive on first use (hundreds of small compiles per
+    step); cached, a second debug run takes about a third of the time.
+    """
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return {
         "JAX_COMPILATION_CACHE_DIR": os.path.join(base, "moe-devkit", "jax-debug"),
