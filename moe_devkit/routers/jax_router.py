@@ -680,7 +680,10 @@ class MoELayer:
             by_pair = by_pair.at[pair_of_row].set(y_sorted)
             by_pair = by_pair[:-1].reshape(num_tokens, max_k, -1)  # [N, K, D]
             out = by_pair.sum(axis=1, dtype=jnp.float32)  # [N, D]
-            out = jnp.where(routing.nonfinite[:, None], jnp.nan, out)
+            # inf * 0 makes NaN only on non-finite tokens: a literal NaN operand would trip
+            # jax_debug_nans on every call, even when every token is finite.
+            poison = jnp.where(routing.nonfinite, jnp.inf, 0.0) * 0.0
+            out = out + poison[:, None].astype(out.dtype)
         return MoEOutput(out.astype(flat.dtype).reshape(hidden_states.shape), routing)
 
 

@@ -202,13 +202,6 @@ def test_pytorch_model_configuration() -> None:
     assert stop.value.startswith("tensor(")
 
 
-@pytest.mark.xfail(
-    raises=DapFailure,
-    strict=True,
-    reason="jax_router.MoELayer builds its NaN marker with jnp.where(nonfinite, jnp.nan, out): "
-    "with jit off and JAX_DEBUG_NANS on, the NaN constant itself trips the NaN check on every "
-    "call (FloatingPointError in convert_element_type); remove this mark once it is fixed",
-)
 def test_jax_model_configuration() -> None:
     pytest.importorskip("jax")
     source = ROOT / "moe_devkit" / "debug" / "jax_step.py"
