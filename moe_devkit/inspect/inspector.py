@@ -91,24 +91,25 @@ class LayerState:
     ) -> None:
         self.name, self.num_experts, self.max_k, self.config = name, num_experts, max_k, config
         bins, kk = config.complexity_bins, max_k + 1
-        i64, f64 = dict(dtype=torch.int64, device=device), dict(dtype=torch.float64, device=device)
-        self.counts = torch.zeros(num_experts, **i64)  # type: ignore[arg-type]
-        self.joint = torch.zeros(bins + 1, kk, **i64)  # type: ignore[arg-type]  # last row: non-finite
-        self.dropped = torch.zeros((), **i64)  # type: ignore[arg-type]
-        self.loss_sums = torch.zeros(2, **f64)  # type: ignore[arg-type]  # load-balancing, z
-        self.moments = torch.zeros(3, **f64)  # type: ignore[arg-type]  # n, mean, M2
-        self.extrema = torch.tensor([float("inf"), float("-inf")], **f64)  # type: ignore[arg-type]
-        self.coactivation = torch.zeros(num_experts, num_experts, **f64)  # type: ignore[arg-type]
-        self.snapshots = torch.zeros(config.max_windows, num_experts + kk + 1, **f64)  # type: ignore[arg-type]
+        i64, f64 = torch.int64, torch.float64
+        self.counts = torch.zeros(num_experts, dtype=i64, device=device)
+        self.joint = torch.zeros(bins + 1, kk, dtype=i64, device=device)  # last row: non-finite
+        self.dropped = torch.zeros((), dtype=i64, device=device)
+        self.loss_sums = torch.zeros(2, dtype=f64, device=device)  # load-balancing, z
+        self.moments = torch.zeros(3, dtype=f64, device=device)  # n, mean, M2
+        self.extrema = torch.tensor([float("inf"), float("-inf")], dtype=f64, device=device)
+        self.coactivation = torch.zeros(num_experts, num_experts, dtype=f64, device=device)
+        width = num_experts + kk + 1
+        self.snapshots = torch.zeros(config.max_windows, width, dtype=f64, device=device)
         self.snapshot_steps: list[int] = []
         self.window = config.window
         self.res_keys = torch.full((config.reservoir_size,), float("inf"), device=device)
         self.res_complexity = torch.zeros(config.reservoir_size, device=device)
-        self.res_k = torch.full((config.reservoir_size,), -1, **i64)  # type: ignore[arg-type]
+        self.res_k = torch.full((config.reservoir_size,), -1, dtype=i64, device=device)
         self.tokens_seen = torch.zeros((), dtype=torch.int64, device=device)  # reservoir keys
         self.compiled_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.stream: torch.cuda.Stream | None = (
-            torch.cuda.Stream(device=device)
+            torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
             if device.type == "cuda" and not torch.compiler.is_compiling()
             else None
         )
@@ -204,7 +205,7 @@ class LayerState:
         """Captures one update; warm-up and capture run on copies of the state."""
         buffers = tuple(t.clone() for t in inputs)
         saved = {name: t.clone() for name, t in self._state_tensors().items()}
-        warm = torch.cuda.Stream(device=inputs[0].device)
+        warm = torch.cuda.Stream(device=inputs[0].device)  # type: ignore[no-untyped-call]
         warm.wait_stream(torch.cuda.current_stream(inputs[0].device))
         with torch.cuda.stream(warm):
             for _ in range(2):  # lazy initialisation (cuBLAS handles, allocator) before capture
