@@ -28,6 +28,7 @@ def grouped_mm_kernel(
     N,
     K,
     G,
+    num_pid_m,
     stride_am,
     stride_ak,
     stride_bg,
@@ -39,6 +40,7 @@ def grouped_mm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """out[rows of group g] = a[rows of g] @ b[g]; part G (rows past offs[-1]) gets zeros.
@@ -46,9 +48,16 @@ def grouped_mm_kernel(
     Program (t, n) owns m-tile t and n-tile n. tile_end[p] (p <= G) is the cumulative number
     of BLOCK_M tiles of parts 0..p, part G being the padding rows; t finds its part by counting
     the tile ends at or below it. Programs past tile_end[G] find part G + 1 and store nothing.
+    The 1-D launch runs the n-tiles of GROUP_M m-tiles together, so that a's rows and b[g]
+    are read from L2 rather than from memory once per n-tile (Triton's matmul tutorial).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_in_group) % group_size_m
+    pid_n = (pid % pids_in_group) // group_size_m
     parts = tl.arange(0, BLOCK_G)
     ends = tl.load(tile_end_ptr + parts, mask=parts <= G, other=2147483647)
     part = tl.sum((ends <= pid_m).to(tl.int32), axis=0)
@@ -106,12 +115,13 @@ def grouped_weight_grad_kernel(
 ):
     """db[g, k-tile, n-tile] = a[rows of g, k-tile]^T @ dout[rows of g, n-tile].
 
-    Program (g, k, n) loops over its group's rows, read from offs on the device; an empty
-    group runs no iteration and stores zeros.
+    Program (n, k, g) loops over its group's rows, read from offs on the device; an empty
+    group runs no iteration and stores zeros. n varies fastest, so the programs that run
+    together share a's columns of one group.
     """
-    group = tl.program_id(0)
+    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    group = tl.program_id(2)
     row_first = tl.load(offs_ptr + group - 1, mask=group > 0, other=0)
     row_end = tl.minimum(tl.load(offs_ptr + group), M)
     ks = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
