@@ -18,6 +18,14 @@ import triton.language as tl  # type: ignore[import-not-found, import-untyped, u
 
 
 @triton.jit
+def _add(x, y):
+    # tl.sum, tl.cdiv, tl.zeros are @triton.jit functions made when triton is imported: compiled
+    # ones if that was before TRITON_INTERPRET=1 was set, which the interpreter cannot call.
+    # The kernels use builtins and their own helpers only.
+    return x + y
+
+
+@triton.jit
 def grouped_mm_kernel(
     a_ptr,
     b_ptr,
@@ -52,7 +60,7 @@ def grouped_mm_kernel(
     are read from L2 rather than from memory once per n-tile (Triton's matmul tutorial).
     """
     pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     pids_in_group = GROUP_M * num_pid_n
     first_pid_m = (pid // pids_in_group) * GROUP_M
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
@@ -60,7 +68,7 @@ def grouped_mm_kernel(
     pid_n = (pid % pids_in_group) // group_size_m
     parts = tl.arange(0, BLOCK_G)
     ends = tl.load(tile_end_ptr + parts, mask=parts <= G, other=2147483647)
-    part = tl.sum((ends <= pid_m).to(tl.int32), axis=0)
+    part = tl.reduce((ends <= pid_m).to(tl.int32), 0, _add)
     is_group = part < G
     tile_first = tl.load(tile_end_ptr + part - 1, mask=(part > 0) & (part <= G), other=0)
     row_first = tl.load(offs_ptr + part - 1, mask=(part > 0) & (part <= G), other=0)
@@ -77,8 +85,8 @@ def grouped_mm_kernel(
     b_ptrs = b_ptr + part.to(tl.int64) * stride_bg + ks[:, None] * stride_bk
     b_ptrs = b_ptrs + cols[None, :] * stride_bn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.where(is_group, tl.cdiv(K, BLOCK_K), 0)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    k_tiles = tl.where(is_group, (K + BLOCK_K - 1) // BLOCK_K, 0)
     for k_tile in range(0, k_tiles):
         k_mask = ks < K - k_tile * BLOCK_K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -129,7 +137,7 @@ def grouped_weight_grad_kernel(
     k_mask = ks < K
     col_mask = cols < N
 
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
     for start in range(row_first, row_end, BLOCK_M):
         rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_mask = rows < row_end
