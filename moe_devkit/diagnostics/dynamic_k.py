@@ -117,7 +117,9 @@ def _device_vector(values: Sequence[float], device: torch.device) -> torch.Tenso
     synchronous host-to-device copy)."""
     out = torch.empty(len(values), dtype=torch.float64, device=device)
     for i, value in enumerate(values):
-        out[i] = float(value)  # a fill kernel, no copy
+        # fill_ passes the number as a kernel argument; `out[i] = value` would copy a CPU
+        # scalar tensor to the device, which synchronises.
+        out.select(0, i).fill_(float(value))
     return out
 
 

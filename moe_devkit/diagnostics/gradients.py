@@ -255,11 +255,17 @@ def _group_stats(grads: list[torch.Tensor], device: torch.device) -> torch.Tenso
     flat = torch.cat([g.reshape(-1) for g in grads])  # [T], T = sum of numels
     if flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.float()
-    mean = torch.segment_reduce(flat, "sum", lengths=lengths) / lengths
-    centred = flat - torch.repeat_interleave(mean, lengths, output_size=flat.numel())  # [T]
-    sq = torch.segment_reduce(centred.square_(), "sum", lengths=lengths)
-    maxs = torch.segment_reduce(flat, "max", lengths=lengths)
-    mins = torch.segment_reduce(flat, "min", lengths=lengths)
+    # Segment reductions by parameter id; segment_reduce would read the lengths on the host.
+    count = len(grads)
+    segment = torch.repeat_interleave(
+        torch.arange(count, device=flat.device), lengths, output_size=flat.numel()
+    )  # [T] parameter id of each element
+    zeros = torch.zeros(count, dtype=flat.dtype, device=flat.device)
+    mean = zeros.clone().index_add_(0, segment, flat) / lengths
+    centred = flat - mean[segment]  # [T]
+    sq = zeros.clone().index_add_(0, segment, centred.square_())
+    maxs = torch.full_like(zeros, -math.inf).scatter_reduce_(0, segment, flat, "amax")
+    mins = torch.full_like(zeros, math.inf).scatter_reduce_(0, segment, flat, "amin")
     return torch.stack([norms.to(flat.dtype), mean, sq, maxs, mins], dim=-1).double()
 
 
