@@ -130,7 +130,7 @@ class LayerState:
             self._update(d)
 
     def _update(self, d: RoutingDecision) -> None:
-        inputs = tuple(t.detach() for t in _decision_tensors(d))
+        inputs = _decision_tensors(d)  # read under no_grad: no detach needed
         every = self.config.coactivation_every
         compiling = torch.compiler.is_compiling()
         if compiling:
@@ -195,8 +195,7 @@ class LayerState:
             entry = self._capture(inputs, coactivation)
             self._graphs[key] = entry
         graph, buffers = entry
-        for buffer, value in zip(buffers, inputs, strict=True):
-            buffer.copy_(value, non_blocking=True)
+        torch._foreach_copy_(list(buffers), list(inputs))  # one call for the seven copies
         graph.replay()
 
     def _capture(
