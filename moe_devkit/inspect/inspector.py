@@ -49,7 +49,8 @@ class InspectorConfig:
         max_windows: snapshots kept per layer.
         complexity_bins: bins of the complexity histogram over [0, 1].
         reservoir_size: (complexity, k) pairs kept per layer for plots.
-        coactivation_every: update the co-activation matrix every this many steps (0: never).
+        coactivation_every: update the co-activation matrix every this many steps (0: never;
+            default 4: an [N, E] x [E, N] product per step costs more than the rest together).
         collapse_ratio: alarm when an expert's load exceeds this multiple of the mean load.
         collapse_token_share: alarm when one expert is chosen by at least this share of tokens
             (catches collapse where E / k is too small for ``collapse_ratio`` to be reached).
@@ -64,8 +65,8 @@ class InspectorConfig:
     window: int = 50
     max_windows: int = 64
     complexity_bins: int = 20
-    reservoir_size: int = 2048
-    coactivation_every: int = 1
+    reservoir_size: int = 1024
+    coactivation_every: int = 4
     collapse_ratio: float = 4.0
     collapse_token_share: float = 0.9
     dead_window_steps: int = 50

@@ -38,7 +38,8 @@ def test_attach_and_detach_leave_outputs_bit_identical() -> None:
 def test_statistics_equal_direct_computation() -> None:
     model = small_model()
     decisions: list = []
-    with torch.no_grad(), RouterInspector(model) as inspector:
+    config = InspectorConfig(coactivation_every=1)
+    with torch.no_grad(), RouterInspector(model, config) as inspector:
         for step in range(7):
             decisions.append(model(torch.randn(2, 10, 16) * (1 + step)).routings)
     summary = inspector.summary()
