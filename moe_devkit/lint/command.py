@@ -86,10 +86,22 @@ def check_paths(files: list[str], settings: Settings, fix: bool, jobs: int) -> l
         return [_check_one(job) for job in work]
     import multiprocessing
 
-    with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-        jobs
-    ) as pool:
+    with multiprocessing.get_context(_start_method()).Pool(jobs) as pool:
         return list(pool.imap(_check_one, work, chunksize=4))
+
+
+def _start_method() -> str:
+    """fork where it is safe (Linux, a single-threaded process: the CLI), else forkserver.
+
+    Forking a process that runs other threads (JAX's or torch's pools, when check_paths is
+    called from a test run or a notebook) can deadlock the child.
+    """
+    import threading
+
+    threaded = threading.active_count() > 1 or any(m in sys.modules for m in ("jax", "torch"))
+    if sys.platform == "linux":
+        return "forkserver" if threaded else "fork"
+    return "spawn"
 
 
 def write_atomically(path: str, data: bytes) -> None:
