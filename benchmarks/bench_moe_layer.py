@@ -57,6 +57,14 @@ def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return run_cpu
 
 
+def captured(layer: MoELayer, x: torch.Tensor) -> Callable[[], object]:
+    """Captures ``layer(x)`` in a CUDA graph; returns its replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(x)
+    return graph.replay
+
+
 def calibrate_top_p(layer: MoELayer, x: torch.Tensor, target_mean_k: float) -> RouterConfig:
     """Bisects top_p until the layer's mean k is within 0.05 of target; sets and returns it."""
     low, high = 1e-3, 1.0
@@ -84,6 +92,12 @@ def main() -> None:
         help="calibrate top_p so the dynamic router's mean k is this (default max_k / 2)",
     )
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument(
+        "--graph",
+        action="store_true",
+        help="CUDA only: capture each layer's forward in a CUDA graph and time its replay "
+        "(possible because the forward never synchronises); removes kernel-launch overhead",
+    )
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
 
@@ -115,9 +129,12 @@ def main() -> None:
         for _ in range(3):  # warm-up
             for layer in layers.values():
                 layer(x)
+        calls = {name: (lambda layer=layer: layer(x)) for name, layer in layers.items()}
+        if args.graph:
+            calls = {name: captured(layer, x) for name, layer in layers.items()}
         for _ in range(args.reps):  # alternate A/B so drift and load hit both
-            for name, layer in layers.items():
-                samples[name].append(time_ms(lambda layer=layer: layer(x)))
+            for name, call in calls.items():
+                samples[name].append(time_ms(call))
 
     result = {
         "machine": machine_name(device),
@@ -126,9 +143,11 @@ def main() -> None:
         "dtype": args.dtype,
         "top_p": config.top_p,
         "reps": args.reps,
+        "cuda_graph": args.graph,
     }
     print(f"machine: {result['machine']}")
     print(f"preset {args.preset}: {result['shape']}, {args.dtype}, top_p={config.top_p:.4f}")
+    print("timing: " + ("CUDA graph replay" if args.graph else "eager forward"))
     print(f"{'layer':8} {'median ms':>10} {'p10':>8} {'p90':>8} {'pairs':>8} {'us/pair':>8}")
     for name in layers:
         s = sorted(samples[name])

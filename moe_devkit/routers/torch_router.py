@@ -570,6 +570,9 @@ class SwiGLUExperts(nn.Module):
 # ----------------------------------------------------------------------------- layer
 
 
+_SPARE_ROWS = 1024  # scratch rows that absorb the padding rows' outputs in the combine
+
+
 class MoEOutput(NamedTuple):
     """Output of MoELayer: the layer output, same shape as its input, and the routing."""
 
@@ -622,10 +625,15 @@ class MoELayer(nn.Module):
         with record_function(span_name("combine")):
             # Back to (token, slot) order, then sum the K slots in float32: one read of the
             # expert outputs, no float32 copy of them, no atomics.
-            pair_of_row = torch.where(active_sorted, order, num_tokens * routing.max_k)
-            by_pair = y_sorted.new_zeros(num_tokens * routing.max_k + 1, flat.shape[-1])
+            # Inactive rows go to spare rows past the N*K pairs, spread over up to
+            # _SPARE_ROWS of them: thousands of writes to a single row would serialise.
+            num_pairs = num_tokens * routing.max_k
+            spare = min(num_pairs, _SPARE_ROWS)
+            rows = torch.arange(num_pairs, device=flat.device)
+            pair_of_row = torch.where(active_sorted, order, num_pairs + rows % spare)
+            by_pair = y_sorted.new_zeros(num_pairs + spare, flat.shape[-1])
             by_pair.index_copy_(0, pair_of_row, y_sorted)
-            by_pair = by_pair[:-1].view(num_tokens, routing.max_k, -1)  # [N, K, D]
+            by_pair = by_pair[:num_pairs].view(num_tokens, routing.max_k, -1)  # [N, K, D]
             out = by_pair.sum(dim=1, dtype=torch.float32)  # [N, D]
             out = torch.where(routing.nonfinite.unsqueeze(-1), math.nan, out)
         return MoEOutput(out.to(flat.dtype).reshape(hidden_states.shape), routing)
