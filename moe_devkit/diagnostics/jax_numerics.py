@@ -100,7 +100,8 @@ def _checked(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _first_bad_primitive(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, Any]:
     """(primitive, "file:line (function)") of the first non-finite primitive output."""
     try:
-        with jax.disable_jit(), jax.debug_nans(True), jax.debug_infs(True):
+        # Scoped on purpose: the op-by-op re-run that names the primitive.
+        with jax.disable_jit(), jax.debug_nans(True), jax.debug_infs(True):  # noqa: DBG204
             jax.block_until_ready(fn(*args))  # type: ignore[no-untyped-call]
     except FloatingPointError as exc:
         return _primitive_from_message(str(exc)), _user_frame(exc)
