@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import TYPE_CHECKING
 
-from moe_devkit.cli import UsageError
+from moe_devkit.cli import UsageError, positive_int
 
 if TYPE_CHECKING:
     import torch
+
+    from moe_devkit.config import RouterConfig
 
 
 def require_torch() -> None:
@@ -43,3 +46,47 @@ def resolve_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def add_router_arguments(
+    parser: argparse.ArgumentParser, *, hidden_size: int, num_experts: int, title: str
+) -> argparse._ArgumentGroup:
+    """The reference router's options, shared by every command that builds one."""
+    group = parser.add_argument_group(title)
+    group.add_argument("--hidden-size", type=positive_int, default=hidden_size)
+    group.add_argument(
+        "--expert-hidden-size", type=positive_int, default=None, help="default: 2 x hidden size"
+    )
+    group.add_argument("--num-experts", type=positive_int, default=num_experts)
+    group.add_argument("--min-k", type=positive_int, default=1)
+    group.add_argument("--max-k", type=positive_int, default=4)
+    group.add_argument("--mode", choices=("complexity", "top_p"), default="complexity")
+    group.add_argument("--top-p", type=float, default=0.6)
+    return group
+
+
+def add_device_arguments(group: argparse._ArgumentGroup) -> None:
+    """--device, --dtype and --seed."""
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def router_config(args: argparse.Namespace) -> RouterConfig:
+    """RouterConfig from the options of ``add_router_arguments`` (UsageError if invalid)."""
+    from moe_devkit.config import RouterConfig
+
+    ffn = args.expert_hidden_size or 2 * args.hidden_size
+    try:
+        return RouterConfig(
+            hidden_size=args.hidden_size,
+            expert_hidden_size=ffn,
+            complexity_hidden_size=max(args.hidden_size // 4, 1),
+            num_experts=args.num_experts,
+            min_k=args.min_k,
+            max_k=args.max_k,
+            mode=args.mode,
+            top_p=args.top_p,
+        )
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None

@@ -12,26 +12,25 @@ from rich.progress import Progress
 from rich.table import Table
 
 from moe_devkit.cli import UsageError, positive_int
-from moe_devkit.commands._torch import require_torch, resolve_device, resolve_dtype
+from moe_devkit.commands._torch import (
+    add_device_arguments,
+    add_router_arguments,
+    require_torch,
+    resolve_device,
+    resolve_dtype,
+    router_config,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declares the options of ``moe-devkit diagnose``."""
-    model = parser.add_argument_group("reference model")
-    model.add_argument("--hidden-size", type=positive_int, default=256)
-    model.add_argument("--num-experts", type=positive_int, default=16)
-    model.add_argument("--min-k", type=positive_int, default=1)
-    model.add_argument("--max-k", type=positive_int, default=4)
-    model.add_argument("--mode", choices=("complexity", "top_p"), default="complexity")
-    model.add_argument("--top-p", type=float, default=0.6)
+    model = add_router_arguments(parser, hidden_size=256, num_experts=16, title="reference model")
     model.add_argument("--layers", type=positive_int, default=2)
     work = parser.add_argument_group("workload")
     work.add_argument("--steps", type=positive_int, default=20, help="forward passes to record")
     work.add_argument("--batch", type=positive_int, default=8)
     work.add_argument("--seq", type=positive_int, default=128)
-    work.add_argument("--seed", type=int, default=0)
-    work.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    work.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_device_arguments(work)
     work.add_argument(
         "--framework",
         choices=("torch", "jax"),
@@ -48,22 +47,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
     require_torch()
     import torch
 
-    from moe_devkit.config import RouterConfig
     from moe_devkit.inspect import RouterInspector
     from moe_devkit.routers.torch_router import MoEModel
     from moe_devkit.workloads import mixed_difficulty_batch
 
-    try:
-        config = RouterConfig(
-            hidden_size=args.hidden_size,
-            num_experts=args.num_experts,
-            min_k=args.min_k,
-            max_k=args.max_k,
-            mode=args.mode,
-            top_p=args.top_p,
-        )
-    except (TypeError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
+    config = router_config(args)
     if getattr(args, "framework", "torch") == "jax":
         from moe_devkit.commands._diagnose_jax import run_jax
 

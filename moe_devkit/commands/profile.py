@@ -10,7 +10,14 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_devkit.cli import UsageError, positive_int
-from moe_devkit.commands._torch import require_torch, resolve_device, resolve_dtype
+from moe_devkit.commands._torch import (
+    add_device_arguments,
+    add_router_arguments,
+    require_torch,
+    resolve_device,
+    resolve_dtype,
+    router_config,
+)
 
 if TYPE_CHECKING:
     from moe_devkit.diagnostics.latency import DynamicStaticComparison, Measurement, ProfileResult
@@ -18,14 +25,7 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declares the options of ``moe-devkit profile``."""
-    model = parser.add_argument_group("reference layer")
-    model.add_argument("--hidden-size", type=positive_int, default=256)
-    model.add_argument("--expert-hidden-size", type=positive_int, default=512)
-    model.add_argument("--num-experts", type=positive_int, default=16)
-    model.add_argument("--min-k", type=positive_int, default=1)
-    model.add_argument("--max-k", type=positive_int, default=4)
-    model.add_argument("--mode", choices=("complexity", "top_p"), default="complexity")
-    model.add_argument("--top-p", type=float, default=0.6)
+    add_router_arguments(parser, hidden_size=256, num_experts=16, title="reference layer")
     run = parser.add_argument_group("run")
     run.add_argument("--tokens", type=positive_int, default=1024)
     run.add_argument("--warmup", type=int, default=10)
@@ -33,9 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--profile-steps", type=positive_int, default=3)
     run.add_argument("--top", type=positive_int, default=10, help="operators listed")
     run.add_argument("--no-static", action="store_true", help="skip the static comparison")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    run.add_argument("--seed", type=int, default=0)
+    add_device_arguments(run)
     run.add_argument("--out", type=Path, help="write trace.json and latency.json here")
 
 
@@ -44,7 +42,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
     require_torch()
     import torch
 
-    from moe_devkit.config import RouterConfig
     from moe_devkit.diagnostics.latency import (
         compare_dynamic_static,
         latency_section,
@@ -57,14 +54,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"--out must be a directory; {args.out} is a file")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0; got {args.warmup}")
-    try:
-        config = RouterConfig(
-            hidden_size=args.hidden_size, expert_hidden_size=args.expert_hidden_size,
-            num_experts=args.num_experts, min_k=args.min_k, max_k=args.max_k,
-            mode=args.mode, top_p=args.top_p,
-        )  # fmt: skip
-    except (TypeError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
+    config = router_config(args)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     torch.manual_seed(args.seed)
     dynamic = MoELayer(config).to(device=device, dtype=dtype).eval()
