@@ -152,16 +152,21 @@ def selected_experts(
         TypeError, ValueError: see ``check_logits_and_k``; also max_k out of [0, E].
     """
     logits, k, high = check_logits_and_k(router_logits, k_per_token, validate=validate)
-    num_experts = logits.shape[-1]
+    max_k = _resolve_max_k(max_k, k, high, logits.shape[-1])
+    top = torch.topk(logits, max_k, dim=-1).indices  # [N, max_k]
+    keep = slot_positions(max_k, logits.device) < k.unsqueeze(-1)  # [N, max_k]
+    return torch.where(keep, top, -1)
+
+
+def _resolve_max_k(max_k: int | None, k: torch.Tensor, high: int | None, num_experts: int) -> int:
+    """max_k as given (checked), else the largest k (read on the host)."""
     if max_k is None:
         max_k = high if high is not None else host_min_max(k)[1]
     if isinstance(max_k, bool) or not isinstance(max_k, int) or not 0 <= max_k <= num_experts:
         raise ValueError(f"max_k must be an int in [0, num_experts={num_experts}]; got {max_k!r}")
     if high is not None and high > max_k:
         raise ValueError(f"max_k must be >= the largest k; got max_k={max_k}, largest k={high}")
-    top = torch.topk(logits, max_k, dim=-1).indices  # [N, max_k]
-    keep = slot_positions(max_k, logits.device) < k.unsqueeze(-1)  # [N, max_k]
-    return torch.where(keep, top, -1)
+    return max_k
 
 
 def selection_counts_from_logits(
@@ -171,9 +176,20 @@ def selection_counts_from_logits(
     max_k: int | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """int64[E]: how often each expert is among its token's top-k (see ``selected_experts``)."""
-    indices = selected_experts(router_logits, k_per_token, max_k=max_k, validate=validate)
-    return count_selections(indices, router_logits.shape[-1])
+    """int64[E]: how often each expert is among its token's top-k (see ``selected_experts``).
+
+    Fused for the GPU, where kernel launches dominate: the slot mask picks bucket e + 1 or the
+    discarded bucket 0 in one ``where``, then one ``index_add_``.
+    """
+    logits, k, high = check_logits_and_k(router_logits, k_per_token, validate=validate)
+    num_experts = logits.shape[-1]
+    max_k = _resolve_max_k(max_k, k, high, num_experts)
+    top = torch.topk(logits, max_k, dim=-1).indices  # [N, max_k]
+    keep = slot_positions(max_k, logits.device) < k.unsqueeze(-1)  # [N, max_k]
+    bucket = torch.where(keep, top + 1, 0).reshape(-1)  # 0: not selected, 1..E: experts
+    ones = torch.ones(1, dtype=torch.int64, device=bucket.device).expand(bucket.numel())
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=bucket.device)
+    return counts.index_add_(0, bucket, ones)[1:]
 
 
 # ----------------------------------------------------------------------------- seed-exact
