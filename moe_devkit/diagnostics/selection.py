@@ -16,6 +16,7 @@ per-token thresholds (amax passes on CPU, one ``topk(max_k)`` elsewhere) and re-
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 
@@ -178,18 +179,24 @@ def selection_counts_from_logits(
 ) -> torch.Tensor:
     """int64[E]: how often each expert is among its token's top-k (see ``selected_experts``).
 
-    Fused for the GPU, where kernel launches dominate: the slot mask picks bucket e + 1 or the
-    discarded bucket 0 in one ``where``, then one ``index_add_``.
+    Fused for the GPU, where kernel launches dominate: the slot mask picks bucket e or the
+    discarded bucket E in one ``where``, then one ``index_add_``.
     """
     logits, k, high = check_logits_and_k(router_logits, k_per_token, validate=validate)
     num_experts = logits.shape[-1]
     max_k = _resolve_max_k(max_k, k, high, num_experts)
     top = torch.topk(logits, max_k, dim=-1).indices  # [N, max_k]
     keep = slot_positions(max_k, logits.device) < k.unsqueeze(-1)  # [N, max_k]
-    bucket = torch.where(keep, top + 1, 0).reshape(-1)  # 0: not selected, 1..E: experts
-    ones = torch.ones(1, dtype=torch.int64, device=bucket.device).expand(bucket.numel())
+    bucket = torch.where(keep, top, num_experts).reshape(-1)  # E: the discarded bucket
+    ones = _one(bucket.device).expand(bucket.numel())
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=bucket.device)
-    return counts.index_add_(0, bucket, ones)[1:]
+    return counts.index_add_(0, bucket, ones)[:num_experts]
+
+
+@functools.lru_cache(maxsize=16)
+def _one(device: torch.device) -> torch.Tensor:
+    """int64[1] = 1 on ``device``, cached (read-only): one launch fewer per count."""
+    return torch.ones(1, dtype=torch.int64, device=device)
 
 
 # ----------------------------------------------------------------------------- seed-exact
