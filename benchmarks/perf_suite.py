@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(args)
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs keep whole tables
     if args.device == "cuda" and not torch.cuda.is_available():
         console.print("[yellow]SKIPPED[/]: perf(device='cuda'): torch sees no CUDA device")
         return SKIP_EXIT

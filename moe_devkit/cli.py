@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs keep whole tables
     try:
         return int(_load(COMMANDS[args.command]).run(args, console))
     except UsageError as exc:
