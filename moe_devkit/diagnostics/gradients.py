@@ -248,25 +248,40 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _group_stats(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """float64[P, 5]: norm, mean, centred sum of squares, max, min of same-device gradients."""
-    norms = torch.stack(torch._foreach_norm(grads, 2.0))
+    """float64[P, 5]: norm, mean, centred sum of squares, max, min of same-device gradients.
+
+    A handful of launches whatever P is: multi-tensor norms and maxima, and per-parameter sums
+    from one float64 prefix sum over the concatenated gradients (differences at the segment
+    ends). No atomics (index_add_ into P bins serialises on a GPU) and no host read
+    (segment_reduce reads the lengths on the host).
+    """
+    norms = torch.stack(torch._foreach_norm(grads, 2.0)).double()
+    if device.type == "cpu":  # no launches to save: three passes per tensor (the seed: six)
+        return _cpu_stats(grads, norms)
+    maxs = torch.stack(torch._foreach_max(grads)).double()
+    mins = -torch.stack(torch._foreach_max(torch._foreach_neg(grads))).double()
     numels = [g.numel() for g in grads]
-    lengths = _to_device(torch.tensor(numels, dtype=torch.int64), device)
-    flat = torch.cat([g.reshape(-1) for g in grads])  # [T], T = sum of numels
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()
-    # Segment reductions by parameter id; segment_reduce would read the lengths on the host.
-    count = len(grads)
-    segment = torch.repeat_interleave(
-        torch.arange(count, device=flat.device), lengths, output_size=flat.numel()
-    )  # [T] parameter id of each element
-    zeros = torch.zeros(count, dtype=flat.dtype, device=flat.device)
-    mean = zeros.clone().index_add_(0, segment, flat) / lengths
-    centred = flat - mean[segment]  # [T]
-    sq = zeros.clone().index_add_(0, segment, centred.square_())
-    maxs = torch.full_like(zeros, -math.inf).scatter_reduce_(0, segment, flat, "amax")
-    mins = torch.full_like(zeros, math.inf).scatter_reduce_(0, segment, flat, "amin")
-    return torch.stack([norms.to(flat.dtype), mean, sq, maxs, mins], dim=-1).double()
+    ends = _to_device(torch.tensor(numels, dtype=torch.int64).cumsum(0) - 1, device)  # [P]
+    flat = torch.cat([g.reshape(-1) for g in grads]).double()  # [T]
+    prefix = torch.stack([flat, flat.square()]).cumsum(dim=1)  # [2, T]: sum, sum of squares
+    at_end = prefix[:, ends]  # [2, P]
+    sums = torch.diff(at_end, dim=1, prepend=torch.zeros_like(at_end[:, :1]))  # [2, P]
+    lengths = _to_device(torch.tensor(numels, dtype=torch.float64), device)
+    mean = sums[0] / lengths
+    # Float64 sums of float gradients: sum(x^2) - n mean^2 keeps ~1e-10 relative accuracy
+    # unless |mean| exceeds the standard deviation by more than ~1e5.
+    centred = (sums[1] - sums[0] * mean).clamp_min(0.0)
+    return torch.stack([norms, mean, centred, maxs, mins], dim=-1)
+
+
+def _cpu_stats(grads: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
+    """float64[P, 5] on the CPU: a sum and a min/max pass per tensor, plus the norms."""
+    sums = torch.stack([g.sum() for g in grads]).double()
+    low_high = torch.stack([torch.stack(torch.aminmax(g)) for g in grads]).double()  # [P, 2]
+    lengths = torch.tensor([g.numel() for g in grads], dtype=torch.float64)
+    mean = sums / lengths
+    centred = (norms.square() - sums * mean).clamp_min(0.0)  # sum(x^2) - n mean^2
+    return torch.stack([norms, mean, centred, low_high[:, 1], low_high[:, 0]], dim=-1)
 
 
 def _group_of(name: str, patterns: list[tuple[str, re.Pattern[str]]]) -> str:
