@@ -14,6 +14,7 @@ of one (device, dtype) group, for the duration of the call.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -260,18 +261,26 @@ def _group_stats(grads: list[torch.Tensor], device: torch.device) -> torch.Tenso
         return _cpu_stats(grads, norms)
     maxs = torch.stack(torch._foreach_max(grads)).double()
     mins = -torch.stack(torch._foreach_max(torch._foreach_neg(grads))).double()
-    numels = [g.numel() for g in grads]
-    ends = _to_device(torch.tensor(numels, dtype=torch.int64).cumsum(0) - 1, device)  # [P]
+    ends, lengths = _segments(tuple(g.numel() for g in grads), device)  # [P] each
     flat = torch.cat([g.reshape(-1) for g in grads]).double()  # [T]
     prefix = torch.stack([flat, flat.square()]).cumsum(dim=1)  # [2, T]: sum, sum of squares
     at_end = prefix[:, ends]  # [2, P]
     sums = torch.diff(at_end, dim=1, prepend=torch.zeros_like(at_end[:, :1]))  # [2, P]
-    lengths = _to_device(torch.tensor(numels, dtype=torch.float64), device)
     mean = sums[0] / lengths
     # Float64 sums of float gradients: sum(x^2) - n mean^2 keeps ~1e-10 relative accuracy
     # unless |mean| exceeds the standard deviation by more than ~1e5.
     centred = (sums[1] - sums[0] * mean).clamp_min(0.0)
     return torch.stack([norms, mean, centred, maxs, mins], dim=-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _segments(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """End index (int64) and length (float64) of each parameter in the concatenation.
+
+    Cached per model layout: pinning host memory for the copy costs more than the statistics.
+    """
+    host = torch.tensor(numels, dtype=torch.int64)
+    return _to_device(host.cumsum(0) - 1, device), _to_device(host.double(), device)
 
 
 def _cpu_stats(grads: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
