@@ -84,23 +84,27 @@ def check_paths(files: list[str], settings: Settings, fix: bool, jobs: int) -> l
     jobs = jobs or os.cpu_count() or 1
     if jobs < 2 or len(files) < PARALLEL_MIN_FILES or size < PARALLEL_MIN_BYTES // 4:
         return [_check_one(job) for job in work]
+    method = _start_method()
+    if method is None:  # a threaded host process (tests, notebooks): stay serial
+        return [_check_one(job) for job in work]
     import multiprocessing
 
-    with multiprocessing.get_context(_start_method()).Pool(jobs) as pool:
+    with multiprocessing.get_context(method).Pool(jobs) as pool:
         return list(pool.imap(_check_one, work, chunksize=4))
 
 
-def _start_method() -> str:
-    """fork where it is safe (Linux, a single-threaded process: the CLI), else forkserver.
+def _start_method() -> str | None:
+    """How to start workers: fork from a single-threaded process (the CLI, the hook).
 
     Forking a process that runs other threads (JAX's or torch's pools, when check_paths is
-    called from a test run or a notebook) can deadlock the child.
+    called from a test run or a notebook) can deadlock the child, and spawn needs an
+    importable ``__main__``; such callers get a serial run (None). Elsewhere than Linux: spawn.
     """
     import threading
 
     threaded = threading.active_count() > 1 or any(m in sys.modules for m in ("jax", "torch"))
     if sys.platform == "linux":
-        return "forkserver" if threaded else "fork"
+        return None if threaded else "fork"
     return "spawn"
 
 

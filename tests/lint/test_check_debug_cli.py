@@ -188,8 +188,15 @@ def test_parallel_run_matches_serial(tmp_path: Path, capsys: pytest.CaptureFixtu
             "x = 1\n" * 2_000 + "y = 2  # " + "z" * 40_000 + "\n" + "breakpoint()\n",
         )
     serial = run(tmp_path, capsys, "--jobs", "1", ".")
-    parallel = run(tmp_path, capsys, "--jobs", "2", ".")
-    assert serial == parallel
+    # A fresh process, as the hook runs: in-process, a test run's threads make it serial.
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--jobs", "2", "."],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == serial
     assert serial[1].count("\n") == 40
 
 
