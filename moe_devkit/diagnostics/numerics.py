@@ -44,6 +44,7 @@ ROOT = "<model>"
 _INF = float("inf")
 _MAX_DEPTH = 4
 _MAX_ROW = 1 << 16
+_MAX_PENDING_BYTES = 64 << 20  # gradients kept for a batched norm before a flush
 
 
 # ----------------------------------------------------------------------------- one tensor
@@ -263,6 +264,7 @@ class NumericsGuard:
         self._checks = 0
         self._sites: list[WatchSite] = []
         self._pending: list[torch.Tensor] = []
+        self._pending_bytes = 0
         self._claims: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
         self._signatures: dict[tuple[WatchSite, ...], int] = {}
 
@@ -357,12 +359,13 @@ class NumericsGuard:
                 return
             if len(self._sites) >= _MAX_ROW:
                 self._end_step()
-            self._flush()
-            slot = len(self._sites)
+            # Batched like the forward outputs (one multi-tensor norm per flush, not two
+            # kernels per gradient); gradients are held only up to _MAX_PENDING_BYTES.
+            self._pending.append(grad.detach())
             self._sites.append(site)
-            row = self._row(slot + 1, grad.device)
-            norm = torch.linalg.vector_norm(grad.detach(), _INF)
-            row[slot].copy_(norm, non_blocking=True)
+            self._pending_bytes += grad.numel() * grad.element_size()
+            if len(self._pending) >= 256 or self._pending_bytes >= _MAX_PENDING_BYTES:
+                self._flush()
 
         return hook
 
@@ -385,6 +388,7 @@ class NumericsGuard:
         if not self._pending:
             return
         tensors, self._pending = self._pending, []
+        self._pending_bytes = 0
         start = len(self._sites) - len(tensors)
         row = self._row(len(self._sites), tensors[0].device)
         norms = list(torch._foreach_norm(tensors, _INF))
