@@ -5,7 +5,7 @@ reference router (any module whose forward returns a ``RoutingDecision``) and fo
 decision into bounded, on-device running statistics:
 
 * counts per expert, a joint histogram of (complexity bin, k), non-finite and dropped counts,
-  loss sums, Welford/Chan moments of complexity, an expert co-activation matrix;
+  loss sums, float64 running sums (moments) of complexity, an expert co-activation matrix;
 * cumulative snapshots every ``window`` steps for trends (when the buffer is full, every
   other snapshot is dropped and the window doubles, so memory stays bounded);
 * a uniform sample of (complexity, k) pairs for plots: a bottom-k reservoir on random keys.
@@ -97,7 +97,7 @@ class LayerState:
         self.joint = torch.zeros(bins + 1, kk, dtype=i64, device=device)  # last row: non-finite
         self.dropped = torch.zeros((), dtype=i64, device=device)
         self.loss_sums = torch.zeros(2, dtype=f64, device=device)  # load-balancing, z
-        self.moments = torch.zeros(3, dtype=f64, device=device)  # n, mean, M2
+        self.sums = torch.zeros(3, dtype=f64, device=device)  # n, sum, sum of squares
         self.extrema = torch.tensor([float("inf"), float("-inf")], dtype=f64, device=device)
         self.coactivation = torch.zeros(num_experts, num_experts, dtype=f64, device=device)
         width = num_experts + kk + 1
@@ -249,23 +249,21 @@ class LayerState:
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         names = (
-            "counts", "joint", "dropped", "loss_sums", "moments", "extrema", "coactivation",
+            "counts", "joint", "dropped", "loss_sums", "sums", "extrema", "coactivation",
             "res_keys", "res_complexity", "res_k", "tokens_seen",
         )  # fmt: skip
         return {name: getattr(self, name) for name in names}
 
     def _update_moments(self, complexity: torch.Tensor, finite: torch.Tensor) -> None:
-        """Chan et al.'s parallel merge of the batch's (n, mean, M2) into the running one."""
-        n_b = finite.sum().double()
+        """Running float64 sums of the finite complexity scores and their squares.
+
+        Complexity scores are of order 1 (the reference routers' lie in [0, 1]): float64 sums
+        keep what Welford's update would, at a third of its kernels (each a launch inside
+        the captured update); ``host_state`` turns them into (n, mean, M2).
+        """
         values = torch.where(finite, complexity, 0.0)
-        mean_b = values.sum() / n_b.clamp_min(1)
-        m2_b = torch.where(finite, (complexity - mean_b).square(), 0.0).sum()
-        n_a, mean_a, m2_a = self.moments.unbind()
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        mean = mean_a + delta * n_b / n.clamp_min(1)
-        m2 = m2_a + m2_b + delta.square() * n_a * n_b / n.clamp_min(1)
-        self.moments.copy_(torch.stack([n, mean, m2]))
+        batch = torch.stack([finite.sum(dtype=torch.float64), values.sum(), values.square().sum()])
+        self.sums += batch
         lo = torch.where(finite, complexity, float("inf")).min()
         hi = torch.where(finite, complexity, float("-inf")).max()
         self.extrema.copy_(torch.stack([self.extrema[0].minimum(lo), self.extrema[1].maximum(hi)]))
@@ -294,7 +292,7 @@ class LayerState:
                 return
         row = len(self.snapshot_steps)
         k_hist = self.joint.sum(dim=0).double()
-        csum = self.moments[0:1] * self.moments[1:2]
+        csum = self.sums[1:2]
         self.snapshots[row] = torch.cat([self.counts.double(), k_hist, csum])
         self.snapshot_steps.append(self.steps)
 
@@ -314,7 +312,7 @@ class LayerState:
             "joint": self.joint.cpu(),
             "dropped": int(self.dropped),
             "loss_sums": self.loss_sums.cpu(),
-            "moments": self.moments.cpu(),
+            "moments": moments_from_sums(self.sums.cpu()),
             "extrema": self.extrema.cpu(),
             "coactivation": self.coactivation.cpu(),
             "coactivation_steps": (
@@ -360,6 +358,20 @@ def in_backward_recompute() -> bool:
     if torch.compiler.is_compiling():
         return False
     return bool(torch._C._current_graph_task_id() != -1)
+
+
+def moments_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """float64[3] (n, mean, M2) from (n, sum, sum of squares)."""
+    n, total, squares = sums.double().unbind()
+    mean = total / n.clamp_min(1)
+    m2 = (squares - total * mean).clamp_min(0.0)
+    return torch.stack([n, mean, m2])
+
+
+def sums_from_moments(moments: torch.Tensor) -> torch.Tensor:
+    """float64[3] (n, sum, sum of squares) from (n, mean, M2): the inverse."""
+    n, mean, m2 = moments.double().unbind()
+    return torch.stack([n, n * mean, m2 + n * mean * mean])
 
 
 def _decision_tensors(decision: RoutingDecision) -> tuple[torch.Tensor, ...]:

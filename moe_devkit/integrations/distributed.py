@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_devkit.inspect.inspector import LayerState, RouterInspector
+from moe_devkit.inspect.inspector import LayerState, RouterInspector, sums_from_moments
 from moe_devkit.inspect.report import InspectorSummary, ReportPaths, write_report
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -257,7 +257,7 @@ def _merge(
     state.joint = joint.sum(0).round().long().reshape(bins + 1, kk)
     state.dropped = dropped.sum().round().long()
     state.loss_sums = losses.sum(0)
-    state.moments = _chan_merge(moments)
+    state.sums = sums_from_moments(_chan_merge(moments))
     state.extrema = torch.stack([extrema[:, 0].min(), extrema[:, 1].max()])
     state.coactivation = coact.sum(0).reshape(num_experts, num_experts)
     metas_here = [m.get(name) for m in metas]
