@@ -16,25 +16,8 @@ import time
 import torch
 from torch import nn
 
+from moe_devkit.baselines import seed_debug_gradients
 from moe_devkit.diagnostics.gradients import gradient_statistics
-
-
-def seed_loop(model: nn.Module) -> tuple[dict[str, dict[str, float]], float]:
-    total = 0.0
-    info: dict[str, dict[str, float]] = {}
-    for name, param in model.named_parameters():
-        if param.grad is not None:
-            g = param.grad.data
-            norm = g.norm(2)
-            total += norm.item() ** 2
-            info[name] = {
-                "norm": norm.item(),
-                "mean": g.mean().item(),
-                "std": g.std().item(),
-                "max": g.max().item(),
-                "min": g.min().item(),
-            }
-    return info, total**0.5
 
 
 def make_model(device: torch.device) -> nn.Module:
@@ -66,11 +49,11 @@ def main() -> None:
     model = make_model(device)
     tensors = sum(1 for _ in model.parameters())
     for _ in range(3):  # warm-up
-        seed_loop(model)
+        seed_debug_gradients(model)
         gradient_statistics(model)
     seed, fused = [], []
     for _ in range(args.repeats):  # alternate A/B
-        seed.append(timed(lambda: seed_loop(model), device))
+        seed.append(timed(lambda: seed_debug_gradients(model), device))
         fused.append(timed(lambda: gradient_statistics(model), device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     s, f = statistics.median(seed), statistics.median(fused)

@@ -26,13 +26,13 @@ import os
 import platform
 import statistics
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from moe_devkit import debug_expert_selection
+from moe_devkit.baselines import seed_debug_expert_selection
 from moe_devkit.diagnostics.utilization import (
     selected_experts,
     selection_counts,
@@ -41,18 +41,6 @@ from moe_devkit.diagnostics.utilization import (
 from moe_devkit.reporting import write_atomic
 
 BATCH, SEQ, EXPERTS, MAX_K = 8, 2048, 64, 8
-
-
-def seed_debug_expert_selection(router_logits: torch.Tensor, k_values: torch.Tensor) -> Counter:
-    """The design document's function, minus the prints."""
-    expert_counts: Counter = Counter()
-    for batch_idx in range(router_logits.size(0)):
-        for seq_idx in range(router_logits.size(1)):
-            k = k_values[batch_idx, seq_idx]
-            top_experts = router_logits[batch_idx, seq_idx].topk(k).indices
-            for expert_id in top_experts:
-                expert_counts[expert_id.item()] += 1
-    return expert_counts
 
 
 def topk_bincount(router_logits: torch.Tensor, k_values: torch.Tensor) -> torch.Tensor:

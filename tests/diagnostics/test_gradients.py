@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from moe_devkit.baselines import seed_debug_gradients
 from moe_devkit.config import RouterConfig
 from moe_devkit.diagnostics.gradients import collect_gradient_stats, gradient_statistics
 from moe_devkit.routers.torch_router import MoEModel
@@ -19,23 +20,10 @@ CONFIG = RouterConfig(
 
 
 def seed_reference(model: nn.Module) -> tuple[dict[str, dict[str, float]], float]:
-    """The design document's debug_gradients loop, without the prints."""
-    total = 0.0
-    info: dict[str, dict[str, float]] = {}
-    for name, param in model.named_parameters():
-        if param.grad is not None:
-            g = param.grad.data
-            norm = g.norm(2)
-            warnings.filterwarnings("ignore", "std")  # one-element gradients: std is nan
-            total += norm.item() ** 2
-            info[name] = {
-                "norm": norm.item(),
-                "mean": g.mean().item(),
-                "std": g.std().item(),
-                "max": g.max().item(),
-                "min": g.min().item(),
-            }
-    return info, total**0.5
+    """The design document's debug_gradients loop (moe_devkit.baselines), warnings muted."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "std")  # one-element gradients: std is nan
+        return seed_debug_gradients(model)
 
 
 def trained_model() -> MoEModel:

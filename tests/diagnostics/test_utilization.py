@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moe_devkit
+from moe_devkit.baselines import seed_debug_expert_selection
 from moe_devkit.config import RouterConfig
 from moe_devkit.diagnostics import selection
 from moe_devkit.diagnostics.utilization import (
@@ -47,19 +48,6 @@ from moe_devkit.routers.torch_router import (
     load_balancing_loss,
     router_z_loss,
 )
-
-
-def seed_debug_expert_selection(router_logits: torch.Tensor, k_values: torch.Tensor) -> Counter:
-    """The design document's loop, minus the prints: the reference."""
-    expert_counts: Counter = Counter()
-    for batch_idx in range(router_logits.size(0)):
-        for seq_idx in range(router_logits.size(1)):
-            k = k_values[batch_idx, seq_idx]
-            top_experts = router_logits[batch_idx, seq_idx].topk(k).indices
-            for expert_id in top_experts:
-                expert_counts[expert_id.item()] += 1
-    return expert_counts
-
 
 INDICES = torch.tensor([[0, 1], [1, -1], [2, 1]])  # E = 4: loads [1, 3, 1, 0]
 LOADS = torch.tensor([1, 3, 1, 0])

@@ -1,0 +1,60 @@
+"""The design document's sketches, kept runnable (their prints removed).
+
+They are what moe-devkit replaces: the baselines the benchmarks measure against and the
+references the tests check equality with. Per-token and per-parameter Python loops with a
+host read each; never use them on real workloads.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def seed_debug_expert_selection(
+    router_logits: torch.Tensor, k_values: torch.Tensor
+) -> Counter[int]:
+    """The design document's ``debug_expert_selection``: top-k of each token, one at a time.
+
+    Args:
+        router_logits: float[batch, seq, E].
+        k_values: int[batch, seq].
+
+    Returns:
+        Selections per expert id (experts never selected are absent).
+    """
+    expert_counts: Counter[int] = Counter()
+    for batch_idx in range(router_logits.size(0)):
+        for seq_idx in range(router_logits.size(1)):
+            k = k_values[batch_idx, seq_idx]
+            top_experts = router_logits[batch_idx, seq_idx].topk(int(k)).indices
+            for expert_id in top_experts:
+                expert_counts[int(expert_id.item())] += 1
+    return expert_counts
+
+
+def seed_debug_gradients(model: nn.Module) -> tuple[dict[str, dict[str, float]], float]:
+    """The design document's ``debug_gradients`` after ``loss.backward()``.
+
+    Returns:
+        Per-parameter norm, mean, std, max and min, and the total gradient norm.
+    """
+    total = 0.0
+    info: dict[str, dict[str, float]] = {}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            g = param.grad.data
+            norm = g.norm(2)
+            total += norm.item() ** 2
+            info[name] = {
+                "norm": norm.item(),
+                "mean": g.mean().item(),
+                "std": g.std().item(),
+                "max": g.max().item(),
+                "min": g.min().item(),
+            }
+    return info, total**0.5
