@@ -131,3 +131,48 @@ def test_collection_does_not_synchronise_on_cuda() -> None:
         assert p.norm == pytest.approx(expected[p.name]["norm"], rel=1e-4, abs=1e-7)
         assert p.max == pytest.approx(expected[p.name]["max"], rel=1e-5, abs=1e-9)
     assert report.total_norm == pytest.approx(total, rel=1e-4)
+
+
+def test_segmented_path_matches_the_per_tensor_path_and_isolates_bad_tensors() -> None:
+    """The GPU path (segmented reductions) run on the CPU: same rows as the CPU path; a NaN
+    or Inf in one gradient leaves its neighbours' statistics exact; an empty tensor is NaN."""
+    from moe_devkit.diagnostics import gradients as g
+
+    torch.manual_seed(0)
+    grads = [torch.randn(7, 5), torch.randn(3) * 1e-3 + 5.0, torch.randn(1), torch.randn(64)]
+    exact = float64_rows(grads)
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(g._segment_stats(grads, cpu), exact, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g._cpu_stats(grads), exact, rtol=1e-5, atol=1e-7)
+    bad = [t.clone() for t in grads]
+    bad[1][0] = float("nan")
+    bad[3][5] = float("inf")
+    rows = g._segment_stats(bad, cpu)
+    torch.testing.assert_close(rows[0], exact[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(rows[2], exact[2], rtol=1e-9, atol=1e-12)
+    assert rows[1].isnan().all()  # norm, mean, std, max and min of the NaN tensor
+    assert rows[3, 0].item() == float("inf") and rows[3, 3].item() == float("inf")
+    empty = g._segment_stats([torch.randn(4), torch.empty(0)], cpu)
+    assert empty[1, 3].isnan() and empty[1, 4].isnan() and empty[0].isfinite().all()
+
+
+def test_large_groups_are_split_into_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moe_devkit.diagnostics import gradients as g
+
+    monkeypatch.setattr(g, "_CHUNK_ELEMENTS", 10)
+    grads = [torch.randn(4), torch.randn(8), torch.randn(30), torch.randn(2), torch.randn(3)]
+    assert [len(part) for part in g._chunks(grads)] == [1, 1, 1, 2]
+    torch.testing.assert_close(
+        torch.cat([g._segment_stats(p, torch.device("cpu")) for p in g._chunks(grads)]),
+        float64_rows(grads),
+    )
+
+
+def float64_rows(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Per tensor, in float64: norm, mean, centred sum of squares, max, min."""
+    rows = []
+    for t in grads:
+        x = t.double()
+        mean = x.mean()
+        rows.append(torch.stack([x.norm(), mean, (x - mean).square().sum(), x.max(), x.min()]))
+    return torch.stack(rows)
