@@ -1,7 +1,11 @@
 """NumericsGuard overhead on a reference MoELayer training step (default, non-strict mode).
 
 Usage: python benchmarks/bench_numerics_guard.py [--device cpu|cuda] [--repeats 20]
-       [--steps 10] [--tokens 1024]
+       [--steps 10] [--tokens 1024] [--preset small|olmoe] [--dtype float32|bfloat16]
+
+Presets: ``small`` (hidden 256, 16 experts, k = 2: launch-bound, the guard's worst case) and
+``olmoe`` (hidden 2048, expert FFN 1024, 64 experts, dynamic k up to 8: the realistic size
+of the other GPU benchmarks).
 
 Alternates A (no guard) and B (guard attached) repetitions of ``--steps`` training steps in
 the same process; each repetition is timed with CUDA events on the GPU (perf_counter on the
@@ -24,14 +28,23 @@ from moe_devkit.config import RouterConfig
 from moe_devkit.diagnostics.numerics import NumericsGuard
 from moe_devkit.routers.torch_router import MoELayer
 
+PRESETS = {
+    "small": RouterConfig(hidden_size=256, num_experts=16, min_k=2, max_k=2),
+    "olmoe": RouterConfig(hidden_size=2048, num_experts=64, max_k=8, expert_hidden_size=1024),
+}
 
-def make_step(device: torch.device, tokens: int) -> tuple[MoELayer, Callable[[], None]]:
+
+def make_step(
+    device: torch.device,
+    tokens: int,
+    preset: str = "small",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[MoELayer, Callable[[], None]]:
     torch.manual_seed(0)
-    # min_k == max_k: no undefined padding rows in the experts (they would be flagged)
-    config = RouterConfig(hidden_size=256, num_experts=16, min_k=2, max_k=2)
-    layer = MoELayer(config).to(device)
+    config = PRESETS[preset]
+    layer = MoELayer(config).to(device, dtype)
     optimizer = torch.optim.SGD(layer.parameters(), lr=1e-3)
-    x = torch.randn(tokens // 128, 128, config.hidden_size, device=device)
+    x = torch.randn(tokens // 128, 128, config.hidden_size, device=device, dtype=dtype)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -64,9 +77,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
     device = torch.device(args.device)
-    layer, step = make_step(device, args.tokens)
+    layer, step = make_step(device, args.tokens, args.preset, getattr(torch, args.dtype))
     guard = NumericsGuard(layer)
     for attached in (False, True, False, True):  # warm-up both paths
         if attached:
@@ -85,7 +100,10 @@ def main() -> None:
     a, b = statistics.median(plain) / args.steps, statistics.median(guarded) / args.steps
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print(f"machine: {platform.machine()} {name or platform.platform()}, torch {torch.__version__}")
-    print(f"threads: {torch.get_num_threads()}, tokens: {args.tokens}, steps/rep: {args.steps}")
+    print(
+        f"threads: {torch.get_num_threads()}, preset {args.preset}, {args.dtype}, "
+        f"tokens: {args.tokens}, steps/rep: {args.steps}"
+    )
     print(f"no guard:   {a * 1e3:8.3f} ms/step (median of {args.repeats})")
     print(f"with guard: {b * 1e3:8.3f} ms/step")
     print(f"overhead: {100 * (b / a - 1):+.1f}% (ratio {b / a:.3f})")

@@ -10,25 +10,26 @@ logits and weights are checked: the seed's ``debug_router_forward``), and tensor
 the gradient each module hands back to its inputs during backward. It names the first module,
 by qualified name, whose output or gradient became non-finite, with the step and the tensor.
 
-Synchronisation: in the default mode nothing is read on the host between checks. Each
-watched tensor costs one max-abs reduction written into a device row (forward outputs are
-batched into one multi-tensor reduction per forward); at each step boundary (the next
-forward of the watched model) the row is folded into device state that keeps the row of the
-first bad step. ``check()`` (or every ``check_every`` steps) reads that state with one
-device-to-host transfer. ``strict=True`` reads every tensor's flag at once and raises
-``NonFiniteError`` at the first offending module: one host synchronisation per watched
-tensor, so use it to pin a failure down, not for training throughput.
+Synchronisation: in the default mode nothing is read on the host between checks. Watched
+tensors are batched: each flush (the end of a forward, and during backward every 64 MB or
+256 gradients) computes their max-abs with one multi-tensor reduction per dtype and writes
+it into this step's row of a ring of 64 device rows. Every 64 steps, and at each check, the
+ring is folded into device state that keeps the row of the first bad step. ``check()`` (or
+every ``check_every`` steps) reads that state with one device-to-host transfer.
+``strict=True`` reads every tensor's flag at once and raises ``NonFiniteError`` at the first
+offending module: one host synchronisation per watched tensor, so use it to pin a failure
+down, not for training throughput.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -145,9 +146,11 @@ class NonFiniteError(ArithmeticError):
         self.finding = finding
 
 
-@dataclass(frozen=True)
-class WatchSite:
-    """One watched tensor of a step: which module, forward or backward, and which tensor."""
+class WatchSite(NamedTuple):
+    """One watched tensor of a step: which module, forward or backward, and which tensor.
+
+    A NamedTuple: sites are built and hashed every step, and tuples do both in C.
+    """
 
     module: str
     phase: str  # "forward" or "backward"
@@ -175,39 +178,75 @@ def iter_tensors(value: object, prefix: str, depth: int = 0) -> Iterator[tuple[s
         for key, item in value.items():
             yield from iter_tensors(item, f"{prefix}[{key!r}]", depth + 1)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for field in dataclasses.fields(value):
-            yield from iter_tensors(getattr(value, field.name), f"{prefix}.{field.name}", depth + 1)
+        for name in _field_names(type(value)):
+            yield from iter_tensors(getattr(value, name), f"{prefix}.{name}", depth + 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 class _DeviceState:
-    """Per-device flags: the current step's max-abs row and the row of the first bad step."""
+    """Per-device flags: a ring of step rows (max-abs per watched tensor) and the first bad one.
+
+    Each step writes its row in the ring; nothing else runs per step. Every ``RING`` steps,
+    and at each check, the filled rows are folded at once (a dozen launches) into the row,
+    step and signature of the first step that saw a non-finite value; then the ring is
+    zeroed, so a row's unused tail always reads as finite.
+    """
+
+    RING = 64
 
     def __init__(self, device: torch.device, capacity: int) -> None:
-        self.row = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.device = device
+        self.rows = torch.zeros(self.RING, capacity, dtype=torch.float32, device=device)
         self.first_row = torch.zeros(capacity, dtype=torch.float32, device=device)
         # found, step of the first bad row, signature id of that step
         self.meta = torch.zeros(3, dtype=torch.float64, device=device)
+        self.slot = 0
+        self.labels: list[tuple[int, int]] = []  # (step, signature id) of each filled slot
+
+    @property
+    def capacity(self) -> int:
+        return self.rows.shape[1]
 
     def grow(self, capacity: int) -> None:
-        extra = capacity - self.row.numel()
+        extra = capacity - self.capacity
         if extra > 0:
-            self.row = torch.cat([self.row, self.row.new_zeros(extra)])
+            self.rows = torch.cat([self.rows, self.rows.new_zeros(self.RING, extra)], dim=1)
             self.first_row = torch.cat([self.first_row, self.first_row.new_zeros(extra)])
 
-    def fold(self, used: int, step: int, signature: int) -> None:
-        """Keeps this row if it is the first with a non-finite value; no host sync."""
-        bad = ~torch.isfinite(self.row[:used]).all()
-        take = bad & (self.meta[0] == 0)
-        self.first_row = torch.where(take, self.row, self.first_row)
-        update = torch.stack(
-            [
-                torch.ones_like(self.meta[0]),
-                self.meta.new_full((), step),
-                self.meta.new_full((), signature),
-            ]
-        )
+    def end_row(self, step: int, signature: int) -> None:
+        """Closes the current slot; folds the ring when it is full."""
+        self.labels.append((step, signature))
+        self.slot += 1
+        if self.slot == self.RING:
+            self.fold()
+
+    def fold(self) -> None:
+        """Keeps the first filled row with a non-finite value, if none is kept yet; no sync."""
+        if not self.labels:
+            return
+        filled = self.rows[: len(self.labels)]
+        bad = filled.isfinite().all(dim=1).logical_not()  # [slots]
+        first = bad.byte().argmax()  # the first bad slot (0 when none is bad)
+        host = torch.tensor(self.labels, dtype=torch.float64)  # [slots, 2]
+        labels = _to_device(host, self.device)
+        take = bad.any() & (self.meta[0] == 0)
+        self.first_row = torch.where(take, filled[first], self.first_row)
+        update = torch.cat([self.meta.new_ones(1), labels[first]])
         self.meta = torch.where(take, update, self.meta)
-        self.row.zero_()
+        self.rows.zero_()
+        self.slot = 0
+        self.labels = []
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-device copy that does not synchronise (pinned memory, non-blocking)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 class NumericsGuard:
@@ -262,11 +301,13 @@ class NumericsGuard:
         self._state: _DeviceState | None = None
         self._step = 0
         self._checks = 0
-        self._sites: list[WatchSite] = []
-        self._pending: list[torch.Tensor] = []
+        self._seen = 0  # watched tensors this step (execution order)
+        self._row_sites: list[WatchSite] = []  # this step's row, in row order
+        self._row_order: list[int] = []  # execution order of each row position
+        self._pending: list[tuple[int, WatchSite, torch.Tensor]] = []
         self._pending_bytes = 0
         self._claims: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
-        self._signatures: dict[tuple[WatchSite, ...], int] = {}
+        self._signatures: dict[tuple[tuple[WatchSite, ...], tuple[int, ...]], int] = {}
 
     # -- attaching
 
@@ -314,9 +355,18 @@ class NumericsGuard:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
         name = self._names.get(id(module), type(module).__name__)
-        for desc, tensor in iter_tensors(output, "output"):
-            self._watch(name, "forward", desc, tensor)
+        if isinstance(output, torch.Tensor):  # the common case, without the generic walk
+            if output.is_floating_point():
+                self._watch(name, "forward", "output", output)
+        else:
+            for desc, tensor in iter_tensors(output, "output"):
+                self._watch(name, "forward", desc, tensor)
         if self.gradients and torch.is_grad_enabled():
+            if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+                for i, tensor in enumerate(args):
+                    if tensor.requires_grad:
+                        self._claim(name, f"input[{i}]", tensor)
+                return
             for desc, tensor in iter_tensors((args, kwargs), "input"):
                 if tensor.requires_grad:
                     self._claim(name, _input_desc(desc), tensor)
@@ -335,11 +385,15 @@ class NumericsGuard:
         if self.strict:
             self._strict_check(site, tensor)
             return
-        if len(self._sites) >= _MAX_ROW:  # a step that never ends: fold what it has
+        self._enqueue(site, tensor.detach())
+
+    def _enqueue(self, site: WatchSite, tensor: torch.Tensor) -> None:
+        if self._seen >= _MAX_ROW:  # a step that never ends: close its row and go on
             self._end_step()
-        self._pending.append(tensor.detach())
-        self._sites.append(site)
-        if len(self._pending) >= 256:
+        self._pending.append((self._seen, site, tensor))
+        self._seen += 1
+        self._pending_bytes += tensor.numel() * tensor.element_size()
+        if len(self._pending) >= 256 or self._pending_bytes >= _MAX_PENDING_BYTES:
             self._flush()
 
     def _claim(self, module: str, desc: str, tensor: torch.Tensor) -> None:
@@ -357,15 +411,9 @@ class NumericsGuard:
             if self.strict:
                 self._strict_check(site, grad)
                 return
-            if len(self._sites) >= _MAX_ROW:
-                self._end_step()
             # Batched like the forward outputs (one multi-tensor norm per flush, not two
             # kernels per gradient); gradients are held only up to _MAX_PENDING_BYTES.
-            self._pending.append(grad.detach())
-            self._sites.append(site)
-            self._pending_bytes += grad.numel() * grad.element_size()
-            if len(self._pending) >= 256 or self._pending_bytes >= _MAX_PENDING_BYTES:
-                self._flush()
+            self._enqueue(site, grad.detach())
 
         return hook
 
@@ -376,37 +424,50 @@ class NumericsGuard:
             raise NonFiniteError(finding)
 
     def _row(self, size: int, device: torch.device) -> torch.Tensor:
-        """The device row of this step, grown to hold at least ``size`` slots."""
+        """This step's slot in the ring, grown to hold at least ``size`` positions."""
         if self._state is None:
             self._state = _DeviceState(device, max(64, size))
-        elif size > self._state.row.numel():
-            self._state.grow(max(2 * self._state.row.numel(), size))
-        return self._state.row
+        elif size > self._state.capacity:
+            self._state.grow(min(max(2 * self._state.capacity, size), _MAX_ROW))
+        return self._state.rows[self._state.slot]
 
     def _flush(self) -> None:
-        """Writes the max-abs of the pending forward tensors into the row (one batched op)."""
+        """Writes the max-abs of the pending tensors into this step's row.
+
+        One multi-tensor reduction per (device, dtype), results in float32, stacked into
+        the row: about three launches per flush, however many tensors are pending.
+        """
         if not self._pending:
             return
-        tensors, self._pending = self._pending, []
+        pending, self._pending = self._pending, []
         self._pending_bytes = 0
-        start = len(self._sites) - len(tensors)
-        row = self._row(len(self._sites), tensors[0].device)
-        norms = list(torch._foreach_norm(tensors, _INF))
-        if any(n.dtype != torch.float32 or n.device != row.device for n in norms):
-            norms = [n.to(row.device, torch.float32, non_blocking=True) for n in norms]
-        torch.stack(norms, out=row[start : start + len(tensors)])
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, (_, _, tensor) in enumerate(pending):
+            groups.setdefault((tensor.device, tensor.dtype), []).append(i)
+        start = len(self._row_sites)
+        row = self._row(start + len(pending), pending[0][2].device)
+        for (device, _), members in groups.items():
+            norms = _max_abs([pending[i][2] for i in members])
+            if device != row.device:  # a model split over devices: flags live on one
+                norms = [n.to(row.device, non_blocking=True) for n in norms]
+            end = start + len(members)
+            torch.stack(norms, out=row[start:end])
+            start = end
+            self._row_sites.extend(pending[i][1] for i in members)
+            self._row_order.extend(pending[i][0] for i in members)
 
     def _end_step(self) -> None:
-        """Folds this step's row into the device state; no host synchronisation."""
+        """Closes this step's row in the ring; no host synchronisation."""
         self._flush()
         self._claims.clear()
-        if self._state is None or not self._sites:
-            self._sites = []
+        self._seen = 0
+        if self._state is None or not self._row_sites:
+            self._row_sites, self._row_order = [], []
             return
-        signature = tuple(self._sites)
+        signature = (tuple(self._row_sites), tuple(self._row_order))
         sig_id = self._signatures.setdefault(signature, len(self._signatures))
-        self._state.fold(len(signature), self._step, sig_id)
-        self._sites = []
+        self._state.end_row(self._step, sig_id)
+        self._row_sites, self._row_order = [], []
 
     # -- reading
 
@@ -422,16 +483,17 @@ class NumericsGuard:
         state = self._state
         if state is None:
             return []
+        state.fold()
         packed = torch.cat([state.meta, state.first_row.double()]).cpu().tolist()
         found, step, sig_id = bool(packed[0]), int(packed[1]), int(packed[2])
         if not found:
             return []
         state.meta.zero_()
-        signature = next(sig for sig, i in self._signatures.items() if i == sig_id)
-        values = packed[3 : 3 + len(signature)]
-        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-        others = [f"{signature[i].module}: {signature[i].tensor}" for i in bad[1:11]]
-        finding = self._finding(signature[bad[0]], step, others)
+        sites, order = next(sig for sig, i in self._signatures.items() if i == sig_id)
+        values = packed[3 : 3 + len(sites)]
+        bad = sorted((order[i], i) for i, v in enumerate(values) if not math.isfinite(v))
+        others = [f"{sites[i].module}: {sites[i].tensor}" for _, i in bad[1:11]]
+        finding = self._finding(sites[bad[0][1]], step, others)
         self.findings.append(finding)
         logger.warning("%s", finding.message)
         return [finding]
@@ -459,6 +521,20 @@ class NumericsGuard:
             "gradients": self.gradients,
             "first_nonfinite": [f.to_dict() for f in self.findings],
         }
+
+
+def _max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Float32 max-abs of each tensor (NaN if it holds a NaN) in one multi-tensor reduction."""
+    global _NORM_DTYPE_ARG
+    if _NORM_DTYPE_ARG:
+        try:
+            return list(torch._foreach_norm(tensors, _INF, dtype=torch.float32))
+        except (TypeError, RuntimeError):  # torch without the dtype argument
+            _NORM_DTYPE_ARG = False
+    return [n.float() for n in torch._foreach_norm(tensors, _INF)]
+
+
+_NORM_DTYPE_ARG = True
 
 
 def _input_desc(desc: str) -> str:

@@ -100,6 +100,49 @@ def test_backward_nan_is_attributed_to_the_module_whose_backward_made_it() -> No
     }
 
 
+def test_first_bad_step_survives_the_ring_of_step_rows() -> None:
+    """Rows are folded every 64 steps: the first bad step is kept across folds and checks."""
+    bad = BadForward()
+    model = mlp(bad)
+    with NumericsGuard(model) as guard:
+        train(model, 100)  # one fold of 64 clean rows, 36 rows pending
+        bad.active = True
+        train(model, 2)  # steps 101 and 102 are bad
+        bad.active = False
+        train(model, 60)  # crosses the next fold
+        (finding,) = guard.check()
+        assert finding.step == 101
+        assert finding.location == "2.1"
+        train(model, 10)
+        assert guard.check() == []
+        bad.active = True
+        train(model, 1)
+    (finding,) = guard.check()
+    assert finding.step == 173
+
+
+class ToBFloat16(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.bfloat16()
+
+
+class ToFloat32(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+def test_first_bad_tensor_is_found_in_execution_order_across_dtypes() -> None:
+    """Flags are grouped by dtype in the row; the finding still names the earliest module."""
+    bad = BadForward()
+    bad.active = True
+    model = nn.Sequential(nn.Linear(8, 8), ToBFloat16(), bad, ToFloat32(), nn.Linear(8, 1))
+    with NumericsGuard(model, gradients=False) as guard, torch.no_grad():
+        model(torch.randn(4, 8))
+    (finding,) = guard.check()
+    assert finding.location == "2"  # bf16 output, executed before the float32 ones
+    assert finding.details["also_nonfinite"] == ["3: output", "4: output", "<model>: output"]
+
+
 def test_strict_mode_raises_in_forward_and_backward() -> None:
     bad = BadForward()
     bad.active = True
@@ -195,7 +238,7 @@ def test_guard_does_not_synchronise_between_checks_on_cuda() -> None:
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
+        for _ in range(70):  # crosses a fold of the ring of step rows
             layer(x).hidden_states.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
