@@ -20,7 +20,9 @@ from moe_devkit.commands._torch import (
 )
 
 if TYPE_CHECKING:
-    from moe_devkit.diagnostics.latency import DynamicStaticComparison, Measurement, ProfileResult
+    from moe_devkit.diagnostics.latency_compare import DynamicStaticComparison
+    from moe_devkit.diagnostics.latency_profiler import ProfileResult
+    from moe_devkit.diagnostics.latency_timing import Measurement
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +44,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     require_torch()
     import torch
 
-    from moe_devkit.diagnostics.latency import (
-        compare_dynamic_static,
-        latency_section,
-        profile_inference_latency,
-    )
+    from moe_devkit.diagnostics.latency import latency_section, profile_inference_latency
+    from moe_devkit.diagnostics.latency_compare import compare_dynamic_static
     from moe_devkit.reporting import make_report, write_report_json
     from moe_devkit.routers.torch_router import MoELayer, StaticTopKRouter
 

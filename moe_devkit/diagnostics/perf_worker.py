@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from moe_devkit.diagnostics.regression import Sample, Sampler
+from moe_devkit.diagnostics.perf_samples import Sample, Sampler
 
 
 class RevisionError(RuntimeError):
