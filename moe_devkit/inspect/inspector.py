@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_devkit.inspect.fused_update import is_available as fused_update_available
+from moe_devkit.inspect.fused_update import token_stats
 from moe_devkit.routers.torch_router import RoutingDecision, count_values
 
 
@@ -49,6 +51,9 @@ class InspectorConfig:
         max_windows: snapshots kept per layer.
         complexity_bins: bins of the complexity histogram over [0, 1].
         reservoir_size: (complexity, k) pairs kept per layer for plots.
+        reservoir_every: offer the tokens of every this many steps to the reservoir (default
+            4: its top-k merge is the most expensive part of an update; the sample stays
+            uniform over the tokens of the sampled steps, a systematic sample of the run).
         coactivation_every: update the co-activation matrix every this many steps (0: never;
             default 4: an [N, E] x [E, N] product per step costs more than the rest together).
         collapse_ratio: alarm when an expert's load exceeds this multiple of the mean load.
@@ -59,13 +64,16 @@ class InspectorConfig:
         drift_complexity: same for mean complexity.
         seed: seed of the reservoir's random keys.
         cuda_graphs: on CUDA, replay each update from a captured CUDA graph (one launch per
-            step; up to 4 input shapes per layer, eager beyond).
+            step; up to 8 (input shapes, periodic updates) per layer, eager beyond).
+        triton: on CUDA with Triton installed, compute the per-token statistics in one
+            Triton kernel instead of about 45 PyTorch ops (same results).
     """
 
     window: int = 50
     max_windows: int = 64
     complexity_bins: int = 20
     reservoir_size: int = 1024
+    reservoir_every: int = 4
     coactivation_every: int = 4
     collapse_ratio: float = 4.0
     collapse_token_share: float = 0.9
@@ -74,12 +82,16 @@ class InspectorConfig:
     drift_complexity: float = 0.15
     seed: int = 0
     cuda_graphs: bool = True
+    triton: bool = True
 
     def __post_init__(self) -> None:
         for name in ("window", "max_windows", "complexity_bins", "reservoir_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 2:
                 raise ValueError(f"{name} must be an int >= 2; got {name}={value!r}")
+        every = self.reservoir_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"reservoir_every must be an int >= 1; got reservoir_every={every!r}")
         if self.max_windows % 2:
             raise ValueError(f"max_windows must be even; got max_windows={self.max_windows}")
 
@@ -118,6 +130,8 @@ class LayerState:
         self._direct: dict[Any, torch.cuda.CUDAGraph] = {}  # graphs reading inputs in place
         self._addresses: dict[Any, int] = {}  # input addresses seen, for _direct
         self._warmed = False
+        # One Triton kernel for the per-token statistics (CUDA only: the interpreter is slow)
+        self._fused = config.triton and device.type == "cuda" and fused_update_available(device)
         self.steps = 0
         self.first_time: float | None = None
         self.last_time: float | None = None
@@ -135,18 +149,22 @@ class LayerState:
 
     def _update(self, d: RoutingDecision) -> None:
         inputs = _decision_tensors(d)  # read under no_grad: no detach needed
-        every = self.config.coactivation_every
+        every, sample_every = self.config.coactivation_every, self.config.reservoir_every
         compiling = torch.compiler.is_compiling()
         if compiling:
-            due = None if every <= 1 else (self.steps + self.compiled_steps) % every == 0
-            self._update_tensors(*inputs, coactivation=every > 0, due=due)
+            step = self.steps + self.compiled_steps
+            due = None if every <= 1 else step % every == 0
+            sample_due = None if sample_every == 1 else step % sample_every == 0
+            self._update_tensors(
+                *inputs, coactivation=every > 0, sample=True, due=due, sample_due=sample_due
+            )
             self.compiled_steps += 1  # host-side bookkeeping stays out of the graph
             return
-        coactivation = bool(every) and self.steps % every == 0
+        flags = (bool(every) and self.steps % every == 0, self.steps % sample_every == 0)
         if self.stream is not None and self.config.cuda_graphs:
-            self._replay(inputs, coactivation)
+            self._replay(inputs, flags)
         else:
-            self._update_tensors(*inputs, coactivation=coactivation, due=None)
+            self._update_tensors(*inputs, coactivation=flags[0], sample=flags[1])
         self.steps += 1
         if self.steps % self.window == 0:
             self._snapshot()
@@ -165,9 +183,48 @@ class LayerState:
         z_loss: torch.Tensor,
         *,
         coactivation: bool,
-        due: torch.Tensor | None,
+        sample: bool,
+        due: torch.Tensor | None = None,
+        sample_due: torch.Tensor | None = None,
     ) -> None:
         """The tensor work of one update, all in place (so a CUDA graph can replay it)."""
+        num_experts = self.num_experts
+        if not (
+            self._fused
+            and not torch.compiler.is_compiling()
+            and token_stats(
+                (indices, complexity, nonfinite, k, dropped, lb_loss, z_loss),
+                self._state_tensors(),
+                complexity_bins=self.config.complexity_bins,
+                max_k=self.max_k,
+            )
+        ):
+            self._token_stats(indices, complexity, nonfinite, k, dropped, lb_loss, z_loss)
+        if coactivation:
+            multi_hot = torch.zeros(indices.shape[0], num_experts + 1, device=indices.device)
+            multi_hot.scatter_(1, torch.where(indices >= 0, indices, num_experts), 1.0)
+            multi_hot = multi_hot[:, :num_experts]  # [N, E]
+            if due is not None:  # compiled: a Python step test would recompile every step
+                multi_hot = multi_hot * due
+            self.coactivation += (multi_hot.t() @ multi_hot).double()
+        if sample:
+            self._update_reservoir(complexity.float(), k.clamp(0, self.max_k), sample_due)
+
+    def _token_stats(
+        self,
+        indices: torch.Tensor,
+        complexity: torch.Tensor,
+        nonfinite: torch.Tensor,
+        k: torch.Tensor,
+        dropped: torch.Tensor,
+        lb_loss: torch.Tensor,
+        z_loss: torch.Tensor,
+    ) -> None:
+        """Counts, the (complexity bin, k) histogram, drops, losses, complexity moments.
+
+        PyTorch ops; on CUDA with Triton, ``fused_update.token_stats`` does the same in one
+        kernel.
+        """
         num_experts, kk, bins = self.num_experts, self.max_k + 1, self.config.complexity_bins
         self.counts += count_values(indices, num_experts)  # histc: no atomics, no sync
         complexity = complexity.to(torch.float64)
@@ -179,16 +236,8 @@ class LayerState:
         self.dropped += dropped.sum()
         self.loss_sums += torch.stack([lb_loss, z_loss]).double()
         self._update_moments(complexity, finite)
-        if coactivation:
-            multi_hot = torch.zeros(indices.shape[0], num_experts + 1, device=indices.device)
-            multi_hot.scatter_(1, torch.where(indices >= 0, indices, num_experts), 1.0)
-            multi_hot = multi_hot[:, :num_experts]  # [N, E]
-            if due is not None:  # compiled: a Python step test would recompile every step
-                multi_hot = multi_hot * due
-            self.coactivation += (multi_hot.t() @ multi_hot).double()
-        self._update_reservoir(complexity.float(), k)
 
-    def _replay(self, inputs: tuple[torch.Tensor, ...], coactivation: bool) -> None:
+    def _replay(self, inputs: tuple[torch.Tensor, ...], flags: tuple[bool, bool]) -> None:
         """Replays a captured update.
 
         A steady training loop hands the hook its decision tensors at the same addresses
@@ -197,7 +246,7 @@ class LayerState:
         captured per shape. Capturing synchronises the device once, so nothing is captured
         while CUDA sync-debug mode is on: the update then runs eagerly.
         """
-        where = (tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in inputs), coactivation)
+        where = (tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in inputs), flags)
         direct = self._direct.get(where)
         if direct is not None:
             direct.replay()
@@ -205,25 +254,25 @@ class LayerState:
         capturing_allowed = torch.cuda.get_sync_debug_mode() == 0
         seen = self._addresses.get(where, 0) + 1
         if capturing_allowed and seen >= 2 and len(self._direct) < _MAX_GRAPHS:
-            self._direct[where] = self._capture(inputs, coactivation, own_buffers=False)[0]
+            self._direct[where] = self._capture(inputs, flags, own_buffers=False)[0]
             self._direct[where].replay()
             return
         if len(self._addresses) < 4 * _MAX_GRAPHS:
             self._addresses[where] = seen
-        key = (tuple(t.shape for t in inputs), coactivation)
+        key = (tuple(t.shape for t in inputs), flags)
         entry = self._graphs.get(key)
         if entry is None:
             if not capturing_allowed or len(self._graphs) >= _MAX_GRAPHS:
-                self._update_tensors(*inputs, coactivation=coactivation, due=None)
+                self._update_tensors(*inputs, coactivation=flags[0], sample=flags[1])
                 return
-            entry = self._capture(inputs, coactivation, own_buffers=True)
+            entry = self._capture(inputs, flags, own_buffers=True)
             self._graphs[key] = entry
         graph, buffers = entry
         torch._foreach_copy_(list(buffers), list(inputs))  # one call for the seven copies
         graph.replay()
 
     def _capture(
-        self, inputs: tuple[torch.Tensor, ...], coactivation: bool, *, own_buffers: bool
+        self, inputs: tuple[torch.Tensor, ...], flags: tuple[bool, bool], *, own_buffers: bool
     ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
         """Captures one update (on its own input buffers, or reading ``inputs`` in place).
 
@@ -237,12 +286,12 @@ class LayerState:
             warm.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(warm):
                 for _ in range(2):
-                    self._update_tensors(*buffers, coactivation=coactivation, due=None)
+                    self._update_tensors(*buffers, coactivation=flags[0], sample=flags[1])
             torch.cuda.current_stream(device).wait_stream(warm)
             self._warmed = True
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._update_tensors(*buffers, coactivation=coactivation, due=None)
+            self._update_tensors(*buffers, coactivation=flags[0], sample=flags[1])
         for name, value in saved.items():
             getattr(self, name).copy_(value)
         return graph, buffers
@@ -268,11 +317,16 @@ class LayerState:
         hi = torch.where(finite, complexity, float("-inf")).max()
         self.extrema.copy_(torch.stack([self.extrema[0].minimum(lo), self.extrema[1].maximum(hi)]))
 
-    def _update_reservoir(self, complexity: torch.Tensor, k: torch.Tensor) -> None:
-        """Keeps the pairs with the smallest random keys: a uniform sample of all tokens."""
+    def _update_reservoir(
+        self, complexity: torch.Tensor, k: torch.Tensor, due: torch.Tensor | None
+    ) -> None:
+        """Keeps the pairs with the smallest random keys: a uniform sample of the tokens of
+        the sampled steps (every ``reservoir_every``-th step)."""
         index = self.tokens_seen + torch.arange(k.shape[0], device=k.device)
         self.tokens_seen += k.shape[0]
         keys = _uniform_keys(index, self.config.seed)
+        if due is not None:  # compiled: a step that is not sampled offers no token
+            keys = torch.where(due, keys, float("inf"))
         all_keys = torch.cat([self.res_keys, keys])
         keep = torch.topk(all_keys, self.res_keys.shape[0], largest=False, sorted=False).indices
         # In place, never rebinding: a captured CUDA graph holds these addresses.
@@ -330,7 +384,7 @@ class LayerState:
 _MASK32 = 0xFFFFFFFF
 
 
-_MAX_GRAPHS = 4  # captured input shapes per layer
+_MAX_GRAPHS = 8  # captured (input shapes, periodic flags) per layer
 
 
 def _uniform_keys(index: torch.Tensor, seed: int) -> torch.Tensor:

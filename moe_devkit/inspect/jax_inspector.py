@@ -180,11 +180,25 @@ def _merge_moments(a: Any, b: Any, xp: Any) -> Any:
     return xp.stack([n, mean, m2])
 
 
-@partial(jax.jit, static_argnames=("coactivation",))
-def _fold(acc: RoutingStats, step: RoutingStats, coactivation: bool) -> RoutingStats:
-    """Adds one step's statistics to the device accumulators; keeps the smallest keys."""
-    keys = jnp.concatenate([acc.sample_keys, step.sample_keys])
-    neg, keep = jax.lax.top_k(-keys, acc.sample_keys.shape[0])
+@partial(jax.jit, static_argnames=("coactivation", "sample"))
+def _fold(acc: RoutingStats, step: RoutingStats, coactivation: bool, sample: bool) -> RoutingStats:
+    """Adds one step's statistics to the device accumulators; keeps the smallest keys.
+
+    ``sample``: offer this step's tokens to the reservoir (every ``reservoir_every``-th step,
+    as ``LayerState`` does); otherwise the reservoir is kept as it is.
+    """
+    if sample:
+        keys = jnp.concatenate([acc.sample_keys, step.sample_keys])
+        neg, keep = jax.lax.top_k(-keys, acc.sample_keys.shape[0])
+        sample_keys = -neg
+        sample_complexity = jnp.concatenate([acc.sample_complexity, step.sample_complexity])[keep]
+        sample_k = jnp.concatenate([acc.sample_k, step.sample_k])[keep]
+    else:
+        sample_keys, sample_complexity, sample_k = (
+            acc.sample_keys,
+            acc.sample_complexity,
+            acc.sample_k,
+        )
     co = step.coactivation if coactivation else jnp.zeros_like(step.coactivation)
     low = jnp.minimum(acc.extrema[0], step.extrema[0])
     high = jnp.maximum(acc.extrema[1], step.extrema[1])
@@ -196,9 +210,9 @@ def _fold(acc: RoutingStats, step: RoutingStats, coactivation: bool) -> RoutingS
         moments=_merge_moments(acc.moments, step.moments, jnp),
         extrema=jnp.stack([low, high]),
         coactivation=acc.coactivation + jnp.round(co),
-        sample_keys=-neg,
-        sample_complexity=jnp.concatenate([acc.sample_complexity, step.sample_complexity])[keep],
-        sample_k=jnp.concatenate([acc.sample_k, step.sample_k])[keep],
+        sample_keys=sample_keys,
+        sample_complexity=sample_complexity,
+        sample_k=sample_k,
     )
 
 
@@ -252,7 +266,12 @@ class JaxLayerState:
                 "routing_stats)"
             )
         every = self.config.coactivation_every
-        self._device = _fold(self._device, stats, bool(every) and self.steps % every == 0)
+        self._device = _fold(
+            self._device,
+            stats,
+            bool(every) and self.steps % every == 0,
+            self.steps % self.config.reservoir_every == 0,
+        )
         self.steps += 1
         if self.steps % self.window == 0:
             self._flush()

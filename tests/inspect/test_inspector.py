@@ -129,6 +129,20 @@ def test_memory_stays_bounded_over_100k_steps() -> None:
     assert summary["k"]["histogram"] == [0, 200_000, 200_000]
 
 
+def test_reservoir_samples_the_tokens_of_every_nth_step() -> None:
+    config = InspectorConfig(reservoir_every=3, reservoir_size=64, coactivation_every=0)
+    inspector = RouterInspector(config=config)
+    for step in range(7):
+        complexity = torch.full((4,), step / 10)
+        indices = torch.tensor([[0, -1], [1, 2], [3, -1], [0, 1]])
+        decision = decision_from_tensors(complexity, torch.tensor([1, 2, 1, 2]), indices)
+        inspector.record(decision, layer="manual")
+    sample = inspector.summary().layers["manual"]["sample"]
+    assert sorted(sample["complexity"]) == [0.0] * 4 + [0.3] * 4 + [0.6] * 4  # steps 0, 3, 6
+    with pytest.raises(ValueError, match="reservoir_every"):
+        InspectorConfig(reservoir_every=0)
+
+
 def test_collapse_dead_experts_and_nonfinite_alarms() -> None:
     config = RouterConfig(hidden_size=4, num_experts=4, min_k=1, max_k=1)
     router = StaticTopKRouter(config, k=1)
@@ -246,8 +260,8 @@ def test_cuda_graph_replay_equals_eager_updates() -> None:
     config = RouterConfig(hidden_size=64, num_experts=8, max_k=4, expert_hidden_size=64)
     model = MoEModel(config, num_layers=1).to("cuda")
     graphed = RouterInspector(config=InspectorConfig(window=3, coactivation_every=2))
-    eager = RouterInspector(
-        config=InspectorConfig(window=3, coactivation_every=2, cuda_graphs=False)
+    eager = RouterInspector(  # PyTorch ops, no graph, no Triton kernel
+        config=InspectorConfig(window=3, coactivation_every=2, cuda_graphs=False, triton=False)
     )
     graphed.attach(model)
     eager.attach(model)

@@ -73,7 +73,9 @@ def test_summary_equals_the_torch_inspectors(both_inspectors: tuple) -> None:
         assert got["losses"] == pytest.approx(expected["losses"], rel=1e-5)
         assert [w["counts"] for w in got["windows"]] == [w["counts"] for w in expected["windows"]]
         assert [w["end_step"] for w in got["windows"]] == [3, 6, 9, 12]
-        assert len(got["sample"]["k"]) == got["tokens"]  # reservoir larger than the run
+        # reservoir larger than the run: every token of the sampled steps (0, 4, 8, 12)
+        sampled_steps = len(range(0, 14, INSPECTOR.reservoir_every))
+        assert len(got["sample"]["k"]) == got["tokens"] * sampled_steps // 14
         assert sorted(got["sample"]["k"]) == sorted(expected["sample"]["k"])
     assert [f.code for f in jax_summary.findings] == [f.code for f in torch_summary.findings]
 

@@ -1,0 +1,97 @@
+"""The inspector's per-token statistics in one Triton kernel (CUDA, where Triton is installed).
+
+``LayerState.update`` folds a routing decision into expert counts, the (complexity bin, k)
+histogram, dropped pairs, loss sums and the complexity's sums and extrema. In PyTorch ops
+that is about 45 small kernels; inside the captured update graph they cost little CPU but
+about 100 us of GPU time on a side stream, where they compete with the model's kernels.
+``token_stats`` does the same in one kernel launch, with the same results: the bins are
+computed with the same float64 arithmetic, and the float64 sums differ only in summation
+order.
+
+Triton is imported only when the kernel is first needed (see ``moe_devkit.routers.
+triton_grouped``); with ``TRITON_INTERPRET=1`` set before that, the kernel runs in Triton's
+interpreter on CPU tensors (the tests use this).
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from moe_devkit.routers import triton_grouped
+
+__all__ = ["is_available", "token_stats"]
+
+
+def is_available(device: torch.device) -> bool:
+    """Whether ``token_stats`` can run on ``device`` (CUDA with Triton, or the interpreter)."""
+    return triton_grouped.is_available(device)
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    from moe_devkit.inspect import _triton_update
+
+    return _triton_update
+
+
+def _bins(n: int) -> int:
+    """The smallest power of two above n (room for one spare bin)."""
+    return 1 << n.bit_length()
+
+
+def token_stats(
+    inputs: tuple[torch.Tensor, ...],
+    state: dict[str, torch.Tensor],
+    *,
+    complexity_bins: int,
+    max_k: int,
+) -> bool:
+    """Adds one decision's per-token statistics to ``state`` in place; one kernel launch.
+
+    Args:
+        inputs: (expert_indices [N, K], complexity [N], nonfinite [N], k_per_token [N],
+            dropped [N, K], load_balancing_loss [], z_loss []) as ``LayerState`` reads them.
+        state: the ``LayerState`` tensors "counts", "joint", "dropped", "loss_sums", "sums"
+            and "extrema" (contiguous, on the inputs' device).
+
+    Returns:
+        False, with nothing done, when the inputs do not have the layout the kernel reads
+        (the caller then uses PyTorch ops).
+    """
+    indices, complexity, nonfinite, k, dropped, lb_loss, z_loss = inputs
+    if indices.dim() != 2 or dropped.shape != indices.shape or complexity.dim() != 1:
+        return False
+    n, width = indices.shape
+    if n == 0 or k.shape != (n,) or nonfinite.shape != (n,) or complexity.shape != (n,):
+        return False
+    counts = state["counts"]
+    kk = max_k + 1
+    block = min(1024, max(16, _bins(n - 1)))
+    _kernels().token_stats_kernel[(1,)](
+        indices.to(torch.int64).contiguous(),
+        complexity.to(torch.float32).contiguous(),
+        nonfinite.to(torch.bool).contiguous(),
+        k.to(torch.int64).contiguous(),
+        dropped.to(torch.bool).contiguous(),
+        lb_loss.reshape(1),
+        z_loss.reshape(1),
+        counts,
+        state["joint"],
+        state["dropped"],
+        state["loss_sums"],
+        state["sums"],
+        state["extrema"],
+        n,
+        K=width,
+        E=counts.numel(),
+        BINS=complexity_bins,
+        KK=kk,
+        E_BINS=_bins(counts.numel()),
+        J_BINS=_bins((complexity_bins + 1) * kk),
+        BLOCK=block,
+        num_warps=8 if block >= 1024 else 4,
+    )
+    return True
