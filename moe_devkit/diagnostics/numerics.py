@@ -234,8 +234,10 @@ class _DeviceState:
         host = torch.tensor(self.labels, dtype=torch.float64)  # [slots, 2]
         labels = _to_device(host, self.device)
         take = bad.any() & (self.meta[0] == 0)
-        self.first_row = torch.where(take, filled[first], self.first_row)
-        update = torch.cat([self.meta.new_ones(1), labels[first]])
+        # index_select, not filled[first]: a 0-d index tensor is read on the host
+        first = first.reshape(1)
+        self.first_row = torch.where(take, filled.index_select(0, first)[0], self.first_row)
+        update = torch.cat([self.meta.new_ones(1), labels.index_select(0, first)[0]])
         self.meta = torch.where(take, update, self.meta)
         self.rows.zero_()
         self.slot = 0
@@ -307,6 +309,7 @@ class NumericsGuard:
         self._pending: list[tuple[int, WatchSite, torch.Tensor]] = []
         self._pending_bytes = 0
         self._claims: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        self._watched: dict[int, weakref.ref[torch.Tensor]] = {}  # this step's outputs
         self._signatures: dict[tuple[tuple[WatchSite, ...], tuple[int, ...]], int] = {}
 
     # -- attaching
@@ -381,6 +384,14 @@ class NumericsGuard:
     # -- recording
 
     def _watch(self, module: str, phase: str, desc: str, tensor: torch.Tensor) -> None:
+        # A tensor already watched this step (a container's output is often its last
+        # child's, and the layer's output holds the router's decision) is read once, under
+        # the first (innermost) module that returned it.
+        key = id(tensor)
+        known = self._watched.get(key)
+        if known is not None and known() is tensor:
+            return
+        self._watched[key] = weakref.ref(tensor)
         site = WatchSite(module, phase, desc)
         if self.strict:
             self._strict_check(site, tensor)
@@ -460,6 +471,7 @@ class NumericsGuard:
         """Closes this step's row in the ring; no host synchronisation."""
         self._flush()
         self._claims.clear()
+        self._watched.clear()
         self._seen = 0
         if self._state is None or not self._row_sites:
             self._row_sites, self._row_order = [], []

@@ -38,15 +38,11 @@ def token_stats_kernel(
     nonfinite_ptr,  # bool[N]
     k_ptr,  # int64[N]
     dropped_ptr,  # bool[N * K]
-    lb_ptr,  # float[1]: load-balancing loss
-    z_ptr,  # float[1]: z-loss
-    counts_ptr,  # int64[E] (state, updated in place)
-    joint_ptr,  # int64[(BINS + 1) * KK] (state)
-    dropped_total_ptr,  # int64[] (state)
-    loss_sums_ptr,  # float64[2] (state)
-    sums_ptr,  # float64[3] (state): n, sum, sum of squares of the finite complexity scores
-    extrema_ptr,  # float64[2] (state): min, max
+    hist_ptr,  # int32[P, E_BINS + J_BINS] (out): expert counts, then joint histogram
+    moments_ptr,  # float64[P, 5] (out): n, sum, sum of squares, min, max
+    dropped_out_ptr,  # int64[P] (out)
     N,
+    TOKENS_PER_PROGRAM,
     K: tl.constexpr,
     E: tl.constexpr,
     BINS: tl.constexpr,
@@ -55,8 +51,11 @@ def token_stats_kernel(
     J_BINS: tl.constexpr,  # power of two > (BINS + 1) * KK: the last bin takes masked rows
     BLOCK: tl.constexpr,
 ):
-    # One program walks all tokens: registers hold the histograms and sums, and the state
-    # is read, added to and written once at the end (deterministic; no atomics).
+    # Pass 1: program p folds tokens [p * TOKENS_PER_PROGRAM, ...) into its own partial row.
+    # No atomics: ``reduce_kernel`` adds the rows in a fixed order (deterministic sums).
+    pid = tl.program_id(0).to(tl.int64)
+    first = pid * TOKENS_PER_PROGRAM
+    last = tl.minimum(first + TOKENS_PER_PROGRAM, N)
     counts = tl.full([E_BINS], 0, dtype=tl.int32)
     joint = tl.full([J_BINS], 0, dtype=tl.int32)
     n_sum = tl.full([BLOCK], 0.0, dtype=tl.float64)
@@ -65,9 +64,9 @@ def token_stats_kernel(
     low = tl.full([BLOCK], float("inf"), dtype=tl.float64)
     high = tl.full([BLOCK], float("-inf"), dtype=tl.float64)
     dropped = tl.full([BLOCK], 0, dtype=tl.int64)
-    for start in range(0, N, BLOCK):
+    for start in range(first, last, BLOCK):
         rows = start + tl.arange(0, BLOCK).to(tl.int64)
-        live = rows < N
+        live = rows < last
         for j in tl.static_range(K):
             e = tl.load(idx_ptr + rows * K + j, mask=live, other=-1)
             e = tl.where((e >= 0) & (e < E), e, E_BINS - 1).to(tl.int32)
@@ -90,20 +89,64 @@ def token_stats_kernel(
         sq_sum += value * value
         low = tl.minimum(low, tl.where(finite, c, float("inf")))
         high = tl.maximum(high, tl.where(finite, c, float("-inf")))
+    row = hist_ptr + pid * (E_BINS + J_BINS)
+    tl.store(row + tl.arange(0, E_BINS), counts)
+    tl.store(row + E_BINS + tl.arange(0, J_BINS), joint)
+    out = moments_ptr + pid * 5
+    tl.store(out, tl.reduce(n_sum, 0, _add))
+    tl.store(out + 1, tl.reduce(c_sum, 0, _add))
+    tl.store(out + 2, tl.reduce(sq_sum, 0, _add))
+    tl.store(out + 3, tl.reduce(low, 0, _min))
+    tl.store(out + 4, tl.reduce(high, 0, _max))
+    tl.store(dropped_out_ptr + pid, tl.reduce(dropped, 0, _add))
 
-    e_offs = tl.arange(0, E_BINS)
-    e_live = e_offs < E
-    old = tl.load(counts_ptr + e_offs, mask=e_live, other=0)
-    tl.store(counts_ptr + e_offs, old + counts.to(tl.int64), mask=e_live)
-    j_offs = tl.arange(0, J_BINS)
-    j_live = j_offs < (BINS + 1) * KK
-    old_joint = tl.load(joint_ptr + j_offs, mask=j_live, other=0)
-    tl.store(joint_ptr + j_offs, old_joint + joint.to(tl.int64), mask=j_live)
-    tl.store(dropped_total_ptr, tl.load(dropped_total_ptr) + tl.reduce(dropped, 0, _add))
+
+@triton.jit
+def reduce_kernel(
+    hist_ptr,  # int32[P, E_BINS + J_BINS] (pass 1's rows)
+    moments_ptr,  # float64[P, 5]
+    dropped_in_ptr,  # int64[P]
+    lb_ptr,  # float[1]: load-balancing loss
+    z_ptr,  # float[1]: z-loss
+    counts_ptr,  # int64[E] (state, updated in place)
+    joint_ptr,  # int64[(BINS + 1) * KK] (state)
+    dropped_total_ptr,  # int64[] (state)
+    loss_sums_ptr,  # float64[2] (state)
+    sums_ptr,  # float64[3] (state): n, sum, sum of squares of the finite complexity scores
+    extrema_ptr,  # float64[2] (state): min, max
+    P,
+    E: tl.constexpr,
+    JOINT: tl.constexpr,  # (BINS + 1) * KK
+    E_BINS: tl.constexpr,
+    J_BINS: tl.constexpr,
+    P_BINS: tl.constexpr,  # power of two >= P
+):
+    # Pass 2, one program: adds pass 1's rows and this step's losses into the state.
+    p = tl.arange(0, P_BINS)
+    p_live = p < P
+    width = E_BINS + J_BINS
+    e = tl.arange(0, E_BINS)
+    rows = tl.load(hist_ptr + p[:, None] * width + e[None, :], mask=p_live[:, None], other=0).to(
+        tl.int64
+    )
+    e_live = e < E
+    old = tl.load(counts_ptr + e, mask=e_live, other=0)
+    tl.store(counts_ptr + e, old + tl.reduce(rows, 0, _add), mask=e_live)
+    j = tl.arange(0, J_BINS)
+    rows_j = tl.load(
+        hist_ptr + p[:, None] * width + E_BINS + j[None, :], mask=p_live[:, None], other=0
+    ).to(tl.int64)
+    j_live = j < JOINT
+    old_joint = tl.load(joint_ptr + j, mask=j_live, other=0)
+    tl.store(joint_ptr + j, old_joint + tl.reduce(rows_j, 0, _add), mask=j_live)
+    drops = tl.load(dropped_in_ptr + p, mask=p_live, other=0)
+    tl.store(dropped_total_ptr, tl.load(dropped_total_ptr) + tl.reduce(drops, 0, _add))
+    for i in tl.static_range(3):
+        part = tl.load(moments_ptr + p * 5 + i, mask=p_live, other=0.0)
+        tl.store(sums_ptr + i, tl.load(sums_ptr + i) + tl.reduce(part, 0, _add))
+    lows = tl.load(moments_ptr + p * 5 + 3, mask=p_live, other=float("inf"))
+    highs = tl.load(moments_ptr + p * 5 + 4, mask=p_live, other=float("-inf"))
+    tl.store(extrema_ptr, tl.minimum(tl.load(extrema_ptr), tl.reduce(lows, 0, _min)))
+    tl.store(extrema_ptr + 1, tl.maximum(tl.load(extrema_ptr + 1), tl.reduce(highs, 0, _max)))
     tl.store(loss_sums_ptr, tl.load(loss_sums_ptr) + tl.load(lb_ptr).to(tl.float64))
     tl.store(loss_sums_ptr + 1, tl.load(loss_sums_ptr + 1) + tl.load(z_ptr).to(tl.float64))
-    tl.store(sums_ptr, tl.load(sums_ptr) + tl.reduce(n_sum, 0, _add))
-    tl.store(sums_ptr + 1, tl.load(sums_ptr + 1) + tl.reduce(c_sum, 0, _add))
-    tl.store(sums_ptr + 2, tl.load(sums_ptr + 2) + tl.reduce(sq_sum, 0, _add))
-    tl.store(extrema_ptr, tl.minimum(tl.load(extrema_ptr), tl.reduce(low, 0, _min)))
-    tl.store(extrema_ptr + 1, tl.maximum(tl.load(extrema_ptr + 1), tl.reduce(high, 0, _max)))

@@ -4,7 +4,7 @@
 histogram, dropped pairs, loss sums and the complexity's sums and extrema. In PyTorch ops
 that is about 45 small kernels; inside the captured update graph they cost little CPU but
 about 100 us of GPU time on a side stream, where they compete with the model's kernels.
-``token_stats`` does the same in one kernel launch, with the same results: the bins are
+``token_stats`` does the same in two kernel launches, with the same results: the bins are
 computed with the same float64 arithmetic, and the float64 sums differ only in summation
 order.
 
@@ -37,6 +37,10 @@ def _kernels() -> ModuleType:
     return _triton_update
 
 
+_BLOCK = 256  # tokens per loop iteration of a program
+_MAX_PROGRAMS = 64  # programs of the first pass (each folds a contiguous run of tokens)
+
+
 def _bins(n: int) -> int:
     """The smallest power of two above n (room for one spare bin)."""
     return 1 << n.bit_length()
@@ -49,7 +53,10 @@ def token_stats(
     complexity_bins: int,
     max_k: int,
 ) -> bool:
-    """Adds one decision's per-token statistics to ``state`` in place; one kernel launch.
+    """Adds one decision's per-token statistics to ``state`` in place; two kernel launches.
+
+    Up to 64 programs each fold a run of tokens into a partial row; one program then adds
+    the rows, in a fixed order, to the state (no atomics: results do not depend on timing).
 
     Args:
         inputs: (expert_indices [N, K], complexity [N], nonfinite [N], k_per_token [N],
@@ -69,13 +76,39 @@ def token_stats(
         return False
     counts = state["counts"]
     kk = max_k + 1
-    block = min(1024, max(16, _bins(n - 1)))
-    _kernels().token_stats_kernel[(1,)](
+    e_bins, j_bins = _bins(counts.numel()), _bins((complexity_bins + 1) * kk)
+    block = min(_BLOCK, max(16, _bins(n - 1)))
+    programs = min(_MAX_PROGRAMS, -(-n // block))
+    per_program = -(-n // programs)
+    device = indices.device
+    hist = torch.empty(programs, e_bins + j_bins, dtype=torch.int32, device=device)
+    moments = torch.empty(programs, 5, dtype=torch.float64, device=device)
+    drops = torch.empty(programs, dtype=torch.int64, device=device)
+    kernels = _kernels()
+    kernels.token_stats_kernel[(programs,)](
         indices.to(torch.int64).contiguous(),
         complexity.to(torch.float32).contiguous(),
         nonfinite.to(torch.bool).contiguous(),
         k.to(torch.int64).contiguous(),
         dropped.to(torch.bool).contiguous(),
+        hist,
+        moments,
+        drops,
+        n,
+        per_program,
+        K=width,
+        E=counts.numel(),
+        BINS=complexity_bins,
+        KK=kk,
+        E_BINS=e_bins,
+        J_BINS=j_bins,
+        BLOCK=block,
+        num_warps=4,
+    )
+    kernels.reduce_kernel[(1,)](
+        hist,
+        moments,
+        drops,
         lb_loss.reshape(1),
         z_loss.reshape(1),
         counts,
@@ -84,14 +117,12 @@ def token_stats(
         state["loss_sums"],
         state["sums"],
         state["extrema"],
-        n,
-        K=width,
+        programs,
         E=counts.numel(),
-        BINS=complexity_bins,
-        KK=kk,
-        E_BINS=_bins(counts.numel()),
-        J_BINS=_bins((complexity_bins + 1) * kk),
-        BLOCK=block,
-        num_warps=8 if block >= 1024 else 4,
+        JOINT=(complexity_bins + 1) * kk,
+        E_BINS=e_bins,
+        J_BINS=j_bins,
+        P_BINS=max(2, _bins(programs - 1)),
+        num_warps=4,
     )
     return True

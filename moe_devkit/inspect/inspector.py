@@ -65,6 +65,8 @@ class InspectorConfig:
         seed: seed of the reservoir's random keys.
         cuda_graphs: on CUDA, replay each update from a captured CUDA graph (one launch per
             step; up to 8 (input shapes, periodic updates) per layer, eager beyond).
+        side_stream: on CUDA, run each update on a side stream of the inspector's (it then
+            overlaps the model's next kernels) rather than on the model's stream.
         triton: on CUDA with Triton installed, compute the per-token statistics in one
             Triton kernel instead of about 45 PyTorch ops (same results).
     """
@@ -82,6 +84,7 @@ class InspectorConfig:
     drift_complexity: float = 0.15
     seed: int = 0
     cuda_graphs: bool = True
+    side_stream: bool = False
     triton: bool = True
 
     def __post_init__(self) -> None:
@@ -121,9 +124,12 @@ class LayerState:
         self.res_k = torch.full((config.reservoir_size,), -1, dtype=i64, device=device)
         self.tokens_seen = torch.zeros((), dtype=torch.int64, device=device)  # reservoir keys
         self.compiled_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.graphed = (
+            device.type == "cuda" and config.cuda_graphs and not torch.compiler.is_compiling()
+        )
         self.stream: torch.cuda.Stream | None = (
             torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
-            if device.type == "cuda" and not torch.compiler.is_compiling()
+            if device.type == "cuda" and config.side_stream and not torch.compiler.is_compiling()
             else None
         )
         self._graphs: dict[Any, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
@@ -161,7 +167,7 @@ class LayerState:
             self.compiled_steps += 1  # host-side bookkeeping stays out of the graph
             return
         flags = (bool(every) and self.steps % every == 0, self.steps % sample_every == 0)
-        if self.stream is not None and self.config.cuda_graphs:
+        if self.graphed:
             self._replay(inputs, flags)
         else:
             self._update_tensors(*inputs, coactivation=flags[0], sample=flags[1])

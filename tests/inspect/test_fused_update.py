@@ -48,7 +48,9 @@ def states(experts: int, max_k: int, config: InspectorConfig) -> tuple[LayerStat
     return fused, plain
 
 
-@pytest.mark.parametrize(("n", "experts", "max_k"), [(1, 4, 1), (37, 8, 3), (2500, 64, 8)])
+@pytest.mark.parametrize(
+    ("n", "experts", "max_k"), [(1, 4, 1), (37, 8, 3), (2500, 64, 8), (20000, 16, 4)]
+)
 def test_one_kernel_update_equals_the_pytorch_ops(n: int, experts: int, max_k: int) -> None:
     config = InspectorConfig(complexity_bins=7, coactivation_every=0, cuda_graphs=False)
     fused, plain = states(experts, max_k, config)

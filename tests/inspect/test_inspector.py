@@ -263,15 +263,19 @@ def test_cuda_graph_replay_equals_eager_updates() -> None:
     eager = RouterInspector(  # PyTorch ops, no graph, no Triton kernel
         config=InspectorConfig(window=3, coactivation_every=2, cuda_graphs=False, triton=False)
     )
-    graphed.attach(model)
-    eager.attach(model)
+    same_stream = RouterInspector(  # graphs replayed on the model's stream
+        config=InspectorConfig(window=3, coactivation_every=2, side_stream=False)
+    )
+    for inspector in (graphed, eager, same_stream):
+        inspector.attach(model)
     with torch.no_grad():
         for step in range(9):
             tokens = 128 if step % 3 else 96  # two shapes: two captured graphs
             model(torch.randn(tokens, 64, device="cuda") * (1 + step))
-    a = graphed.summary().layers["layers.0.moe.router"]
     b = eager.summary().layers["layers.0.moe.router"]
-    for key in ("utilization", "k", "coactivation", "windows", "sample", "tokens", "steps"):
-        assert a[key] == b[key], key
-    assert a["complexity"]["mean"] == pytest.approx(b["complexity"]["mean"])
-    assert a["complexity"]["std"] == pytest.approx(b["complexity"]["std"])
+    for other in (graphed, same_stream):
+        a = other.summary().layers["layers.0.moe.router"]
+        for key in ("utilization", "k", "coactivation", "windows", "sample", "tokens", "steps"):
+            assert a[key] == b[key], key
+        assert a["complexity"]["mean"] == pytest.approx(b["complexity"]["mean"])
+        assert a["complexity"]["std"] == pytest.approx(b["complexity"]["std"])
