@@ -35,7 +35,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from moe_devkit.config import RouterConfig
-from moe_devkit.routers import triton_grouped
+from moe_devkit.routers import triton_dispatch, triton_grouped
 
 STAGES: tuple[str, ...] = ("complexity", "gating", "select_k", "dispatch", "experts", "combine")
 """Routing stages, each wrapped in a ``record_function`` span named ``"moe." + stage``."""
@@ -565,6 +565,21 @@ class SwiGLUExperts(nn.Module):
         hidden = F.silu(gate) * up * row_weights.unsqueeze(-1).to(up.dtype)
         return matmul(hidden, self.w_down.transpose(-2, -1), offs=offsets)
 
+    def forward_active(
+        self,
+        x_sorted: torch.Tensor,
+        offsets: torch.Tensor,
+        row_weights: torch.Tensor,
+        matmul: GroupedMatmul,
+    ) -> torch.Tensor:
+        """``forward`` without autograd, its SwiGLU run on rows < offsets[-1] only (Triton).
+
+        Rows past offsets[-1] of the result are undefined, as in ``forward``.
+        """
+        gate_up = matmul(x_sorted, self.w_gate_up.transpose(-2, -1), offs=offsets)
+        hidden = triton_dispatch.swiglu_rows(gate_up, row_weights, offsets[-1:])
+        return matmul(hidden, self.w_down.transpose(-2, -1), offs=offsets)
+
     def _looped(
         self, x_sorted: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -619,6 +634,14 @@ class MoELayer(nn.Module):
                 f"got dtype={flat.dtype} (cast the input or call layer.to(dtype))"
             )
         num_experts, num_tokens = self.config.num_experts, flat.shape[0]
+        matmul = cuda_grouped_matmul(flat) if flat.device.type == "cuda" else None
+        if (
+            matmul is not None
+            and not torch.is_grad_enabled()
+            and triton_dispatch.is_available(flat.device)
+        ):
+            out = self._forward_active(flat, routing, matmul)
+            return MoEOutput(out.reshape(hidden_states.shape), routing)
         with record_function(span_name("dispatch")):
             active = routing.active.reshape(-1)  # [N*K]
             key = torch.where(active, routing.expert_indices.reshape(-1), num_experts)
@@ -649,6 +672,34 @@ class MoELayer(nn.Module):
             out = by_pair.sum(dim=1, dtype=torch.float32)  # [N, D]
             out = torch.where(routing.nonfinite.unsqueeze(-1), math.nan, out)
         return MoEOutput(out.to(flat.dtype).reshape(hidden_states.shape), routing)
+
+    def _forward_active(
+        self, flat: torch.Tensor, routing: RoutingDecision, matmul: GroupedMatmul
+    ) -> torch.Tensor:
+        """The forward without autograd on CUDA: dispatch, SwiGLU and combine in Triton
+        kernels that skip inactive slots, so the layer's time follows the active pairs.
+
+        Same sort and grouped matmuls as ``forward``; rows past the active count are
+        neither gathered, activated nor read back (their values are undefined).
+        """
+        num_experts, num_tokens, max_k = self.config.num_experts, flat.shape[0], routing.max_k
+        with record_function(span_name("dispatch")):
+            key = torch.where(
+                routing.active.reshape(-1), routing.expert_indices.reshape(-1), num_experts
+            )
+            sorted_key, order = torch.sort(key, stable=True)  # [N*K], pairs grouped by expert
+            offsets = group_offsets(sorted_key, num_experts).to(torch.int32)  # [E]
+            active_rows = offsets[-1:]  # int32[1]: the active pairs come first
+            x_sorted = triton_dispatch.gather_rows(flat.contiguous(), order // max_k, active_rows)
+            row_weights = routing.expert_weights.reshape(-1)[order]
+        with record_function(span_name("experts")):
+            y_sorted = self.experts.forward_active(x_sorted, offsets, row_weights, matmul)
+        with record_function(span_name("combine")):
+            rows = torch.arange(order.shape[0], device=flat.device)
+            pos = torch.empty_like(order).index_copy_(
+                0, order, torch.where(sorted_key < num_experts, rows, -1)
+            )  # sorted row of each (token, slot); -1 where inactive
+            return triton_dispatch.combine(y_sorted, pos.view(num_tokens, max_k), routing.nonfinite)
 
 
 # ----------------------------------------------------------------------------- model

@@ -1,0 +1,116 @@
+"""Dispatch and combine kernels whose work follows the active token-expert pairs.
+
+The PyTorch dispatch of ``MoELayer`` works on all N x max_k slots: the gather of expert
+inputs, the SwiGLU activation and the combine each touch every slot, active or not, because
+the number of active pairs lives on the device and reading it would synchronise. These
+Triton kernels read that number (the end of the last expert group) on the device and skip
+the rest, so a dynamic router that activates half the pairs pays about half: the ratio that
+issue 6 of the project measures.
+
+They have no backward: ``MoELayer`` uses them where autograd is off (``torch.no_grad`` or
+``torch.inference_mode``) on CUDA with Triton installed. Triton is imported at first use;
+with ``TRITON_INTERPRET=1`` set before that, the kernels run in Triton's interpreter on CPU
+tensors (the tests use this).
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from moe_devkit.routers import triton_grouped
+
+__all__ = ["combine", "gather_rows", "is_available", "swiglu_rows"]
+
+_ROWS = 16  # rows (or tokens) per program
+_COLS = 256  # columns per program step
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def is_available(device: torch.device) -> bool:
+    """Whether the kernels can run on ``device`` (CUDA with Triton, or the interpreter)."""
+    return triton_grouped.is_available(device)
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    from moe_devkit.routers import _triton_dispatch_kernels
+
+    return _triton_dispatch_kernels
+
+
+def gather_rows(x: torch.Tensor, src: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """out[r] = x[src[r]] for r < active[0]; rows past it are left uninitialised.
+
+    Args:
+        x: [T, D], row-contiguous.
+        src: int64[M], source row of each output row (only the first ``active`` are read).
+        active: int32[1] on the device: how many leading rows are live.
+    """
+    m, d = src.shape[0], x.shape[1]
+    out = x.new_empty(m, d)
+    if m:
+        _kernels().gather_rows_kernel[(_cdiv(m, _ROWS),)](
+            x, src, out, active, d, x.stride(0), out.stride(0), BLOCK_R=_ROWS, BLOCK_D=_COLS
+        )
+    return out
+
+
+def swiglu_rows(gate_up: torch.Tensor, weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up * weight per row r < active[0] (float32 math, one rounding).
+
+    Args:
+        gate_up: [M, 2F], gate in the first F columns, up in the last F (row-contiguous).
+        weights: float32[M], the routing weight of each row.
+        active: int32[1] on the device.
+    """
+    m, f = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(m, f)
+    if m:
+        _kernels().swiglu_rows_kernel[(_cdiv(m, _ROWS),)](
+            gate_up,
+            weights,
+            out,
+            active,
+            f,
+            gate_up.stride(0),
+            out.stride(0),
+            BLOCK_R=_ROWS,
+            BLOCK_F=_COLS,
+        )
+    return out
+
+
+def combine(y: torch.Tensor, pos: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum of y[pos[t, j]] over the slots j with pos >= 0 (float32 sum); NaN rows
+    where ``nonfinite``.
+
+    Args:
+        y: [M, D] expert outputs in expert-sorted order, row-contiguous.
+        pos: int64[N, K], sorted row of each (token, slot), -1 for inactive slots.
+        nonfinite: bool[N].
+    """
+    n, k = pos.shape
+    d = y.shape[1]
+    out = y.new_empty(n, d)
+    if n:
+        grid = (_cdiv(n, _ROWS), _cdiv(d, _COLS))
+        _kernels().combine_kernel[grid](
+            y,
+            pos,
+            nonfinite,
+            out,
+            n,
+            d,
+            y.stride(0),
+            out.stride(0),
+            K=k,
+            BLOCK_T=_ROWS,
+            BLOCK_D=_COLS,
+        )
+    return out

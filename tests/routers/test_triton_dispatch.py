@@ -1,0 +1,114 @@
+"""Active-pair dispatch (Triton gather, SwiGLU and combine) against MoELayer's PyTorch path.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before the
+kernels are first built) on CPU tensors; with CUDA the compiled kernels run on the GPU, and
+the `gpu` test checks that the no-grad forward, which takes this path, never synchronises.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # before the kernels are first built (they are built lazily)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moe_devkit.config import RouterConfig  # noqa: E402
+from moe_devkit.routers import triton_dispatch, triton_grouped  # noqa: E402
+from moe_devkit.routers.torch_router import MoELayer, StaticTopKRouter  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def test_kernels_skip_rows_past_the_active_count() -> None:
+    x = torch.arange(12.0, device=DEVICE).view(4, 3)
+    src = torch.tensor([3, 0, 2, 1, 1], device=DEVICE)
+    active = torch.tensor([3], dtype=torch.int32, device=DEVICE)
+    out = triton_dispatch.gather_rows(x, src, active)
+    torch.testing.assert_close(out[:3], x[src[:3]])
+    gate_up = torch.randn(5, 8, device=DEVICE)
+    weights = torch.rand(5, device=DEVICE)
+    hidden = triton_dispatch.swiglu_rows(gate_up, weights, active)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up * weights[:, None]
+    torch.testing.assert_close(hidden[:3], expected[:3])
+    y = torch.randn(5, 3, device=DEVICE)
+    pos = torch.tensor([[0, -1], [4, 2], [-1, -1]], device=DEVICE)
+    nonfinite = torch.tensor([False, False, True], device=DEVICE)
+    out = triton_dispatch.combine(y, pos, nonfinite)
+    torch.testing.assert_close(out[0], y[0])
+    torch.testing.assert_close(out[1], y[4] + y[2])
+    assert out[2].isnan().all()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        RouterConfig(hidden_size=24, num_experts=6, max_k=3, expert_hidden_size=20),
+        RouterConfig(
+            hidden_size=16, num_experts=4, max_k=2, expert_hidden_size=8, capacity_factor=0.5
+        ),
+        RouterConfig(hidden_size=16, num_experts=5, max_k=4, mode="top_p", top_p=0.6),
+    ],
+)
+def test_active_pair_forward_equals_the_pytorch_forward(config: RouterConfig) -> None:
+    torch.manual_seed(0)
+    layer = MoELayer(config).to(DEVICE)
+    x = torch.randn(3, 37, config.hidden_size, device=DEVICE)
+    x[0, 5, 0] = float("nan")  # a non-finite token: routed nowhere, NaN output
+    with torch.no_grad():
+        routing = layer.router(x)
+        flat = x.reshape(-1, config.hidden_size)
+        matmul = triton_grouped.grouped_mm  # the interpreter's or the GPU's
+        fused = layer._forward_active(flat, routing, matmul)
+    with torch.enable_grad():  # autograd on: the PyTorch path
+        expected = layer(x).hidden_states.reshape(-1, config.hidden_size)
+    assert int(routing.active.sum()) < routing.active.numel()  # some slots are inactive
+    torch.testing.assert_close(fused, expected.detach(), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_no_grad_forward_on_cuda_takes_the_active_pair_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    original = MoELayer._forward_active
+
+    def spy(self: MoELayer, *args: object) -> torch.Tensor:
+        calls.append(1)
+        return original(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MoELayer, "_forward_active", spy)
+    config = RouterConfig(hidden_size=8, num_experts=4, max_k=2, expert_hidden_size=8)
+    layer = MoELayer(config, router=StaticTopKRouter(config)).cuda()
+    x = torch.randn(5, 8, device="cuda")
+    with torch.no_grad():
+        layer(x)
+    layer(x)  # autograd on: the PyTorch path
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+def test_no_grad_forward_makes_no_host_sync_on_cuda() -> None:
+    config = RouterConfig(hidden_size=64, num_experts=8, max_k=4, expert_hidden_size=64)
+    layer = MoELayer(config).cuda().to(torch.bfloat16)
+    x = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x).hidden_states  # warm-up: kernels compiled, caches filled
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = layer(x).hidden_states
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(out, expected)
+    with torch.enable_grad():
+        reference = layer(x).hidden_states.detach()
+    torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)
