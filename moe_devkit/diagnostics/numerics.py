@@ -445,8 +445,8 @@ class NumericsGuard:
     def _flush(self) -> None:
         """Writes the max-abs of the pending tensors into this step's row.
 
-        One multi-tensor reduction per (device, dtype), results in float32, stacked into
-        the row: about three launches per flush, however many tensors are pending.
+        One multi-tensor reduction per (device, dtype), stacked and written into the
+        float32 row: three or four launches per group, however many tensors are pending.
         """
         if not self._pending:
             return
@@ -457,12 +457,10 @@ class NumericsGuard:
             groups.setdefault((tensor.device, tensor.dtype), []).append(i)
         start = len(self._row_sites)
         row = self._row(start + len(pending), pending[0][2].device)
-        for (device, _), members in groups.items():
-            norms = _max_abs([pending[i][2] for i in members])
-            if device != row.device:  # a model split over devices: flags live on one
-                norms = [n.to(row.device, non_blocking=True) for n in norms]
+        for members in groups.values():
             end = start + len(members)
-            torch.stack(norms, out=row[start:end])
+            # (a model split over devices: flags live on one; the copy converts and moves)
+            _write_max_abs([pending[i][2] for i in members], row[start:end])
             start = end
             self._row_sites.extend(pending[i][1] for i in members)
             self._row_order.extend(pending[i][0] for i in members)
@@ -535,18 +533,19 @@ class NumericsGuard:
         }
 
 
-def _max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Float32 max-abs of each tensor (NaN if it holds a NaN) in one multi-tensor reduction."""
-    global _NORM_DTYPE_ARG
-    if _NORM_DTYPE_ARG:
-        try:
-            return list(torch._foreach_norm(tensors, _INF, dtype=torch.float32))
-        except (TypeError, RuntimeError):  # torch without the dtype argument
-            _NORM_DTYPE_ARG = False
-    return [n.float() for n in torch._foreach_norm(tensors, _INF)]
+def _write_max_abs(tensors: list[torch.Tensor], out: torch.Tensor) -> None:
+    """out[i] = max |tensors[i]| (NaN if it holds a NaN), for same-dtype, same-device tensors.
 
-
-_NORM_DTYPE_ARG = True
+    One multi-tensor reduction in the tensors' own dtype (its fast path; asking for a float32
+    result makes CUDA fall back to one reduction per tensor), stacked, then written into the
+    float32 ``out`` with one conversion. Max-abs is exact in any float dtype, and a low
+    precision dtype keeps NaN and Inf.
+    """
+    norms = torch._foreach_norm(tensors, _INF)
+    if norms[0].dtype == out.dtype and norms[0].device == out.device:
+        torch.stack(norms, out=out)
+    else:
+        out.copy_(torch.stack(norms), non_blocking=True)
 
 
 def _input_desc(desc: str) -> str:
