@@ -11,10 +11,11 @@ the gradient each module hands back to its inputs during backward. It names the 
 by qualified name, whose output or gradient became non-finite, with the step and the tensor.
 
 Synchronisation: in the default mode nothing is read on the host between checks. Watched
-tensors are batched: each flush (the end of a forward, and during backward every 64 MB or
-256 gradients) computes their max-abs with one multi-tensor reduction per dtype and writes
-it into this step's row of a ring of 64 device rows. Every 64 steps, and at each check, the
-ring is folded into device state that keeps the row of the first bad step. ``check()`` (or
+tensors are batched: each flush (the end of a forward, the end of a backward pass, and
+every 256 MB or 256 tensors in between) computes their max-abs with one multi-tensor
+reduction per dtype and writes it into this step's row of a ring of 64 device rows. Every
+64 steps, and at each check, the ring is folded into device state that keeps the row of the
+first bad step. ``check()`` (or
 every ``check_every`` steps) reads that state with one device-to-host transfer.
 ``strict=True`` reads every tensor's flag at once and raises ``NonFiniteError`` at the first
 offending module: one host synchronisation per watched tensor, so use it to pin a failure
@@ -45,7 +46,7 @@ ROOT = "<model>"
 _INF = float("inf")
 _MAX_DEPTH = 4
 _MAX_ROW = 1 << 16
-_MAX_PENDING_BYTES = 64 << 20  # gradients kept for a batched norm before a flush
+_MAX_PENDING_BYTES = 256 << 20  # tensors kept for a batched norm before a flush
 
 
 # ----------------------------------------------------------------------------- one tensor
@@ -308,6 +309,7 @@ class NumericsGuard:
         self._row_order: list[int] = []  # execution order of each row position
         self._pending: list[tuple[int, WatchSite, torch.Tensor]] = []
         self._pending_bytes = 0
+        self._flush_queued = False  # a flush is queued for the end of this backward pass
         self._claims: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
         self._watched: dict[int, weakref.ref[torch.Tensor]] = {}  # this step's outputs
         self._signatures: dict[tuple[tuple[WatchSite, ...], tuple[int, ...]], int] = {}
@@ -422,11 +424,19 @@ class NumericsGuard:
             if self.strict:
                 self._strict_check(site, grad)
                 return
-            # Batched like the forward outputs (one multi-tensor norm per flush, not two
-            # kernels per gradient); gradients are held only up to _MAX_PENDING_BYTES.
+            # Batched like the forward outputs: the first gradient of a backward pass queues
+            # one flush for the end of that pass (gradients are held until then, or until
+            # _MAX_PENDING_BYTES), not two kernels per gradient.
+            if not self._flush_queued:
+                self._flush_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
             self._enqueue(site, grad.detach())
 
         return hook
+
+    def _backward_done(self) -> None:
+        self._flush_queued = False
+        self._flush()
 
     def _strict_check(self, site: WatchSite, tensor: torch.Tensor) -> None:
         if not bool(torch.isfinite(tensor.detach()).all()):  # host sync: strict mode only
@@ -468,6 +478,7 @@ class NumericsGuard:
     def _end_step(self) -> None:
         """Closes this step's row in the ring; no host synchronisation."""
         self._flush()
+        self._flush_queued = False  # (a backward pass that raised never ran its callback)
         self._claims.clear()
         self._watched.clear()
         self._seen = 0
