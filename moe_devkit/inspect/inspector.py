@@ -138,24 +138,34 @@ class LayerState:
         self._direct: dict[Any, torch.cuda.CUDAGraph] = {}  # graphs reading inputs in place
         self._addresses: dict[Any, int] = {}  # input addresses seen, for _direct
         self._warmed = False
+        self._deferred: list[tuple[torch.Tensor, ...]] = []  # decision tensors not folded yet
         # One Triton kernel for the per-token statistics (CUDA only: the interpreter is slow)
         self._fused = config.triton and device.type == "cuda" and fused_update_available(device)
         self.steps = 0
         self.first_time: float | None = None
         self.last_time: float | None = None
 
-    def update(self, d: RoutingDecision) -> None:
+    def update(self, d: RoutingDecision, *, defer: bool = False) -> None:
         """Folds one decision into the statistics (device ops only, no host sync).
 
         On CUDA the tensor work is captured once per input shape into a CUDA graph and
         replayed: one launch instead of about fifty small kernels per step.
+
+        ``defer``: on CUDA, keep references to this step's decision tensors and fold up to
+        ``_DEFERRED_STEPS`` steps at once (one concatenation and one pass), which divides the
+        per-step launch cost; for decisions whose tensors nobody modifies afterwards (the
+        hooks' fresh router outputs). Steps with a periodic update (co-activation,
+        reservoir) are folded at once, and ``drain`` folds what is pending.
         """
         # A context, not a decorator: torch.compile cannot call a decorated method of a
         # LayerState created inside the compiled region (on the first step).
-        with torch.no_grad():
-            self._update(d)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self._update(d, defer)
+        else:
+            self._update(d, defer)
 
-    def _update(self, d: RoutingDecision) -> None:
+    def _update(self, d: RoutingDecision, defer: bool) -> None:
         inputs = _decision_tensors(d)  # read under no_grad: no detach needed
         every, sample_every = self.config.coactivation_every, self.config.reservoir_every
         compiling = torch.compiler.is_compiling()
@@ -169,16 +179,34 @@ class LayerState:
             self.compiled_steps += 1  # host-side bookkeeping stays out of the graph
             return
         flags = (bool(every) and self.steps % every == 0, self.steps % sample_every == 0)
-        if self.graphed:
+        if defer and self.graphed and not any(flags):
+            self._deferred.append(inputs)
+            if len(self._deferred) >= _DEFERRED_STEPS:
+                self.drain()
+        elif self.graphed:
             self._replay(inputs, flags)
         else:
             self._update_tensors(*inputs, coactivation=flags[0], sample=flags[1])
         self.steps += 1
         if self.steps % self.window == 0:
+            self.drain()
             self._snapshot()
         now = time.time()
         self.first_time = now if self.first_time is None else self.first_time
         self.last_time = now
+
+    def drain(self) -> None:
+        """Folds the deferred steps in: their tensors concatenated, one pass, no host sync."""
+        if not self._deferred:
+            return
+        pending, self._deferred = self._deferred, []
+        if len(pending) == 1:
+            self._replay(pending[0], (False, False))
+            return
+        columns = list(zip(*pending, strict=True))
+        merged = [torch.cat(column) for column in columns[:5]]  # per-token tensors
+        losses = torch.stack([torch.stack(column) for column in columns[5:]]).sum(dim=1)
+        self._update_tensors(*merged, *losses.unbind(), coactivation=False, sample=False)
 
     def _update_tensors(
         self,
@@ -360,6 +388,7 @@ class LayerState:
 
     def host_state(self) -> dict[str, Any]:
         """Moves the statistics to the host (the only synchronising call)."""
+        self.drain()
         if self.stream is not None:
             self.stream.synchronize()  # updates run on a side stream
         rows = len(self.snapshot_steps)
@@ -393,6 +422,7 @@ _MASK32 = 0xFFFFFFFF
 
 
 _MAX_GRAPHS = 8  # captured (input shapes, periodic flags) per layer
+_DEFERRED_STEPS = 8  # steps a hook's decisions wait to be folded together (CUDA)
 
 
 def _uniform_keys(index: torch.Tensor, seed: int) -> torch.Tensor:
@@ -554,14 +584,20 @@ class RouterInspector:
     def _hook_for(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if isinstance(output, RoutingDecision) and not in_backward_recompute():
-                self.record(output, layer=name)
+                self.record(output, layer=name, defer=True)  # a fresh router output
 
         return hook
 
     # ------------------------------------------------------------------ recording
 
-    def record(self, decision: RoutingDecision, layer: str = "router") -> None:
-        """Folds one decision into the statistics of ``layer`` (no host synchronisation)."""
+    def record(
+        self, decision: RoutingDecision, layer: str = "router", *, defer: bool = False
+    ) -> None:
+        """Folds one decision into the statistics of ``layer`` (no host synchronisation).
+
+        ``defer=True`` (what the forward hooks pass) lets a CUDA layer fold several steps'
+        decisions at once; pass it only if nothing modifies the decision's tensors later.
+        """
         state = self.layers.get(layer)
         if state is None:
             state = LayerState(
@@ -579,14 +615,14 @@ class RouterInspector:
                 f"max_k={decision.max_k}"
             )
         if state.stream is None:
-            state.update(decision)
+            state.update(decision, defer=defer)
             return
         # On CUDA the update runs on a side stream, after the decision is computed, so its
         # small kernels overlap the model's next ones instead of lengthening the forward.
         main = torch.cuda.current_stream(state.stream.device)
         state.stream.wait_stream(main)
         with torch.cuda.stream(state.stream):
-            state.update(decision)
+            state.update(decision)  # not deferred: the side stream already hides the work
         for tensor in _decision_tensors(decision):
             tensor.record_stream(state.stream)  # keep its memory until the update has run
 

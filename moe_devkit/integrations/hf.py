@@ -139,7 +139,7 @@ def _hook(inspector: RouterInspector, layer: str, adapter: RouterAdapter) -> Hoo
             return
         decision = adapter(module, args, output)
         if decision is not None:
-            inspector.record(decision, layer=layer)
+            inspector.record(decision, layer=layer, defer=True)  # built fresh each call
 
     return hook
 

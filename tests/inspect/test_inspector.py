@@ -279,3 +279,34 @@ def test_cuda_graph_replay_equals_eager_updates() -> None:
             assert a[key] == b[key], key
         assert a["complexity"]["mean"] == pytest.approx(b["complexity"]["mean"])
         assert a["complexity"]["std"] == pytest.approx(b["complexity"]["std"])
+
+
+def test_deferred_steps_fold_to_the_same_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hooks defer up to 8 steps on CUDA and fold them in one pass; the CPU run here forces
+    that path (graph replays run eagerly) and compares with step-by-step folding."""
+    from moe_devkit.inspect.inspector import LayerState
+
+    def eager_replay(self: LayerState, inputs: tuple, flags: tuple) -> None:
+        self._update_tensors(*inputs, coactivation=flags[0], sample=flags[1])
+
+    monkeypatch.setattr(LayerState, "_replay", eager_replay)
+    config = InspectorConfig(window=5, coactivation_every=3, reservoir_every=4)
+    deferred, direct = RouterInspector(config=config), RouterInspector(config=config)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(23):
+        n = 6 + step % 3  # steps of different sizes are concatenated
+        k = torch.randint(0, 3, (n,), generator=generator)
+        indices = torch.randint(0, 5, (n, 2), generator=generator)
+        indices = torch.where(torch.arange(2) < k[:, None], indices, -1)
+        decision = decision_from_tensors(torch.rand(n, generator=generator), k, indices, 5)
+        for inspector, defer in ((deferred, True), (direct, False)):
+            inspector.record(decision, layer="l", defer=defer)
+            inspector.layers["l"].graphed = True  # the CUDA path, on the CPU
+        if step == 10:
+            assert 0 < len(deferred.layers["l"]._deferred) <= 8  # steps wait to be folded
+    a, b = deferred.summary().layers["l"], direct.summary().layers["l"]
+    assert deferred.layers["l"]._deferred == []  # summary() folded the rest
+    for key in ("utilization", "k", "coactivation", "windows", "sample", "tokens", "steps"):
+        assert a[key] == b[key], key
+    assert a["complexity"]["mean"] == pytest.approx(b["complexity"]["mean"])
+    assert a["losses"] == pytest.approx(b["losses"])
