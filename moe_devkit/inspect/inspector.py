@@ -359,10 +359,13 @@ class LayerState:
         """Keeps the pairs with the smallest random keys: a uniform sample of the tokens of
         the sampled steps (every ``reservoir_every``-th step)."""
         index = self.tokens_seen + torch.arange(k.shape[0], device=k.device)
-        self.tokens_seen += k.shape[0]
         keys = _uniform_keys(index, self.config.seed)
-        if due is not None:  # compiled: a step that is not sampled offers no token
+        if due is None:
+            self.tokens_seen += k.shape[0]
+        else:  # compiled: a step that is not sampled offers no token (empty slots, k = -1)
+            self.tokens_seen += k.shape[0] * due
             keys = torch.where(due, keys, float("inf"))
+            k = torch.where(due, k, -1)
         all_keys = torch.cat([self.res_keys, keys])
         keep = torch.topk(all_keys, self.res_keys.shape[0], largest=False, sorted=False).indices
         # In place, never rebinding: a captured CUDA graph holds these addresses.
