@@ -11,12 +11,13 @@ the gradient each module hands back to its inputs during backward. It names the 
 by qualified name, whose output or gradient became non-finite, with the step and the tensor.
 
 Synchronisation: in the default mode nothing is read on the host between checks. Watched
-tensors are batched: each flush (the end of a forward, the end of a backward pass, and
-every 256 MB or 256 tensors in between) computes their max-abs with one multi-tensor
-reduction per dtype and writes it into this step's row of a ring of 64 device rows. Every
-64 steps, and at each check, the ring is folded into device state that keeps the row of the
-first bad step. ``check()`` (or
-every ``check_every`` steps) reads that state with one device-to-host transfer.
+tensors are batched: each flush (the end of a training step's backward pass, or of a
+forward without backward, and every 1 GiB or 256 tensors in between) computes their max-abs
+with one multi-tensor reduction per dtype and writes it into this step's row of a ring of 64
+device rows. Every 64 steps, and at each check, the ring is folded into device state that
+keeps the row of the first bad step. ``check()`` (or every ``check_every`` steps) reads that
+state with one device-to-host transfer. Memory: a training step's watched outputs are held
+until its backward pass ends (at most 1 GiB of them; most are saved for backward anyway).
 ``strict=True`` reads every tensor's flag at once and raises ``NonFiniteError`` at the first
 offending module: one host synchronisation per watched tensor, so use it to pin a failure
 down, not for training throughput.
@@ -46,7 +47,7 @@ ROOT = "<model>"
 _INF = float("inf")
 _MAX_DEPTH = 4
 _MAX_ROW = 1 << 16
-_MAX_PENDING_BYTES = 256 << 20  # tensors kept for a batched norm before a flush
+_MAX_PENDING_BYTES = 1 << 30  # tensors kept for a batched norm before a flush
 
 
 # ----------------------------------------------------------------------------- one tensor
@@ -377,11 +378,16 @@ class NumericsGuard:
                     self._claim(name, _input_desc(desc), tensor)
 
     def _on_root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        claimed = False
         if self.gradients and torch.is_grad_enabled():
             for desc, tensor in iter_tensors(output, "output"):
                 if tensor.requires_grad:
                     self._claim(ROOT, f"{desc} (from the loss)", tensor)
-        self._flush()
+                    claimed = True
+        if not claimed:  # no backward to wait for: read the outputs now
+            self._flush()
+        # else the outputs wait (up to _MAX_PENDING_BYTES) for the flush at the end of the
+        # backward pass: one flush per training step, not two.
 
     # -- recording
 

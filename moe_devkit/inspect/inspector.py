@@ -137,8 +137,8 @@ class LayerState:
         self._graphs: dict[Any, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self._direct: dict[Any, torch.cuda.CUDAGraph] = {}  # graphs reading inputs in place
         self._addresses: dict[Any, int] = {}  # input addresses seen, for _direct
-        self._warmed = False
         self._deferred: list[tuple[torch.Tensor, ...]] = []  # decision tensors not folded yet
+        self._drain_graphs: dict[Any, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         # One Triton kernel for the per-token statistics (CUDA only: the interpreter is slow)
         self._fused = config.triton and device.type == "cuda" and fused_update_available(device)
         self.steps = 0
@@ -204,9 +204,44 @@ class LayerState:
             self._replay(pending[0], (False, False))
             return
         columns = list(zip(*pending, strict=True))
-        merged = [torch.cat(column) for column in columns[:5]]  # per-token tensors
-        losses = torch.stack([torch.stack(column) for column in columns[5:]]).sum(dim=1)
-        self._update_tensors(*merged, *losses.unbind(), coactivation=False, sample=False)
+        losses = [*columns[5], *columns[6]]  # load-balancing then z-loss of each step
+        key = tuple(tuple(t.shape for t in column) for column in columns[:5])
+        entry = self._drain_graphs.get(key)
+        if entry is None:
+            merged = [torch.cat(column) for column in columns[:5]]  # per-token tensors
+            stacked = torch.stack(losses)
+            capture = (
+                self.graphed
+                and self.counts.is_cuda
+                and torch.cuda.get_sync_debug_mode() == 0
+                and len(self._drain_graphs) < _MAX_GRAPHS
+            )
+            if not capture:
+                self._fold_merged(merged, stacked)
+                return
+            graph = self._capture_fn(lambda: self._fold_merged(merged, stacked))
+            entry = self._drain_graphs[key] = (graph, (*merged, stacked))
+        graph, buffers = entry
+        for buffer, column in zip(buffers[:5], columns[:5], strict=True):
+            torch.cat(column, out=buffer)  # straight into the graph's input buffers
+        torch.stack(losses, out=buffers[5])
+        graph.replay()
+
+    def _fold_merged(self, merged: list[torch.Tensor], losses: torch.Tensor) -> None:
+        """Token statistics of concatenated steps; ``losses``: [2 * steps] (lb..., z...)."""
+        lb_loss, z_loss = losses.view(2, -1).sum(dim=1).unbind()
+        indices, complexity, nonfinite, k, dropped = merged
+        self._update_tensors(
+            indices,
+            complexity,
+            nonfinite,
+            k,
+            dropped,
+            lb_loss,
+            z_loss,
+            coactivation=False,
+            sample=False,
+        )
 
     def _update_tensors(
         self,
@@ -310,27 +345,33 @@ class LayerState:
     def _capture(
         self, inputs: tuple[torch.Tensor, ...], flags: tuple[bool, bool], *, own_buffers: bool
     ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
-        """Captures one update (on its own input buffers, or reading ``inputs`` in place).
-
-        Warm-up and capture run the update for real, so the state is restored afterwards.
-        """
+        """Captures one update (on its own input buffers, or reading ``inputs`` in place)."""
         buffers = tuple(t.clone() for t in inputs) if own_buffers else inputs
+        graph = self._capture_fn(
+            lambda: self._update_tensors(*buffers, coactivation=flags[0], sample=flags[1])
+        )
+        return graph, buffers
+
+    def _capture_fn(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """Captures ``fn`` (state updates) into a CUDA graph.
+
+        It runs once on a side stream first: lazy initialisation (cuBLAS handles, the
+        allocator) and Triton's compilation for these shapes must not happen inside the
+        capture. Warm-up and capture run the update for real, so the state is restored.
+        """
         saved = {name: t.clone() for name, t in self._state_tensors().items()}
-        device = inputs[0].device
-        if not self._warmed:  # lazy initialisation (cuBLAS handles, allocator) before capture
-            warm = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
-            warm.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(warm):
-                for _ in range(2):
-                    self._update_tensors(*buffers, coactivation=flags[0], sample=flags[1])
-            torch.cuda.current_stream(device).wait_stream(warm)
-            self._warmed = True
+        device = self.counts.device
+        warm = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+        warm.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(warm):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(warm)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._update_tensors(*buffers, coactivation=flags[0], sample=flags[1])
+            fn()
         for name, value in saved.items():
             getattr(self, name).copy_(value)
-        return graph, buffers
+        return graph
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         names = (
