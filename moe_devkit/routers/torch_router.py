@@ -232,6 +232,12 @@ def count_values(values: torch.Tensor, num_bins: int) -> torch.Tensor:
     return torch.histc(centred, bins=num_bins, min=0, max=num_bins).to(torch.int64)
 
 
+def _narrow_keys(key: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expert keys in [0, num_experts] as uint8 where they fit: a radix sort then makes one
+    8-bit pass instead of eight for int64."""
+    return key.to(torch.uint8) if num_experts < 256 else key
+
+
 def group_offsets(sorted_keys: torch.Tensor, num_groups: int) -> torch.Tensor:
     """int64[G]: end position of each group g in keys sorted ascending (binary search)."""
     bounds = torch.arange(1, num_groups + 1, device=sorted_keys.device, dtype=sorted_keys.dtype)
@@ -326,8 +332,21 @@ class _RouterBase(nn.Module):
         self.router_network = nn.Linear(config.hidden_size, config.num_experts, bias=False)
 
     def _gate(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """float[N, D] -> float32 router_logits[N, E] and router_probs[N, E]."""
-        router_logits = F.linear(flat.float(), self.router_network.weight.float())
+        """float[N, D] -> float32 router_logits[N, E] and router_probs[N, E].
+
+        On CUDA, half-precision inputs are multiplied as they are with a float32 result
+        (tensor cores, float32 accumulation: the products of 16-bit values are exact in
+        float32) instead of being copied to float32 first.
+        """
+        weight = self.router_network.weight
+        if (
+            flat.is_cuda
+            and flat.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == flat.dtype
+        ):
+            router_logits = torch.mm(flat, weight.t(), out_dtype=torch.float32)
+        else:
+            router_logits = F.linear(flat.float(), weight.float())
         return router_logits, torch.softmax(router_logits, dim=-1)
 
     def _decide(
@@ -645,7 +664,9 @@ class MoELayer(nn.Module):
         with record_function(span_name("dispatch")):
             active = routing.active.reshape(-1)  # [N*K]
             key = torch.where(active, routing.expert_indices.reshape(-1), num_experts)
-            sorted_key, order = torch.sort(key, stable=True)  # [N*K], pairs grouped by expert
+            sorted_key, order = torch.sort(
+                _narrow_keys(key, num_experts), stable=True
+            )  # [N*K], pairs grouped by expert
             offsets = group_offsets(sorted_key, num_experts).to(torch.int32)  # [E]
             active_sorted = sorted_key < num_experts
             # Inactive rows (padding, drops) read and write a spare row N: the grouped matmul
@@ -687,7 +708,9 @@ class MoELayer(nn.Module):
             key = torch.where(
                 routing.active.reshape(-1), routing.expert_indices.reshape(-1), num_experts
             )
-            sorted_key, order = torch.sort(key, stable=True)  # [N*K], pairs grouped by expert
+            sorted_key, order = torch.sort(
+                _narrow_keys(key, num_experts), stable=True
+            )  # [N*K], pairs grouped by expert
             offsets = group_offsets(sorted_key, num_experts).to(torch.int32)  # [E]
             active_rows = offsets[-1:]  # int32[1]: the active pairs come first
             x_sorted = triton_dispatch.gather_rows(flat.contiguous(), order // max_k, active_rows)
