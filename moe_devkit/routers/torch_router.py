@@ -334,15 +334,16 @@ class _RouterBase(nn.Module):
     def _gate(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """float[N, D] -> float32 router_logits[N, E] and router_probs[N, E].
 
-        On CUDA, half-precision inputs are multiplied as they are with a float32 result
-        (tensor cores, float32 accumulation: the products of 16-bit values are exact in
-        float32) instead of being copied to float32 first.
+        On CUDA without autograd, half-precision inputs are multiplied as they are with a
+        float32 result (tensor cores, float32 accumulation: the products of 16-bit values
+        are exact in float32) instead of being copied to float32 first.
         """
         weight = self.router_network.weight
         if (
             flat.is_cuda
             and flat.dtype in (torch.bfloat16, torch.float16)
             and weight.dtype == flat.dtype
+            and not torch.is_grad_enabled()  # the float32-result matmul has no backward
         ):
             router_logits = torch.mm(flat, weight.t(), out_dtype=torch.float32)
         else:
