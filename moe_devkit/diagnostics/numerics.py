@@ -313,6 +313,8 @@ class NumericsGuard:
         self._flush_queued = False  # a flush is queued for the end of this backward pass
         self._claims: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
         self._watched: dict[int, weakref.ref[torch.Tensor]] = {}  # this step's outputs
+        # module calls of this forward not walked yet: (name, args, kwargs, output, claim)
+        self._log: list[tuple[str, tuple[Any, ...], dict[str, Any], Any, bool]] = []
         self._signatures: dict[tuple[tuple[WatchSite, ...], tuple[int, ...]], int] = {}
 
     # -- attaching
@@ -361,13 +363,33 @@ class NumericsGuard:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
         name = self._names.get(id(module), type(module).__name__)
+        claim = self.gradients and torch.is_grad_enabled()
+        if self.strict:  # check now, to raise at this very module
+            self._record_module(name, args, kwargs, output, claim)
+            return
+        # Only a note here: the walk over outputs and inputs runs at the end of the model's
+        # forward, when the GPU is busy with the last layers' work, not in the middle of a
+        # stretch of small kernels that the CPU has to launch.
+        self._log.append((name, args, kwargs, output, claim))
+        if len(self._log) >= 256:
+            self._process_log()
+
+    def _process_log(self) -> None:
+        log, self._log = self._log, []
+        for entry in log:
+            self._record_module(*entry)
+
+    def _record_module(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, claim: bool
+    ) -> None:
+        """Watches a module call's outputs and hooks its inputs' gradients (``claim``)."""
         if isinstance(output, torch.Tensor):  # the common case, without the generic walk
             if output.is_floating_point():
                 self._watch(name, "forward", "output", output)
         else:
             for desc, tensor in iter_tensors(output, "output"):
                 self._watch(name, "forward", desc, tensor)
-        if self.gradients and torch.is_grad_enabled():
+        if claim:
             if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
                 for i, tensor in enumerate(args):
                     if tensor.requires_grad:
@@ -378,6 +400,7 @@ class NumericsGuard:
                     self._claim(name, _input_desc(desc), tensor)
 
     def _on_root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._process_log()
         claimed = False
         if self.gradients and torch.is_grad_enabled():
             for desc, tensor in iter_tensors(output, "output"):
@@ -483,6 +506,7 @@ class NumericsGuard:
 
     def _end_step(self) -> None:
         """Closes this step's row in the ring; no host synchronisation."""
+        self._process_log()
         self._flush()
         self._flush_queued = False  # (a backward pass that raised never ran its callback)
         self._claims.clear()

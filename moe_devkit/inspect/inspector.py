@@ -466,7 +466,7 @@ _MASK32 = 0xFFFFFFFF
 
 
 _MAX_GRAPHS = 8  # captured (input shapes, periodic flags) per layer
-_DEFERRED_STEPS = 8  # steps a hook's decisions wait to be folded together (CUDA)
+_DEFERRED_STEPS = 16  # steps a hook's decisions wait to be folded together (CUDA)
 
 
 def _uniform_keys(index: torch.Tensor, seed: int) -> torch.Tensor:

@@ -282,7 +282,7 @@ def test_cuda_graph_replay_equals_eager_updates() -> None:
 
 
 def test_deferred_steps_fold_to_the_same_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hooks defer up to 8 steps on CUDA and fold them in one pass; the CPU run here forces
+    """Hooks defer up to 16 steps on CUDA and fold them in one pass; the CPU run here forces
     that path (graph replays run eagerly) and compares with step-by-step folding."""
     from moe_devkit.inspect.inspector import LayerState
 
@@ -303,7 +303,7 @@ def test_deferred_steps_fold_to_the_same_statistics(monkeypatch: pytest.MonkeyPa
             inspector.record(decision, layer="l", defer=defer)
             inspector.layers["l"].graphed = True  # the CUDA path, on the CPU
         if step == 10:
-            assert 0 < len(deferred.layers["l"]._deferred) <= 8  # steps wait to be folded
+            assert 0 < len(deferred.layers["l"]._deferred) <= 16  # steps wait to be folded
     a, b = deferred.summary().layers["l"], direct.summary().layers["l"]
     assert deferred.layers["l"]._deferred == []  # summary() folded the rest
     for key in ("utilization", "k", "coactivation", "windows", "sample", "tokens", "steps"):
