@@ -3,9 +3,9 @@
 Usage: python benchmarks/bench_numerics_guard.py [--device cpu|cuda] [--repeats 20]
        [--steps 10] [--tokens 1024] [--preset small|olmoe] [--dtype float32|bfloat16]
 
-Presets: ``small`` (hidden 256, 16 experts, k = 2: launch-bound, the guard's worst case) and
-``olmoe`` (hidden 2048, expert FFN 1024, 64 experts, dynamic k up to 8: the realistic size
-of the other GPU benchmarks).
+Presets: ``small`` (hidden 256, 16 experts, k = 2: launch-bound, the guard's worst case; the
+CPU default) and ``olmoe`` (hidden 2048, expert FFN 1024, 64 experts, dynamic k up to 8,
+bfloat16: the realistic size of the other GPU benchmarks; the CUDA default).
 
 Alternates A (no guard) and B (guard attached) repetitions of ``--steps`` training steps in
 the same process; each repetition is timed with CUDA events on the GPU (perf_counter on the
@@ -77,10 +77,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="default: olmoe on CUDA, small on the CPU"
+    )
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, else float32"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.preset = args.preset or ("olmoe" if cuda else "small")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     layer, step = make_step(device, args.tokens, args.preset, getattr(torch, args.dtype))
     guard = NumericsGuard(layer)
     for attached in (False, True, False, True):  # warm-up both paths
