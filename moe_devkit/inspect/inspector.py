@@ -260,17 +260,18 @@ class LayerState:
     ) -> None:
         """The tensor work of one update, all in place (so a CUDA graph can replay it)."""
         num_experts = self.num_experts
+        inputs = (indices, complexity, nonfinite, k, dropped, lb_loss, z_loss)
         if not (
             self._fused
             and not torch.compiler.is_compiling()
             and token_stats(
-                (indices, complexity, nonfinite, k, dropped, lb_loss, z_loss),
+                inputs,
                 self._state_tensors(),
                 complexity_bins=self.config.complexity_bins,
                 max_k=self.max_k,
             )
         ):
-            self._token_stats(indices, complexity, nonfinite, k, dropped, lb_loss, z_loss)
+            self._token_stats(inputs)
         if coactivation:
             multi_hot = torch.zeros(indices.shape[0], num_experts + 1, device=indices.device)
             multi_hot.scatter_(1, torch.where(indices >= 0, indices, num_experts), 1.0)
@@ -281,21 +282,13 @@ class LayerState:
         if sample:
             self._update_reservoir(complexity.float(), k.clamp(0, self.max_k), sample_due)
 
-    def _token_stats(
-        self,
-        indices: torch.Tensor,
-        complexity: torch.Tensor,
-        nonfinite: torch.Tensor,
-        k: torch.Tensor,
-        dropped: torch.Tensor,
-        lb_loss: torch.Tensor,
-        z_loss: torch.Tensor,
-    ) -> None:
+    def _token_stats(self, inputs: tuple[torch.Tensor, ...]) -> None:
         """Counts, the (complexity bin, k) histogram, drops, losses, complexity moments.
 
-        PyTorch ops; on CUDA with Triton, ``fused_update.token_stats`` does the same in one
-        kernel.
+        PyTorch ops over the decision tensors (as ``_update_tensors`` takes them); on CUDA
+        with Triton, ``fused_update.token_stats`` does the same in two launches.
         """
+        indices, complexity, nonfinite, k, dropped, lb_loss, z_loss = inputs
         num_experts, kk, bins = self.num_experts, self.max_k + 1, self.config.complexity_bins
         self.counts += count_values(indices, num_experts)  # histc: no atomics, no sync
         complexity = complexity.to(torch.float64)
