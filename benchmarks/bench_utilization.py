@@ -11,7 +11,8 @@ token. Timed, each as the median (and min) of --repeat runs:
 * ours: ``moe_devkit.debug_expert_selection`` on all tokens (same Counter, checked);
 * from_logits: ``selection_counts_from_logits`` (topk(max_k), stays on the device);
 * from_indices: ``selection_counts`` of a RoutingDecision's int64[N, 8] indices (one scatter);
-* topk_bincount: the plain vectorised approach, for reference.
+* topk_bincount: the plain vectorised approach, for reference;
+* from_indices_graph (CUDA): from_indices replayed from a CUDA graph, its GPU cost alone.
 
 Each round times every path once (rounds interleaved, so machine load hits all paths alike);
 the medians and minima over rounds are reported, with ratios seed / path for both. CUDA
@@ -119,6 +120,15 @@ def main() -> None:
         "from_indices": lambda: selection_counts(indices, EXPERTS, validate=False),
         "topk_bincount": lambda: topk_bincount(logits, k),
     }
+    if args.device == "cuda":
+        # The same count replayed from a CUDA graph: its GPU cost without the Python and
+        # launch latency that dominate one eager call on a host with slow launches.
+        graph = torch.cuda.CUDAGraph()
+        paths["from_indices"]()  # warm-up outside the capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            paths["from_indices"]()
+        paths["from_indices_graph"] = graph.replay
     times = interleaved(paths, args.device, args.repeat)
     times["seed"] = [t * scale for t in times["seed"]]
     results = {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
