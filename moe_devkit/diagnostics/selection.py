@@ -22,7 +22,7 @@ from collections import Counter
 
 import torch
 
-from moe_devkit.routers.torch_router import slot_positions
+from moe_devkit.routers.torch_router import count_values, slot_positions
 
 _PASS_DEVICES: tuple[str, ...] = ("cpu",)
 """Device types that find thresholds by amax passes; others use one topk kernel."""
@@ -115,13 +115,19 @@ def check_logits_and_k(
 
 
 def count_selections(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """int64[E]: selections per expert of -1 padded indices, one ``index_add_`` (no host sync).
+    """int64[E]: selections per expert of -1 padded indices, no host sync.
+
+    On the CPU one ``index_add_``; on CUDA a ``histc`` (``torch_router.count_values``).
 
     The same counts as ``torch_router.expert_counts``, about 5x faster on CPU: the +1 shift
     puts padding in bucket 0 without a mask, and the added ones are a stride-0 view. Values
     outside [-1, E) land in discarded buckets instead of failing on the device.
     """
     flat = expert_indices.reshape(-1)
+    if flat.is_cuda:
+        # A privatised histogram: index_add_ into a few dozen buckets serialises on their
+        # atomics on a GPU (about 80 us for 131072 indices on an H100, against a few us).
+        return count_values(flat, num_experts)
     if flat.dtype not in (torch.int32, torch.int64):
         flat = flat.long()  # index_add_ takes int32 or int64 indices
     bucket = (flat + 1).clamp_(0, num_experts + 1)  # 0: padding, 1..E: experts, E+1: too large

@@ -418,6 +418,15 @@ def test_other_bad_arguments() -> None:
         complexity_stats(torch.zeros(0))
 
 
+def test_histogram_count_equals_the_index_add_count_with_stray_values() -> None:
+    """CUDA counts with histc, the CPU with index_add_: the same buckets, strays dropped."""
+    from moe_devkit.diagnostics.selection import count_selections
+    from moe_devkit.routers.torch_router import count_values
+
+    values = torch.randint(-3, 9, (500, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(count_values(values, 6), count_selections(values, 6))
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -442,6 +451,7 @@ def test_counting_paths_do_not_sync_on_cuda() -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(counts, stats.tokens_per_expert)
+    assert torch.equal(counts.cpu(), selection_counts(indices.cpu(), 64))  # histc = index_add_
     assert same(stats.to_dict(), utilization_to_dicts([stats])[0])
     assert same(from_logits.to_dict()["balance"], stats.to_dict()["balance"])
 
