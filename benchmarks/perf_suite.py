@@ -54,6 +54,29 @@ SKIP_EXIT = 77
 Fn = Callable[[], object]
 
 
+class Settled:
+    """A case's call, plus the call that settles the work it defers (for the gates)."""
+
+    def __init__(self, call: Fn, settle: Callable[[], None]) -> None:
+        self.call, self.settle = call, settle
+
+    def __call__(self) -> object:
+        return self.call()
+
+    def settled(self) -> object:
+        out = self.call()
+        self.settle()
+        return out
+
+
+def _drain(inspector: Any) -> None:
+    """Folds an inspector's deferred steps (a no-op for revisions that defer nothing)."""
+    for state in getattr(inspector, "layers", {}).values():
+        drain = getattr(state, "drain", None)
+        if drain is not None:
+            drain()
+
+
 def _sizes(device: str, quick: bool) -> dict[str, Any]:
     if device == "cuda":
         return dict(hidden=1024, experts=32, max_k=8, inner=1024, tokens=4096, dtype="bfloat16")
@@ -157,8 +180,9 @@ class CaseBuilder:
         if inspector_cls is None:
             return "moe_devkit.inspect has no RouterInspector yet"
         model = self._model_module()
-        inspector_cls().attach(model)
-        return self._no_grad(model, self.x)
+        inspector = inspector_cls()
+        inspector.attach(model)
+        return Settled(self._no_grad(model, self.x), lambda: _drain(inspector))
 
     def _gradients(self) -> Fn | str:
         mod = _optional("moe_devkit.diagnostics.gradients")
@@ -244,7 +268,11 @@ def _serve(
     if op == "sample":
         return _sample(fn, int(req["number"]), builder.device)
     if op == "gates":
-        result: dict[str, Any] = gates.measure_gates(fn, builder.device).to_dict()
+        # Gates count one call; work a case defers (the inspector folds 16 steps at once)
+        # is settled after each call, so the counts do not depend on where in its cycle
+        # each worker happens to be (the two workers have run different numbers of calls).
+        gated = fn.settled if isinstance(fn, Settled) else fn
+        result: dict[str, Any] = gates.measure_gates(gated, builder.device).to_dict()
         return result
     return {"error": f"unknown op {op!r}"}
 
