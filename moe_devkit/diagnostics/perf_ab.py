@@ -130,6 +130,7 @@ def compare_interleaved(
         baseline(1)
         candidate(1)
     number = calibrate(baseline, schedule.target_sample_s)
+    candidate(number)  # as many calls as calibration gave the baseline, unmeasured
     base: list[Sample] = []
     cand: list[Sample] = []
     attempts = 0
