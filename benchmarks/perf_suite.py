@@ -25,6 +25,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -231,6 +232,8 @@ def worker_main(args: argparse.Namespace) -> int:
     """Serves JSON-line requests (see moe_devkit.diagnostics.perf_worker) on stdin/stdout."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pin_cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args.pin_cpu})
     builder = CaseBuilder(args.device, args.quick)
     gates = _load_gates(args.gates_file)
     fns: dict[str, Fn | str] = {}
@@ -293,6 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="report path (default build/perf/DEVICE.json)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: keep)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pin-cpu", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gates-file", default=str(GATES_FILE), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
