@@ -1,4 +1,4 @@
-"""The inspector's one-kernel update (Triton) against its PyTorch ops, on identical decisions.
+"""The inspector's Triton update (two launches) against its PyTorch ops, on identical decisions.
 
 Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set here before the
 kernel is first built) on CPU tensors; with CUDA the compiled kernel runs on the GPU.
@@ -6,23 +6,14 @@ kernel is first built) on CPU tensors; with CUDA the compiled kernel runs on the
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from triton_support import DEVICE, needs_triton  # sets TRITON_INTERPRET first
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:  # before the kernel is first built (it is built lazily)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from moe_devkit.inspect import fused_update
+from moe_devkit.inspect.inspector import InspectorConfig, LayerState
 
-from moe_devkit.inspect import fused_update  # noqa: E402
-from moe_devkit.inspect.inspector import InspectorConfig, LayerState  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="triton is not installed"
-)
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+pytestmark = needs_triton
 
 
 def decision(n: int, experts: int, max_k: int, seed: int) -> tuple[torch.Tensor, ...]:

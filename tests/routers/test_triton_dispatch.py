@@ -7,24 +7,15 @@ the `gpu` test checks that the no-grad forward, which takes this path, never syn
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from triton_support import DEVICE, needs_triton  # sets TRITON_INTERPRET first
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:  # before the kernels are first built (they are built lazily)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from moe_devkit.config import RouterConfig
+from moe_devkit.routers import triton_dispatch, triton_grouped
+from moe_devkit.routers.torch_router import MoELayer, StaticTopKRouter
 
-from moe_devkit.config import RouterConfig  # noqa: E402
-from moe_devkit.routers import triton_dispatch, triton_grouped  # noqa: E402
-from moe_devkit.routers.torch_router import MoELayer, StaticTopKRouter  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="triton is not installed"
-)
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+pytestmark = needs_triton
 
 
 def test_kernels_skip_rows_past_the_active_count() -> None:
