@@ -211,7 +211,7 @@ class LayerState:
             return
         columns = list(zip(*pending, strict=True))
         losses = [*columns[5], *columns[6]]  # load-balancing then z-loss of each step
-        key = tuple(tuple(t.shape for t in column) for column in columns[:5])
+        key = tuple(tuple((t.shape, t.dtype) for t in column) for column in columns)
         entry = self._drain_graphs.get(key)
         if entry is None:
             merged = [torch.cat(column) for column in columns[:5]]  # per-token tensors
