@@ -232,6 +232,22 @@ def count_values(values: torch.Tensor, num_bins: int) -> torch.Tensor:
     return torch.histc(centred, bins=num_bins, min=0, max=num_bins).to(torch.int64)
 
 
+def _sort_pairs(
+    routing: RoutingDecision, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-expert pairs grouped by expert, the executed ones first.
+
+    Returns:
+        sorted_key (expert of each sorted pair, num_experts for inactive ones), order (the
+        [N*K] pair index of each sorted position; stable) and offsets (int32[E], end of each
+        expert's group: the last is the number of executed pairs).
+    """
+    active = routing.active.reshape(-1)
+    key = torch.where(active, routing.expert_indices.reshape(-1), num_experts)
+    sorted_key, order = torch.sort(_narrow_keys(key, num_experts), stable=True)
+    return sorted_key, order, group_offsets(sorted_key, num_experts).to(torch.int32)
+
+
 def _narrow_keys(key: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Expert keys in [0, num_experts] as uint8 where they fit: a radix sort then makes one
     8-bit pass instead of eight for int64."""
@@ -654,21 +670,16 @@ class MoELayer(nn.Module):
                 f"got dtype={flat.dtype} (cast the input or call layer.to(dtype))"
             )
         num_experts, num_tokens = self.config.num_experts, flat.shape[0]
-        matmul = cuda_grouped_matmul(flat) if flat.device.type == "cuda" else None
         if (
-            matmul is not None
+            flat.device.type == "cuda"
             and not torch.is_grad_enabled()
             and triton_dispatch.is_available(flat.device)
+            and (matmul := cuda_grouped_matmul(flat)) is not None
         ):
             out = self._forward_active(flat, routing, matmul)
             return MoEOutput(out.reshape(hidden_states.shape), routing)
         with record_function(span_name("dispatch")):
-            active = routing.active.reshape(-1)  # [N*K]
-            key = torch.where(active, routing.expert_indices.reshape(-1), num_experts)
-            sorted_key, order = torch.sort(
-                _narrow_keys(key, num_experts), stable=True
-            )  # [N*K], pairs grouped by expert
-            offsets = group_offsets(sorted_key, num_experts).to(torch.int32)  # [E]
+            sorted_key, order, offsets = _sort_pairs(routing, num_experts)
             active_sorted = sorted_key < num_experts
             # Inactive rows (padding, drops) read and write a spare row N: the grouped matmul
             # leaves rows past offsets[-1] undefined, forward and backward, and this keeps
@@ -706,13 +717,7 @@ class MoELayer(nn.Module):
         """
         num_experts, num_tokens, max_k = self.config.num_experts, flat.shape[0], routing.max_k
         with record_function(span_name("dispatch")):
-            key = torch.where(
-                routing.active.reshape(-1), routing.expert_indices.reshape(-1), num_experts
-            )
-            sorted_key, order = torch.sort(
-                _narrow_keys(key, num_experts), stable=True
-            )  # [N*K], pairs grouped by expert
-            offsets = group_offsets(sorted_key, num_experts).to(torch.int32)  # [E]
+            sorted_key, order, offsets = _sort_pairs(routing, num_experts)
             active_rows = offsets[-1:]  # int32[1]: the active pairs come first
             x_sorted = triton_dispatch.gather_rows(flat.contiguous(), order // max_k, active_rows)
             row_weights = routing.expert_weights.reshape(-1)[order]
