@@ -19,6 +19,7 @@ from bench_moe_layer import PRESETS, machine_name, timer  # type: ignore[import-
 
 from moe_devkit import MoELayer, RouterConfig
 from moe_devkit.inspect import RouterInspector
+from moe_devkit.reporting import write_atomic
 
 
 def main() -> None:
@@ -71,8 +72,7 @@ def main() -> None:
     print(f"shape {result['shape']} {args.dtype}, {args.reps} alternating reps")
     print(f"plain {plain:.3f} ms, inspected {inspected:.3f} ms, overhead {100 * overhead:+.2f}%")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+        write_atomic(args.json, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

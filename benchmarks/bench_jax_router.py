@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import torch
 
 from moe_devkit.config import RouterConfig
+from moe_devkit.reporting import write_atomic
 from moe_devkit.routers import jax_router, torch_router
 from moe_devkit.routers.convert import tensor_to_jax, torch_to_jax
 
@@ -131,8 +132,7 @@ def main() -> None:
         median = statistics.median(t)
         print(f"{name:28s} median {median:8.3f} ms  IQR {_iqr(t):7.3f}  x{median / base:.2f}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_atomic(args.json, json.dumps(results, indent=2) + "\n")
 
 
 def _iqr(values: list[float]) -> float:

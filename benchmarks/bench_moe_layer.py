@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from moe_devkit import MoELayer, RouterConfig, StaticTopKRouter
+from moe_devkit.reporting import write_atomic
 
 PRESETS = {
     # tokens, hidden, expert FFN, experts, max_k
@@ -163,8 +164,7 @@ def main() -> None:
     result.update(time_ratio=time_ratio, pair_ratio=pair_ratio)
     print(f"dynamic/static: time {time_ratio:.3f}, active pairs {pair_ratio:.3f}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+        write_atomic(args.json, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from moe_devkit.integrations.distributed import (
     control_group,
     distributed_summary,
 )
+from moe_devkit.reporting import write_atomic
 from moe_devkit.routers.torch_router import DynamicMoERouter
 
 
@@ -183,8 +184,7 @@ def main() -> None:
         line = json.dumps(result)
         print(line)
         if args.json:
-            with open(args.json, "w") as f:
-                f.write(line + "\n")
+            write_atomic(args.json, line + "\n")
     if args.scenario == "ok":
         dist.destroy_process_group()
     else:
