@@ -18,7 +18,13 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from moe_devkit.debug.switches import JAX_PLATFORMS, apply_env, configure_jax, jax_env
+from moe_devkit.debug.switches import (
+    JAX_PLATFORMS,
+    add_model_arguments,
+    apply_env,
+    configure_jax,
+    jax_env,
+)
 
 if TYPE_CHECKING:
     import jax
@@ -45,13 +51,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Options of the debug step (a tiny model by default, so each line is quick to step)."""
     parser = argparse.ArgumentParser(prog="python -m moe_devkit.debug.jax_step")
     parser.add_argument("--platform", choices=sorted(JAX_PLATFORMS), default="cpu")
-    parser.add_argument("--hidden-size", type=int, default=32)
-    parser.add_argument("--num-experts", type=int, default=8)
-    parser.add_argument("--max-k", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    add_model_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -12,6 +12,7 @@ block and restores them after it. Everything here is meant for a debugging sessi
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
@@ -120,3 +121,12 @@ def torch_debug_mode(
         dynamo_config.disable = compile_disabled
         if cuda:
             torch.cuda.set_sync_debug_mode(previous_sync)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The reference model's sizes, shared by the debug steps (small: each line is quick)."""
+    for name, default in (
+        ("--hidden-size", 32), ("--num-experts", 8), ("--max-k", 4), ("--layers", 2),
+        ("--batch", 2), ("--seq", 16), ("--seed", 0),
+    ):  # fmt: skip
+        parser.add_argument(name, type=int, default=default)

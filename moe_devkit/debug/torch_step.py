@@ -21,6 +21,7 @@ from moe_devkit.debug.switches import (
     TORCH_DEBUG_ENV,
     Anomaly,
     SyncDebug,
+    add_model_arguments,
     apply_env,
     torch_debug_mode,
 )
@@ -52,13 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--anomaly", choices=("on", "nan", "off"), default="on",
         help="autograd anomaly detection: forward tracebacks (on), also NaN checks (nan)",
     )  # fmt: skip
-    parser.add_argument("--hidden-size", type=int, default=32)
-    parser.add_argument("--num-experts", type=int, default=8)
-    parser.add_argument("--max-k", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    add_model_arguments(parser)
     return parser.parse_args(argv)
 
 
