@@ -1,0 +1,160 @@
+"""The experts of the no-grad CUDA forward: Triton TMA GEMMs vs torch._grouped_mm.
+
+Times ``SwiGLUExperts`` on the rows that a static top-max_k router and a dynamic (top_p,
+calibrated to mean k = max_k / 2) router send to them, two ways, each captured in a CUDA graph
+and replayed alternately with the other:
+
+* ``grouped_mm``: ``torch._grouped_mm`` (CUTLASS) for the two projections and the Triton
+  SwiGLU kernel between them (the path before ``triton_experts``);
+* ``triton``: ``triton_experts.swiglu_experts`` (SwiGLU fused into the first GEMM).
+
+Reports both, their ratio, and the dynamic/static ratio of each next to the ratio of active
+token-expert pairs (the issue 6 goal is about that last pair). Needs a Hopper GPU.
+
+    python benchmarks/bench_expert_gemm.py [--reps 50] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+
+import torch
+from bench_moe_layer import PRESETS, calibrate_top_p, machine_name
+
+from moe_devkit import MoELayer, RouterConfig, StaticTopKRouter
+from moe_devkit.reporting import write_atomic
+from moe_devkit.routers import triton_dispatch, triton_experts
+from moe_devkit.routers.torch_router import SwiGLUExperts, _sort_pairs
+
+REPLAYS = 5  # calls per captured graph: one replay launches five, the median is per call
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], float]:
+    """Captures REPLAYS calls of fn; returns a timer of one replay, in ms per call."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPLAYS):
+            fn()
+
+    def timed() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end)) / REPLAYS
+
+    return timed
+
+
+def grouped_mm_path(
+    experts: SwiGLUExperts, x: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    gate_up = torch._grouped_mm(x, experts.w_gate_up.transpose(-2, -1), offs=offsets)
+    hidden = triton_dispatch.swiglu_rows(gate_up, weights, offsets[-1:])
+    return torch._grouped_mm(hidden, experts.w_down.transpose(-2, -1), offs=offsets)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="olmoe", choices=sorted(PRESETS))
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--json", help="write the results here as JSON")
+    args = parser.parse_args()
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    if not triton_experts.is_available(device):
+        raise SystemExit("bench_expert_gemm: needs a Hopper GPU and Triton >= 3.4")
+    tokens, hidden, ffn, num_experts, max_k = PRESETS[args.preset]
+    torch.manual_seed(0)
+    config = RouterConfig(
+        hidden_size=hidden,
+        num_experts=num_experts,
+        min_k=1,
+        max_k=max_k,
+        expert_hidden_size=ffn,
+        mode="top_p",
+    )
+    dynamic = MoELayer(config).to(device, dtype)
+    with torch.no_grad():
+        dynamic.router.router_network.weight.mul_(4.0)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    config = calibrate_top_p(dynamic, x, max_k / 2)
+    static = MoELayer(config, router=StaticTopKRouter(config)).to(device, dtype)
+    static.load_state_dict(dynamic.state_dict(), strict=False)
+    experts = dynamic.experts
+
+    timers: dict[tuple[str, str], Callable[[], float]] = {}
+    pairs: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, layer in (("static", static), ("dynamic", dynamic)):
+            routing = layer.router(x)
+            _, order, offsets = _sort_pairs(routing, num_experts)
+            rows = x[order // routing.max_k]  # every slot's row; only the active ones matter
+            weights = routing.expert_weights.reshape(-1)[order]
+            active = int(offsets[-1])
+            pairs[name] = active
+            reference = grouped_mm_path(experts, rows, offsets, weights)[:active].float()
+            fused = triton_experts.swiglu_experts(
+                rows, offsets, weights, experts.w_gate_up, experts.w_down
+            )[:active].float()
+            errors[name] = float((fused - reference).abs().max() / reference.abs().max())
+            timers[name, "grouped_mm"] = graphed(
+                lambda r=rows, o=offsets, w=weights: grouped_mm_path(experts, r, o, w)
+            )
+            timers[name, "triton"] = graphed(
+                lambda r=rows, o=offsets, w=weights: triton_experts.swiglu_experts(
+                    r, o, w, experts.w_gate_up, experts.w_down
+                )
+            )
+        samples: dict[tuple[str, str], list[float]] = {key: [] for key in timers}
+        for _ in range(args.reps):
+            for key, timer in timers.items():
+                samples[key].append(timer())
+    median = {key: statistics.median(values) for key, values in samples.items()}
+    pair_ratio = pairs["dynamic"] / pairs["static"]
+    print(f"machine: {machine_name(device)}")
+    print(
+        f"preset {args.preset}: tokens {tokens}, hidden {hidden}, ffn {ffn}, experts "
+        f"{num_experts}, max_k {max_k}, bfloat16; {args.reps} alternating reps, CUDA graphs"
+    )
+    print(
+        f"{'rows':8} {'pairs':>7} {'grouped_mm ms':>14} {'triton ms':>10} {'triton/gmm':>10}"
+        f" {'max rel err':>11}"
+    )
+    for name in ("static", "dynamic"):
+        old, new = median[name, "grouped_mm"], median[name, "triton"]
+        print(
+            f"{name:8} {pairs[name]:7d} {old:14.4f} {new:10.4f} {new / old:10.3f}"
+            f" {errors[name]:11.2e}"
+        )
+    ratios = {
+        method: median["dynamic", method] / median["static", method]
+        for method in ("grouped_mm", "triton")
+    }
+    print(
+        f"dynamic/static: pairs {pair_ratio:.3f}, grouped_mm {ratios['grouped_mm']:.3f} "
+        f"({ratios['grouped_mm'] / pair_ratio:.2f}x), triton {ratios['triton']:.3f} "
+        f"({ratios['triton'] / pair_ratio:.2f}x)"
+    )
+    if args.json:
+        result = {
+            "machine": machine_name(device),
+            "preset": args.preset,
+            "reps": args.reps,
+            "pairs": pairs,
+            "median_ms": {f"{k[0]}.{k[1]}": v for k, v in median.items()},
+            "max_relative_error": errors,
+            "pair_ratio": pair_ratio,
+            "time_ratio": ratios,
+        }
+        write_atomic(args.json, json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
