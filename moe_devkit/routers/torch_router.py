@@ -35,7 +35,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from moe_devkit.config import RouterConfig
-from moe_devkit.routers import triton_dispatch, triton_grouped
+from moe_devkit.routers import triton_dispatch, triton_grouped, triton_router
 
 STAGES: tuple[str, ...] = ("complexity", "gating", "select_k", "dispatch", "experts", "combine")
 """Routing stages, each wrapped in a ``record_function`` span named ``"moe." + stage``."""
@@ -354,6 +354,11 @@ class _RouterBase(nn.Module):
         float32 result (tensor cores, float32 accumulation: the products of 16-bit values
         are exact in float32) instead of being copied to float32 first.
         """
+        router_logits = self._logits(flat)
+        return router_logits, torch.softmax(router_logits, dim=-1)
+
+    def _logits(self, flat: torch.Tensor) -> torch.Tensor:
+        """float[N, D] -> float32 router_logits[N, E] (see ``_gate``)."""
         weight = self.router_network.weight
         if (
             flat.is_cuda
@@ -361,10 +366,58 @@ class _RouterBase(nn.Module):
             and weight.dtype == flat.dtype
             and not torch.is_grad_enabled()  # the float32-result matmul has no backward
         ):
-            router_logits = torch.mm(flat, weight.t(), out_dtype=torch.float32)
-        else:
-            router_logits = F.linear(flat.float(), weight.float())
-        return router_logits, torch.softmax(router_logits, dim=-1)
+            return torch.mm(flat, weight.t(), out_dtype=torch.float32)
+        return F.linear(flat.float(), weight.float())
+
+    def _takes_fused_path(self, flat: torch.Tensor) -> bool:
+        """Whether forward routes with ``triton_router``'s two kernels instead of ~70 torch ops.
+
+        Only where they give the same decision and nothing needs what they skip: autograd off
+        (no backward), no capacity limit, non-finite tokens masked (policy "raise" reads the
+        device), E within the kernels' limit, and CUDA with Triton (or Triton's interpreter).
+        """
+        cfg = self.config
+        return (
+            not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # inductor fuses the torch ops itself
+            and cfg.capacity_factor is None
+            and cfg.nonfinite_policy == "mask"
+            and triton_router.supports(cfg.num_experts)
+            and triton_router.is_available(flat.device)
+        )
+
+    def _decide_fused(
+        self,
+        flat: torch.Tensor,
+        batch_shape: tuple[int, ...],
+        *,
+        rule: triton_router.KRule,
+        max_k: int,
+        complexity: torch.Tensor | None = None,
+    ) -> RoutingDecision:
+        """``_decide`` without autograd, capacity or policy "raise": the gating matmul, then
+        softmax, top-k, k, masks, weights and losses in two Triton kernels (no host sync)."""
+        with record_function(span_name("gating")):
+            router_logits = self._logits(flat)
+        with record_function(span_name("select_k")):
+            fused = triton_router.route(
+                router_logits, self.config, rule=rule, max_k=max_k, complexity=complexity
+            )
+            return RoutingDecision(
+                expert_indices=fused.expert_indices,
+                expert_weights=fused.expert_weights,
+                k_per_token=fused.k_per_token,
+                complexity=fused.complexity,
+                router_logits=router_logits,
+                router_probs=fused.router_probs,
+                dropped=fused.dropped,
+                nonfinite=fused.nonfinite,
+                load_balancing_loss=fused.load_balancing_loss,
+                z_loss=fused.z_loss,
+                compute_loss=fused.compute_loss,
+                aux_loss=fused.aux_loss,
+                batch_shape=batch_shape,
+            )
 
     def _decide(
         self,
@@ -450,6 +503,10 @@ class DynamicMoERouter(_RouterBase):
             estimated = (
                 self.complexity_estimator(flat) if self.complexity_estimator is not None else None
             )
+        if self._takes_fused_path(flat):
+            return self._decide_fused(
+                flat, batch_shape, rule=cfg.mode, max_k=cfg.max_k, complexity=estimated
+            )
         with record_function(span_name("gating")):
             router_logits, router_probs = self._gate(flat)
             top_probs, top_indices = router_probs.topk(cfg.max_k, dim=-1)  # [N, K] sorted
@@ -495,6 +552,8 @@ class StaticTopKRouter(_RouterBase):
     def forward(self, hidden_states: torch.Tensor) -> RoutingDecision:
         """Routes float[..., D] hidden states to exactly k experts each."""
         flat, batch_shape = flatten_tokens(hidden_states, self.config.hidden_size)
+        if self._takes_fused_path(flat):
+            return self._decide_fused(flat, batch_shape, rule="static", max_k=self.k)
         with record_function(span_name("gating")):
             router_logits, router_probs = self._gate(flat)
             top_probs, top_indices = router_probs.topk(self.k, dim=-1)  # [N, k] sorted

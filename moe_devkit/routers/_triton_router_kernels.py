@@ -1,0 +1,218 @@
+"""Triton kernels behind ``triton_router``; imported only once Triton is known to be there.
+
+Kept apart so that ``@triton.jit`` runs at first use (compiled, or interpreted when
+``TRITON_INTERPRET=1`` was set before), as in ``_triton_dispatch_kernels``.
+"""
+
+# mypy: disable-error-code="misc, no-untyped-def, untyped-decorator"
+# (Triton kernels are untyped by nature: their arguments are pointers, scalars and constexprs.)
+
+from __future__ import annotations
+
+import triton  # type: ignore[import-not-found, import-untyped, unused-ignore]
+import triton.language as tl  # type: ignore[import-not-found, import-untyped, unused-ignore]
+
+
+@triton.jit
+def _add_fallback(x, y):
+    return x + y
+
+
+@triton.jit
+def _min_fallback(x, y):
+    return tl.minimum(x, y)
+
+
+@triton.jit
+def _max_fallback(x, y):
+    return tl.maximum(x, y)
+
+
+# Reductions through tl.reduce with tl.standard's own combine functions (what tl.sum, tl.min
+# and tl.max use): tl.sum and the others are @triton.jit functions made when triton is
+# imported, which the interpreter cannot call if that was before TRITON_INTERPRET=1 was set;
+# the combine functions are only handed to tl.reduce, and for them the interpreter reduces
+# with numpy instead of calling the combine function element by element in Python (100x
+# faster tests). Own equivalents where a Triton version lacks them.
+_add = getattr(tl.standard, "_sum_combine", _add_fallback)
+_min = getattr(tl.standard, "_elementwise_min", _min_fallback)
+_max = getattr(tl.standard, "_elementwise_max", _max_fallback)
+
+
+@triton.jit
+def route_kernel(
+    logits_ptr,  # float32[N, E], unit column stride
+    cplx_ptr,  # float32[N]: complexity scores (RULE 2 only; not read otherwise)
+    probs_ptr,  # float32[N, E] (out): softmax
+    entropy_ptr,  # float32[N] (out, RULE 0 and 1): normalised entropy
+    idx_ptr,  # int64[N, K] (out): expert_indices, -1 on unused slots
+    w_ptr,  # float32[N, K] (out): expert_weights
+    k_ptr,  # int64[N] (out): k_per_token
+    nonfinite_ptr,  # bool[N] (out)
+    dropped_ptr,  # bool[N, K] (out): all False (no capacity limit on this path)
+    part_ptr,  # float64[P, 2 * E_PAD + 4] (out): this program's partial sums, see below
+    N,
+    stride_l,
+    top_p,
+    temperature,
+    log_e,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,  # power of two >= E
+    K: tl.constexpr,  # slots: max_k (dynamic) or k (static)
+    K_PAD: tl.constexpr,  # power of two >= K
+    MIN_K: tl.constexpr,
+    RULE: tl.constexpr,  # 0: k = K (static), 1: "top_p", 2: "complexity"
+    BLOCK_T: tl.constexpr,
+):
+    # Pass 1: program p routes tokens [p * BLOCK_T, (p + 1) * BLOCK_T) and writes one partial
+    # row: selections per expert, probability sums per expert (finite tokens), then the sum
+    # of z^2, the finite-token count and the sum of expected k. Summed over the block's few
+    # tokens in float32 (counts in int32), stored as float64 so that the second pass adds
+    # many blocks without rounding (counts stay exact).
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    live = rows < N
+    cols = tl.arange(0, E_PAD)
+    col_ok = cols < E
+    mask = live[:, None] & col_ok[None, :]
+    x = tl.load(logits_ptr + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0)
+    bad = ((x != x) | (tl.abs(x) == float("inf"))) & col_ok[None, :]
+    nonfinite = tl.reduce(bad.to(tl.int32), 1, _max) > 0
+    finite = live & (nonfinite == 0)
+
+    # Softmax as torch's CUDA kernel writes it (exp(x - max) / sum). As in torch.softmax, a
+    # NaN or +Inf logit, or a row of -Inf, gives a row of NaN, and -Inf logits otherwise a
+    # zero probability; such rows are shifted by 0 instead (no inf - inf, no NaN maxima).
+    poison = ((x != x) | (x == float("inf"))) & col_ok[None, :]
+    x = tl.where(col_ok[None, :] & (x == x), x, float("-inf"))
+    row_max = tl.reduce(x, 1, _max)
+    poison = (tl.reduce(poison.to(tl.int32), 1, _max) > 0) | (row_max == float("-inf"))
+    x = tl.where(poison[:, None] & col_ok[None, :], 0.0, x)
+    row_max = tl.where(poison, 0.0, row_max)
+    exps = tl.where(col_ok[None, :], tl.exp(x - row_max[:, None]), 0.0)
+    total = tl.reduce(exps, 1, _add)
+    probs = tl.where(poison[:, None], float("nan"), exps / total[:, None])
+    tl.store(probs_ptr + rows[:, None] * E + cols[None, :], probs, mask=mask)
+    lse = row_max + tl.log(total)  # logsumexp, for the z-loss
+    if RULE != 2:
+        if E == 1:
+            entropy = tl.full([BLOCK_T], 0.0, dtype=tl.float32)
+        else:
+            plogp = tl.where(col_ok[None, :], probs * tl.log(tl.maximum(probs, 1e-30)), 0.0)
+            entropy = -tl.reduce(plogp, 1, _add) / log_e
+        tl.store(entropy_ptr + rows, entropy, mask=live)
+    part = part_ptr + pid * (2 * E_PAD + 4)
+    prob_sum = tl.reduce(tl.where(finite[:, None] & col_ok[None, :], probs, 0.0), 0, _add)
+    tl.store(part + E_PAD + cols, prob_sum.to(tl.float64))
+    z_sq = tl.reduce(tl.where(finite, lse * lse, 0.0), 0, _add)
+    tl.store(part + 2 * E_PAD, z_sq.to(tl.float64))
+
+    # Top-K by K rounds of arg-max (lowest index on exact ties), in a loop rather than
+    # unrolled (the static router's k may be E). rank[t, e] = the slot of expert e, K where
+    # unselected.
+    slots = tl.arange(0, K_PAD)
+    work = tl.where(col_ok[None, :] & finite[:, None], probs, -1.0)  # unused where non-finite
+    top_vals = tl.full([BLOCK_T, K_PAD], 0.0, dtype=tl.float32)
+    top_idx = tl.full([BLOCK_T, K_PAD], 0, dtype=tl.int32)
+    rank = tl.full([BLOCK_T, E_PAD], K, dtype=tl.int32)
+    mass = tl.full([BLOCK_T], 0.0, dtype=tl.float64)
+    reach = tl.full([BLOCK_T], 0, dtype=tl.int32)
+    for j in range(K):
+        best = tl.reduce(work, 1, _max)
+        pick = tl.reduce(tl.where(work == best[:, None], cols[None, :], E_PAD), 1, _min)
+        hit = cols[None, :] == pick[:, None]
+        work = tl.where(hit, -2.0, work)
+        rank = tl.where(hit, j, rank)
+        top_vals = tl.where(slots[None, :] == j, best[:, None], top_vals)
+        top_idx = tl.where(slots[None, :] == j, pick[:, None], top_idx)
+        if RULE == 1:
+            # k_from_top_p's cumsum(p) - p: torch's CPU cumsum adds in float64 and rounds
+            # each prefix to float32; the exclusive mass is that minus p, in float32.
+            mass += best.to(tl.float64)
+            before = mass.to(tl.float32) - best
+            reach += (before < top_p).to(tl.int32)
+
+    if RULE == 0:
+        k = tl.full([BLOCK_T], K, dtype=tl.int32)
+    elif RULE == 1:
+        k = tl.minimum(tl.maximum(reach, MIN_K), K)
+    else:
+        c = tl.load(cplx_ptr + rows, mask=live, other=0.0)
+        # k_from_complexity: floor(nan_to_num(c) * span); clamped before the integer cast,
+        # so +Inf saturates to max_k instead of overflowing.
+        scaled = tl.where(c != c, 0.0, c) * (K - MIN_K + 1)
+        steps = tl.floor(tl.minimum(tl.maximum(scaled, -1.0), K - MIN_K + 1.0)).to(tl.int32)
+        k = tl.minimum(tl.maximum(MIN_K + steps, MIN_K), K)
+    k = tl.where(finite, k, 0)
+    hard = slots[None, :] < k[:, None]  # [BLOCK_T, K_PAD]
+    if RULE == 2:
+        # soft_slot_mask and the straight-through (hard + soft) - soft, rounded as in torch
+        margin = c[:, None] * (K - MIN_K + 1) - (slots - MIN_K + 1).to(tl.float32)[None, :]
+        soft = 1.0 / (1.0 + tl.exp(-(margin / temperature)))
+        soft = tl.where(slots[None, :] < MIN_K, 1.0, soft)
+        gate = tl.where(hard, (1.0 + soft) - soft, 0.0)
+    else:
+        gate = tl.where(hard, 1.0, 0.0)
+    masked = tl.where(finite[:, None], top_vals, 0.0) * gate
+    weights = masked / tl.maximum(tl.reduce(masked, 1, _add), 1e-20)[:, None]
+
+    out = rows[:, None] * K + slots[None, :]
+    slot_mask = live[:, None] & (slots[None, :] < K)
+    tl.store(idx_ptr + out, tl.where(hard, top_idx, -1).to(tl.int64), mask=slot_mask)
+    tl.store(w_ptr + out, weights, mask=slot_mask)
+    tl.store(dropped_ptr + out, slots[None, :] < 0, mask=slot_mask)
+    tl.store(k_ptr + rows, k.to(tl.int64), mask=live)
+    tl.store(nonfinite_ptr + rows, nonfinite, mask=live)
+
+    selected = (rank < k[:, None]) & finite[:, None]
+    tl.store(part + cols, tl.reduce(selected.to(tl.int32), 0, _add).to(tl.float64))
+    tl.store(part + 2 * E_PAD + 1, tl.reduce(finite.to(tl.int32), 0, _add).to(tl.float64))
+    expected_k = tl.reduce(tl.where(finite, tl.reduce(gate, 1, _add), 0.0), 0, _add)
+    tl.store(part + 2 * E_PAD + 2, expected_k.to(tl.float64))
+    tl.store(part + 2 * E_PAD + 3, 0.0)
+
+
+@triton.jit
+def losses_kernel(
+    part_ptr,  # float64[P, 2 * E_PAD + 4]: route_kernel's partial rows
+    out_ptr,  # float32[4] (out): load-balancing, z, compute and aux loss
+    P,
+    load_balance_coef,
+    z_loss_coef,
+    compute_cost_coef,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    # Pass 2, one program: adds the partial rows in a fixed order (no atomics: the losses do
+    # not depend on timing), then the formulas of load_balancing_loss, router_z_loss and
+    # _decide's compute_loss, in float64, each rounded once to float32.
+    width = 2 * E_PAD + 4
+    cols = tl.arange(0, E_PAD)
+    tail = tl.arange(0, 4)
+    counts = tl.full([E_PAD], 0.0, dtype=tl.float64)
+    prob_sums = tl.full([E_PAD], 0.0, dtype=tl.float64)
+    scalars = tl.full([4], 0.0, dtype=tl.float64)
+    for start in range(0, P, BLOCK_P):
+        prow = start + tl.arange(0, BLOCK_P)
+        base = part_ptr + prow.to(tl.int64)[:, None] * width
+        live = (prow < P)[:, None]
+        counts += tl.reduce(tl.load(base + cols[None, :], mask=live, other=0.0), 0, _add)
+        probs = tl.load(base + E_PAD + cols[None, :], mask=live, other=0.0)
+        prob_sums += tl.reduce(probs, 0, _add)
+        scalars += tl.reduce(
+            tl.load(base + 2 * E_PAD + tail[None, :], mask=live, other=0.0), 0, _add
+        )
+    z_sq = tl.reduce(tl.where(tail == 0, scalars, 0.0), 0, _add)
+    num_valid = tl.maximum(tl.reduce(tl.where(tail == 1, scalars, 0.0), 0, _add), 1.0)
+    expected_k = tl.reduce(tl.where(tail == 2, scalars, 0.0), 0, _add)
+    balance = tl.reduce((counts / num_valid) * (prob_sums / num_valid), 0, _add) * E
+    lb_loss = balance.to(tl.float32)
+    z_loss = (z_sq / num_valid).to(tl.float32)
+    compute_loss = (expected_k / num_valid / K).to(tl.float32)
+    aux = load_balance_coef * lb_loss + z_loss_coef * z_loss + compute_cost_coef * compute_loss
+    tl.store(out_ptr, lb_loss)
+    tl.store(out_ptr + 1, z_loss)
+    tl.store(out_ptr + 2, compute_loss)
+    tl.store(out_ptr + 3, aux)
