@@ -4,9 +4,10 @@ Times ``SwiGLUExperts`` on the rows that a static top-max_k router and a dynamic
 calibrated to mean k = max_k / 2) router send to them, two ways, each captured in a CUDA graph
 and replayed alternately with the other:
 
-* ``grouped_mm``: ``torch._grouped_mm`` (CUTLASS) for the two projections and the Triton
-  SwiGLU kernel between them (the path before ``triton_experts``);
-* ``triton``: ``triton_experts.swiglu_experts`` (SwiGLU fused into the first GEMM).
+* ``grouped_mm``: ``torch._grouped_mm`` (CUTLASS) for the two projections;
+* ``triton``: ``triton_experts.grouped_mm`` (persistent, TMA, 128-row tiles) for both;
+
+with the Triton SwiGLU kernel between the projections in both (``forward_active``).
 
 Reports both, their ratio, and the dynamic/static ratio of each next to the ratio of active
 token-expert pairs (the issue 6 goal is about that last pair). Needs a Hopper GPU.
@@ -29,17 +30,20 @@ from moe_devkit.reporting import write_atomic
 from moe_devkit.routers import triton_dispatch, triton_experts
 from moe_devkit.routers.torch_router import SwiGLUExperts, _sort_pairs
 
-REPLAYS = 5  # calls per captured graph: one replay launches five, the median is per call
-
 
 def graphed(fn: Callable[[], object]) -> Callable[[], float]:
-    """Captures REPLAYS calls of fn; returns a timer of one replay, in ms per call."""
+    """Captures one call of fn in a CUDA graph; returns a timer of its replay, in ms.
+
+    The captured call's output stays referenced by the timer, so its memory stays the
+    graph's.
+    """
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(REPLAYS):
-            fn()
+        output = fn()
+    graph.replay()
+    torch.cuda.synchronize()
 
     def timed() -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -47,17 +51,23 @@ def graphed(fn: Callable[[], object]) -> Callable[[], float]:
         graph.replay()
         end.record()
         end.synchronize()
-        return float(start.elapsed_time(end)) / REPLAYS
+        assert output is not None
+        return float(start.elapsed_time(end))
 
     return timed
 
 
-def grouped_mm_path(
-    experts: SwiGLUExperts, x: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor
+def experts_path(
+    matmul: Callable[..., torch.Tensor],
+    experts: SwiGLUExperts,
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
 ) -> torch.Tensor:
-    gate_up = torch._grouped_mm(x, experts.w_gate_up.transpose(-2, -1), offs=offsets)
+    """What ``SwiGLUExperts.forward_active`` runs, with the given grouped matmul."""
+    gate_up = matmul(x, experts.w_gate_up.transpose(-2, -1), offs=offsets)
     hidden = triton_dispatch.swiglu_rows(gate_up, weights, offsets[-1:])
-    return torch._grouped_mm(hidden, experts.w_down.transpose(-2, -1), offs=offsets)
+    return matmul(hidden, experts.w_down.transpose(-2, -1), offs=offsets)
 
 
 def main() -> None:
@@ -87,30 +97,31 @@ def main() -> None:
     static = MoELayer(config, router=StaticTopKRouter(config)).to(device, dtype)
     static.load_state_dict(dynamic.state_dict(), strict=False)
     experts = dynamic.experts
+    triton_mm = triton_experts.grouped_mm
 
     timers: dict[tuple[str, str], Callable[[], float]] = {}
     pairs: dict[str, int] = {}
     errors: dict[str, float] = {}
+    inputs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     with torch.inference_mode():
         for name, layer in (("static", static), ("dynamic", dynamic)):
             routing = layer.router(x)
             _, order, offsets = _sort_pairs(routing, num_experts)
             rows = x[order // routing.max_k]  # every slot's row; only the active ones matter
             weights = routing.expert_weights.reshape(-1)[order]
+            inputs[name] = rows, offsets, weights
+        for name, (rows, offsets, weights) in inputs.items():  # all eager work done: capture
             active = int(offsets[-1])
             pairs[name] = active
-            reference = grouped_mm_path(experts, rows, offsets, weights)[:active].float()
-            fused = triton_experts.swiglu_experts(
-                rows, offsets, weights, experts.w_gate_up, experts.w_down
-            )[:active].float()
-            errors[name] = float((fused - reference).abs().max() / reference.abs().max())
-            timers[name, "grouped_mm"] = graphed(
-                lambda r=rows, o=offsets, w=weights: grouped_mm_path(experts, r, o, w)
-            )
-            timers[name, "triton"] = graphed(
-                lambda r=rows, o=offsets, w=weights: triton_experts.swiglu_experts(
-                    r, o, w, experts.w_gate_up, experts.w_down
+            for method, matmul in (("grouped_mm", torch._grouped_mm), ("triton", triton_mm)):
+                timers[name, method] = graphed(
+                    lambda m=matmul, r=rows, o=offsets, w=weights: experts_path(m, experts, r, o, w)
                 )
+            reference = experts_path(torch._grouped_mm, experts, rows, offsets, weights)
+            result = experts_path(triton_mm, experts, rows, offsets, weights)
+            errors[name] = float(
+                (result[:active] - reference[:active]).float().abs().max()
+                / reference[:active].float().abs().max()
             )
         samples: dict[tuple[str, str], list[float]] = {key: [] for key in timers}
         for _ in range(args.reps):

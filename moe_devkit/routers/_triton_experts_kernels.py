@@ -21,14 +21,12 @@ def _add(x, y):
 @triton.jit
 def expert_gemm_kernel(
     a_desc,  # TMA descriptor of a: [M, K], rows grouped by expert, block [BLOCK_M, BLOCK_K]
-    w_desc,  # TMA descriptor of the weights as [G * W_ROWS, K], block [BLOCK_N, BLOCK_K]
-    out_ptr,  # [M, N_OUT]
+    w_desc,  # TMA descriptor of the weights as [G * N, K], block [BLOCK_N, BLOCK_K]
+    out_ptr,  # [M, N]
     offs_ptr,  # int32[G]: end row of each expert's group
-    weight_ptr,  # float32[M]: routing weight of each row (SWIGLU only)
     G,
     K,
-    N_OUT,
-    W_ROWS,  # weight rows per expert: 2F for the SwiGLU projection, N_OUT otherwise
+    N,
     stride_out,
     NUM_PROGRAMS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -36,23 +34,20 @@ def expert_gemm_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr,
     STAGES: tl.constexpr,
-    SWIGLU: tl.constexpr,
 ):
-    """One persistent program per SM walks the (row tile, column panel) tiles of all groups.
+    """out[rows of g] = a[rows of g] @ w[g]^T: one persistent program per SM walks the
+    (row tile, column panel) tiles of all groups.
 
-    The tile count comes from the group offsets on the device, so the work follows the rows the
-    groups hold and nothing is read on the host. A tile covers BLOCK_M rows from its group's
-    first row; rows past the group's end belong to the next group (or are out of bounds,
-    zero-filled by TMA): they are computed and not stored, since each output row depends on
-    its own input row only. Column panels vary fastest, so the tiles that run together share
-    their rows of a.
-
-    SWIGLU: the panel's BLOCK_N gate columns (rows n of the expert's weights) and the matching
-    up columns (rows F + n) go into two float32 accumulators, and the tile stores
-    ``silu(gate) * up * weight``, rounded once: the [M, 2F] projection is never written.
+    The tile count comes from the group offsets on the device, so the work follows the rows
+    the groups hold and nothing is read on the host. A tile covers BLOCK_M rows from its
+    group's first row; rows past the group's end belong to the next group (or are out of
+    bounds, zero-filled by TMA): they are computed and not stored, since each output row
+    depends on its own input row only. Column panels vary fastest, so the tiles that run
+    together share their rows of a; the loop over tiles is flattened into the K loop, so one
+    tile's loads overlap the previous tile's epilogue.
     """
     pid = tl.program_id(0)
-    num_n = N_OUT // BLOCK_N
+    num_n = N // BLOCK_N
     parts = tl.arange(0, BLOCK_G)
     in_range = parts < G
     row_ends = tl.load(offs_ptr + parts, mask=in_range, other=0)
@@ -70,21 +65,12 @@ def expert_gemm_kernel(
         local = tile - first_tile
         row0 = row_first + (local // num_n) * BLOCK_M
         col0 = (local % num_n) * BLOCK_N
-        w_row = g * W_ROWS + col0
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if SWIGLU:
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in tl.range(0, K // BLOCK_K, num_stages=STAGES):
             a = a_desc.load([row0, kk * BLOCK_K])
-            acc = tl.dot(a, w_desc.load([w_row, kk * BLOCK_K]).T, acc)
-            if SWIGLU:
-                up = w_desc.load([w_row + N_OUT, kk * BLOCK_K])
-                acc_up = tl.dot(a, up.T, acc_up)
+            w = w_desc.load([g * N + col0, kk * BLOCK_K])
+            acc = tl.dot(a, w.T, acc)
         rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        live = rows < row_end
-        if SWIGLU:
-            weight = tl.load(weight_ptr + rows, mask=live, other=0.0).to(tl.float32)
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_up * weight[:, None]
         out = out_ptr + rows[:, None] * stride_out + cols[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=live[:, None])
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])

@@ -1,22 +1,22 @@
-"""SwiGLU experts as two persistent TMA grouped GEMMs (Triton, Hopper), no host sync.
+"""Grouped GEMM for the experts of the no-grad forward on Hopper: persistent, TMA, Triton.
 
-For the no-autograd forward of ``MoELayer`` on sm90 in bfloat16 or float16: the expert
-feed-forward over expert-sorted rows, ``(silu(x W_gate^T) * (x W_up^T) * weight) W_down^T``
-per row, in two kernel launches:
+``MoELayer``'s forward without autograd runs its two expert projections through
+``grouped_mm`` here where it can (sm90, bfloat16 or float16, tile-aligned sizes) instead of
+``torch._grouped_mm``. Same contract, no host synchronisation, and two differences that
+matter for a dynamic router:
 
-* the gate/up projection computes each tile's gate and up columns side by side and stores
-  only the weighted SwiGLU activation (float32 math, one rounding), so the [M, 2F] projection
-  is never written to memory nor read back;
-* the down projection.
+* tiles are 128 rows, and only a group's last tile is partly empty. The CUTLASS kernel behind
+  ``torch._grouped_mm`` on sm90 runs 2-CTA clusters of 128-row tiles, which rounds each group
+  up to 256 rows: at ~514 rows per expert (8192 tokens, mean k 4 of 64 experts) that is ~25%
+  of padding, against ~12% here;
+* one program per SM walks all tiles, reading their count from the group offsets on the
+  device, so the work follows the rows the groups hold, and the loop over tiles is flattened
+  into the K loop, so a tile's first loads overlap the previous tile's epilogue.
 
-Both walk the groups' row tiles with one program per SM, reading the tile count from the
-groups' offsets on the device: the work follows the rows the experts hold, and rows past the
-last group are never touched. Tiles are 128 rows (``torch._grouped_mm``'s CUTLASS kernel on
-sm90 rounds each group up to 256: a 2-CTA cluster of 128-row tiles), loaded by TMA.
-``benchmarks/bench_expert_gemm.py`` times them against ``torch._grouped_mm`` plus the
-separate SwiGLU kernel (figures in docs/benchmarks.md).
+``benchmarks/bench_expert_gemm.py`` times it against ``torch._grouped_mm`` (figures in
+docs/benchmarks.md). It has no backward; training keeps ``torch._grouped_mm``.
 
-Triton is imported at first use; with ``TRITON_INTERPRET=1`` set before that, the kernels run
+Triton is imported at first use; with ``TRITON_INTERPRET=1`` set before that, the kernel runs
 in Triton's interpreter on CPU tensors (the tests use this, with small blocks).
 """
 
@@ -32,31 +32,30 @@ import torch
 
 from moe_devkit.routers import triton_grouped
 
-__all__ = ["ExpertBlocks", "is_available", "supports", "swiglu_experts"]
+__all__ = ["ExpertBlocks", "grouped_mm", "is_available", "supports"]
 
 
 @dataclass(frozen=True)
 class ExpertBlocks:
-    """Tile sizes and launch settings of the two GEMMs.
+    """Tile sizes and launch settings (Triton's BLOCK_* and num_warps/num_stages).
 
-    ``n`` is the down projection's column panel; the SwiGLU projection uses ``n // 2`` gate
-    columns and as many up columns per tile, the same accumulator size.
+    The default was the fastest of the shapes tried on an H100 for both projections at the
+    OLMoE-like size (128 x 256 x 64 tiles, 8 warps, 4 stages; 128 x 128 tiles ran 15-25%
+    slower, 128-wide K steps 20-30% slower). ``programs`` defaults to one per SM.
     """
 
     m: int = 128
     n: int = 256
     k: int = 64
     num_warps: int = 8
-    num_stages: int = 3
-    programs: int | None = None  # default: one per SM
+    num_stages: int = 4
+    programs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("m", "n", "k"):
             value = getattr(self, name)
-            if value < 2 or value & (value - 1):
-                raise ValueError(
-                    f"ExpertBlocks.{name} must be a power of two >= 2; got {name}={value}"
-                )
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"ExpertBlocks.{name} must be a power of two; got {name}={value}")
 
 
 _HOPPER_BLOCKS = ExpertBlocks()
@@ -66,15 +65,11 @@ _HOPPER_BLOCKS = ExpertBlocks()
 def _has_tensor_descriptor() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:  # Triton < 3.4
-        return False
-    return True
+    return importlib.util.find_spec("triton.tools.tensor_descriptor") is not None  # >= 3.4
 
 
 def is_available(device: torch.device) -> bool:
-    """Whether the kernels can run on ``device``: a Hopper GPU (TMA) with a Triton that has
+    """Whether the kernel can run on ``device``: a Hopper GPU (TMA) with a Triton that has
     tensor descriptors, or any device under Triton's interpreter."""
     if not triton_grouped.is_available(device) or not _has_tensor_descriptor():
         return False
@@ -84,26 +79,24 @@ def is_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-def supports(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, blocks: ExpertBlocks
-) -> bool:
-    """Whether the shapes and dtypes fit the kernels: 16-bit floats, every dimension a
-    multiple of its tile (TMA and the unmasked column panels), row-contiguous operands."""
-    if x.dtype not in (torch.bfloat16, torch.float16) or not (
-        x.dtype == w_gate_up.dtype == w_down.dtype
-    ):
+def supports(a: torch.Tensor, b: torch.Tensor, blocks: ExpertBlocks | None = None) -> bool:
+    """Whether ``grouped_mm(a, b, offs)`` fits the kernel: 16-bit floats of one dtype, K and
+    N multiples of their tiles, ``a`` row-contiguous and ``b`` the transpose of contiguous
+    [G, N, K] weights (``w.transpose(-2, -1)`` of an nn.Linear-layout stack), on one device."""
+    blocks = _HOPPER_BLOCKS if blocks is None else blocks
+    if a.dim() != 2 or b.dim() != 3 or a.dtype not in (torch.bfloat16, torch.float16):
         return False
-    hidden, inner = x.shape[1], w_down.shape[2]
+    k_dim, n_dim = b.shape[1], b.shape[2]
     return (
-        hidden % 8 == 0  # TMA: 16-byte aligned row strides
-        and inner % 8 == 0
-        and hidden % blocks.k == 0
-        and hidden % blocks.n == 0
-        and inner % blocks.k == 0
-        and inner % (blocks.n // 2) == 0
-        and x.stride(1) == 1
-        and w_gate_up.is_contiguous()
-        and w_down.is_contiguous()
+        a.dtype == b.dtype
+        and a.device == b.device
+        and a.shape[1] == k_dim
+        and k_dim % 8 == 0  # TMA: 16-byte aligned row strides
+        and k_dim % blocks.k == 0
+        and n_dim % blocks.n == 0
+        and a.stride(1) == 1
+        and a.stride(0) == k_dim
+        and b.transpose(-2, -1).is_contiguous()
     )
 
 
@@ -120,66 +113,49 @@ def _descriptor(t: torch.Tensor, block: list[int]) -> Any:
     return TensorDescriptor.from_tensor(t, block)
 
 
-def _programs(device: torch.device, blocks: ExpertBlocks) -> int:
-    if blocks.programs is not None:
-        return blocks.programs
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _next_power_of_2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-def swiglu_experts(
-    x: torch.Tensor,
-    offsets: torch.Tensor,
-    row_weights: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    blocks: ExpertBlocks | None = None,
+def grouped_mm(
+    a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, blocks: ExpertBlocks | None = None
 ) -> torch.Tensor:
-    """``weight * down(silu(gate(x)) * up(x))`` per row, expert e on rows of group e.
+    """``torch._grouped_mm(a, b, offs=offs)`` for expert weights, without autograd.
 
     Args:
-        x: [M, D] rows grouped by expert; rows past offsets[-1] are not read for any output.
-        offsets: int32[E], end row of each expert's group (cumulative counts).
-        row_weights: float32[M], the routing weight of each row.
-        w_gate_up: [E, 2F, D], gate rows then up rows (nn.Linear layout per expert).
-        w_down: [E, D, F].
+        a: [M, K] rows grouped by expert, row-contiguous.
+        b: [G, K, N], the transpose of contiguous [G, N, K] weights.
+        offs: int32[G], end row of each group (cumulative counts), on a's device.
         blocks: tile sizes (default: the Hopper ones; the tests pass small ones).
 
     Returns:
-        [M, D] in x's dtype; rows past offsets[-1] are undefined.
+        [M, N] in a's dtype: a[rows of g] @ b[g]; rows past offs[-1] are undefined.
+
+    Raises:
+        ValueError: the operands do not fit the kernel (check ``supports`` first).
     """
     blocks = _HOPPER_BLOCKS if blocks is None else blocks
-    (rows, hidden), (experts, two_inner, _) = x.shape, w_gate_up.shape
-    inner = two_inner // 2
-    out = x.new_empty(rows, hidden)
+    if not supports(a, b, blocks) or offs.dtype != torch.int32 or offs.shape != b.shape[:1]:
+        raise ValueError(
+            "triton_experts.grouped_mm expects a: [M, K] row-contiguous, b: [G, K, N] the "
+            "transpose of contiguous weights, 16-bit floats, K % 8 == 0 and tile-aligned, offs: "
+            f"int32[G]; got a {tuple(a.shape)} {a.dtype} strides {a.stride()}, b "
+            f"{tuple(b.shape)} {b.dtype}, offs {tuple(offs.shape)} {offs.dtype}"
+        )
+    (rows, k_dim), (groups, _, n_dim) = a.shape, b.shape
+    out = a.new_empty(rows, n_dim)
     if rows == 0:
         return out
-    activation = x.new_empty(rows, inner)
-    programs = _programs(x.device, blocks)
-    common = dict(
-        NUM_PROGRAMS=programs,
-        BLOCK_M=blocks.m,
-        BLOCK_K=blocks.k,
-        BLOCK_G=_next_power_of_2(experts),
-        STAGES=blocks.num_stages,
+    programs = blocks.programs
+    if programs is None:
+        programs = torch.cuda.get_device_properties(a.device).multi_processor_count
+    weights = b.transpose(-2, -1).reshape(groups * n_dim, k_dim)  # a view: contiguous
+    _kernels().expert_gemm_kernel[(programs,)](
+        _descriptor(a, [blocks.m, blocks.k]),
+        _descriptor(weights, [blocks.n, blocks.k]),
+        out, offs, groups, k_dim, n_dim, out.stride(0),
+        NUM_PROGRAMS=programs, BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k,
+        BLOCK_G=_next_power_of_2(groups), STAGES=blocks.num_stages,
         num_warps=blocks.num_warps,
-    )
-    half = blocks.n // 2
-    _kernels().expert_gemm_kernel[(programs,)](
-        _descriptor(x, [blocks.m, blocks.k]),
-        _descriptor(w_gate_up.view(experts * two_inner, hidden), [half, blocks.k]),
-        activation, offsets, row_weights,
-        experts, hidden, inner, two_inner, activation.stride(0),
-        BLOCK_N=half, SWIGLU=True, **common,
-    )  # fmt: skip
-    _kernels().expert_gemm_kernel[(programs,)](
-        _descriptor(activation, [blocks.m, blocks.k]),
-        _descriptor(w_down.view(experts * hidden, inner), [blocks.n, blocks.k]),
-        out, offsets, row_weights,
-        experts, inner, hidden, hidden, out.stride(0),
-        BLOCK_N=blocks.n, SWIGLU=False, **common,
     )  # fmt: skip
     return out

@@ -1,4 +1,4 @@
-"""The fused SwiGLU expert GEMMs (``triton_experts``) against a per-expert loop.
+"""The persistent TMA grouped GEMM of ``triton_experts`` against a loop over experts.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
 triton_support before the kernels are first built) on CPU tensors in float16 (the
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from triton_support import DEVICE, HAS_CUDA, needs_triton  # sets TRITON_INTERPRET first
 
 from moe_devkit.config import RouterConfig
@@ -26,42 +25,28 @@ pytestmark = [
 
 SMALL = triton_experts.ExpertBlocks(m=16, n=32, k=16, num_warps=4, num_stages=2, programs=3)
 BLOCKS = SMALL if not HAS_CUDA else triton_experts.ExpertBlocks(m=64, n=128, k=64)
-
-
-def reference(
-    x: torch.Tensor,
-    offsets: torch.Tensor,
-    weights: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-) -> torch.Tensor:
-    """float32 loop over experts; the activation rounded to x's dtype, as the kernel does."""
-    out = torch.zeros(x.shape[0], w_down.shape[1], dtype=torch.float32, device=x.device)
-    start = 0
-    for expert, end in enumerate(offsets.tolist()):
-        gate, up = (x[start:end].float() @ w_gate_up[expert].float().T).chunk(2, dim=-1)
-        hidden = (F.silu(gate) * up * weights[start:end, None]).to(x.dtype).float()
-        out[start:end] = hidden @ w_down[expert].float().T
-        start = end
-    return out
+DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
 def make_inputs(
-    counts: list[int], hidden: int, inner: int, dtype: torch.dtype, spare_rows: int = 5
-) -> tuple[torch.Tensor, ...]:
+    counts: list[int], k_dim: int, n_dim: int, dtype: torch.dtype, spare_rows: int = 5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """a with NaN rows past the last group, weights as the transpose of an [G, N, K] stack."""
     torch.manual_seed(0)
     offsets = torch.tensor(counts, device=DEVICE).cumsum(0).to(torch.int32)
-    rows = sum(counts) + spare_rows
-    x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
-    x[sum(counts) :] = float("nan")  # rows past the last group must not reach any output
-    experts = len(counts)
-    w_gate_up = (torch.randn(experts, 2 * inner, hidden, device=DEVICE) / hidden**0.5).to(dtype)
-    w_down = (torch.randn(experts, hidden, inner, device=DEVICE) / inner**0.5).to(dtype)
-    weights = torch.rand(rows, device=DEVICE)
-    return x, offsets, weights, w_gate_up, w_down
+    a = torch.randn(sum(counts) + spare_rows, k_dim, device=DEVICE).to(dtype)
+    a[sum(counts) :] = float("nan")  # rows past the last group must not reach any output
+    weights = torch.randn(len(counts), n_dim, k_dim, device=DEVICE) / k_dim**0.5
+    return a, weights.to(dtype).transpose(-2, -1), offsets
 
 
-DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+def loop_over_groups(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(a.shape[0], b.shape[2], device=a.device)
+    start = 0
+    for group, end in enumerate(offsets.tolist()):
+        out[start:end] = a[start:end].float() @ b[group].float()
+        start = end
+    return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -74,41 +59,55 @@ DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
         [0, 0, 0],  # nothing to do: no tile runs
     ],
 )
-def test_matches_a_loop_over_experts(counts: list[int], dtype: torch.dtype) -> None:
-    hidden, inner = (256, 128) if HAS_CUDA else (32, 16)
-    x, offsets, weights, w_gate_up, w_down = make_inputs(counts, hidden, inner, dtype)
-    assert triton_experts.supports(x, w_gate_up, w_down, BLOCKS)
-    out = triton_experts.swiglu_experts(x, offsets, weights, w_gate_up, w_down, BLOCKS)
-    assert out.shape == (x.shape[0], hidden) and out.dtype == dtype
+def test_matches_a_loop_over_groups(counts: list[int], dtype: torch.dtype) -> None:
+    k_dim, n_dim = (256, 256) if HAS_CUDA else (32, 64)
+    a, b, offsets = make_inputs(counts, k_dim, n_dim, dtype)
+    assert triton_experts.supports(a, b, BLOCKS)
+    out = triton_experts.grouped_mm(a, b, offsets, BLOCKS)
+    assert out.shape == (a.shape[0], n_dim) and out.dtype == dtype
     active = sum(counts)
-    expected = reference(x, offsets, weights, w_gate_up, w_down)[:active]
-    torch.testing.assert_close(out[:active].float(), expected, rtol=2e-2, atol=2e-2)
-    assert out[:active].isfinite().all()
+    expected = loop_over_groups(a, b, offsets)[:active]
+    torch.testing.assert_close(out[:active].float(), expected, rtol=1e-2, atol=1e-2)
+    if HAS_CUDA:  # same contract as torch._grouped_mm
+        torch.testing.assert_close(
+            out[:active], torch._grouped_mm(a, b, offs=offsets)[:active], rtol=1e-2, atol=1e-2
+        )
 
 
-def test_supports_only_16_bit_tiled_shapes() -> None:
-    x, _, _, w_gate_up, w_down = make_inputs([4, 4], 32, 16, torch.float16)
-    assert triton_experts.supports(x, w_gate_up, w_down, SMALL)
-    assert not triton_experts.supports(x.float(), w_gate_up.float(), w_down.float(), SMALL)
-    assert not triton_experts.supports(x, w_gate_up.bfloat16(), w_down, SMALL)
-    bigger = triton_experts.ExpertBlocks(m=16, n=64, k=16)  # hidden 32 is not a multiple of 64
-    assert not triton_experts.supports(x, w_gate_up, w_down, bigger)
-    assert not triton_experts.supports(x.t().contiguous().t(), w_gate_up, w_down, SMALL)
+def test_supports_only_16_bit_tile_aligned_weight_stacks() -> None:
+    a, b, offsets = make_inputs([4, 4], 32, 64, torch.float16)
+    assert triton_experts.supports(a, b, SMALL)
+    assert not triton_experts.supports(a.float(), b.float(), SMALL)  # 16-bit only
+    assert not triton_experts.supports(a, b.bfloat16(), SMALL)  # one dtype
+    wide = triton_experts.ExpertBlocks(m=16, n=128, k=16)
+    assert not triton_experts.supports(a, b, wide)  # N = 64 is not a multiple of 128
+    assert not triton_experts.supports(a.t().contiguous().t(), b, SMALL)  # a column-major
+    assert not triton_experts.supports(a, b.contiguous(), SMALL)  # b not a weight transpose
+    with pytest.raises(ValueError, match=r"triton_experts.grouped_mm expects .* got a \(13, 32\)"):
+        triton_experts.grouped_mm(a, b.contiguous(), offsets, SMALL)
 
 
 def test_block_sizes_must_be_powers_of_two() -> None:
-    with pytest.raises(ValueError, match=r"ExpertBlocks.n must be a power of two >= 2; got n=96"):
+    with pytest.raises(ValueError, match=r"ExpertBlocks.n must be a power of two; got n=96"):
         triton_experts.ExpertBlocks(n=96)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_no_grad_layer_uses_the_kernels_without_syncing() -> None:
-    """A bfloat16 MoELayer without autograd takes the fused path: same output as the
-    grouped_mm path within bfloat16 rounding, and no host synchronisation."""
+def test_no_grad_layer_uses_the_kernel_without_syncing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bfloat16 MoELayer without autograd runs its experts through the kernel: same output
+    as the autograd path within bfloat16 rounding, and no host synchronisation."""
     config = RouterConfig(
         hidden_size=512, num_experts=16, max_k=4, expert_hidden_size=256, mode="top_p", top_p=0.7
     )
+    calls = []
+    kernel = triton_experts.grouped_mm
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return kernel(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_experts, "grouped_mm", counted)
     torch.manual_seed(0)
     for router in (None, StaticTopKRouter(config)):
         layer = MoELayer(config, router=router).to(DEVICE, torch.bfloat16)
@@ -121,5 +120,8 @@ def test_no_grad_layer_uses_the_kernels_without_syncing() -> None:
                 fused = layer(x).hidden_states
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+        assert len(calls) == 4  # two projections, two forwards
+        calls.clear()
         expected = layer(x).hidden_states  # autograd on: the PyTorch path
+        assert not calls
         torch.testing.assert_close(fused.float(), expected.float(), rtol=3e-2, atol=3e-2)
