@@ -35,7 +35,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from moe_devkit.config import RouterConfig
-from moe_devkit.routers import triton_dispatch, triton_grouped, triton_router
+from moe_devkit.routers import triton_dispatch, triton_experts, triton_grouped, triton_router
 
 STAGES: tuple[str, ...] = ("complexity", "gating", "select_k", "dispatch", "experts", "combine")
 """Routing stages, each wrapped in a ``record_function`` span named ``"moe." + stage``."""
@@ -600,6 +600,15 @@ def cuda_grouped_matmul(x: torch.Tensor) -> GroupedMatmul | None:
     return None
 
 
+def _expert_matmul(
+    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, fallback: GroupedMatmul
+) -> torch.Tensor:
+    """The no-autograd grouped matmul: ``triton_experts`` where it fits, else ``fallback``."""
+    if triton_experts.is_available(a.device) and triton_experts.supports(a, b):
+        return triton_experts.grouped_mm(a, b, offsets)
+    return fallback(a, b, offs=offsets)
+
+
 class SwiGLUExperts(nn.Module):
     """E SwiGLU feed-forward experts, run as grouped matmuls over expert-sorted rows.
 
@@ -669,11 +678,14 @@ class SwiGLUExperts(nn.Module):
     ) -> torch.Tensor:
         """``forward`` without autograd, its SwiGLU run on rows < offsets[-1] only (Triton).
 
-        Rows past offsets[-1] of the result are undefined, as in ``forward``.
+        Each projection runs ``triton_experts.grouped_mm`` where it fits (Hopper, 16-bit,
+        tile-aligned sizes: 128-row tiles instead of CUTLASS's 256-row clusters, so a group's
+        padding is halved), else ``matmul``. Rows past offsets[-1] of the result are
+        undefined, as in ``forward``.
         """
-        gate_up = matmul(x_sorted, self.w_gate_up.transpose(-2, -1), offs=offsets)
+        gate_up = _expert_matmul(x_sorted, self.w_gate_up.transpose(-2, -1), offsets, matmul)
         hidden = triton_dispatch.swiglu_rows(gate_up, row_weights, offsets[-1:])
-        return matmul(hidden, self.w_down.transpose(-2, -1), offs=offsets)
+        return _expert_matmul(hidden, self.w_down.transpose(-2, -1), offsets, matmul)
 
     def _looped(
         self, x_sorted: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor
