@@ -5,8 +5,12 @@
 three losses): launches, not arithmetic, bound them on a GPU. Here one kernel routes blocks
 of tokens (softmax, entropy, top-K by K rounds of arg-max, k, indices, weights) and writes
 one row of partial loss sums per block; a second, one-program kernel adds those rows in a
-fixed order (deterministic, no atomics) and writes the losses. Same results as the PyTorch
-ops up to float32 rounding, with no host synchronisation.
+fixed order (deterministic, no atomics) and writes the losses. No host synchronisation.
+
+Results: probabilities, weights, entropy and losses equal the PyTorch ops' up to float32
+rounding (the losses are summed in float64); indices and k are equal unless two
+probabilities, or a top-p mass and the threshold, are within a rounding of each other. On
+exact ties the lower expert index wins.
 
 No backward: the routers use this where autograd is off, with no capacity limit and
 non-finite tokens masked. Triton is imported at first use; with ``TRITON_INTERPRET=1`` set

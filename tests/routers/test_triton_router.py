@@ -8,15 +8,23 @@ the `gpu` test checks that the fused path never synchronises. A router called un
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 import torch
-from triton_support import DEVICE, needs_triton  # sets TRITON_INTERPRET first
+from triton_support import DEVICE, HAS_CUDA, needs_triton  # sets TRITON_INTERPRET first
 
 from moe_devkit.config import RouterConfig
 from moe_devkit.routers import triton_router
-from moe_devkit.routers.torch_router import DynamicMoERouter, RoutingDecision, StaticTopKRouter
+from moe_devkit.routers.torch_router import (
+    DynamicMoERouter,
+    RoutingDecision,
+    StaticTopKRouter,
+    span_name,
+)
 
 pytestmark = [needs_triton, pytest.mark.filterwarnings("error::RuntimeWarning")]
 
@@ -120,7 +128,7 @@ def test_complexity_mode_equals_the_pytorch_path(
     torch.manual_seed(1)
     router = DynamicMoERouter(config(experts, max_k, min_k, k_temperature=0.3)).to(DEVICE)
     assert router.complexity_estimator is not None
-    with torch.no_grad():  # scores spread over [0, 1], so every k in [min_k, max_k] occurs
+    with torch.no_grad():  # scores spread over [0, 1]: k takes several values
         router.complexity_estimator.fc2.weight.mul_(30.0)
     fused, reference = route_both_ways(router, tokens(n, seed=1))
     assert route_calls == ["complexity"]
@@ -157,6 +165,18 @@ def test_losses_add_many_partial_rows_in_order(
         assert torch.equal(getattr(again, name), getattr(fused, name))  # deterministic
 
 
+def test_inference_mode_takes_the_fused_path_in_the_routing_spans(route_calls: list[str]) -> None:
+    router = DynamicMoERouter(config(6, 3, 1)).to(DEVICE)
+    with (
+        torch.inference_mode(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
+    ):
+        router(tokens(10))
+    assert route_calls == ["complexity"]
+    names = {event.key for event in prof.key_averages()}
+    assert {span_name("complexity"), span_name("gating"), span_name("select_k")} <= names
+
+
 def test_all_tokens_nonfinite_gives_zero_losses() -> None:
     router = DynamicMoERouter(config(4, 2, 1, mode="top_p")).to(DEVICE)
     x = torch.full((3, 12), float("nan"), device=DEVICE)
@@ -190,6 +210,25 @@ def test_grad_enabled_and_too_many_experts_take_the_pytorch_path(route_calls: li
     assert route_calls == []
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter only")
+def test_interpreter_works_when_triton_was_imported_first() -> None:
+    # triton's own @jit helpers (tl.sum, tl.max, tl.zeros) are compiled-mode functions when
+    # triton is imported before TRITON_INTERPRET=1, as in a full test run; the kernels must
+    # not call them.
+    script = (
+        "import os, triton, torch\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from moe_devkit.config import RouterConfig\n"
+        "from moe_devkit.routers.torch_router import DynamicMoERouter\n"
+        "router = DynamicMoERouter(RouterConfig(hidden_size=4, num_experts=3, max_k=2))\n"
+        "with torch.no_grad():\n"
+        "    decision = router(torch.ones(2, 4))\n"
+        "assert decision.expert_indices.shape == (2, 2) and decision.aux_loss.isfinite()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+
+
 def test_route_rejects_what_the_kernels_do_not_take() -> None:
     cfg = config(6, 3, 1)
     logits = torch.randn(5, 6, device=DEVICE)
@@ -208,15 +247,19 @@ def test_route_rejects_what_the_kernels_do_not_take() -> None:
 @pytest.mark.gpu
 def test_fused_path_makes_no_host_sync_on_cuda() -> None:
     torch.manual_seed(4)
-    sizes = dict(hidden_size=64, num_experts=64, max_k=8, min_k=2, complexity_hidden_size=32)
+    sizes: dict[str, object] = dict(
+        hidden_size=64, num_experts=64, max_k=8, min_k=2, complexity_hidden_size=32
+    )
+    top_p = RouterConfig(**sizes, mode="top_p", top_p=0.5)  # type: ignore[arg-type]
+    complexity = RouterConfig(**sizes)  # type: ignore[arg-type]
     routers = [
-        DynamicMoERouter(RouterConfig(**sizes, mode="top_p", top_p=0.5)),  # type: ignore[arg-type]
-        DynamicMoERouter(RouterConfig(**sizes)),  # type: ignore[arg-type]
-        StaticTopKRouter(RouterConfig(**sizes), k=6),  # type: ignore[arg-type]
+        (DynamicMoERouter(top_p), 0.5),
+        (DynamicMoERouter(complexity), None),
+        (StaticTopKRouter(complexity, k=6), None),
     ]
     x = torch.randn(2048, 64, device="cuda")
     x[3, 5], x[700, 0] = float("nan"), float("-inf")
-    for router in routers:
+    for router, threshold in routers:
         router.cuda()
         with torch.no_grad():
             router(x)  # warm-up: kernels compiled
@@ -229,30 +272,27 @@ def test_fused_path_makes_no_host_sync_on_cuda() -> None:
             torch.cuda.set_sync_debug_mode(0)
         with torch.enable_grad():
             reference = router(x)
-        top_p = router.config.top_p if router.config.mode == "top_p" else None
-        assert_same_on_gpu(
-            fused, reference, top_p=None if isinstance(router, StaticTopKRouter) else top_p
-        )
+        assert_same_on_gpu(fused, reference, top_p=threshold)
 
 
 def assert_same_on_gpu(
     fused: RoutingDecision, reference: RoutingDecision, *, top_p: float | None
 ) -> None:
-    """Like ``assert_same_decision``, but indices and k may differ on near-ties (the GPU's
-    exp and summation orders differ from torch's kernels by float32 roundings)."""
+    """``assert_same_decision``, except that indices and k may differ on tokens with a near-tie
+    (the GPU's exp and summation orders round differently from torch's kernels)."""
     for name in CLOSE:
         got, expected = getattr(fused, name), getattr(reference, name).detach()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    for name in EXACT:
+        got, expected = getattr(fused, name), getattr(reference, name)
+        assert (got.dtype, got.shape) == (expected.dtype, expected.shape), name
     assert torch.equal(fused.nonfinite, reference.nonfinite)
     assert torch.equal(fused.dropped, reference.dropped)
     probs = reference.router_probs.detach().nan_to_num(0.0)
-    top = probs.topk(
-        reference.max_k + 1 if reference.max_k < probs.shape[-1] else reference.max_k, dim=-1
-    ).values
+    top = probs.topk(min(reference.max_k + 1, probs.shape[-1]), dim=-1).values  # decreasing
     near = ((top[:, :-1] - top[:, 1:]) <= 1e-5 * top[:, :-1]).any(dim=-1)
     if top_p is not None:
-        mass_before = top.cumsum(dim=-1) - top
-        near |= ((mass_before - top_p).abs() <= 1e-5).any(dim=-1)
+        near |= ((top.cumsum(dim=-1) - top - top_p).abs() <= 1e-5).any(dim=-1)
     same = (fused.expert_indices == reference.expert_indices).all(dim=-1)
     same &= fused.k_per_token == reference.k_per_token
     assert bool((same | near).all())
