@@ -62,8 +62,20 @@ class FusedRouting(NamedTuple):
     aux_loss: torch.Tensor  # float32[]
 
 
+INTERPRET_ON_CPU = False
+"""Whether the routers take this path for CPU tensors under Triton's interpreter.
+
+Off by default: ``TRITON_INTERPRET=1`` (set to debug some other kernel, or by a test module
+at collection) must not move every no-grad CPU routing into the interpreter. The tests of
+this module switch it on."""
+
+
 def is_available(device: torch.device) -> bool:
-    """Whether the kernels can run on ``device`` (CUDA with Triton, or the interpreter)."""
+    """Whether the routers take this path on ``device``: CUDA with Triton, or, with
+    ``INTERPRET_ON_CPU`` set, any device under Triton's interpreter."""
+    device = torch.device(device)
+    if device.type != "cuda" and not INTERPRET_ON_CPU:
+        return False
     return triton_grouped.is_available(device)
 
 

@@ -93,6 +93,12 @@ def assert_same_decision(fused: RoutingDecision, reference: RoutingDecision) -> 
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+@pytest.fixture(autouse=True)
+def interpret_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routers take the fused path for CPU tensors too (in Triton's interpreter)."""
+    monkeypatch.setattr(triton_router, "INTERPRET_ON_CPU", True)
+
+
 @pytest.fixture
 def route_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Records the rule of every ``triton_router.route`` call."""
@@ -297,3 +303,15 @@ def assert_same_on_gpu(
     same &= fused.k_per_token == reference.k_per_token
     assert bool((same | near).all())
     assert int(same.sum()) >= 0.99 * same.numel()
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="about CPU tensors")
+def test_cpu_tensors_keep_the_pytorch_path_by_default(
+    monkeypatch: pytest.MonkeyPatch, route_calls: list[str]
+) -> None:
+    """TRITON_INTERPRET=1 alone does not move no-grad CPU routing into the interpreter."""
+    monkeypatch.setattr(triton_router, "INTERPRET_ON_CPU", False)
+    router = DynamicMoERouter(config(6, 3, 1, mode="top_p")).to(DEVICE)
+    with torch.no_grad():
+        router(tokens(10))
+    assert route_calls == []
