@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton  # type: ignore[import-not-found, import-untyped, unused-ignore]
 import triton.language as tl  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
+from moe_devkit.routers._triton_combine import _add
+
 
 @triton.jit
 def gather_rows_kernel(
@@ -96,3 +98,90 @@ def combine_kernel(
     acc = tl.where(bad[:, None], float("nan"), acc)
     out = out_ptr + tokens[:, None] * stride_out + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & col_live[None, :])
+
+
+@triton.jit
+def _block_one_hot(idx_ptr, dropped_ptr, block, NK, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr):
+    """Block ``block`` of BLOCK_P pairs in pair order (token-major): pair numbers, their
+    active one-hot rows over the experts [BLOCK_P, E_PAD], and the active flags."""
+    pairs = block.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    live = pairs < NK
+    expert = tl.load(idx_ptr + pairs, mask=live, other=-1)
+    dropped = tl.load(dropped_ptr + pairs, mask=live, other=1).to(tl.int1)
+    active = (expert >= 0) & ~dropped
+    one_hot = (expert[:, None] == tl.arange(0, E_PAD)[None, :]) & active[:, None]
+    return pairs, one_hot.to(tl.int32), active
+
+
+@triton.jit
+def plan_count_kernel(
+    idx_ptr,  # int64[N, K]: expert of each slot, -1 where unused
+    dropped_ptr,  # bool[N, K]: slots dropped by the capacity limit
+    counts_ptr,  # int32[B, E_PAD] (out): active pairs of each expert in each pair block
+    NK,
+    BLOCK_P: tl.constexpr,
+    E_PAD: tl.constexpr,
+):
+    block = tl.program_id(0)
+    _, one_hot, _ = _block_one_hot(idx_ptr, dropped_ptr, block, NK, BLOCK_P, E_PAD)
+    counts = tl.reduce(one_hot, 0, _add)
+    tl.store(counts_ptr + block.to(tl.int64) * E_PAD + tl.arange(0, E_PAD), counts)
+
+
+@triton.jit
+def plan_offsets_kernel(
+    counts_ptr,  # int32[B, E_PAD]: plan_count_kernel's per-block counts
+    starts_ptr,  # int32[B, E_PAD] (out): first sorted row of each block's pairs per expert
+    offs_ptr,  # int32[E] (out): end row of each expert's group
+    B,
+    E,
+    E_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """One program: per-expert totals, group offsets, and each block's first row per expert
+    (the expert's group start plus the pairs of earlier blocks): a stable counting sort."""
+    experts = tl.arange(0, E_PAD)
+    totals = tl.full([E_PAD], 0, dtype=tl.int32)
+    for start in range(0, B, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        counts = tl.load(counts_ptr + rows.to(tl.int64)[:, None] * E_PAD + experts[None, :],
+                         mask=(rows < B)[:, None], other=0)  # fmt: skip
+        totals += tl.reduce(counts, 0, _add)
+    ends = tl.associative_scan(totals, 0, _add)
+    tl.store(offs_ptr + experts, ends, mask=experts < E)
+    carry = ends - totals  # group start of each expert
+    for start in range(0, B, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        ptrs = rows.to(tl.int64)[:, None] * E_PAD + experts[None, :]
+        counts = tl.load(counts_ptr + ptrs, mask=(rows < B)[:, None], other=0)
+        before = tl.associative_scan(counts, 0, _add) - counts  # earlier blocks of this chunk
+        tl.store(starts_ptr + ptrs, carry[None, :] + before, mask=(rows < B)[:, None])
+        carry += tl.reduce(counts, 0, _add)
+
+
+@triton.jit
+def plan_scatter_kernel(
+    idx_ptr,  # int64[N, K]
+    dropped_ptr,  # bool[N, K]
+    weight_ptr,  # float32[N, K]: routing weight of each slot
+    starts_ptr,  # int32[B, E_PAD]: plan_offsets_kernel's first rows
+    src_ptr,  # int64[N * K] (out): token of each sorted row (active rows only)
+    row_weight_ptr,  # float32[N * K] (out): routing weight of each sorted row (active rows)
+    pos_ptr,  # int64[N, K] (out): sorted row of each slot, -1 where inactive
+    NK,
+    K,
+    BLOCK_P: tl.constexpr,
+    E_PAD: tl.constexpr,
+):
+    """Each active pair goes to its expert's block start plus its rank among the block's
+    pairs of that expert (pair order): the rows a stable sort by expert would give."""
+    block = tl.program_id(0)
+    pairs, one_hot, active = _block_one_hot(idx_ptr, dropped_ptr, block, NK, BLOCK_P, E_PAD)
+    rank = tl.associative_scan(one_hot, 0, _add) - one_hot  # earlier pairs, same expert
+    starts = tl.load(starts_ptr + block.to(tl.int64) * E_PAD + tl.arange(0, E_PAD))
+    row = tl.reduce(one_hot * (starts[None, :] + rank), 1, _add).to(tl.int64)
+    live = pairs < NK
+    tl.store(pos_ptr + pairs, tl.where(active, row, -1), mask=live)
+    weight = tl.load(weight_ptr + pairs, mask=live & active, other=0.0)
+    tl.store(src_ptr + row, pairs // K, mask=live & active)
+    tl.store(row_weight_ptr + row, weight, mask=live & active)

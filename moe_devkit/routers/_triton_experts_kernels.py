@@ -12,13 +12,7 @@ from __future__ import annotations
 import triton  # type: ignore[import-not-found, import-untyped, unused-ignore]
 import triton.language as tl  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
-
-@triton.jit
-def _add(x, y):
-    # tl.sum, tl.zeros, tl.cumsum are @triton.jit functions built when triton is imported:
-    # compiled ones if that was before TRITON_INTERPRET=1 was set, which the interpreter
-    # cannot call. The kernel uses builtins and this helper only.
-    return x + y
+from moe_devkit.routers._triton_combine import _add
 
 
 @triton.jit
@@ -68,7 +62,7 @@ def expert_gemm_kernel(
         local = tile - first_tile
         row0 = row_first + (local // num_n) * BLOCK_M
         col0 = (local % num_n) * BLOCK_N
-        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # builtin: see _add
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # builtins only: see _triton_combine
         for kk in tl.range(0, K // BLOCK_K, num_stages=STAGES):
             a = a_desc.load([row0, kk * BLOCK_K])
             w = w_desc.load([g * N + col0, kk * BLOCK_K])

@@ -783,23 +783,30 @@ class MoELayer(nn.Module):
         """The forward without autograd on CUDA: dispatch, SwiGLU and combine in Triton
         kernels that skip inactive slots, so the layer's time follows the active pairs.
 
-        Same sort and grouped matmuls as ``forward``; rows past the active count are
-        neither gathered, activated nor read back (their values are undefined).
+        Same row order (a stable sort by expert, here ``triton_dispatch.plan``'s counting
+        sort) and grouped matmuls as ``forward``; rows past the active count are neither
+        gathered, activated nor read back (their values are undefined).
         """
         num_experts, num_tokens, max_k = self.config.num_experts, flat.shape[0], routing.max_k
         with record_function(span_name("dispatch")):
-            sorted_key, order, offsets = _sort_pairs(routing, num_experts)
-            active_rows = offsets[-1:]  # int32[1]: the active pairs come first
-            x_sorted = triton_dispatch.gather_rows(flat.contiguous(), order // max_k, active_rows)
-            row_weights = routing.expert_weights.reshape(-1)[order]
+            if num_experts <= triton_dispatch.PLAN_MAX_EXPERTS:
+                src, row_weights, offsets, pos = triton_dispatch.plan(
+                    routing.expert_indices, routing.dropped, routing.expert_weights, num_experts
+                )
+            else:
+                sorted_key, order, offsets = _sort_pairs(routing, num_experts)
+                src, row_weights = order // max_k, routing.expert_weights.reshape(-1)[order]
+                rows = torch.arange(order.shape[0], device=flat.device)
+                pos = (
+                    torch.empty_like(order)
+                    .index_copy_(0, order, torch.where(sorted_key < num_experts, rows, -1))
+                    .view(num_tokens, max_k)
+                )  # sorted row of each (token, slot); -1 if inactive
+            x_sorted = triton_dispatch.gather_rows(flat.contiguous(), src, offsets[-1:])
         with record_function(span_name("experts")):
             y_sorted = self.experts.forward_active(x_sorted, offsets, row_weights, matmul)
         with record_function(span_name("combine")):
-            rows = torch.arange(order.shape[0], device=flat.device)
-            pos = torch.empty_like(order).index_copy_(
-                0, order, torch.where(sorted_key < num_experts, rows, -1)
-            )  # sorted row of each (token, slot); -1 where inactive
-            return triton_dispatch.combine(y_sorted, pos.view(num_tokens, max_k), routing.nonfinite)
+            return triton_dispatch.combine(y_sorted, pos, routing.nonfinite)
 
 
 # ----------------------------------------------------------------------------- model

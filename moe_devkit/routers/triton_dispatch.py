@@ -17,15 +17,28 @@ from __future__ import annotations
 
 import functools
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
 from moe_devkit.routers import triton_grouped
 
-__all__ = ["combine", "gather_rows", "is_available", "swiglu_rows"]
+__all__ = [
+    "PLAN_MAX_EXPERTS",
+    "DispatchPlan",
+    "combine",
+    "gather_rows",
+    "is_available",
+    "plan",
+    "swiglu_rows",
+]
 
 _ROWS = 16  # rows (or tokens) per program
 _COLS = 256  # columns per program step
+_PLAN_PAIRS = 128  # token-expert pairs per program of the dispatch plan
+PLAN_MAX_EXPERTS = 256
+"""Most experts ``plan`` takes: a program holds a [128, E] one-hot tile of its pairs."""
+_PLAN_BLOCKS = 64  # per-block count rows per step of the plan's offsets kernel
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -114,3 +127,70 @@ def combine(y: torch.Tensor, pos: torch.Tensor, nonfinite: torch.Tensor) -> torc
             BLOCK_D=_COLS,
         )
     return out
+
+
+class DispatchPlan(NamedTuple):
+    """Where each active token-expert pair goes in the expert-sorted rows.
+
+    The active pairs fill rows [0, offsets[-1]) grouped by expert, in pair order within an
+    expert: the order a stable sort by expert gives. Rows past offsets[-1] of ``src`` and
+    ``row_weights`` are undefined.
+
+    Attributes:
+        src: int64[N * K], the token of each sorted row.
+        row_weights: float32[N * K], the routing weight of each sorted row.
+        offsets: int32[E], the end row of each expert's group.
+        pos: int64[N, K], the sorted row of each (token, slot); -1 where inactive.
+    """
+
+    src: torch.Tensor
+    row_weights: torch.Tensor
+    offsets: torch.Tensor
+    pos: torch.Tensor
+
+
+def plan(
+    expert_indices: torch.Tensor,
+    dropped: torch.Tensor,
+    expert_weights: torch.Tensor,
+    num_experts: int,
+) -> DispatchPlan:
+    """Sorts the active pairs by expert in three kernels (a stable counting sort).
+
+    Replaces a radix sort over all N x K slots and the dozen small kernels around it
+    (active mask, keys, group offsets, source tokens, weights, each slot's row): fixed costs
+    that do not shrink with k and bound a dynamic layer's time. Counting runs per block of
+    pairs; one program turns the counts into group offsets and each block's first row per
+    expert; the blocks then write their pairs' rows. No atomics: the rows are the same in
+    every run, and no host synchronisation.
+
+    Args:
+        expert_indices: int64[N, K], -1 where a slot is unused.
+        dropped: bool[N, K], slots dropped by the capacity limit (inactive).
+        expert_weights: float32[N, K].
+        num_experts: E; indices are in [0, E).
+    """
+    num_tokens, max_k = expert_indices.shape
+    num_pairs = num_tokens * max_k
+    device = expert_indices.device
+    e_pad = max(16, triton_grouped._next_power_of_2(num_experts))
+    blocks = max(1, _cdiv(num_pairs, _PLAN_PAIRS))
+    counts = torch.empty(blocks, e_pad, dtype=torch.int32, device=device)
+    starts = torch.empty_like(counts)
+    offsets = torch.empty(num_experts, dtype=torch.int32, device=device)
+    src = torch.empty(num_pairs, dtype=torch.int64, device=device)
+    row_weights = torch.empty(num_pairs, dtype=torch.float32, device=device)
+    pos = torch.empty(num_tokens, max_k, dtype=torch.int64, device=device)
+    indices, dropped = expert_indices.contiguous(), dropped.contiguous()
+    kernels = _kernels()
+    kernels.plan_count_kernel[(blocks,)](
+        indices, dropped, counts, num_pairs, BLOCK_P=_PLAN_PAIRS, E_PAD=e_pad
+    )
+    kernels.plan_offsets_kernel[(1,)](
+        counts, starts, offsets, blocks, num_experts, E_PAD=e_pad, BLOCK_B=_PLAN_BLOCKS
+    )
+    kernels.plan_scatter_kernel[(blocks,)](
+        indices, dropped, expert_weights.contiguous(), starts, src, row_weights, pos,
+        num_pairs, max_k, BLOCK_P=_PLAN_PAIRS, E_PAD=e_pad,
+    )  # fmt: skip
+    return DispatchPlan(src, row_weights, offsets, pos)

@@ -39,6 +39,51 @@ def test_kernels_skip_rows_past_the_active_count() -> None:
     assert out[2].isnan().all()
 
 
+def sorted_by_expert(
+    indices: torch.Tensor, dropped: torch.Tensor, weights: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, ...]:
+    """The plan a stable torch.sort by expert gives: (src, row_weights, offsets, pos)."""
+    num_tokens, max_k = indices.shape
+    key = torch.where((indices >= 0) & ~dropped, indices, num_experts).reshape(-1)
+    sorted_key, order = torch.sort(key, stable=True)
+    bounds = torch.arange(1, num_experts + 1, device=key.device)
+    offsets = torch.searchsorted(sorted_key, bounds).to(torch.int32)
+    rows = torch.arange(order.numel(), device=key.device)
+    pos = torch.empty_like(order).index_copy_(
+        0, order, torch.where(sorted_key < num_experts, rows, -1)
+    )
+    return order // max_k, weights.reshape(-1)[order], offsets, pos.view(num_tokens, max_k)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "max_k", "experts"),
+    [(37, 3, 6), (300, 8, 64), (5, 1, 2), (130, 4, 200), (1, 2, 256), (64, 2, 16)],
+)
+def test_plan_gives_the_rows_of_a_stable_sort(tokens: int, max_k: int, experts: int) -> None:
+    generator = torch.Generator().manual_seed(tokens)
+    indices = torch.randint(0, experts, (tokens, max_k), generator=generator)
+    indices[torch.rand(tokens, max_k, generator=generator) < 0.3] = -1  # unused slots
+    indices[0] = -1  # a token routed nowhere
+    dropped = torch.rand(tokens, max_k, generator=generator) < 0.1  # capacity drops
+    weights = torch.rand(tokens, max_k, generator=generator)
+    indices, dropped, weights = indices.to(DEVICE), dropped.to(DEVICE), weights.to(DEVICE)
+    plan = triton_dispatch.plan(indices, dropped, weights, experts)
+    src, row_weights, offsets, pos = sorted_by_expert(indices, dropped, weights, experts)
+    active = int(offsets[-1])
+    assert torch.equal(plan.offsets, offsets)
+    assert torch.equal(plan.src[:active], src[:active])
+    assert torch.equal(plan.row_weights[:active], row_weights[:active])
+    assert torch.equal(plan.pos, pos)
+
+
+def test_plan_with_no_active_pair() -> None:
+    indices = torch.full((9, 2), -1, device=DEVICE)
+    dropped = torch.zeros(9, 2, dtype=torch.bool, device=DEVICE)
+    plan = triton_dispatch.plan(indices, dropped, torch.zeros(9, 2, device=DEVICE), 4)
+    assert plan.offsets.tolist() == [0, 0, 0, 0]
+    assert (plan.pos == -1).all()
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -47,6 +92,8 @@ def test_kernels_skip_rows_past_the_active_count() -> None:
             hidden_size=16, num_experts=4, max_k=2, expert_hidden_size=8, capacity_factor=0.5
         ),
         RouterConfig(hidden_size=16, num_experts=5, max_k=4, mode="top_p", top_p=0.6),
+        # more experts than triton_dispatch.plan takes: the sort-based dispatch
+        RouterConfig(hidden_size=16, num_experts=300, max_k=3, expert_hidden_size=8),
     ],
 )
 def test_active_pair_forward_equals_the_pytorch_forward(config: RouterConfig) -> None:
