@@ -92,11 +92,13 @@ def test_plan_with_no_active_pair() -> None:
             hidden_size=16, num_experts=4, max_k=2, expert_hidden_size=8, capacity_factor=0.5
         ),
         RouterConfig(hidden_size=16, num_experts=5, max_k=4, mode="top_p", top_p=0.6),
-        # more experts than triton_dispatch.plan takes: the sort-based dispatch
-        RouterConfig(hidden_size=16, num_experts=300, max_k=3, expert_hidden_size=8),
     ],
 )
-def test_active_pair_forward_equals_the_pytorch_forward(config: RouterConfig) -> None:
+@pytest.mark.parametrize("plan_max_experts", [256, 2])  # 2: the sort-based dispatch
+def test_active_pair_forward_equals_the_pytorch_forward(
+    config: RouterConfig, plan_max_experts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(triton_dispatch, "PLAN_MAX_EXPERTS", plan_max_experts)
     torch.manual_seed(0)
     layer = MoELayer(config).to(DEVICE)
     x = torch.randn(3, 37, config.hidden_size, device=DEVICE)
