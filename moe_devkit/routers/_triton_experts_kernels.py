@@ -62,7 +62,9 @@ def expert_gemm_kernel(
         local = tile - first_tile
         row0 = row_first + (local // num_n) * BLOCK_M
         col0 = (local % num_n) * BLOCK_N
-        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # builtins only: see _triton_combine
+        acc = tl.full(
+            (BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32
+        )  # builtins only: see _triton_combine
         for kk in tl.range(0, K // BLOCK_K, num_stages=STAGES):
             a = a_desc.load([row0, kk * BLOCK_K])
             w = w_desc.load([g * N + col0, kk * BLOCK_K])

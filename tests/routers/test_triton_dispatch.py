@@ -59,7 +59,13 @@ def sorted_by_expert(
     ("tokens", "max_k", "experts"),
     [(37, 3, 6), (300, 8, 64), (5, 1, 2), (130, 4, 200), (1, 2, 256), (64, 2, 16)],
 )
-def test_plan_gives_the_rows_of_a_stable_sort(tokens: int, max_k: int, experts: int) -> None:
+@pytest.mark.parametrize("small_blocks", [False, True])
+def test_plan_gives_the_rows_of_a_stable_sort(
+    tokens: int, max_k: int, experts: int, small_blocks: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if small_blocks:  # many pair blocks, several steps (and a carry) in the offsets kernel
+        monkeypatch.setattr(triton_dispatch, "_PLAN_PAIRS", 16)
+        monkeypatch.setattr(triton_dispatch, "_PLAN_BLOCKS", 4)
     generator = torch.Generator().manual_seed(tokens)
     indices = torch.randint(0, experts, (tokens, max_k), generator=generator)
     indices[torch.rand(tokens, max_k, generator=generator) < 0.3] = -1  # unused slots
