@@ -23,9 +23,8 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from bench_moe_layer import PRESETS, calibrate_top_p, machine_name
+from bench_moe_layer import PRESETS, build_layers, machine_name
 
-from moe_devkit import MoELayer, RouterConfig, StaticTopKRouter
 from moe_devkit.reporting import write_atomic
 from moe_devkit.routers import triton_dispatch, triton_experts
 from moe_devkit.routers.torch_router import SwiGLUExperts, _sort_pairs
@@ -80,22 +79,7 @@ def main() -> None:
     if not triton_experts.is_available(device):
         raise SystemExit("bench_expert_gemm: needs a Hopper GPU and Triton >= 3.4")
     tokens, hidden, ffn, num_experts, max_k = PRESETS[args.preset]
-    torch.manual_seed(0)
-    config = RouterConfig(
-        hidden_size=hidden,
-        num_experts=num_experts,
-        min_k=1,
-        max_k=max_k,
-        expert_hidden_size=ffn,
-        mode="top_p",
-    )
-    dynamic = MoELayer(config).to(device, dtype)
-    with torch.no_grad():
-        dynamic.router.router_network.weight.mul_(4.0)
-    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    config = calibrate_top_p(dynamic, x, max_k / 2)
-    static = MoELayer(config, router=StaticTopKRouter(config)).to(device, dtype)
-    static.load_state_dict(dynamic.state_dict(), strict=False)
+    static, dynamic, x = build_layers(args.preset, device, dtype, max_k / 2)
     experts = dynamic.experts
     triton_mm = triton_experts.grouped_mm
 

@@ -91,6 +91,34 @@ def calibrate_top_p(layer: MoELayer, x: torch.Tensor, target_mean_k: float) -> R
     return config
 
 
+def build_layers(
+    preset: str, device: torch.device, dtype: torch.dtype, target_mean_k: float
+) -> tuple[MoELayer, MoELayer, torch.Tensor]:
+    """The static top-max_k and the dynamic (top_p) layer of a preset, and their input.
+
+    Both share experts and router weights; the router weights are scaled x4 (logit std about
+    2, like a trained router) and top_p is calibrated on the input to ``target_mean_k``.
+    """
+    tokens, hidden, ffn, experts, max_k = PRESETS[preset]
+    torch.manual_seed(0)
+    config = RouterConfig(
+        hidden_size=hidden,
+        num_experts=experts,
+        min_k=1,
+        max_k=max_k,
+        expert_hidden_size=ffn,
+        mode="top_p",
+    )
+    dynamic = MoELayer(config).to(device, dtype)
+    with torch.no_grad():  # a trained router is confident: logits with std ~2, not ~0.5
+        dynamic.router.router_network.weight.mul_(4.0)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    config = calibrate_top_p(dynamic, x, target_mean_k)
+    static = MoELayer(config, router=StaticTopKRouter(config)).to(device, dtype)
+    static.load_state_dict(dynamic.state_dict(), strict=False)  # same experts and gate
+    return static, dynamic, x
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
@@ -122,23 +150,9 @@ def main() -> None:
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     tokens, hidden, ffn, experts, max_k = PRESETS[args.preset]
-    torch.manual_seed(0)
-    config = RouterConfig(
-        hidden_size=hidden,
-        num_experts=experts,
-        min_k=1,
-        max_k=max_k,
-        expert_hidden_size=ffn,
-        mode="top_p",
-    )
-    dynamic = MoELayer(config).to(device, dtype)
-    with torch.no_grad():  # a trained router is confident: logits with std ~2, not ~0.5
-        dynamic.router.router_network.weight.mul_(4.0)
-    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
     target = args.target_mean_k if args.target_mean_k is not None else max_k / 2
-    config = calibrate_top_p(dynamic, x, target)
-    static = MoELayer(config, router=StaticTopKRouter(config)).to(device, dtype)
-    static.load_state_dict(dynamic.state_dict(), strict=False)  # same experts and gate
+    static, dynamic, x = build_layers(args.preset, device, dtype, target)
+    config = dynamic.config
     time_ms = timer(device)
 
     layers = {"static": static, "dynamic": dynamic}

@@ -12,23 +12,10 @@ from __future__ import annotations
 import triton  # type: ignore[import-not-found, import-untyped, unused-ignore]
 import triton.language as tl  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
-
-@triton.jit
-def _add(x, y):
-    # tl.sum, tl.min, tl.zeros are @triton.jit functions made when triton is imported, which
-    # the interpreter cannot call if that was before TRITON_INTERPRET=1 was set: the kernel
-    # uses builtins and these helpers only.
-    return x + y
-
-
-@triton.jit
-def _min(x, y):
-    return tl.minimum(x, y)
-
-
-@triton.jit
-def _max(x, y):
-    return tl.maximum(x, y)
+# Combine functions for tl.reduce: the interpreter runs them with numpy, and they are not
+# triton.language's own @jit helpers (tl.sum, tl.min...), which the interpreter cannot call
+# when triton was imported before TRITON_INTERPRET=1 was set.
+from moe_devkit.routers._triton_combine import _add, _max, _min
 
 
 @triton.jit

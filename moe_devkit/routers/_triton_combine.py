@@ -1,4 +1,4 @@
-"""Combine functions for ``tl.reduce`` and ``tl.associative_scan`` in the routers' kernels.
+"""Combine functions for ``tl.reduce`` and ``tl.associative_scan`` in the package's kernels.
 
 Imported by the kernel modules only, once Triton is known to be there.
 """

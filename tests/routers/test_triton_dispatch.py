@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_support import DEVICE, needs_triton  # sets TRITON_INTERPRET first
+from triton_support import (  # sets TRITON_INTERPRET first
+    DEVICE,
+    HAS_CUDA,
+    needs_triton,
+    run_interpreted_after_triton_import,
+)
 
 from moe_devkit.config import RouterConfig
 from moe_devkit.routers import triton_dispatch, triton_grouped
@@ -80,6 +85,17 @@ def test_plan_gives_the_rows_of_a_stable_sort(
     assert torch.equal(plan.src[:active], src[:active])
     assert torch.equal(plan.row_weights[:active], row_weights[:active])
     assert torch.equal(plan.pos, pos)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter only")
+def test_plan_works_when_triton_was_imported_first() -> None:
+    run_interpreted_after_triton_import(
+        "from moe_devkit.routers import triton_dispatch\n"
+        "indices = torch.tensor([[1, -1], [0, 1]])\n"
+        "plan = triton_dispatch.plan(indices, indices < -1, torch.ones(2, 2), 2)\n"
+        "assert plan.offsets.tolist() == [1, 3], plan\n"
+        "assert plan.pos.tolist() == [[1, -1], [0, 2]], plan\n"
+    )
 
 
 def test_plan_with_no_active_pair() -> None:

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_support import DEVICE, HAS_CUDA, needs_triton  # sets TRITON_INTERPRET first
+from triton_support import (  # sets TRITON_INTERPRET first
+    DEVICE,
+    HAS_CUDA,
+    needs_triton,
+    run_interpreted_after_triton_import,
+)
 
 from moe_devkit.config import RouterConfig
 from moe_devkit.routers import triton_experts
@@ -85,6 +90,18 @@ def test_supports_only_16_bit_tile_aligned_weight_stacks() -> None:
     assert not triton_experts.supports(a, b.contiguous(), SMALL)  # b not a weight transpose
     with pytest.raises(ValueError, match=r"triton_experts.grouped_mm expects .* got a \(13, 32\)"):
         triton_experts.grouped_mm(a, b.contiguous(), offsets, SMALL)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter only")
+def test_kernel_works_when_triton_was_imported_first() -> None:
+    run_interpreted_after_triton_import(
+        "from moe_devkit.routers import triton_experts\n"
+        "blocks = triton_experts.ExpertBlocks(m=16, n=16, k=16, programs=2)\n"
+        "a, w = torch.ones(5, 16).half(), torch.ones(2, 16, 16).half()\n"
+        "offs = torch.tensor([2, 3], dtype=torch.int32)\n"
+        "out = triton_experts.grouped_mm(a, w.transpose(-2, -1), offs, blocks)\n"
+        "assert (out[:3] == 16).all(), out\n"
+    )
 
 
 def test_block_sizes_must_be_powers_of_two() -> None:

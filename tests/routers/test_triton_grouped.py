@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,8 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # before the kernels are first built (they are built lazily)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from triton_support import run_interpreted_after_triton_import  # noqa: E402
 
 from moe_devkit.config import RouterConfig  # noqa: E402
 from moe_devkit.routers import torch_router, triton_grouped  # noqa: E402
@@ -151,20 +151,13 @@ def test_experts_match_looped_fallback() -> None:
 @needs_triton
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter only")
 def test_interpreter_works_when_triton_was_imported_first() -> None:
-    # triton's own @jit helpers (tl.sum, tl.cdiv, tl.zeros) are compiled-mode functions when
-    # triton is imported before TRITON_INTERPRET=1, as in a full test run; the kernels must
-    # not call them.
-    script = (
-        "import os, triton, torch\n"
-        "os.environ['TRITON_INTERPRET'] = '1'\n"
+    run_interpreted_after_triton_import(
         "from moe_devkit.routers.triton_grouped import BlockSizes, grouped_mm\n"
         "a, b = torch.ones(5, 3), torch.ones(2, 3, 4)\n"
         "offs = torch.tensor([2, 4], dtype=torch.int32)\n"
         "out = grouped_mm(a, b, offs, blocks=BlockSizes(2, 2, 2, num_warps=1))\n"
         "assert out.tolist() == [[3.0] * 4] * 4 + [[0.0] * 4], out\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
 
 
 def test_cuda_dispatch_picks_cutlass_only_for_bf16_on_sm90_and_sm100(

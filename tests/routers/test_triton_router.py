@@ -8,14 +8,16 @@ the `gpu` test checks that the fused path never synchronises. A router called un
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 import torch
-from triton_support import DEVICE, HAS_CUDA, needs_triton  # sets TRITON_INTERPRET first
+from triton_support import (  # sets TRITON_INTERPRET first
+    DEVICE,
+    HAS_CUDA,
+    needs_triton,
+    run_interpreted_after_triton_import,
+)
 
 from moe_devkit.config import RouterConfig
 from moe_devkit.routers import triton_router
@@ -218,21 +220,20 @@ def test_grad_enabled_and_too_many_experts_take_the_pytorch_path(route_calls: li
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter only")
 def test_interpreter_works_when_triton_was_imported_first() -> None:
-    # triton's own @jit helpers (tl.sum, tl.max, tl.zeros) are compiled-mode functions when
-    # triton is imported before TRITON_INTERPRET=1, as in a full test run; the kernels must
-    # not call them.
-    script = (
-        "import os, triton, torch\n"
-        "os.environ['TRITON_INTERPRET'] = '1'\n"
+    run_interpreted_after_triton_import(
         "from moe_devkit.config import RouterConfig\n"
+        "from moe_devkit.routers import triton_router\n"
         "from moe_devkit.routers.torch_router import DynamicMoERouter\n"
+        "triton_router.INTERPRET_ON_CPU = True\n"
+        "calls = []\n"
+        "route = triton_router.route\n"
+        "triton_router.route = lambda *a, **k: calls.append(1) or route(*a, **k)\n"
         "router = DynamicMoERouter(RouterConfig(hidden_size=4, num_experts=3, max_k=2))\n"
         "with torch.no_grad():\n"
         "    decision = router(torch.ones(2, 4))\n"
+        "assert calls == [1], calls\n"
         "assert decision.expert_indices.shape == (2, 2) and decision.aux_loss.isfinite()\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
 
 
 def test_route_rejects_what_the_kernels_do_not_take() -> None:
