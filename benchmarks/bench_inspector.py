@@ -18,7 +18,7 @@ import torch
 from bench_moe_layer import PRESETS, machine_name, timer  # type: ignore[import-not-found]
 
 from moe_devkit import MoELayer, RouterConfig
-from moe_devkit.inspect import RouterInspector
+from moe_devkit.inspect import InspectorConfig, RouterInspector
 from moe_devkit.reporting import write_atomic
 
 
@@ -28,6 +28,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=16,
+        help="forwards per sample (default 16: the inspector folds its deferred steps every "
+        "16 forwards on CUDA, so each sample carries one fold, as a training loop does)",
+    )
+    parser.add_argument(
+        "--defer-steps", type=int, default=None, help="InspectorConfig.defer_steps (default: its)"
+    )
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -38,7 +48,8 @@ def main() -> None:
     )
     layer = MoELayer(config).to(device, dtype)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    inspector = RouterInspector()
+    overrides = {} if args.defer_steps is None else {"defer_steps": args.defer_steps}
+    inspector = RouterInspector(config=InspectorConfig(**overrides))
     time_ms = timer(device)
     samples: dict[str, list[float]] = {"plain": [], "inspected": []}
     with torch.inference_mode():
@@ -52,10 +63,15 @@ def main() -> None:
             layer(x)
             torch.cuda.set_sync_debug_mode(0)
         inspector.detach()
+
+        def forwards() -> None:
+            for _ in range(args.window):
+                layer(x)
+
         for _ in range(args.reps):
-            samples["plain"].append(time_ms(lambda: layer(x)))
+            samples["plain"].append(time_ms(forwards) / args.window)
             inspector.attach(layer)
-            samples["inspected"].append(time_ms(lambda: layer(x)))
+            samples["inspected"].append(time_ms(forwards) / args.window)
             inspector.detach()
     plain, inspected = (statistics.median(samples[k]) for k in ("plain", "inspected"))
     overhead = inspected / plain - 1
@@ -66,10 +82,14 @@ def main() -> None:
         "plain_ms": plain,
         "inspected_ms": inspected,
         "overhead": overhead,
+        "forwards_per_sample": args.window,
         "recorded_steps": inspector.layers["router"].steps,
     }
     print(f"machine: {result['machine']}")
-    print(f"shape {result['shape']} {args.dtype}, {args.reps} alternating reps")
+    print(
+        f"shape {result['shape']} {args.dtype}, {args.reps} alternating reps of "
+        f"{args.window} forwards (times per forward)"
+    )
     print(f"plain {plain:.3f} ms, inspected {inspected:.3f} ms, overhead {100 * overhead:+.2f}%")
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=2) + "\n")

@@ -282,15 +282,16 @@ def test_cuda_graph_replay_equals_eager_updates() -> None:
 
 
 def test_deferred_steps_fold_to_the_same_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hooks defer up to 16 steps on CUDA and fold them in one pass; the CPU run here forces
-    that path (graph replays run eagerly) and compares with step-by-step folding."""
+    """With defer_steps=16, hooks defer up to 16 steps on CUDA and fold them in one pass; the
+    CPU run here forces that path (graph replays run eagerly) and compares with step-by-step
+    folding."""
     from moe_devkit.inspect.inspector import LayerState
 
     def eager_replay(self: LayerState, inputs: tuple, flags: tuple) -> None:
         self._update_tensors(*inputs, coactivation=flags[0], sample=flags[1])
 
     monkeypatch.setattr(LayerState, "_replay", eager_replay)
-    config = InspectorConfig(window=5, coactivation_every=3, reservoir_every=4)
+    config = InspectorConfig(window=5, coactivation_every=3, reservoir_every=4, defer_steps=16)
     deferred, direct = RouterInspector(config=config), RouterInspector(config=config)
     generator = torch.Generator().manual_seed(0)
     for step in range(23):
@@ -310,3 +311,10 @@ def test_deferred_steps_fold_to_the_same_statistics(monkeypatch: pytest.MonkeyPa
         assert a[key] == b[key], key
     assert a["complexity"]["mean"] == pytest.approx(b["complexity"]["mean"])
     assert a["losses"] == pytest.approx(b["losses"])
+
+
+@pytest.mark.parametrize("name", ["reservoir_every", "defer_steps"])
+@pytest.mark.parametrize("value", [0, True, 1.5])
+def test_config_rejects_bad_step_counts(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"{name} must be an int >= 1; got {name}={value!r}"):
+        InspectorConfig(**{name: value})  # type: ignore[arg-type]
