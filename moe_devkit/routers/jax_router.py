@@ -22,7 +22,8 @@ Design notes (differences from the PyTorch file, and why):
   the cost of running every expert on every row. Where ``ragged_dot`` is missing (old JAX)
   the experts fall back to a masked loop over experts (a static loop of E, not over tokens).
 * The router runs in float32 whatever the model dtype, as in PyTorch (ST-MoE's selective
-  precision).
+  precision). All matmuls use ``Precision.HIGHEST``: float32 is not rounded to TF32 on GPUs,
+  as PyTorch does not by default.
 * Gradient to the complexity estimator: the same straight-through soft slot mask
   ``hard + soft - stop_gradient(soft)``.
 * ``nonfinite_policy="raise"`` raises ValueError when called eagerly; under ``jax.jit`` the
@@ -312,9 +313,15 @@ def router_z_loss(router_logits: jax.Array, token_mask: jax.Array | None = None)
     return jnp.where(token_mask, z, 0.0).sum() / jnp.maximum(token_mask.sum(), 1)
 
 
+_FULL = jax.lax.Precision.HIGHEST
+"""Every matmul here: float32 stays float32 on GPUs (XLA's default rounds float32 inputs to
+TF32 there; PyTorch does not unless asked), so the two implementations agree to float32
+rounding; 16-bit inputs are unaffected."""
+
+
 def _linear(params: Params, x: jax.Array) -> jax.Array:
-    """nn.Linear: x @ weight.T + bias, weight in [out, in] layout."""
-    out: jax.Array = x @ params["weight"].T
+    """nn.Linear: x @ weight.T + bias, weight in [out, in] layout (full float32 precision)."""
+    out: jax.Array = jnp.matmul(x, params["weight"].T, precision=_FULL)
     return out + params["bias"] if "bias" in params else out
 
 
@@ -369,7 +376,9 @@ class _RouterBase:
     def _gate(self, params: Params, flat: jax.Array) -> tuple[jax.Array, jax.Array]:
         """float[N, D] -> float32 router_logits[N, E] and router_probs[N, E]."""
         weight = params["router_network"]["weight"].astype(jnp.float32)
-        router_logits = flat.astype(jnp.float32) @ weight.T
+        # HIGHEST: on a GPU, XLA's default float32 matmul rounds its inputs to TF32 (about
+        # 1e-4 relative error in the logits, enough to flip near-tied experts).
+        router_logits = jnp.matmul(flat.astype(jnp.float32), weight.T, precision=_FULL)
         return router_logits, jax.nn.softmax(router_logits, axis=-1)
 
     def _decide(
@@ -591,11 +600,11 @@ class SwiGLUExperts:
     ) -> jax.Array:
         group_sizes = jnp.diff(offsets, prepend=0).astype(jnp.int32)  # [E]
         w_gate_up = jnp.swapaxes(params["w_gate_up"], -2, -1)  # [E, D, 2F]
-        gate_up = jax.lax.ragged_dot(x_sorted, w_gate_up, group_sizes)  # [M, 2F]
+        gate_up = jax.lax.ragged_dot(x_sorted, w_gate_up, group_sizes, precision=_FULL)  # [M, 2F]
         gate, up = jnp.split(gate_up, 2, axis=-1)  # [M, F] each
         hidden = jax.nn.silu(gate) * up * row_weights[:, None].astype(up.dtype)
         w_down = jnp.swapaxes(params["w_down"], -2, -1)  # [E, F, D]
-        return jax.lax.ragged_dot(hidden, w_down, group_sizes)  # [M, D]
+        return jax.lax.ragged_dot(hidden, w_down, group_sizes, precision=_FULL)  # [M, D]
 
     def _dense(
         self, params: Params, x_sorted: jax.Array, offsets: jax.Array, row_weights: jax.Array
@@ -605,9 +614,11 @@ class SwiGLUExperts:
         start = jnp.zeros((), offsets.dtype)
         for expert in range(self.num_experts):  # static loop over experts, not tokens
             end = offsets[expert]
-            gate, up = jnp.split(x_sorted @ params["w_gate_up"][expert].T, 2, axis=-1)
+            gate_up = jnp.matmul(x_sorted, params["w_gate_up"][expert].T, precision=_FULL)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
             scale = row_weights[:, None].astype(up.dtype)
-            y = (jax.nn.silu(gate) * up * scale) @ params["w_down"][expert].T
+            hidden = jax.nn.silu(gate) * up * scale
+            y = jnp.matmul(hidden, params["w_down"][expert].T, precision=_FULL)
             out = jnp.where(((rows >= start) & (rows < end))[:, None], y, out)
             start = end
         return out
