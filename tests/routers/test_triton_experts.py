@@ -142,3 +142,27 @@ def test_no_grad_layer_uses_the_kernel_without_syncing(monkeypatch: pytest.Monke
         expected = layer(x).hidden_states  # autograd on: the PyTorch path
         assert not calls
         torch.testing.assert_close(fused.float(), expected.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_expert_matmul_uses_the_kernel_only_where_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``forward_active``'s matmul: the TMA kernel for tile-aligned 16-bit operands, else the
+    grouped matmul it was given (e.g. float32, or sizes off the tiles)."""
+    from moe_devkit.routers import torch_router
+
+    used: list[str] = []
+
+    def fallback(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        used.append("fallback")
+        return a.new_zeros(a.shape[0], b.shape[2])
+
+    def kernel(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        used.append("kernel")
+        return a.new_zeros(a.shape[0], b.shape[2])
+
+    monkeypatch.setattr(triton_experts, "grouped_mm", kernel)
+    a, b, offsets = make_inputs([3, 5], 256, 256, torch.float16)  # fits the default tiles
+    torch_router._expert_matmul(a, b, offsets, fallback)
+    torch_router._expert_matmul(a.float(), b.float(), offsets, fallback)
+    small_a, small_b, _ = make_inputs([3, 5], 32, 64, torch.float16)  # N = 64 < 256
+    torch_router._expert_matmul(small_a, small_b, offsets, fallback)
+    assert used == ["kernel", "fallback", "fallback"]
