@@ -44,10 +44,6 @@ _PLAN_BLOCKS = 128  # per-block count rows per step of the plan's offsets kernel
 _PLAN_WARPS = 4
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def is_available(device: torch.device) -> bool:
     """Whether the kernels can run on ``device`` (CUDA with Triton, or the interpreter)."""
     return triton_grouped.is_available(device)
@@ -71,7 +67,7 @@ def gather_rows(x: torch.Tensor, src: torch.Tensor, active: torch.Tensor) -> tor
     m, d = src.shape[0], x.shape[1]
     out = x.new_empty(m, d)
     if m:
-        _kernels().gather_rows_kernel[(_cdiv(m, _ROWS),)](
+        _kernels().gather_rows_kernel[(triton_grouped._cdiv(m, _ROWS),)](
             x, src, out, active, d, x.stride(0), out.stride(0), BLOCK_R=_ROWS, BLOCK_D=_COLS
         )
     return out
@@ -88,7 +84,7 @@ def swiglu_rows(gate_up: torch.Tensor, weights: torch.Tensor, active: torch.Tens
     m, f = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(m, f)
     if m:
-        _kernels().swiglu_rows_kernel[(_cdiv(m, _ROWS),)](
+        _kernels().swiglu_rows_kernel[(triton_grouped._cdiv(m, _ROWS),)](
             gate_up,
             weights,
             out,
@@ -115,7 +111,7 @@ def combine(y: torch.Tensor, pos: torch.Tensor, nonfinite: torch.Tensor) -> torc
     d = y.shape[1]
     out = y.new_empty(n, d)
     if n:
-        grid = (_cdiv(n, _ROWS), _cdiv(d, _COLS))
+        grid = (triton_grouped._cdiv(n, _ROWS), triton_grouped._cdiv(d, _COLS))
         _kernels().combine_kernel[grid](
             y,
             pos,
@@ -177,7 +173,7 @@ def plan(
     num_pairs = num_tokens * max_k
     device = expert_indices.device
     e_pad = max(16, triton_grouped._next_power_of_2(num_experts))
-    blocks = max(1, _cdiv(num_pairs, _PLAN_PAIRS))
+    blocks = max(1, triton_grouped._cdiv(num_pairs, _PLAN_PAIRS))
     counts = torch.empty(blocks, e_pad, dtype=torch.int32, device=device)
     starts = torch.empty_like(counts)
     offsets = torch.empty(num_experts, dtype=torch.int32, device=device)

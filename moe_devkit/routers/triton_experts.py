@@ -113,10 +113,6 @@ def _descriptor(t: torch.Tensor, block: list[int]) -> Any:
     return TensorDescriptor.from_tensor(t, block)
 
 
-def _next_power_of_2(x: int) -> int:
-    return 1 << max(x - 1, 0).bit_length()
-
-
 def grouped_mm(
     a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, blocks: ExpertBlocks | None = None
 ) -> torch.Tensor:
@@ -155,7 +151,7 @@ def grouped_mm(
         _descriptor(weights, [blocks.n, blocks.k]),
         out, offs, groups, k_dim, n_dim, out.stride(0),
         NUM_PROGRAMS=programs, BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k,
-        BLOCK_G=_next_power_of_2(groups), STAGES=blocks.num_stages,
+        BLOCK_G=triton_grouped._next_power_of_2(groups), STAGES=blocks.num_stages,
         num_warps=blocks.num_warps,
     )  # fmt: skip
     return out

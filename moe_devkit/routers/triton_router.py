@@ -96,7 +96,7 @@ def _kernels() -> ModuleType:
 
 def _pow2(n: int) -> int:
     """The smallest power of two >= max(n, 2)."""
-    return 1 << max(n - 1, 1).bit_length()
+    return max(2, triton_grouped._next_power_of_2(n))
 
 
 def _check(
