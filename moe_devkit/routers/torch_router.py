@@ -404,19 +404,7 @@ class _RouterBase(nn.Module):
                 router_logits, self.config, rule=rule, max_k=max_k, complexity=complexity
             )
             return RoutingDecision(
-                expert_indices=fused.expert_indices,
-                expert_weights=fused.expert_weights,
-                k_per_token=fused.k_per_token,
-                complexity=fused.complexity,
-                router_logits=router_logits,
-                router_probs=fused.router_probs,
-                dropped=fused.dropped,
-                nonfinite=fused.nonfinite,
-                load_balancing_loss=fused.load_balancing_loss,
-                z_loss=fused.z_loss,
-                compute_loss=fused.compute_loss,
-                aux_loss=fused.aux_loss,
-                batch_shape=batch_shape,
+                **fused._asdict(), router_logits=router_logits, batch_shape=batch_shape
             )
 
     def _decide(
