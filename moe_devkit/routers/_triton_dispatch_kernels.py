@@ -29,16 +29,18 @@ def gather_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # Program (i, j) copies rows [i * BLOCK_R, ...) x columns [j * BLOCK_D, ...): one load and
+    # one store per program, no loop, so the loads of many programs are in flight together.
+    first = tl.program_id(0).to(tl.int64) * BLOCK_R
     active = tl.load(active_ptr).to(tl.int64)
-    if tl.program_id(0).to(tl.int64) * BLOCK_R < active:
+    if first < active:
+        rows = first + tl.arange(0, BLOCK_R)
         live = rows < active
         src = tl.load(src_ptr + rows, mask=live, other=0)
-        for start in range(0, D, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            mask = live[:, None] & (cols[None, :] < D)
-            values = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask)
-            tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], values, mask=mask)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (cols[None, :] < D)
+        values = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask)
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], values, mask=mask)
 
 
 @triton.jit
@@ -53,20 +55,21 @@ def swiglu_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # Program (i, j): rows [i * BLOCK_R, ...) x columns [j * BLOCK_F, ...), as in gather_rows.
+    first = tl.program_id(0).to(tl.int64) * BLOCK_R
     active = tl.load(active_ptr).to(tl.int64)
-    if tl.program_id(0).to(tl.int64) * BLOCK_R < active:
+    if first < active:
+        rows = first + tl.arange(0, BLOCK_R)
         live = rows < active
         weight = tl.load(weight_ptr + rows, mask=live, other=0.0).to(tl.float32)
-        for start in range(0, F, BLOCK_F):
-            cols = start + tl.arange(0, BLOCK_F)
-            mask = live[:, None] & (cols[None, :] < F)
-            base = gate_up_ptr + rows[:, None] * stride_in + cols[None, :]
-            gate = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(base + F, mask=mask, other=0.0).to(tl.float32)
-            hidden = gate / (1.0 + tl.exp(-gate)) * up * weight[:, None]
-            out = out_ptr + rows[:, None] * stride_out + cols[None, :]
-            tl.store(out, hidden.to(out_ptr.dtype.element_ty), mask=mask)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+        mask = live[:, None] & (cols[None, :] < F)
+        base = gate_up_ptr + rows[:, None] * stride_in + cols[None, :]
+        gate = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(base + F, mask=mask, other=0.0).to(tl.float32)
+        hidden = gate / (1.0 + tl.exp(-gate)) * up * weight[:, None]
+        out = out_ptr + rows[:, None] * stride_out + cols[None, :]
+        tl.store(out, hidden.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

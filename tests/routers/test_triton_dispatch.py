@@ -44,6 +44,23 @@ def test_kernels_skip_rows_past_the_active_count() -> None:
     assert out[2].isnan().all()
 
 
+def test_gather_and_swiglu_cover_columns_past_one_block() -> None:
+    # widths of several column blocks and a partial last one (the kernels run a 2-D grid)
+    torch.manual_seed(0)
+    rows, width, active_rows = 40, 600, 37
+    x = torch.randn(rows, width, device=DEVICE)
+    src = torch.randperm(rows, device=DEVICE)
+    active = torch.tensor([active_rows], dtype=torch.int32, device=DEVICE)
+    out = triton_dispatch.gather_rows(x, src, active)
+    torch.testing.assert_close(out[:active_rows], x[src[:active_rows]])
+    gate_up = torch.randn(rows, 2 * width, device=DEVICE)
+    weights = torch.rand(rows, device=DEVICE)
+    hidden = triton_dispatch.swiglu_rows(gate_up, weights, active)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up * weights[:, None]
+    torch.testing.assert_close(hidden[:active_rows], expected[:active_rows])
+
+
 def sorted_by_expert(
     indices: torch.Tensor, dropped: torch.Tensor, weights: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, ...]:
