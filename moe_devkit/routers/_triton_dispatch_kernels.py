@@ -29,15 +29,18 @@ def gather_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Program (i, j) copies rows [i * BLOCK_R, ...) x columns [j * BLOCK_D, ...): one load and
-    # one store per program, no loop, so the loads of many programs are in flight together.
-    first = tl.program_id(0).to(tl.int64) * BLOCK_R
+    # Program p copies one [BLOCK_R, BLOCK_D] block: one load and one store, no loop, so the
+    # loads of many programs are in flight together. Column blocks vary fastest, so programs
+    # that run together cover whole rows (contiguous memory).
+    blocks_per_row = tl.cdiv(D, BLOCK_D)
+    pid = tl.program_id(0).to(tl.int64)
+    first = (pid // blocks_per_row) * BLOCK_R
     active = tl.load(active_ptr).to(tl.int64)
     if first < active:
         rows = first + tl.arange(0, BLOCK_R)
         live = rows < active
         src = tl.load(src_ptr + rows, mask=live, other=0)
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+        cols = (pid % blocks_per_row) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = live[:, None] & (cols[None, :] < D)
         values = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], values, mask=mask)
@@ -55,14 +58,16 @@ def swiglu_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    # Program (i, j): rows [i * BLOCK_R, ...) x columns [j * BLOCK_F, ...), as in gather_rows.
-    first = tl.program_id(0).to(tl.int64) * BLOCK_R
+    # Program p: one [BLOCK_R, BLOCK_F] block, column blocks fastest, as in gather_rows.
+    blocks_per_row = tl.cdiv(F, BLOCK_F)
+    pid = tl.program_id(0).to(tl.int64)
+    first = (pid // blocks_per_row) * BLOCK_R
     active = tl.load(active_ptr).to(tl.int64)
     if first < active:
         rows = first + tl.arange(0, BLOCK_R)
         live = rows < active
         weight = tl.load(weight_ptr + rows, mask=live, other=0.0).to(tl.float32)
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+        cols = (pid % blocks_per_row) * BLOCK_F + tl.arange(0, BLOCK_F)
         mask = live[:, None] & (cols[None, :] < F)
         base = gate_up_ptr + rows[:, None] * stride_in + cols[None, :]
         gate = tl.load(base, mask=mask, other=0.0).to(tl.float32)
