@@ -29,18 +29,17 @@ def gather_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Program p copies one [BLOCK_R, BLOCK_D] block: one load and one store, no loop, so the
-    # loads of many programs are in flight together. Column blocks vary fastest, so programs
-    # that run together cover whole rows (contiguous memory).
-    blocks_per_row = tl.cdiv(D, BLOCK_D)
-    pid = tl.program_id(0).to(tl.int64)
-    first = (pid // blocks_per_row) * BLOCK_R
+    # Program (i, j) copies rows [i * BLOCK_R, ...) x columns [j * BLOCK_D, ...): one load and
+    # one store, no loop, so the loads of many programs are in flight together. Row blocks
+    # vary fastest: the programs that run together read one column band of x, which stays in
+    # L2 while its rows are read again for other experts.
+    first = tl.program_id(0).to(tl.int64) * BLOCK_R
     active = tl.load(active_ptr).to(tl.int64)
     if first < active:
         rows = first + tl.arange(0, BLOCK_R)
         live = rows < active
         src = tl.load(src_ptr + rows, mask=live, other=0)
-        cols = (pid % blocks_per_row) * BLOCK_D + tl.arange(0, BLOCK_D)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = live[:, None] & (cols[None, :] < D)
         values = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], values, mask=mask)
@@ -58,7 +57,8 @@ def swiglu_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    # Program p: one [BLOCK_R, BLOCK_F] block, column blocks fastest, as in gather_rows.
+    # Program p: one [BLOCK_R, BLOCK_F] block, no loop. Unlike gather_rows, column blocks
+    # vary fastest (each row is read once: contiguous memory is what counts here).
     blocks_per_row = tl.cdiv(F, BLOCK_F)
     pid = tl.program_id(0).to(tl.int64)
     first = (pid // blocks_per_row) * BLOCK_R
