@@ -145,6 +145,14 @@ def main() -> None:
         "(several spread the graph's launch latency, which a layer inside a model's graph "
         "does not pay)",
     )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=1,
+        help="eager: time this many back-to-back forwards per sample and report the time "
+        "per forward (throughput, as inside a model: the host issues the next forward while "
+        "the GPU runs this one); 1 times an isolated call (latency, host launch time included)",
+    )
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
 
@@ -162,8 +170,11 @@ def main() -> None:
         for _ in range(3):  # warm-up
             for layer in layers.values():
                 layer(x)
-        calls = {name: (lambda layer=layer: layer(x)) for name, layer in layers.items()}
-        per_call = 1
+        per_call = max(1, args.window)
+        calls = {
+            name: (lambda layer=layer: [layer(x) for _ in range(per_call)])
+            for name, layer in layers.items()
+        }
         if args.graph:
             per_call = max(1, args.graph_calls)
             calls = {name: captured(layer, x, per_call) for name, layer in layers.items()}
@@ -180,11 +191,16 @@ def main() -> None:
         "reps": args.reps,
         "cuda_graph": args.graph,
         "forwards_per_graph": args.graph_calls if args.graph else None,
+        "forwards_per_sample": per_call,
     }
     print(f"machine: {result['machine']}")
     print(f"preset {args.preset}: {result['shape']}, {args.dtype}, top_p={config.top_p:.4f}")
-    timing = f"CUDA graph replay, {args.graph_calls} forward(s) per graph" if args.graph else None
-    print("timing: " + (timing or "eager forward"))
+    timing = (
+        f"CUDA graph replay, {per_call} forward(s) per graph"
+        if args.graph
+        else f"eager, {per_call} back-to-back forward(s) per sample"
+    )
+    print(f"timing: {timing}, time per forward")
     print(f"{'layer':8} {'median ms':>10} {'p10':>8} {'p90':>8} {'pairs':>8} {'us/pair':>8}")
     for name in layers:
         s = sorted(samples[name])
