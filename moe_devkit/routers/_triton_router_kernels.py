@@ -18,6 +18,7 @@ from moe_devkit.routers._triton_combine import _add, _max, _min
 @triton.jit
 def route_kernel(
     logits_ptr,  # float32[N, E], unit column stride
+    stride_l,
     cplx_ptr,  # float32[N]: complexity scores (RULE 2 only; not read otherwise)
     probs_ptr,  # float32[N, E] (out): softmax
     entropy_ptr,  # float32[N] (out, RULE 0 and 1): normalised entropy
@@ -26,9 +27,8 @@ def route_kernel(
     k_ptr,  # int64[N] (out): k_per_token
     nonfinite_ptr,  # bool[N] (out)
     dropped_ptr,  # bool[N, K] (out): all False (no capacity limit on this path)
-    part_ptr,  # float64[P, 2 * E_PAD + 4] (out): this program's partial sums, see below
+    part_ptr,  # float64[P, 2 * E_PAD + 4] (out): this program's partial sums, see _route_block
     N,
-    stride_l,
     top_p,
     temperature,
     log_e,
@@ -40,18 +40,115 @@ def route_kernel(
     RULE: tl.constexpr,  # 0: k = K (static), 1: "top_p", 2: "complexity"
     BLOCK_T: tl.constexpr,
 ):
-    # Pass 1: program p routes tokens [p * BLOCK_T, (p + 1) * BLOCK_T) and writes one partial
-    # row: selections per expert, probability sums per expert (finite tokens), then the sum
-    # of z^2, the finite-token count and the sum of expected k. Summed over the block's few
-    # tokens in float32 (counts in int32), stored as float64 so that the second pass adds
-    # many blocks without rounding (counts stay exact).
+    # Pass 1 from logits in memory: program p routes tokens [p * BLOCK_T, (p + 1) * BLOCK_T).
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    live = rows < N
+    cols = tl.arange(0, E_PAD)
+    mask = live[:, None] & (cols < E)[None, :]
+    x = tl.load(logits_ptr + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0)
+    _route_block(
+        x, rows, live, pid, cplx_ptr, probs_ptr, entropy_ptr, idx_ptr, w_ptr, k_ptr,
+        nonfinite_ptr, dropped_ptr, part_ptr, top_p, temperature, log_e,
+        E, E_PAD, K, K_PAD, MIN_K, RULE, BLOCK_T,
+    )  # fmt: skip
+
+
+@triton.jit
+def route_hidden_kernel(
+    h_ptr,  # 16-bit[N, D], unit column stride
+    stride_h,
+    gate_ptr,  # 16-bit[E, D] (same dtype): the gate weight, unit column stride
+    stride_g,
+    logits_ptr,  # float32[N, E] (out, contiguous): router_logits
+    cplx_ptr,  # from here on as in route_kernel
+    probs_ptr,
+    entropy_ptr,
+    idx_ptr,
+    w_ptr,
+    k_ptr,
+    nonfinite_ptr,
+    dropped_ptr,
+    part_ptr,
+    N,
+    top_p,
+    temperature,
+    log_e,
+    D,  # hidden size, a multiple of 16
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,  # power of two >= max(E, 16): tl.dot takes no dimension below 16
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    MIN_K: tl.constexpr,
+    RULE: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # >= 16
+    BLOCK_D: tl.constexpr,  # >= 16
+    STAGES: tl.constexpr,  # software-pipeline depth of the D loop
+):
+    # Pass 1 with the gating matmul: program p computes the float32 logits of its tokens,
+    # h[rows] @ W^T (16-bit products are exact in float32, accumulated in float32 as cuBLAS
+    # does with out_dtype=float32), writes them out as router_logits and routes them from
+    # registers: no separate matmul launch and no logits round trip through memory.
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     live = rows < N
     cols = tl.arange(0, E_PAD)
     col_ok = cols < E
+    depth = tl.arange(0, BLOCK_D)
+    h_rows = h_ptr + rows[:, None] * stride_h  # [BLOCK_T, 1]
+    g_cols = gate_ptr + cols.to(tl.int64)[None, :] * stride_g  # [1, E_PAD]: W^T's columns
+    acc = tl.full([BLOCK_T, E_PAD], 0.0, dtype=tl.float32)
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+        d_ok = (d0 + depth) < D
+        h = tl.load(h_rows + (d0 + depth)[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
+        g = tl.load(g_cols + (d0 + depth)[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(h, g, acc)
     mask = live[:, None] & col_ok[None, :]
-    x = tl.load(logits_ptr + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0)
+    tl.store(logits_ptr + rows[:, None] * E + cols[None, :], acc, mask=mask)
+    # The block route_kernel would load from these logits: 0 outside [N, E]. (A NaN or Inf
+    # token has NaN in its padded columns, NaN * 0; _route_block masks them out anyway.)
+    x = tl.where(mask, acc, 0.0)
+    _route_block(
+        x, rows, live, pid, cplx_ptr, probs_ptr, entropy_ptr, idx_ptr, w_ptr, k_ptr,
+        nonfinite_ptr, dropped_ptr, part_ptr, top_p, temperature, log_e,
+        E, E_PAD, K, K_PAD, MIN_K, RULE, BLOCK_T,
+    )  # fmt: skip
+
+
+@triton.jit
+def _route_block(
+    x,  # float32[BLOCK_T, E_PAD]: the block's logits, 0 past E and on rows past N
+    rows,  # int64[BLOCK_T]: token indices
+    live,  # bool[BLOCK_T]: rows < N
+    pid,  # int64: the program, i.e. this block's partial row
+    cplx_ptr,
+    probs_ptr,
+    entropy_ptr,
+    idx_ptr,
+    w_ptr,
+    k_ptr,
+    nonfinite_ptr,
+    dropped_ptr,
+    part_ptr,
+    top_p,
+    temperature,
+    log_e,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    MIN_K: tl.constexpr,
+    RULE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    # Routes one block of tokens and writes one partial row: selections per expert,
+    # probability sums per expert (finite tokens), then the sum of z^2, the finite-token
+    # count and the sum of expected k. Summed over the block's few tokens in float32 (counts
+    # in int32), stored as float64 so that the second pass adds many blocks without rounding
+    # (counts stay exact).
+    cols = tl.arange(0, E_PAD)
+    col_ok = cols < E
+    mask = live[:, None] & col_ok[None, :]
     bad = ((x != x) | (tl.abs(x) == float("inf"))) & col_ok[None, :]
     nonfinite = tl.reduce(bad.to(tl.int32), 1, _max) > 0
     finite = live & (nonfinite == 0)

@@ -396,13 +396,28 @@ class _RouterBase(nn.Module):
         complexity: torch.Tensor | None = None,
     ) -> RoutingDecision:
         """``_decide`` without autograd, capacity or policy "raise": the gating matmul, then
-        softmax, top-k, k, masks, weights and losses in two Triton kernels (no host sync)."""
+        softmax, top-k, k, masks, weights and losses in two Triton kernels (no host sync).
+
+        For 16-bit inputs that ``triton_router.supports_hidden`` takes, the matmul runs in
+        the first of those kernels (``route_hidden``) instead of cuBLAS: its time is then
+        counted in the "select_k" span, and the "gating" span, kept so that every path
+        reports the same stages, is empty. Other inputs (float32 among them) take ``_logits``
+        and ``route``. Autograd off and a device the kernels run on are ``_takes_fused_path``'s
+        conditions, already met here.
+        """
+        weight = self.router_network.weight
+        fuse_gating = triton_router.supports_hidden(flat, weight)
         with record_function(span_name("gating")):
-            router_logits = self._logits(flat)
+            router_logits = None if fuse_gating else self._logits(flat)
         with record_function(span_name("select_k")):
-            fused = triton_router.route(
-                router_logits, self.config, rule=rule, max_k=max_k, complexity=complexity
-            )
+            if router_logits is None:
+                router_logits, fused = triton_router.route_hidden(
+                    flat, weight, self.config, rule=rule, max_k=max_k, complexity=complexity
+                )
+            else:
+                fused = triton_router.route(
+                    router_logits, self.config, rule=rule, max_k=max_k, complexity=complexity
+                )
             return RoutingDecision(
                 **fused._asdict(), router_logits=router_logits, batch_shape=batch_shape
             )

@@ -6,6 +6,9 @@ three losses): launches, not arithmetic, bound them on a GPU. Here one kernel ro
 of tokens (softmax, entropy, top-K by K rounds of arg-max, k, indices, weights) and writes
 one row of partial loss sums per block; a second, one-program kernel adds those rows in a
 fixed order (deterministic, no atomics) and writes the losses. No host synchronisation.
+``route_hidden`` starts one step earlier, from 16-bit hidden states and the gate weight: its
+first kernel computes each block's logits with ``tl.dot`` and routes them in registers, in
+place of a cuBLAS matmul launch and a write and re-read of the logits.
 
 Results: probabilities, weights, entropy and losses equal the PyTorch ops' up to float32
 rounding (the losses are summed in float64); indices and k are equal unless two
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from types import ModuleType
 from typing import Literal, NamedTuple
 
@@ -29,7 +33,16 @@ import torch
 from moe_devkit.config import RouterConfig
 from moe_devkit.routers import triton_grouped
 
-__all__ = ["MAX_EXPERTS", "FusedRouting", "KRule", "is_available", "route", "supports"]
+__all__ = [
+    "MAX_EXPERTS",
+    "FusedRouting",
+    "KRule",
+    "is_available",
+    "route",
+    "route_hidden",
+    "supports",
+    "supports_hidden",
+]
 
 MAX_EXPERTS = 256
 """Most experts the kernels take: a block holds whole rows of E (padded to a power of two)."""
@@ -47,6 +60,19 @@ _BLOCK_ELEMENTS = 1024
 # 256 rows per step and 8 warps took 19-21 us on an H100 where 64 rows and 4 warps took 42.
 _BLOCK_PARTIALS = 256  # partial rows per step of the losses kernel
 _LOSSES_WARPS = 8
+# route_hidden_kernel: one [BLOCK_T, E_PAD] float32 logits block per program, from
+# [BLOCK_T, 64] x [64, E_PAD] tl.dot tiles over a D loop pipelined 4 deep, 4 warps. A
+# stand-alone Triton matmul of 64-token blocks so shaped was timed at ~8.8 us on an H100 where
+# cuBLAS took ~10 (8192 x 2048 x 64, bfloat16). First guesses, not yet timed fused on an
+# H100: compiled for sm_90 without a GPU (Triton's own ptxas), E = 64 at 64 tokens took
+# 180-240 registers a thread (wgmma, no spills, 64 KiB of shared memory); 8 warps or 32
+# tokens halve that, and 8192 tokens make only 128 programs of 64: time those against them.
+_HIDDEN_DTYPES = (torch.bfloat16, torch.float16)
+_HIDDEN_BLOCK_T = 64  # tokens per program, fewer where E_PAD > 64 (see the next line)
+_HIDDEN_BLOCK_ELEMENTS = 4096  # most logits per program: BLOCK_T * E_PAD
+_HIDDEN_BLOCK_D = 64  # hidden features per step of the D loop
+_HIDDEN_STAGES = 4  # pipeline depth of the D loop
+_HIDDEN_WARPS = 4
 
 
 class FusedRouting(NamedTuple):
@@ -113,6 +139,13 @@ def _check(
         raise ValueError(
             f"route takes 1 to {MAX_EXPERTS} experts; got {num_experts} (use the PyTorch path)"
         )
+    _check_rule(num_tokens, num_experts, rule, max_k, complexity)
+
+
+def _check_rule(
+    num_tokens: int, num_experts: int, rule: str, max_k: int, complexity: torch.Tensor | None
+) -> None:
+    """Raises ValueError unless rule, max_k and complexity fit N tokens and E experts."""
     if rule not in _RULES:
         raise ValueError(f"rule must be one of {tuple(_RULES)}; got rule={rule!r}")
     if not 1 <= max_k <= num_experts:
@@ -161,12 +194,155 @@ def route(
     """
     _check(router_logits, rule, max_k, complexity)
     logits = router_logits.contiguous()
-    (num_tokens, num_experts), device = logits.shape, logits.device
-    e_pad = _pow2(num_experts)  # >= 2, as are the slots: no size-1 block dimension
+    e_pad = _pow2(logits.shape[1])  # >= 2, as are the slots: no size-1 block dimension
     block = min(64, max(16, _BLOCK_ELEMENTS // e_pad))
-    num_warps = min(8, max(4, block * e_pad // 256))
-    programs = max(1, -(-num_tokens // block))
-    probs = torch.empty_like(logits)
+
+    def launch(grid: tuple[int], *args: object, **meta: object) -> None:
+        _kernels().route_kernel[grid](
+            logits, logits.stride(0), *args, **meta,
+            num_warps=min(8, max(4, block * e_pad // 256)),
+        )  # fmt: skip
+
+    return _route_blocks(
+        launch, logits.shape, logits.device, config, rule=rule, max_k=max_k,
+        complexity=complexity, e_pad=e_pad, block=block,
+    )  # fmt: skip
+
+
+def supports_hidden(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``route_hidden`` takes these operands (it raises where this is False).
+
+    Args:
+        hidden: the hidden states, [N, D].
+        weight: the gate weight, [E, D] (``nn.Linear``'s layout).
+    """
+    return (
+        hidden.dtype in _HIDDEN_DTYPES
+        and weight.dtype == hidden.dtype
+        and (hidden.is_cuda or hidden.dtype != torch.bfloat16)  # see _check_hidden
+        and weight.device == hidden.device
+        and hidden.dim() == 2
+        and weight.dim() == 2
+        and hidden.stride(1) == 1
+        and weight.stride(1) == 1
+        and hidden.shape[1] % 16 == 0
+        and weight.shape[1] == hidden.shape[1]
+        and supports(weight.shape[0])
+    )
+
+
+def route_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    config: RouterConfig,
+    *,
+    rule: KRule,
+    max_k: int,
+    complexity: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, FusedRouting]:
+    """``route(hidden @ weight.T in float32, ...)`` with the matmul in the routing kernel.
+
+    Each program computes the float32 logits of its block of tokens with ``tl.dot`` (16-bit
+    products, float32 accumulation, as ``torch.mm(..., out_dtype=torch.float32)``), writes
+    them out and routes them from registers: one launch fewer than the cuBLAS matmul and
+    ``route``, and no re-read of the logits. The routing is ``route``'s on those logits.
+
+    Args:
+        hidden: 16-bit float[N, D] hidden states, unit column stride, D a multiple of 16;
+            float16 only off CUDA (in Triton's interpreter).
+        weight: the gate weight, [E, D] of hidden's dtype and device, unit column stride,
+            1 <= E <= MAX_EXPERTS.
+        config, rule, max_k, complexity: as in ``route``.
+
+    Returns:
+        router_logits float32[N, E] and the routing, as ``route`` returns it.
+
+    Raises:
+        TypeError: hidden or weight not 16-bit float, of different dtypes or devices, or
+            bfloat16 off CUDA.
+        ValueError: a shape or stride ``supports_hidden`` refuses, or an argument ``route``
+            refuses.
+    """
+    _check_hidden(hidden, weight)
+    (num_tokens, hidden_size), num_experts = hidden.shape, weight.shape[0]
+    _check_rule(num_tokens, num_experts, rule, max_k, complexity)
+    router_logits = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=hidden.device)
+    e_pad = max(16, _pow2(num_experts))  # tl.dot takes no dimension below 16
+    block = min(_HIDDEN_BLOCK_T, _HIDDEN_BLOCK_ELEMENTS // e_pad)  # >= 16 for E <= 256
+
+    def launch(grid: tuple[int], *args: object, **meta: object) -> None:
+        _kernels().route_hidden_kernel[grid](
+            hidden, hidden.stride(0), weight, weight.stride(0), router_logits, *args,
+            hidden_size, **meta,
+            BLOCK_D=_HIDDEN_BLOCK_D, STAGES=_HIDDEN_STAGES, num_warps=_HIDDEN_WARPS,
+        )  # fmt: skip
+
+    routing = _route_blocks(
+        launch, router_logits.shape, hidden.device, config, rule=rule, max_k=max_k,
+        complexity=complexity, e_pad=e_pad, block=block,
+    )  # fmt: skip
+    return router_logits, routing
+
+
+def _check_hidden(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """Raises TypeError/ValueError unless ``supports_hidden(hidden, weight)``."""
+    if hidden.dtype not in _HIDDEN_DTYPES or weight.dtype != hidden.dtype:
+        raise TypeError(
+            "hidden and weight must both be bfloat16 or both float16; got "
+            f"hidden={hidden.dtype}, weight={weight.dtype} (use route for other dtypes)"
+        )
+    if hidden.dtype == torch.bfloat16 and not hidden.is_cuda:
+        # Triton 3.9's interpreter keeps bfloat16 as uint16 arrays and its tl.dot multiplies
+        # those bit patterns as integers: logits of 1e10 instead of 1.
+        raise TypeError(
+            "hidden must be float16 off CUDA (Triton's interpreter multiplies bfloat16 "
+            f"wrongly); got {hidden.dtype} on {hidden.device}"
+        )
+    if weight.device != hidden.device:
+        raise TypeError(
+            f"weight must be on hidden's device {hidden.device}; got weight on {weight.device}"
+        )
+    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            "hidden must be [N, D] and weight [E, D] with the same D; got "
+            f"hidden {list(hidden.shape)}, weight {list(weight.shape)}"
+        )
+    if hidden.shape[1] % 16:
+        raise ValueError(
+            f"hidden's D must be a multiple of 16; got D={hidden.shape[1]} (use route)"
+        )
+    if not supports(weight.shape[0]):
+        raise ValueError(
+            f"weight must have 1 to {MAX_EXPERTS} rows (experts); got {weight.shape[0]} "
+            "(use the PyTorch path)"
+        )
+    if hidden.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(
+            "hidden and weight must have unit column stride (rows contiguous); got strides "
+            f"hidden {hidden.stride()}, weight {weight.stride()} (call .contiguous())"
+        )
+
+
+def _route_blocks(
+    launch: Callable[..., None],
+    shape: torch.Size,
+    device: torch.device,
+    config: RouterConfig,
+    *,
+    rule: KRule,
+    max_k: int,
+    complexity: torch.Tensor | None,
+    e_pad: int,
+    block: int,
+) -> FusedRouting:
+    """Allocates the outputs, runs ``launch`` (the first pass) and the losses kernel.
+
+    ``launch(grid, *args, **meta)`` launches route_kernel or route_hidden_kernel with its own
+    inputs followed by ``args`` (the complexity, the outputs and N) and ``meta``.
+    """
+    num_tokens, num_experts = shape
+    programs = max(1, triton_grouped._cdiv(num_tokens, block))
+    probs = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=device)
     indices = torch.empty(num_tokens, max_k, dtype=torch.int64, device=device)
     weights = torch.empty(num_tokens, max_k, dtype=torch.float32, device=device)
     k_per_token = torch.empty(num_tokens, dtype=torch.int64, device=device)
@@ -179,22 +355,20 @@ def route(
     )
     partials = torch.empty(programs, 2 * e_pad + 4, dtype=torch.float64, device=device)
     losses = torch.empty(4, dtype=torch.float32, device=device)
-    kernels = _kernels()
     if num_tokens:
-        kernels.route_kernel[(programs,)](
-            logits, scores, probs, scores, indices, weights, k_per_token, nonfinite, dropped,
-            partials,
-            num_tokens, logits.stride(0), float(config.top_p), float(config.k_temperature),
+        launch(
+            (programs,),
+            scores, probs, scores, indices, weights, k_per_token, nonfinite, dropped, partials,
+            num_tokens, float(config.top_p), float(config.k_temperature),
             math.log(num_experts) if num_experts > 1 else 1.0,
             E=num_experts, E_PAD=e_pad, K=max_k, K_PAD=_pow2(max_k),
             MIN_K=1 if rule == "static" else config.min_k,
             RULE=_RULES[rule], BLOCK_T=block,
-            num_warps=num_warps,
             enable_fp_fusion=False,  # no fused multiply-adds: float32 rounded as torch rounds
         )  # fmt: skip
     else:
         partials.zero_()
-    kernels.losses_kernel[(1,)](
+    _kernels().losses_kernel[(1,)](
         partials, losses, programs,
         float(config.load_balance_coef), float(config.z_loss_coef),
         float(config.compute_cost_coef),

@@ -2,14 +2,18 @@
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before the
 kernels are first built) on CPU tensors; with CUDA the compiled kernels run on the GPU, and
-the `gpu` test checks that the fused path never synchronises. A router called under
+the `gpu` tests check that the fused path never synchronises. A router called under
 ``torch.no_grad()`` takes the fused path; the same router with autograd on is the reference.
+16-bit hidden states take ``route_hidden`` (the gating matmul in the routing kernel); its
+tests use float16 on the CPU, since the interpreter's tl.dot multiplies bfloat16 (stored as
+uint16) as integers, and bfloat16 on a GPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from triton_support import (  # sets TRITON_INTERPRET first
@@ -23,6 +27,7 @@ from moe_devkit.config import RouterConfig
 from moe_devkit.routers import triton_router
 from moe_devkit.routers.torch_router import (
     DynamicMoERouter,
+    MoELayer,
     RoutingDecision,
     StaticTopKRouter,
     span_name,
@@ -53,9 +58,11 @@ SHAPES = [
 ]
 
 
-def config(num_experts: int, max_k: int, min_k: int, **overrides: object) -> RouterConfig:
+def config(
+    num_experts: int, max_k: int, min_k: int, *, hidden_size: int = 12, **overrides: object
+) -> RouterConfig:
     return RouterConfig(  # type: ignore[arg-type]
-        hidden_size=12,
+        hidden_size=hidden_size,
         num_experts=num_experts,
         max_k=max_k,
         min_k=min_k,
@@ -112,6 +119,20 @@ def route_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(triton_router, "route", spy)
+    yield calls
+
+
+@pytest.fixture
+def route_hidden_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Records the rule of every ``triton_router.route_hidden`` call."""
+    calls: list[str] = []
+    original = triton_router.route_hidden
+
+    def spy(*args: object, **kwargs: object) -> tuple[torch.Tensor, triton_router.FusedRouting]:
+        calls.append(str(kwargs["rule"]))
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_router, "route_hidden", spy)
     yield calls
 
 
@@ -251,6 +272,178 @@ def test_route_rejects_what_the_kernels_do_not_take() -> None:
         triton_router.route(logits, cfg, rule="top_k", max_k=3)  # type: ignore[arg-type]
 
 
+# ------------------------------------------------------- route_hidden: the matmul in the kernel
+
+HIDDEN_DTYPE = torch.bfloat16 if HAS_CUDA else torch.float16  # see the module docstring
+# (N, E, max_k, min_k, D): N not a multiple of the 64-token block (16 tokens at E = 130), E not
+# a power of two (6: below tl.dot's 16), D one partial step of the 64-wide D loop, two, or one
+HIDDEN_SHAPES = [(37, 6, 3, 1, 48), (70, 20, 4, 2, 80), (40, 130, 4, 2, 64)]
+
+
+@pytest.fixture
+def nan_in_matmul() -> Iterator[None]:
+    """Silences numpy's warning where NaN and Inf tokens give NaN logits (NaN * w, Inf - Inf).
+
+    The interpreter's tl.dot is numpy's matmul, which warns; the compiled kernel and torch
+    do the same arithmetic silently. (A filterwarnings mark would not do: the module's
+    "error" filter, applied after the test's own, wins.)
+    """
+    with np.errstate(invalid="ignore"):
+        yield
+
+
+def hidden_operands(
+    n: int, experts: int, d: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """16-bit hidden[N, D] with a NaN token and an +Inf element, and weight[E, D]."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g)
+    hidden[1] = float("nan")
+    hidden[n // 2, 0] = float("inf")
+    weight = torch.randn(experts, d, generator=g) * (3 / d**0.5)  # peaky: k varies
+    return hidden.to(DEVICE, HIDDEN_DTYPE), weight.to(DEVICE, HIDDEN_DTYPE)
+
+
+@pytest.mark.usefixtures("nan_in_matmul")
+@pytest.mark.parametrize("rule", ["static", "top_p", "complexity"])
+@pytest.mark.parametrize(("n", "experts", "max_k", "min_k", "d"), HIDDEN_SHAPES)
+def test_route_hidden_routes_its_logits_as_route_does(
+    rule: triton_router.KRule, n: int, experts: int, max_k: int, min_k: int, d: int
+) -> None:
+    hidden, weight = hidden_operands(n, experts, d)
+    cfg = config(experts, max_k, min_k, hidden_size=d, top_p=0.6, k_temperature=0.3)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    complexity = scores if rule == "complexity" else None
+    logits, fused = triton_router.route_hidden(
+        hidden, weight, cfg, rule=rule, max_k=max_k, complexity=complexity
+    )
+    expected = hidden.float() @ weight.float().t()
+    assert (logits.dtype, logits.shape) == (torch.float32, (n, experts))
+    torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-5, equal_nan=True)
+    assert fused.nonfinite[1] and fused.nonfinite[n // 2] and int(fused.nonfinite.sum()) == 2
+    reference = triton_router.route(logits, cfg, rule=rule, max_k=max_k, complexity=complexity)
+    for name, got in fused._asdict().items():
+        expected = getattr(reference, name)
+        assert (got.dtype, got.shape) == (expected.dtype, expected.shape), name
+        if got.is_floating_point():  # the losses add other blocks (E padded to 16 or more)
+            torch.testing.assert_close(got, expected, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(got, expected), name
+    if rule == "top_p":
+        assert len(set(fused.k_per_token.tolist())) > 2  # k varies (and 0 on non-finite)
+
+
+def fp16_router(kind: str, experts: int = 20, d: int = 48) -> DynamicMoERouter | StaticTopKRouter:
+    torch.manual_seed(5)
+    cfg = config(experts, 4, 2, hidden_size=d, mode="top_p" if kind == "top_p" else "complexity")
+    router = StaticTopKRouter(cfg, k=3) if kind == "static" else DynamicMoERouter(cfg)
+    with torch.no_grad():
+        router.router_network.weight.mul_(3.0)
+        if isinstance(router, DynamicMoERouter) and router.complexity_estimator is not None:
+            router.complexity_estimator.fc2.weight.mul_(30.0)
+    return router.to(DEVICE, HIDDEN_DTYPE)
+
+
+@pytest.mark.usefixtures("nan_in_matmul")
+@pytest.mark.parametrize("kind", ["static", "top_p", "complexity"])
+def test_router_takes_route_hidden_for_16_bit_inputs(
+    kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    route_calls: list[str],
+    route_hidden_calls: list[str],
+) -> None:
+    """Same decision as the fused path with the matmul apart (cuBLAS, or F.linear in float32
+    on the CPU), up to the logits' rounding: another summation order."""
+    router = fp16_router(kind)
+    x = hidden_operands(70, 20, 48, seed=6)[0].view(2, 35, 48)
+    with torch.no_grad():
+        fused = router(x)
+        assert (route_hidden_calls, route_calls) == ([kind], [])
+        monkeypatch.setattr(triton_router, "supports_hidden", lambda *_: False)
+        apart = router(x)
+        assert route_calls == [kind]
+    assert fused.batch_shape == (2, 35) and int(fused.nonfinite.sum()) == 2
+    top_p = router.config.top_p if kind == "top_p" else None
+    assert_same_on_gpu(fused, apart, top_p=top_p, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.usefixtures("nan_in_matmul")
+def test_layer_output_with_route_hidden_matches(
+    monkeypatch: pytest.MonkeyPatch, route_hidden_calls: list[str]
+) -> None:
+    torch.manual_seed(7)
+    cfg = config(6, 3, 1, hidden_size=32, mode="top_p", expert_hidden_size=16)
+    layer = MoELayer(cfg).to(DEVICE, HIDDEN_DTYPE)
+    x = hidden_operands(45, 6, 32, seed=7)[0]
+    with torch.no_grad():
+        fused = layer(x)
+        monkeypatch.setattr(triton_router, "supports_hidden", lambda *_: False)
+        apart = layer(x)
+    assert route_hidden_calls == ["top_p"]
+    assert_same_on_gpu(fused.routing, apart.routing, top_p=cfg.top_p, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.hidden_states, apart.hidden_states, equal_nan=True)
+
+
+def test_float32_inputs_keep_the_matmul_apart(
+    route_calls: list[str], route_hidden_calls: list[str]
+) -> None:
+    router = fp16_router("top_p").float()
+    with torch.no_grad():
+        router(torch.randn(10, 48, device=DEVICE))
+    assert (route_calls, route_hidden_calls) == (["top_p"], [])
+
+
+def test_supports_hidden_only_16_bit_operands_of_one_dtype_and_16_aligned_d() -> None:
+    h = torch.randn(8, 32, device=DEVICE, dtype=HIDDEN_DTYPE)
+    w = torch.randn(6, 32, device=DEVICE, dtype=HIDDEN_DTYPE)
+    other = torch.float16 if HAS_CUDA else torch.bfloat16  # the other 16-bit dtype
+    assert triton_router.supports_hidden(h, w)
+    assert not triton_router.supports_hidden(h.float(), w.float())
+    assert not triton_router.supports_hidden(h, w.to(other))
+    assert not triton_router.supports_hidden(h[:, :24], w[:, :24])  # D % 16 != 0
+    assert not triton_router.supports_hidden(h[:, :16], w)  # D differs
+    assert not triton_router.supports_hidden(h[:, ::2], w[:, :16])  # column stride 2
+    assert not triton_router.supports_hidden(h[0], w)  # not [N, D]
+    many = torch.randn(triton_router.MAX_EXPERTS + 1, 32, dtype=HIDDEN_DTYPE, device=DEVICE)
+    assert not triton_router.supports_hidden(h, many)
+    if not HAS_CUDA:  # the interpreter's tl.dot multiplies bfloat16 bits as integers
+        assert not triton_router.supports_hidden(h.bfloat16(), w.bfloat16())
+
+
+def test_route_hidden_rejects_what_the_kernel_does_not_take() -> None:
+    cfg = config(6, 3, 1, hidden_size=32)
+    h = torch.randn(5, 32, device=DEVICE, dtype=HIDDEN_DTYPE)
+    w = torch.randn(6, 32, device=DEVICE, dtype=HIDDEN_DTYPE)
+
+    def call(hidden: torch.Tensor, weight: torch.Tensor, **kwargs: object) -> None:
+        args: dict[str, object] = {"rule": "top_p", "max_k": 3, **kwargs}
+        triton_router.route_hidden(hidden, weight, cfg, **args)  # type: ignore[arg-type]
+
+    with pytest.raises(TypeError, match=r"hidden and weight .*got hidden=torch.float32"):
+        call(h.float(), w.float())
+    with pytest.raises(TypeError, match=r"weight=torch.float32"):
+        call(h, w.float())
+    with pytest.raises(ValueError, match=r"weight \[E, D\] with the same D; got hidden \[5, 32\]"):
+        call(h, w[:, :16])
+    with pytest.raises(ValueError, match=r"D must be a multiple of 16; got D=24"):
+        call(h[:, :24], w[:, :24])
+    with pytest.raises(ValueError, match=r"weight must have 1 to 256 rows .*got 257"):
+        call(h, torch.randn(257, 32, device=DEVICE, dtype=HIDDEN_DTYPE))
+    with pytest.raises(ValueError, match=r"unit column stride"):
+        call(h.t().contiguous().t(), w)
+    with pytest.raises(ValueError, match=r"max_k must be in \[1, num_experts=6\]; got max_k=7"):
+        call(h, w, max_k=7)
+    with pytest.raises(ValueError, match=r"rule must be one of"):
+        call(h, w, rule="top_k")
+    with pytest.raises(ValueError, match=r"complexity must be given"):
+        call(h, w, rule="complexity")
+    with pytest.raises(ValueError, match=r"complexity must have shape \[N\]=\[5\]"):
+        call(h, w, rule="complexity", complexity=torch.rand(4, device=DEVICE))
+    if not HAS_CUDA:
+        with pytest.raises(TypeError, match=r"hidden must be float16 off CUDA"):
+            call(h.bfloat16(), w.bfloat16())
+
+
 @pytest.mark.gpu
 def test_fused_path_makes_no_host_sync_on_cuda() -> None:
     torch.manual_seed(4)
@@ -282,14 +475,57 @@ def test_fused_path_makes_no_host_sync_on_cuda() -> None:
         assert_same_on_gpu(fused, reference, top_p=threshold)
 
 
+@pytest.mark.gpu
+def test_route_hidden_path_makes_no_host_sync_on_cuda(
+    monkeypatch: pytest.MonkeyPatch, route_hidden_calls: list[str]
+) -> None:
+    torch.manual_seed(4)
+    sizes: dict[str, object] = dict(
+        hidden_size=64, num_experts=64, max_k=8, min_k=2, complexity_hidden_size=32
+    )
+    top_p = RouterConfig(**sizes, mode="top_p", top_p=0.5)  # type: ignore[arg-type]
+    complexity = RouterConfig(**sizes)  # type: ignore[arg-type]
+    routers = [
+        (DynamicMoERouter(top_p), 0.5),
+        (DynamicMoERouter(complexity), None),
+        (StaticTopKRouter(complexity, k=6), None),
+    ]
+    x = torch.randn(2048, 64, device="cuda", dtype=torch.bfloat16)
+    x[3, 5], x[700, 0] = float("nan"), float("-inf")
+    for router, threshold in routers:
+        router.to("cuda", torch.bfloat16)
+        with torch.no_grad():
+            router(x)  # warm-up: kernels compiled
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad():
+                fused = router(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        with monkeypatch.context() as patch, torch.no_grad():
+            patch.setattr(triton_router, "supports_hidden", lambda *_: False)
+            apart = router(x)  # cuBLAS's float32-result matmul, then route
+        # the two matmuls sum in different orders: logits equal up to float32 rounding
+        assert_same_on_gpu(fused, apart, top_p=threshold, rtol=1e-4, atol=1e-5)
+    calls = ["top_p", "top_p", "complexity", "complexity", "static", "static"]  # warm-up, run
+    assert route_hidden_calls == calls
+
+
 def assert_same_on_gpu(
-    fused: RoutingDecision, reference: RoutingDecision, *, top_p: float | None
+    fused: RoutingDecision,
+    reference: RoutingDecision,
+    *,
+    top_p: float | None,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
 ) -> None:
     """``assert_same_decision``, except that indices and k may differ on tokens with a near-tie
-    (the GPU's exp and summation orders round differently from torch's kernels)."""
+    (the GPU's exp and summation orders round differently from torch's kernels, and
+    ``route_hidden``'s matmul sums in another order than the reference's)."""
     for name in CLOSE:
         got, expected = getattr(fused, name), getattr(reference, name).detach()
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, equal_nan=True)
     for name in EXACT:
         got, expected = getattr(fused, name), getattr(reference, name)
         assert (got.dtype, got.shape) == (expected.dtype, expected.shape), name
