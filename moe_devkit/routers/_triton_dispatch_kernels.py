@@ -59,7 +59,7 @@ def swiglu_rows_kernel(
 ):
     # Program p: one [BLOCK_R, BLOCK_F] block, no loop. Unlike gather_rows, column blocks
     # vary fastest (each row is read once: contiguous memory is what counts here).
-    blocks_per_row = tl.cdiv(F, BLOCK_F)
+    blocks_per_row = (F + BLOCK_F - 1) // BLOCK_F  # not tl.cdiv (see _triton_grouped_kernels)
     pid = tl.program_id(0).to(tl.int64)
     first = (pid // blocks_per_row) * BLOCK_R
     active = tl.load(active_ptr).to(tl.int64)
