@@ -58,8 +58,9 @@ _RULES: dict[str, int] = {"static": 0, "top_p": 1, "complexity": 2}
 _BLOCK_ELEMENTS = 1024
 # The losses kernel adds one partial row per 16 tokens at E = 64 (512 rows at 8192 tokens):
 # 256 rows per step and 8 warps took 19-21 us on an H100 where 64 rows and 4 warps took 42.
-_BLOCK_PARTIALS = 256  # partial rows per step of the losses kernel
-_LOSSES_WARPS = 8
+_BLOCK_PARTIALS = 256  # most partial rows per step of the losses kernel
+_LOSSES_WARPS = 8  # 4 where a step holds <= 128 rows: for 128 partial rows (8192 tokens),
+# 128 rows x 4 warps took 4.3 us on an H100, 256 x 8 5.4 us, 64 x 4 8.3 us
 # route_hidden_kernel: one [BLOCK_T, E_PAD] float32 logits block per program, from
 # [BLOCK_T, 64] x [64, E_PAD] tl.dot tiles over a D loop pipelined 4 deep, 4 warps. A
 # stand-alone Triton matmul of 64-token blocks so shaped was timed at ~8.8 us on an H100 where
@@ -368,12 +369,13 @@ def _route_blocks(
         )  # fmt: skip
     else:
         partials.zero_()
+    block_p = min(_BLOCK_PARTIALS, max(16, _pow2(programs)))
     _kernels().losses_kernel[(1,)](
         partials, losses, programs,
         float(config.load_balance_coef), float(config.z_loss_coef),
         float(config.compute_cost_coef),
-        E=num_experts, E_PAD=e_pad, K=max_k, BLOCK_P=_BLOCK_PARTIALS,
-        num_warps=_LOSSES_WARPS, enable_fp_fusion=False,
+        E=num_experts, E_PAD=e_pad, K=max_k, BLOCK_P=block_p,
+        num_warps=_LOSSES_WARPS if block_p > 128 else 4, enable_fp_fusion=False,
     )  # fmt: skip
     lb_loss, z_loss, compute_loss, aux_loss = losses.unbind()
     return FusedRouting(
