@@ -62,18 +62,16 @@ _BLOCK_PARTIALS = 256  # most partial rows per step of the losses kernel
 _LOSSES_WARPS = 8  # 4 where a step holds <= 128 rows: for 128 partial rows (8192 tokens),
 # 128 rows x 4 warps took 4.3 us on an H100, 256 x 8 5.4 us, 64 x 4 8.3 us
 # route_hidden_kernel: one [BLOCK_T, E_PAD] float32 logits block per program, from
-# [BLOCK_T, 64] x [64, E_PAD] tl.dot tiles over a D loop pipelined 4 deep, 4 warps. A
-# stand-alone Triton matmul of 64-token blocks so shaped was timed at ~8.8 us on an H100 where
-# cuBLAS took ~10 (8192 x 2048 x 64, bfloat16). First guesses, not yet timed fused on an
-# H100: compiled for sm_90 without a GPU (Triton's own ptxas), E = 64 at 64 tokens took
-# 180-240 registers a thread (wgmma, no spills, 64 KiB of shared memory); 8 warps or 32
-# tokens halve that, and 8192 tokens make only 128 programs of 64: time those against them.
+# [BLOCK_T, BLOCK_D] x [BLOCK_D, E_PAD] tl.dot tiles over a pipelined D loop. Timed on an H100
+# (8192 tokens x 2048, 64 experts, bfloat16, top_p, in a CUDA graph, with the losses kernel):
+# cuBLAS matmul + route 29.9 us; fused, 64 tokens: D steps of 128, 4 stages, 8 warps 22.9 us
+# (4 warps 23.2), D steps of 64 25.1-28.4 us; 32 tokens 27.6-31.9 us.
 _HIDDEN_DTYPES = (torch.bfloat16, torch.float16)
 _HIDDEN_BLOCK_T = 64  # tokens per program, fewer where E_PAD > 64 (see the next line)
 _HIDDEN_BLOCK_ELEMENTS = 4096  # most logits per program: BLOCK_T * E_PAD
-_HIDDEN_BLOCK_D = 64  # hidden features per step of the D loop
+_HIDDEN_BLOCK_D = 128  # hidden features per step of the D loop
 _HIDDEN_STAGES = 4  # pipeline depth of the D loop
-_HIDDEN_WARPS = 4
+_HIDDEN_WARPS = 8
 
 
 class FusedRouting(NamedTuple):
