@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from moe_devkit import MoELayer, RouterConfig, StaticTopKRouter
+from moe_devkit.diagnostics.perf_stats import bootstrap_median_ci
 from moe_devkit.reporting import write_atomic
 
 PRESETS = {
@@ -213,8 +214,21 @@ def main() -> None:
         print(f"{name:8} {med:10.3f} {p10:8.3f} {p90:8.3f} {pairs[name]:8d} {per_pair:8.4f}")
     time_ratio = result["dynamic"]["median_ms"] / result["static"]["median_ms"]
     pair_ratio = pairs["dynamic"] / pairs["static"]
-    result.update(time_ratio=time_ratio, pair_ratio=pair_ratio)
-    print(f"dynamic/static: time {time_ratio:.3f}, active pairs {pair_ratio:.3f}")
+    # each rep timed static then dynamic back to back: the ratio within a rep, and the
+    # bootstrap CI of its median, say how far the run's noise moves the ratio
+    per_rep = [d / s for s, d in zip(samples["static"], samples["dynamic"], strict=True)]
+    median_rep, low, high = bootstrap_median_ci(per_rep, confidence=0.95)
+    result.update(
+        time_ratio=time_ratio,
+        pair_ratio=pair_ratio,
+        rep_ratio_median=median_rep,
+        rep_ratio_ci95=[low, high],
+    )
+    print(
+        f"dynamic/static: time {time_ratio:.3f} (per rep: median {median_rep:.3f}, 95% CI "
+        f"{low:.3f}-{high:.3f}), active pairs {pair_ratio:.3f}; "
+        f"time ratio / pair ratio {time_ratio / pair_ratio:.3f}"
+    )
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=2) + "\n")
 
