@@ -444,19 +444,24 @@ def test_route_hidden_rejects_what_the_kernel_does_not_take() -> None:
             call(h.bfloat16(), w.bfloat16())
 
 
-@pytest.mark.gpu
-def test_fused_path_makes_no_host_sync_on_cuda() -> None:
+def sync_test_routers() -> list[tuple[DynamicMoERouter | StaticTopKRouter, float | None]]:
+    """The three rules at E = 64 for the no-sync tests, each with its top_p (or None)."""
     torch.manual_seed(4)
     sizes: dict[str, object] = dict(
         hidden_size=64, num_experts=64, max_k=8, min_k=2, complexity_hidden_size=32
     )
     top_p = RouterConfig(**sizes, mode="top_p", top_p=0.5)  # type: ignore[arg-type]
     complexity = RouterConfig(**sizes)  # type: ignore[arg-type]
-    routers = [
+    return [
         (DynamicMoERouter(top_p), 0.5),
         (DynamicMoERouter(complexity), None),
         (StaticTopKRouter(complexity, k=6), None),
     ]
+
+
+@pytest.mark.gpu
+def test_fused_path_makes_no_host_sync_on_cuda() -> None:
+    routers = sync_test_routers()
     x = torch.randn(2048, 64, device="cuda")
     x[3, 5], x[700, 0] = float("nan"), float("-inf")
     for router, threshold in routers:
@@ -479,17 +484,7 @@ def test_fused_path_makes_no_host_sync_on_cuda() -> None:
 def test_route_hidden_path_makes_no_host_sync_on_cuda(
     monkeypatch: pytest.MonkeyPatch, route_hidden_calls: list[str]
 ) -> None:
-    torch.manual_seed(4)
-    sizes: dict[str, object] = dict(
-        hidden_size=64, num_experts=64, max_k=8, min_k=2, complexity_hidden_size=32
-    )
-    top_p = RouterConfig(**sizes, mode="top_p", top_p=0.5)  # type: ignore[arg-type]
-    complexity = RouterConfig(**sizes)  # type: ignore[arg-type]
-    routers = [
-        (DynamicMoERouter(top_p), 0.5),
-        (DynamicMoERouter(complexity), None),
-        (StaticTopKRouter(complexity, k=6), None),
-    ]
+    routers = sync_test_routers()
     x = torch.randn(2048, 64, device="cuda", dtype=torch.bfloat16)
     x[3, 5], x[700, 0] = float("nan"), float("-inf")
     for router, threshold in routers:
