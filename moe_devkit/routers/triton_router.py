@@ -59,8 +59,9 @@ _BLOCK_ELEMENTS = 1024
 # The losses kernel adds one partial row per 16 tokens at E = 64 (512 rows at 8192 tokens):
 # 256 rows per step and 8 warps took 19-21 us on an H100 where 64 rows and 4 warps took 42.
 _BLOCK_PARTIALS = 256  # most partial rows per step of the losses kernel
-_LOSSES_WARPS = 8  # 4 where a step holds <= 128 rows: for 128 partial rows (8192 tokens),
-# 128 rows x 4 warps took 4.3 us on an H100, 256 x 8 5.4 us, 64 x 4 8.3 us
+_LOSSES_WARPS = 8  # 4 where a step holds <= 128 rows: for 128 partial rows (route_hidden's
+# 64-token blocks at 8192 tokens), 128 rows x 4 warps took 4.3 us on an H100, 256 x 8 5.4 us,
+# 64 x 4 8.3 us
 # route_hidden_kernel: one [BLOCK_T, E_PAD] float32 logits block per program, from
 # [BLOCK_T, BLOCK_D] x [BLOCK_D, E_PAD] tl.dot tiles over a pipelined D loop. Timed on an H100
 # (8192 tokens x 2048, 64 experts, bfloat16, top_p, in a CUDA graph, with the losses kernel):
