@@ -459,6 +459,21 @@ def sync_test_routers() -> list[tuple[DynamicMoERouter | StaticTopKRouter, float
     ]
 
 
+def routed_without_sync(router: torch.nn.Module, x: torch.Tensor) -> RoutingDecision:
+    """router(x) without autograd, after a warm-up (kernels compiled), under
+    ``set_sync_debug_mode("error")``: raises if the call synchronises with the host."""
+    with torch.no_grad():
+        router(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            decision: RoutingDecision = router(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return decision
+
+
 @pytest.mark.gpu
 def test_fused_path_makes_no_host_sync_on_cuda() -> None:
     routers = sync_test_routers()
@@ -466,15 +481,7 @@ def test_fused_path_makes_no_host_sync_on_cuda() -> None:
     x[3, 5], x[700, 0] = float("nan"), float("-inf")
     for router, threshold in routers:
         router.cuda()
-        with torch.no_grad():
-            router(x)  # warm-up: kernels compiled
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            with torch.no_grad():
-                fused = router(x)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        fused = routed_without_sync(router, x)
         with torch.enable_grad():
             reference = router(x)
         assert_same_on_gpu(fused, reference, top_p=threshold)
@@ -489,15 +496,7 @@ def test_route_hidden_path_makes_no_host_sync_on_cuda(
     x[3, 5], x[700, 0] = float("nan"), float("-inf")
     for router, threshold in routers:
         router.to("cuda", torch.bfloat16)
-        with torch.no_grad():
-            router(x)  # warm-up: kernels compiled
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            with torch.no_grad():
-                fused = router(x)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        fused = routed_without_sync(router, x)
         with monkeypatch.context() as patch, torch.no_grad():
             patch.setattr(triton_router, "supports_hidden", lambda *_: False)
             apart = router(x)  # cuBLAS's float32-result matmul, then route
