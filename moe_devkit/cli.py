@@ -7,10 +7,14 @@ A user's mistake prints one clear line, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 from rich.console import Console
@@ -38,6 +42,51 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
     return value
+
+
+def check_output(
+    path: str | os.PathLike[str], *, directory: bool, flag: str = "--out", create: bool = True
+) -> None:
+    """Raises UsageError now, before any work runs, when ``path`` could not be written later.
+
+    ``directory``: the option names a directory that will hold files, else one file. With
+    ``create`` the directory (or the file's parent) is then made and a probe file created
+    in it and removed, so that what the checks cannot see (a file system that refuses
+    writes, even to root) also shows before the work.
+    """
+    target = Path(path)
+    name = f"{flag} {str(target)!r}"
+    if directory and target.exists() and not target.is_dir():
+        raise UsageError(f"{flag} must be a directory; {str(target)!r} is a file")
+    if not directory and target.is_dir():
+        raise UsageError(f"{flag} must be a file path; {str(target)!r} is a directory")
+    existing = target if directory else target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{name} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{name} cannot be written: {str(existing)!r} is read-only")
+    if not directory and target.exists() and not os.access(target, os.W_OK):
+        raise UsageError(f"{name} cannot be written: the file is read-only")
+    if create:
+        folder = target if directory else target.parent
+        with writing(target, flag):
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".moe-devkit-probe.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str], flag: str = "--out") -> Iterator[None]:
+    """Turns an OSError while writing the output at ``path`` into a UsageError naming ``flag``
+    (what ``check_output`` cannot foresee: a full disk, a mount gone read-only)."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"{flag} {str(path)!r} cannot be written: {reason}") from None
 
 
 def _load(command: Command) -> ModuleType:

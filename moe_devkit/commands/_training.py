@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from moe_devkit.cli import UsageError, positive_int
+from moe_devkit.cli import UsageError, check_output, positive_int, writing
 from moe_devkit.commands._torch import (
     add_device_arguments,
     add_router_arguments,
@@ -17,8 +17,11 @@ from moe_devkit.commands._torch import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
     import torch
 
+    from moe_devkit.diagnostics.findings import Finding
     from moe_devkit.routers.torch_router import MoEModel
 
 
@@ -36,13 +39,16 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, steps: int) -> No
 
 
 def build_model(args: argparse.Namespace) -> tuple[MoEModel, torch.device, torch.dtype]:
-    """The reference MoEModel on the requested device and dtype (UsageError on bad options)."""
+    """The reference MoEModel on the requested device and dtype (UsageError on bad options,
+    an unwritable --out included, before any work runs)."""
     require_torch()
     import torch
 
     from moe_devkit.routers.torch_router import MoEModel
 
     config = router_config(args)
+    if args.out:
+        check_output(args.out, directory=False)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     torch.manual_seed(args.seed)
     model = MoEModel(config, num_layers=args.layers).to(device=device, dtype=dtype)
@@ -80,3 +86,14 @@ def training_step(
         return loss.detach()  # type: ignore[no-any-return]
 
     return step
+
+
+def write_report(
+    args: argparse.Namespace, sections: Mapping[str, Mapping[str, Any]], findings: Iterable[Finding]
+) -> None:
+    """Writes the command's JSON report to --out, when given (a failed write is a UsageError)."""
+    from moe_devkit.reporting import make_report, write_report_json
+
+    if args.out:
+        with writing(args.out):
+            write_report_json(args.out, make_report(sections, findings))

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from moe_devkit.cli import UsageError, positive_int
+from moe_devkit.cli import check_output, positive_int, writing
 from moe_devkit.commands._torch import (
     add_device_arguments,
     add_router_arguments,
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from moe_devkit.workloads import mixed_difficulty_batch
 
     config = router_config(args)
+    check_output(args.out, directory=True)
     if getattr(args, "framework", "torch") == "jax":
         from moe_devkit.commands._diagnose_jax import run_jax
 
@@ -87,10 +88,8 @@ def write_report_files(summary: Any, out: str, console: Console) -> Any:
     """Writes the three report files; a path that cannot be written is a UsageError."""
     from moe_devkit.inspect.report import write_report
 
-    try:
+    with writing(out):
         return write_report(summary, out)
-    except OSError as exc:
-        raise UsageError(f"--out {out!r} cannot be written: {exc.strerror or exc}") from None
 
 
 def print_summary(console: Console, layers: dict[str, Any], findings: Sequence[Any]) -> None:

@@ -8,7 +8,12 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_devkit.cli import positive_int
-from moe_devkit.commands._training import add_training_arguments, build_model, training_step
+from moe_devkit.commands._training import (
+    add_training_arguments,
+    build_model,
+    training_step,
+    write_report,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
     """Runs ``--steps`` training steps and reports the gradients of the last; 1 on errors."""
     from moe_devkit.diagnostics.gradients import collect_gradient_stats
-    from moe_devkit.reporting import make_report, write_report_json
 
     model, device, dtype = build_model(args)
     step = training_step(model, args, device, dtype)
@@ -47,6 +51,5 @@ def run(args: argparse.Namespace, console: Console) -> int:
     console.print(top)
     for finding in report.findings:
         console.print(f"[{finding.severity}] {finding.code}: {finding.message}", highlight=False)
-    if args.out:
-        write_report_json(args.out, make_report({"gradients": report.to_dict()}, report.findings))
+    write_report(args, {"gradients": report.to_dict()}, report.findings)
     return 1 if any(f.severity == "error" for f in report.findings) else 0

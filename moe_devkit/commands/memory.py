@@ -9,7 +9,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from moe_devkit.cli import UsageError
-from moe_devkit.commands._training import add_training_arguments, build_model, training_step
+from moe_devkit.commands._training import (
+    add_training_arguments,
+    build_model,
+    training_step,
+    write_report,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
     """Runs the memory command; 0 when no leak is found, 1 when one is."""
     from moe_devkit.diagnostics.memory import MemoryTracker
-    from moe_devkit.reporting import make_report, write_report_json
 
     if args.warmup < 0 or args.steps < args.warmup + 3:
         raise UsageError(
@@ -53,8 +57,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     verdict = tracker.leak_verdict(warmup=args.warmup, tolerance_bytes_per_step=args.tolerance)
     _print(console, tracker, verdict)
     if args.out:
-        section = tracker.to_dict(verdict)
-        write_report_json(args.out, make_report({"memory": section}, verdict.findings()))
+        write_report(args, {"memory": tracker.to_dict(verdict)}, verdict.findings())
     return 1 if verdict.leaking else 0
 
 

@@ -10,7 +10,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from moe_devkit.cli import UsageError, positive_int
-from moe_devkit.commands._training import add_training_arguments, build_model, training_step
+from moe_devkit.commands._training import (
+    add_training_arguments,
+    build_model,
+    training_step,
+    write_report,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
     """Runs the numerics command; 0 when clean, 1 when a non-finite tensor was found."""
     from moe_devkit.diagnostics.numerics import NonFiniteError, NumericsGuard
-    from moe_devkit.reporting import make_report, write_report_json
 
     model, device, dtype = build_model(args)
     if args.plant_nan is not None:
@@ -54,8 +58,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if not args.strict:
         guard.check()
     _print(console, guard)
-    if args.out:
-        write_report_json(args.out, make_report({"numerics": guard.to_dict()}, guard.findings))
+    write_report(args, {"numerics": guard.to_dict()}, guard.findings)
     return 1 if guard.findings else 0
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from moe_devkit.cli import UsageError, positive_int
+from moe_devkit.cli import UsageError, check_output, positive_int, writing
 from moe_devkit.commands._torch import (
     add_device_arguments,
     add_router_arguments,
@@ -49,8 +49,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from moe_devkit.reporting import make_report, write_report_json
     from moe_devkit.routers.torch_router import MoELayer, StaticTopKRouter
 
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out must be a directory; {args.out} is a file")
+    if args.out is not None:
+        check_output(args.out, directory=True)
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0; got {args.warmup}")
     config = router_config(args)
@@ -81,7 +81,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         _print_comparison(console, comparison)
     if args.out:
         report = make_report({"latency": latency_section(profile, comparison)})
-        path = write_report_json(args.out / "latency.json", report)
+        with writing(args.out):
+            path = write_report_json(args.out / "latency.json", report)
         console.print(f"trace: {trace}  (open in https://ui.perfetto.dev)\nreport: {path}")
     return 0
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.console import Console
 
-from moe_devkit.cli import UsageError
+from moe_devkit.cli import UsageError, check_output, writing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,10 +20,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
     """Renders routing_analysis.png and report.html; exit 2 for a missing or bad file."""
     from moe_devkit.inspect.report import render_report
 
+    if not Path(args.report).is_file():
+        raise UsageError(f"report file {args.report!r} does not exist")
+    out = args.out if args.out else str(Path(args.report).parent)
+    flag = "--out" if args.out else "output directory"
+    check_output(out, directory=True, flag=flag)
     try:
-        paths = render_report(args.report, args.out)
-    except FileNotFoundError:
-        raise UsageError(f"report file {args.report!r} does not exist") from None
+        with writing(out, flag):
+            paths = render_report(args.report, args.out)
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"report file {args.report!r} cannot be rendered: {exc}") from None
     console.print(f"rendered: {paths.png}  {paths.html}", highlight=False)
