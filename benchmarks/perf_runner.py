@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from moe_devkit.cli import writing
 from moe_devkit.diagnostics.perf_gates import Gates, compare_gates
 from moe_devkit.diagnostics.perf_store import BaselineStore, environment
 from moe_devkit.diagnostics.perf_worker import RevisionError, WorkerProcess, export_revision
@@ -162,11 +163,13 @@ def _finish(args: argparse.Namespace, console: Console, rows: list[dict[str, Any
         }
     })  # fmt: skip
     out = args.json or ROOT / "build" / "perf" / f"{args.device}.json"
-    write_report_json(out, report)
+    with writing(out, "--json"):
+        write_report_json(out, report)
     console.print(f"report: {out}")
     if args.update_baseline:
         measured = {r["case"]: _baseline_entry(r) for r in rows if r["status"] == "measured"}
-        path = store.update(env, measured)
+        with writing(store.path, "--baseline-dir"):
+            path = store.update(env, measured)
         console.print(f"baseline updated: {path} ({len(measured)} cases)")
     if regressions:
         console.print(f"[red]confirmed regression[/] in: {', '.join(regressions)}")

@@ -318,8 +318,37 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))  # the parent always uses the working tree's package
     from perf_runner import run_suite  # type: ignore[import-not-found]
 
-    result: int = run_suite(args, console)
+    from moe_devkit.cli import UsageError
+
+    try:
+        check_args(args)  # before minutes of timing, not after
+        result: int = run_suite(args, console)
+    except UsageError as exc:
+        console.print(f"perf_suite: error: {exc}", highlight=False)
+        return 2
     return result
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """UsageError for an option the run would trip over, naming it and what it got."""
+    from moe_devkit.cli import UsageError, check_output
+    from moe_devkit.diagnostics.perf_store import BaselineStore
+
+    if args.budget is not None and not args.budget > 0:
+        raise UsageError(f"--budget must be > 0 seconds per case; got {args.budget}")
+    if not 0 <= args.min_effect < 1:
+        raise UsageError(f"--min-effect must be in [0, 1); got {args.min_effect}")
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 0 (0 keeps torch's default); got {args.threads}")
+    args.json = args.json or ROOT / "build" / "perf" / f"{args.device}.json"
+    check_output(args.json, directory=False, flag="--json")
+    baseline = args.baseline_dir / f"{args.device}.json"
+    if args.update_baseline:
+        check_output(baseline, directory=False, flag="--baseline-dir")
+    try:
+        BaselineStore(baseline)  # a stored baseline that cannot be read fails now
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--baseline-dir: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -56,3 +56,39 @@ def test_cuda_suite_reports_skip_without_gpu() -> None:
 def test_unknown_case_is_a_usage_error() -> None:
     proc = run_suite("--cases", "nope", "--against", "none", timeout=30)
     assert proc.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--budget", "-1"], "--budget must be > 0 seconds per case; got -1.0"),
+        (["--min-effect", "2"], "--min-effect must be in [0, 1); got 2.0"),
+        (["--threads", "-3"], "--threads must be >= 0 (0 keeps torch's default); got -3"),
+        (["--json", "BLOCKER/x.json"], "--json 'BLOCKER/x.json' cannot be created: 'BLOCKER'"),
+        (
+            ["--baseline-dir", "BLOCKER/b", "--update-baseline"],
+            "--baseline-dir 'BLOCKER/b/cpu.json' cannot be created: 'BLOCKER' is a file",
+        ),
+        (["--baseline-dir", "CORRUPT"], "--baseline-dir: CORRUPT/cpu.json: not valid JSON"),
+    ],
+)
+def test_bad_options_fail_in_seconds_before_any_timing(
+    argv: list[str], message: str, tmp_path: Path
+) -> None:
+    """A bad option is one line naming it, exit 2, before the suite times anything (which
+    takes minutes): not a traceback at the end of the run, with the timings lost."""
+    blocker, corrupt = tmp_path / "a-file", tmp_path / "corrupt"
+    blocker.write_text("not a directory")
+    corrupt.mkdir()
+    (corrupt / "cpu.json").write_text("{not json")
+    paths = {"BLOCKER": str(blocker), "CORRUPT": str(corrupt)}
+    for key, path in paths.items():
+        argv = [a.replace(key, path) for a in argv]
+        message = message.replace(key, path)
+    json_out = [] if "--json" in argv else ["--json", str(tmp_path / "r.json")]
+    proc = run_suite("--against", "none", "--quick", *json_out, *argv, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert f"perf_suite: error: {message}" in out
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "measured" not in out and not (tmp_path / "r.json").exists()
