@@ -24,6 +24,7 @@ captured in CUDA graphs and replayed alternately. Needs a Hopper GPU and a Trito
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -255,24 +256,17 @@ def grouped_mm(
 
 VARIANTS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {  # name: matmul, exact?
     "triton (package)": (triton_experts.grouped_mm, True),
-    "gluon, 128-row tiles": (lambda a, b, offs: grouped_mm(a, b, offs, tail=0), True),
-    "gluon, 64-row tails": (lambda a, b, offs: grouped_mm(a, b, offs, tail=64), True),
-    "probe: every MMA half": (
-        lambda a, b, offs: grouped_mm(a, b, offs, tail=0, probe=HALF_MMA),
-        False,
-    ),
-    "probe: A loads half": (
-        lambda a, b, offs: grouped_mm(a, b, offs, tail=0, probe=HALF_A),
-        False,
-    ),
-    "probe: weight loads half": (
-        lambda a, b, offs: grouped_mm(a, b, offs, tail=0, probe=HALF_W),
-        False,
-    ),
-    "probe: one expert's weights": (
-        lambda a, b, offs: grouped_mm(a, b, offs, tail=0, probe=ONE_EXPERT),
-        False,
-    ),
+    "gluon, 128-row tiles": (functools.partial(grouped_mm, tail=0), True),
+    "gluon, 64-row tails": (functools.partial(grouped_mm, tail=64), True),
+    **{
+        f"probe: {name}": (functools.partial(grouped_mm, tail=0, probe=probe), False)
+        for name, probe in (
+            ("every MMA half", HALF_MMA),
+            ("A loads half", HALF_A),
+            ("weight loads half", HALF_W),
+            ("one expert's weights", ONE_EXPERT),
+        )
+    },
 }
 
 
