@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from _args import positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 OURS = "import sys; from moe_devkit.lint import main; sys.exit(main(sys.argv[1:]))"
 BASELINE = "import sys; from pre_commit_hooks.debug_statement_hook import main; sys.exit(main())"
@@ -67,10 +69,20 @@ def typical_commit(files: list[Path]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=None)
-    parser.add_argument("--repeat", type=int, default=3, help="runs over the corpus (median)")
+    parser.add_argument(
+        "--repeat", type=positive_int, default=3, help="runs over the corpus (median)"
+    )
     args = parser.parse_args()
+    if args.corpus is not None and not args.corpus.is_dir():
+        parser.error(f"--corpus: expected a directory of .py files; got {str(args.corpus)!r}")
+    if importlib.util.find_spec("pre_commit_hooks") is None:
+        raise SystemExit(
+            "bench_check_debug: needs pre-commit-hooks (the baseline): pip install pre-commit-hooks"
+        )
     corpus = args.corpus or torch_dir()
     files = sorted(corpus.rglob("*.py"))
+    if not files:
+        parser.error(f"--corpus {str(corpus)!r} holds no .py files")
     size = sum(p.stat().st_size for p in files)
     print(f"machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs")
     print(f"python: {platform.python_version()}; corpus: {corpus}")

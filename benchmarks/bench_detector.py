@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from _args import check_output_path, check_range, non_negative_int, positive_float, positive_int
 
 from moe_devkit.config import RouterConfig
 from moe_devkit.diagnostics.regression import (
@@ -89,7 +90,7 @@ def run_trials(args: argparse.Namespace) -> list[dict[str, object]]:
     for slowdown in (0.05, 0.10, 0.20):
         trials += [slowdown] * args.per_slowdown
     random.Random(args.seed).shuffle(trials)
-    works = {s: make_work(round(REPS * (1 + s))) for s in sorted(set(trials))}
+    works = {s: make_work(round(REPS * (1 + s))) for s in sorted({0.0, *trials})}
     baseline = callable_sampler(works[0.0])
     policy = DecisionPolicy(min_effect=args.min_effect)
     schedule = ABSchedule(
@@ -160,15 +161,19 @@ def summarise(results: list[dict[str, object]]) -> list[dict[str, object]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--identical", type=int, default=50)
-    parser.add_argument("--per-slowdown", type=int, default=15)
-    parser.add_argument("--pairs", type=int, default=40)
-    parser.add_argument("--sample-s", type=float, default=0.004)
+    parser.add_argument("--identical", type=non_negative_int, default=50)
+    parser.add_argument("--per-slowdown", type=non_negative_int, default=15)
+    parser.add_argument("--pairs", type=positive_int, default=40)
+    parser.add_argument("--sample-s", type=positive_float, default=0.004)
     parser.add_argument("--min-effect", type=float, default=0.05)
     parser.add_argument("--no-load", action="store_true", help="no second loading process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write trials and summary here")
     args = parser.parse_args()
+    if args.identical == args.per_slowdown == 0:
+        parser.error("--identical and --per-slowdown are both 0: no trials to run")
+    check_range(parser, "--min-effect", args.min_effect, 0, 1, high_open=True)
+    check_output_path(parser, args.json, "--json")  # before the ~10 minute run, not after it
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally: end the load
     load = None

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _args import check_device, check_output_path, positive_int
 
 from moe_devkit.config import RouterConfig
 from moe_devkit.diagnostics.latency import compare_dynamic_static, profile_steps
@@ -98,14 +99,16 @@ def stages(layer: MoELayer, x: torch.Tensor, out: Path | None, name: str) -> lis
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--tokens", type=positive_int, default=8192)
     parser.add_argument("--mode", choices=("top_p", "complexity"), default="top_p")
-    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--iterations", type=positive_int, default=100)
     parser.add_argument("--out", type=Path, help="traces and dispatch.json go here")
     args = parser.parse_args()
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+    check_output_path(parser, args.out, "--out", directory=True)  # before the run, not after
+    if args.device.split(":")[0] == "cuda" and not torch.cuda.is_available():
         print("SKIPPED: no CUDA device (this benchmark is for the GPU machine)")
         return 77
+    check_device(parser, args.device)
     dynamic, static, x, knob = build(args)
     comparison = compare_dynamic_static(dynamic, static, x, warmup=20, iterations=args.iterations)
     result = {

@@ -23,6 +23,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
+from _args import check_output_path, positive_int
 from bench_moe_layer import PRESETS, build_layers, machine_name
 
 from moe_devkit.reporting import write_atomic
@@ -72,11 +73,12 @@ def experts_path(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="olmoe", choices=sorted(PRESETS))
-    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--reps", type=positive_int, default=50)
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
+    check_output_path(parser, args.json, "--json")  # before the run, not after it
     device, dtype = torch.device("cuda"), torch.bfloat16
-    if not triton_experts.is_available(device):
+    if not torch.cuda.is_available() or not triton_experts.is_available(device):
         raise SystemExit("bench_expert_gemm: needs a Hopper GPU and Triton >= 3.4")
     tokens, hidden, ffn, num_experts, max_k = PRESETS[args.preset]
     static, dynamic, x = build_layers(args.preset, device, dtype, max_k / 2)

@@ -14,6 +14,7 @@ import statistics
 import time
 
 import torch
+from _args import check_device, positive_int
 from torch import nn
 
 from moe_devkit.baselines import seed_debug_gradients
@@ -43,8 +44,9 @@ def timed(fn: object, device: torch.device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=positive_int, default=20)
     args = parser.parse_args()
+    check_device(parser, args.device)
     device = torch.device(args.device)
     model = make_model(device)
     tensors = sum(1 for _ in model.parameters())

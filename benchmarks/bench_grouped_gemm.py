@@ -28,7 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _args import check_output_path, non_negative_int, positive_int
 
+from moe_devkit.reporting import write_atomic
 from moe_devkit.routers import triton_grouped
 
 Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -132,16 +134,24 @@ def bench(args: argparse.Namespace, dtype: torch.dtype) -> list[dict[str, object
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--m", type=int, default=32768)
-    parser.add_argument("--k", type=int, default=2048)
-    parser.add_argument("--n", type=int, default=2048)
-    parser.add_argument("--groups", type=int, default=64)
-    parser.add_argument("--padding", type=int, default=256, help="rows past offs[-1]")
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--m", type=positive_int, default=32768)
+    parser.add_argument("--k", type=positive_int, default=2048)
+    parser.add_argument("--n", type=positive_int, default=2048)
+    parser.add_argument("--groups", type=positive_int, default=64)
+    parser.add_argument("--padding", type=non_negative_int, default=256, help="rows past offs[-1]")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=("bfloat16", "float16", "float32"),
+        default=["bfloat16", "float32"],
+    )
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
+    parser.add_argument("--iters", type=positive_int, default=20)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
+    if args.padding >= args.m:
+        parser.error(f"--padding must be in [0, --m) = [0, {args.m}); got {args.padding}")
+    check_output_path(parser, args.json, "--json")  # before the run, not after it
     if not torch.cuda.is_available() or not triton_grouped.is_available():
         print("needs a CUDA device and Triton", file=sys.stderr)
         return 2
@@ -156,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['fwd_bwd_ms']:11.3f} {r['fwd_bwd_tflops']:8.1f} {r['max_rel_error']:11.2e}"
         )
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=2) + "\n")
-        tmp.replace(args.json)
+        write_atomic(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
 
 

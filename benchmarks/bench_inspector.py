@@ -15,6 +15,7 @@ import json
 import statistics
 
 import torch
+from _args import check_device, check_output_path, positive_int  # type: ignore[import-not-found]
 from bench_moe_layer import PRESETS, machine_name, timer  # type: ignore[import-not-found]
 
 from moe_devkit import MoELayer, RouterConfig
@@ -27,19 +28,24 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--reps", type=positive_int, default=30)
     parser.add_argument(
         "--window",
-        type=int,
+        type=positive_int,
         default=16,
         help="forwards per sample (default 16: the inspector folds its deferred steps every "
         "16 forwards on CUDA, so each sample carries one fold, as a training loop does)",
     )
     parser.add_argument(
-        "--defer-steps", type=int, default=None, help="InspectorConfig.defer_steps (default: its)"
+        "--defer-steps",
+        type=positive_int,
+        default=None,
+        help="InspectorConfig.defer_steps (default: its)",
     )
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
+    check_device(parser, args.device)
+    check_output_path(parser, args.json, "--json")  # before the run, not after it
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     tokens, hidden, ffn, experts, max_k = PRESETS[args.preset]
     torch.manual_seed(0)

@@ -19,9 +19,14 @@ import statistics
 import time
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import torch
+from _args import check_device, check_output_path, positive_int
+
+try:
+    import jax
+    import jax.numpy as jnp
+except ModuleNotFoundError:  # the jax extra is optional
+    raise SystemExit("bench_jax_router: needs JAX: pip install 'moe-devkit[jax]'") from None
 
 from moe_devkit.config import RouterConfig
 from moe_devkit.reporting import write_atomic
@@ -62,21 +67,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--tokens", type=int)
-    parser.add_argument("--hidden", type=int)
-    parser.add_argument("--ffn", type=int)
-    parser.add_argument("--experts", type=int)
-    parser.add_argument("--max-k", type=int)
+    parser.add_argument("--tokens", type=positive_int)
+    parser.add_argument("--hidden", type=positive_int)
+    parser.add_argument("--ffn", type=positive_int)
+    parser.add_argument("--experts", type=positive_int)
+    parser.add_argument("--max-k", type=positive_int)
     parser.add_argument("--mode", choices=("complexity", "top_p"), default="complexity")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=30, help=">= 2 (an IQR is given)")
+    parser.add_argument(
+        "--warmup", type=positive_int, default=3, help="untimed calls (compilation) first"
+    )
     parser.add_argument("--dense", action="store_true", help="also time the dense JAX experts")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     tokens, hidden, ffn, experts, max_k = PRESETS[args.preset]
     tokens, hidden = args.tokens or tokens, args.hidden or hidden
     ffn, experts, max_k = args.ffn or ffn, args.experts or experts, args.max_k or max_k
+    if max_k > experts:
+        parser.error(
+            f"--max-k must be <= --experts; got --max-k {max_k}, --experts {experts} "
+            f"(preset {args.preset} gives those not passed)"
+        )
+    if args.rounds < 2:
+        parser.error(f"--rounds must be >= 2 (the IQR needs two rounds); got {args.rounds}")
+    check_device(parser, args.device)
+    if args.device == "cuda" and not _jax_has_gpu():
+        parser.error("--device 'cuda': JAX sees no GPU (install jax[cuda12])")
+    check_output_path(parser, args.json, "--json")  # before the run, not after it
     torch_dtype, jax_dtype = DTYPES[args.dtype]
     config = RouterConfig(
         hidden_size=hidden, num_experts=experts, max_k=max_k, expert_hidden_size=ffn,
@@ -133,6 +151,13 @@ def main() -> None:
         print(f"{name:28s} median {median:8.3f} ms  IQR {_iqr(t):7.3f}  x{median / base:.2f}")
     if args.json:
         write_atomic(args.json, json.dumps(results, indent=2) + "\n")
+
+
+def _jax_has_gpu() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
 
 
 def _iqr(values: list[float]) -> float:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _args import check_device, check_output_path, check_range, positive_int
 
 from moe_devkit import MoELayer, RouterConfig, StaticTopKRouter
 from moe_devkit.diagnostics.perf_stats import bootstrap_median_ci
@@ -131,7 +132,7 @@ def main() -> None:
         default=None,
         help="calibrate top_p so the dynamic router's mean k is this (default max_k / 2)",
     )
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=positive_int, default=20)
     parser.add_argument(
         "--graph",
         action="store_true",
@@ -140,7 +141,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--graph-calls",
-        type=int,
+        type=positive_int,
         default=1,
         help="with --graph: forwards captured back to back per graph; times are per forward "
         "(several spread the graph's launch latency, which a layer inside a model's graph "
@@ -148,7 +149,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--window",
-        type=int,
+        type=positive_int,
         default=1,
         help="eager: time this many back-to-back forwards per sample and report the time "
         "per forward (throughput, as inside a model: the host issues the next forward while "
@@ -156,9 +157,16 @@ def main() -> None:
     )
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
+    tokens, hidden, ffn, experts, max_k = PRESETS[args.preset]
+    if args.target_mean_k is not None:
+        why = f" (min_k to max_k of preset {args.preset})"
+        check_range(parser, "--target-mean-k", args.target_mean_k, 1, max_k, why=why)
+    check_device(parser, args.device)
+    if args.graph and torch.device(args.device).type != "cuda":
+        parser.error(f"--graph needs a CUDA --device (CUDA graphs); got --device {args.device!r}")
+    check_output_path(parser, args.json, "--json")  # before the run, not after it
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    tokens, hidden, ffn, experts, max_k = PRESETS[args.preset]
     target = args.target_mean_k if args.target_mean_k is not None else max_k / 2
     static, dynamic, x = build_layers(args.preset, device, dtype, target)
     config = dynamic.config

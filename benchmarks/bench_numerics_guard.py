@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _args import check_device, positive_int
 
 from moe_devkit.config import RouterConfig
 from moe_devkit.diagnostics.numerics import NumericsGuard
@@ -74,9 +75,11 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--repeats", type=positive_int, default=20)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument(
+        "--tokens", type=positive_int, default=1024, help="a multiple of 128 (sequence length)"
+    )
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), help="default: olmoe on CUDA, small on the CPU"
     )
@@ -84,6 +87,11 @@ def main() -> None:
         "--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, else float32"
     )
     args = parser.parse_args()
+    if args.tokens % 128:
+        parser.error(
+            f"--tokens must be a multiple of 128 (sequences of 128 tokens); got {args.tokens}"
+        )
+    check_device(parser, args.device)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.preset = args.preset or ("olmoe" if cuda else "small")

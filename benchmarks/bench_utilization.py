@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from _args import check_device, check_output_path, positive_int
 
 from moe_devkit import debug_expert_selection
 from moe_devkit.baselines import seed_debug_expert_selection
@@ -90,11 +91,15 @@ def machine(device: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--seed-tokens", type=int, default=1024, help="tokens the seed loop runs")
-    parser.add_argument("--repeat", type=int, default=15, help="interleaved rounds")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--seed-tokens", type=positive_int, default=1024, help="tokens the seed loop runs"
+    )
+    parser.add_argument("--repeat", type=positive_int, default=15, help="interleaved rounds")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
+    check_device(parser, args.device)
+    check_output_path(parser, args.json, "--json")  # before the run, not after it
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)

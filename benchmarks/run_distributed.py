@@ -18,6 +18,7 @@ statistics. Scenario ``missing-rank``: rank 1 never calls the reduction; rank 0 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from _args import check_output_path, positive_float, positive_int
 from torch import nn
 
 from moe_devkit import RouterConfig
@@ -153,11 +155,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scenario", choices=("ok", "missing-rank"), default="ok")
     parser.add_argument("--model", choices=("mixtral", "router"), default="mixtral")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--timeout", type=positive_float, default=10.0, help="seconds")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--json", help="rank 0 writes the result here")
     args = parser.parse_args()
+    if args.model == "mixtral" and importlib.util.find_spec("transformers") is None:
+        parser.error("--model 'mixtral' needs transformers (pip install 'moe-devkit[hf]')")
+    # every rank checks (same path, same host), so all stop at once instead of waiting for
+    # rank 0 in the rendezvous
+    check_output_path(parser, args.json, "--json")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        parser.error(
+            "not started by torchrun (RANK and WORLD_SIZE unset); run e.g. "
+            "torchrun --standalone --nproc-per-node 2 benchmarks/run_distributed.py"
+        )
+    if args.scenario == "missing-rank" and int(os.environ["WORLD_SIZE"]) < 2:
+        parser.error(
+            f"--scenario 'missing-rank' needs >= 2 ranks; got WORLD_SIZE={os.environ['WORLD_SIZE']}"
+        )
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
