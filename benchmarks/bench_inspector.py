@@ -33,8 +33,8 @@ def main() -> None:
         "--window",
         type=positive_int,
         default=16,
-        help="forwards per sample (default 16: the inspector folds its deferred steps every "
-        "16 forwards on CUDA, so each sample carries one fold, as a training loop does)",
+        help="forwards per sample (default 16; with --defer-steps N > 1 the inspector folds "
+        "its deferred steps every N forwards under CUDA graphs, so pick a multiple of N)",
     )
     parser.add_argument(
         "--defer-steps",

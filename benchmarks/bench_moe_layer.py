@@ -179,13 +179,13 @@ def main() -> None:
         for _ in range(3):  # warm-up
             for layer in layers.values():
                 layer(x)
-        per_call = max(1, args.window)
+        per_call = args.window
         calls = {
             name: (lambda layer=layer: [layer(x) for _ in range(per_call)])
             for name, layer in layers.items()
         }
         if args.graph:
-            per_call = max(1, args.graph_calls)
+            per_call = args.graph_calls
             calls = {name: captured(layer, x, per_call) for name, layer in layers.items()}
         for _ in range(args.reps):  # alternate A/B so drift and load hit both
             for name, call in calls.items():
