@@ -1,8 +1,9 @@
 """Argument checks shared by the benchmark scripts: a bad option is one usage line, exit 2.
 
-argparse types (``positive_int``, ``non_negative_int``, ``positive_float``) make argparse
-itself print ``script: error: argument --reps: expected a positive integer; got '0'``; the
-``check_*`` functions run after parsing, before any work, and end in ``parser.error``.
+argparse types (``positive_int``, ``non_negative_int`` from ``moe_devkit.cli``, and
+``positive_float``) make argparse itself print ``script: error: argument --reps: expected a
+positive integer; got '0'``; the ``check_*`` functions run after parsing, before any work,
+and end in ``parser.error``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import math
 import os
 
-from moe_devkit.cli import UsageError, check_output, positive_int
+from moe_devkit.cli import UsageError, check_output, non_negative_int, positive_int
 
 __all__ = [
     "check_device",
@@ -21,17 +22,6 @@ __all__ = [
     "positive_float",
     "positive_int",
 ]
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer; got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer; got {text!r}")
-    return value
 
 
 def positive_float(text: str) -> float:
