@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--padding must be in [0, --m) = [0, {args.m}); got {args.padding}")
     check_output_path(parser, args.json, "--json")  # before the run, not after it
     if not torch.cuda.is_available() or not triton_grouped.is_available():
-        print("needs a CUDA device and Triton", file=sys.stderr)
+        print("bench_grouped_gemm: needs a CUDA device and Triton", file=sys.stderr)
         return 2
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"M={args.m} K={args.k} N={args.n} G={args.groups} padding={args.padding}")
