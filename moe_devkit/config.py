@@ -6,28 +6,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from moe_devkit._checks import require_float, require_int
+
 RoutingMode = Literal["complexity", "top_p"]
 NonfinitePolicy = Literal["mask", "raise"]
 
 _MODES: tuple[str, ...] = ("complexity", "top_p")
 _NONFINITE: tuple[str, ...] = ("mask", "raise")
-
-
-def _require_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {name}={value}")
-
-
-def _require_float(name: str, value: object, low: float, high: float, *, low_open: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a float; got {value!r} ({type(value).__name__})")
-    fvalue = float(value)
-    below = fvalue <= low if low_open else fvalue < low
-    if not math.isfinite(fvalue) or below or fvalue > high:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}]; got {name}={value}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,12 +58,12 @@ class RouterConfig:
     nonfinite_policy: NonfinitePolicy = "mask"
 
     def __post_init__(self) -> None:
-        _require_int("hidden_size", self.hidden_size, 1)
-        _require_int("num_experts", self.num_experts, 1)
-        _require_int("min_k", self.min_k, 1)
-        _require_int("max_k", self.max_k, 1)
-        _require_int("expert_hidden_size", self.expert_hidden_size, 1)
-        _require_int("complexity_hidden_size", self.complexity_hidden_size, 1)
+        require_int("hidden_size", self.hidden_size, 1)
+        require_int("num_experts", self.num_experts, 1)
+        require_int("min_k", self.min_k, 1)
+        require_int("max_k", self.max_k, 1)
+        require_int("expert_hidden_size", self.expert_hidden_size, 1)
+        require_int("complexity_hidden_size", self.complexity_hidden_size, 1)
         if self.min_k > self.max_k:
             raise ValueError(f"min_k must be <= max_k; got min_k={self.min_k}, max_k={self.max_k}")
         if self.max_k > self.num_experts:
@@ -93,12 +78,12 @@ class RouterConfig:
                 f"nonfinite_policy must be one of {_NONFINITE}; "
                 f"got nonfinite_policy={self.nonfinite_policy!r}"
             )
-        _require_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _require_float("k_temperature", self.k_temperature, 0.0, math.inf, low_open=True)
+        require_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        require_float("k_temperature", self.k_temperature, 0.0, math.inf, low_open=True)
         if self.capacity_factor is not None:
-            _require_float("capacity_factor", self.capacity_factor, 0.0, math.inf, low_open=True)
+            require_float("capacity_factor", self.capacity_factor, 0.0, math.inf, low_open=True)
         for name in ("load_balance_coef", "z_loss_coef", "compute_cost_coef"):
-            _require_float(name, getattr(self, name), 0.0, math.inf, low_open=False)
+            require_float(name, getattr(self, name), 0.0, math.inf, low_open=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the configuration as a JSON-serialisable dict."""

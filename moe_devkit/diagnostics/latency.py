@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from moe_devkit._checks import require_int
 from moe_devkit.diagnostics.latency_compare import (
     DynamicStaticComparison,
     active_pairs,
@@ -107,6 +108,8 @@ def profile_inference_latency(
         top: operators listed.
         timer, cpu_timer: injectable clocks (tests).
     """
+    require_int("profile_active", profile_active, 1)  # now, not after the timing run
+    require_int("top", top, 0)
     device = _device_of(inputs)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
 

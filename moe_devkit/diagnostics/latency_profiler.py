@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from moe_devkit._checks import require_int
 from moe_devkit.routers.torch_router import STAGES, span_name
 
 
@@ -107,6 +108,9 @@ def profile_steps(
         trace_path: write a Chrome trace here (atomically) if given.
         top: number of operators in ``top_ops``.
     """
+    for name, value, minimum in (("wait", wait, 0), ("warmup", warmup, 0), ("active", active, 1)):
+        require_int(name, value, minimum)
+    require_int("top", top, 0)
     dev = torch.device(device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":

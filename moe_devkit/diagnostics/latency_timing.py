@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_devkit._checks import require_int
+
 Timer = Callable[[], float]
 
 
@@ -92,10 +94,10 @@ def measure(
         timer, cpu_timer: wall and thread-CPU clocks (injectable for tests).
 
     Raises:
-        ValueError: iterations < 1 or warmup < 0.
+        TypeError, ValueError: iterations not an int >= 1, or warmup not an int >= 0.
     """
-    if iterations < 1 or warmup < 0:
-        raise ValueError(f"need iterations >= 1, warmup >= 0; got {iterations}, {warmup}")
+    require_int("iterations", iterations, 1)
+    require_int("warmup", warmup, 0)
     dev = torch.device(device)
     for _ in range(warmup):
         fn()

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from moe_devkit._checks import require_float, require_int
 from moe_devkit.diagnostics.perf_ab import Comparison
 from moe_devkit.diagnostics.perf_decision import Verdict
 from moe_devkit.diagnostics.perf_stats import mann_whitney_greater, median_or_nan
@@ -66,9 +67,33 @@ class PerformanceMonitor:
     min_samples: int = 8
     current_metrics: dict[str, list[float]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        require_float("alpha", self.alpha, 0.0, 1.0, low_open=True, high_open=True)
+        require_int("min_samples", self.min_samples, 1)
+        for name, reference in self.baseline_metrics.items():
+            label = f"baseline_metrics[{name!r}]"
+            if isinstance(reference, Sequence) and not isinstance(reference, str):
+                if not reference:
+                    raise ValueError(f"{label} must hold at least one value; got []")
+                for i, value in enumerate(reference):
+                    require_float(f"{label}[{i}]", value, 0.0)
+            else:  # one stored number: the reference of a ratio, so above 0
+                require_float(label, reference, 0.0, low_open=True)
+
     def record_metric(self, name: str, value: float) -> None:
-        """Records one value of a metric."""
-        self.current_metrics.setdefault(name, []).append(float(value))
+        """Records one value of a metric (a cost: a finite number >= 0).
+
+        Raises:
+            TypeError, ValueError: ``name`` is not a non-empty string, or ``value`` is not a
+                finite number >= 0 (a NaN would make every later check of the metric NaN).
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str; got {name!r}")
+        try:
+            checked = require_float("value", value, 0.0)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"metric {name!r}: {exc}") from None
+        self.current_metrics.setdefault(name, []).append(checked)
 
     def record_comparison(self, comparison: Comparison) -> None:
         """Records an A/B comparison's samples as metric ``name`` against its baseline."""
@@ -80,13 +105,12 @@ class PerformanceMonitor:
         Args:
             threshold: minimum relative increase (0.1 = 10%).
         """
-        if threshold < 0:
-            raise ValueError(f"threshold must be >= 0; got threshold={threshold}")
         results = self.evaluate(threshold)
         return {name: r for name, r in results.items() if r.verdict == "regression"}
 
     def evaluate(self, threshold: float = 0.1) -> dict[str, MetricRegression]:
         """Every metric with a baseline, with its verdict."""
+        threshold = require_float("threshold", threshold, 0.0)
         out: dict[str, MetricRegression] = {}
         for name, values in self.current_metrics.items():
             if name in self.baseline_metrics:

@@ -61,8 +61,32 @@ def test_measure_runs_warmup_untimed() -> None:
 
 
 def test_measure_rejects_bad_counts() -> None:
-    with pytest.raises(ValueError, match="iterations"):
+    with pytest.raises(ValueError, match=r"iterations must be >= 1; got iterations=0"):
         measure(lambda: None, iterations=0)
+    with pytest.raises(ValueError, match=r"warmup must be >= 0; got warmup=-1"):
+        measure(lambda: None, warmup=-1)
+    with pytest.raises(TypeError, match=r"iterations must be an int; got 2.5 \(float\)"):
+        measure(lambda: None, iterations=2.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"profile_active": 0}, ValueError, r"profile_active must be >= 1; got profile_active=0"),
+        ({"top": -1}, ValueError, r"top must be >= 0; got top=-1"),
+        ({"iterations": 0}, ValueError, r"iterations must be >= 1"),
+        ({"profile_active": "3"}, TypeError, r"profile_active must be an int; got '3' \(str\)"),
+    ],
+)
+def test_profile_rejects_bad_settings_before_running_the_model(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    """A bad profiler setting used to surface as torch's AssertionError after the whole
+    timing run (profile_active=0), or not at all (top=-1)."""
+    calls = []
+    with pytest.raises(error, match=message):
+        profile_inference_latency(lambda x: calls.append(x), torch.ones(2), **kwargs)
+    assert calls == []
 
 
 def test_measurement_round_trips_json() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -239,3 +241,45 @@ def test_baseline_store_rejects_other_files(tmp_path) -> None:
     (tmp_path / "x.json").write_text('{"schema": "other"}')
     with pytest.raises(ValueError, match="not a perf baseline"):
         BaselineStore(tmp_path / "x.json")
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda m: m.record_metric("lat", float("nan")), ValueError,
+         r"metric 'lat': value must be in \[0.0, inf\); got value=nan"),
+        (lambda m: m.record_metric("lat", -1.0), ValueError, r"got value=-1.0"),
+        (lambda m: m.record_metric("lat", "fast"), TypeError,
+         r"metric 'lat': value must be a float; got 'fast' \(str\)"),
+        (lambda m: m.record_metric("", 1.0), TypeError, r"name must be a non-empty str; got ''"),
+        (lambda m: m.check_regression("lat"), TypeError,
+         r"threshold must be a float; got 'lat' \(str\)"),
+        (lambda m: m.check_regression(threshold=-0.1), ValueError,
+         r"threshold must be in \[0.0, inf\); got threshold=-0.1"),
+        (lambda m: m.evaluate(float("inf")), ValueError, r"got threshold=inf"),
+    ],
+)  # fmt: skip
+def test_monitor_names_the_bad_argument(
+    call: Callable[[PerformanceMonitor], object], error: type[Exception], message: str
+) -> None:
+    """A NaN recorded would make every later check of the metric NaN, and a threshold given
+    positionally as a name used to fail deep inside the comparison: both are refused at once."""
+    monitor = PerformanceMonitor(baseline_metrics={"lat": 1.0})
+    with pytest.raises(error, match=message):
+        call(monitor)
+    assert monitor.current_metrics == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": 1.0}, r"alpha must be in \(0.0, 1.0\); got alpha=1.0"),
+        ({"min_samples": 0}, r"min_samples must be >= 1; got min_samples=0"),
+        ({"baseline_metrics": {"m": 0.0}}, r"baseline_metrics\['m'\] must be in \(0.0, inf\)"),
+        ({"baseline_metrics": {"m": []}}, r"baseline_metrics\['m'\] must hold at least one"),
+        ({"baseline_metrics": {"m": [1.0, float("nan")]}}, r"baseline_metrics\['m'\]\[1\]"),
+    ],
+)
+def test_monitor_checks_its_settings(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PerformanceMonitor(**kwargs)
