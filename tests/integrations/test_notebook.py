@@ -133,11 +133,18 @@ def test_report_before_any_forward(shell: InteractiveShell) -> None:
         shell.run_line_magic("moe_report", "")
 
 
-def test_documented_jupyter_workflow(shell: InteractiveShell) -> None:
-    """docs/notebook.md: autoreload, %lprun (line_profiler), %memit (memory_profiler)."""
+def test_documented_jupyter_workflow() -> None:
+    """docs/notebook.md: autoreload, %lprun (line_profiler), %memit (memory_profiler).
+
+    In a fresh interpreter: %memit forks its memory monitor, and a fork of this pytest
+    process, where other tests have started JAX's threads, could deadlock.
+    """
+    import subprocess
+    import sys
+
     pytest.importorskip("line_profiler")
     pytest.importorskip("memory_profiler")
-    for line in (
+    lines = (
         "%load_ext autoreload",
         "%autoreload 2",
         "%load_ext line_profiler",
@@ -145,6 +152,20 @@ def test_documented_jupyter_workflow(shell: InteractiveShell) -> None:
         "%lprun -f DynamicMoERouter.forward -f MoELayer.forward model(x)",
         "%load_ext memory_profiler",
         "%memit model(x)",
-    ):
-        shell.run_cell(line).raise_error()
-    shell.run_line_magic("autoreload", "0")
+        "%autoreload 0",
+    )
+    code = (
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "ip = InteractiveShell.instance()\n"
+        f"ip.run_cell({SETUP!r}).raise_error()\n"
+        f"for line in {lines!r}:\n"
+        "    ip.run_cell(line).raise_error()\n"
+        "print('workflow ok')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "workflow ok" in proc.stdout
+    assert proc.stdout.count("Total time:") == 2  # %lprun timed both functions
+    assert "peak memory" in proc.stdout  # %memit printed its measurement
