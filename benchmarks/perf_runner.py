@@ -162,7 +162,7 @@ def _finish(args: argparse.Namespace, console: Console, rows: list[dict[str, Any
             "environment": env, "cases": rows, "regressions": regressions,
         }
     })  # fmt: skip
-    out = args.json or ROOT / "build" / "perf" / f"{args.device}.json"
+    out = args.json  # perf_suite.check_args set its default
     with writing(out, "--json"):
         write_report_json(out, report)
     console.print(f"report: {out}")

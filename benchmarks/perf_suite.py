@@ -34,6 +34,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from _args import check_output_path, check_range, non_negative_int, positive_float
 
 ROOT = Path(__file__).resolve().parent.parent
 GATES_FILE = ROOT / "moe_devkit" / "diagnostics" / "perf_gates.py"
@@ -283,26 +284,31 @@ def _serve(
 # ----------------------------------------------------------------------------- parent side
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="moe-devkit performance-regression suite")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--against", default="HEAD", help="baseline git revision, or 'none'")
     parser.add_argument("--quick", action="store_true", help="reduced sizes and budget (CI)")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated cases")
-    parser.add_argument("--budget", type=float, help="seconds per case (default 20, quick 4)")
+    parser.add_argument(
+        "--budget", type=positive_float, help="seconds per case (default 20, quick 4)"
+    )
     parser.add_argument("--min-effect", type=float, default=0.05)
     parser.add_argument("--update-baseline", action="store_true")
     parser.add_argument("--baseline-dir", type=Path, default=ROOT / "benchmarks" / "baselines")
     parser.add_argument("--json", type=Path, help="report path (default build/perf/DEVICE.json)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: keep)")
+    parser.add_argument(
+        "--threads", type=non_negative_int, default=1, help="torch threads on CPU (0: keep)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pin-cpu", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gates-file", default=str(GATES_FILE), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.worker:
         return worker_main(args)
     from rich.console import Console
@@ -311,44 +317,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         console.print("[yellow]SKIPPED[/]: perf(device='cuda'): torch sees no CUDA device")
         return SKIP_EXIT
-    unknown = sorted(set(args.cases.split(",")) - set(CASES))
-    if unknown:
-        console.print(f"perf_suite: error: unknown case(s) {unknown}; known: {list(CASES)}")
-        return 2
+    check_args(parser, args)  # before minutes of timing, not after
     sys.path.insert(0, str(ROOT))  # the parent always uses the working tree's package
     from perf_runner import run_suite  # type: ignore[import-not-found]
 
     from moe_devkit.cli import UsageError
 
     try:
-        check_args(args)  # before minutes of timing, not after
         result: int = run_suite(args, console)
-    except UsageError as exc:
+    except UsageError as exc:  # a write that failed at the end (a full disk)
         console.print(f"perf_suite: error: {exc}", highlight=False)
         return 2
     return result
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """UsageError for an option the run would trip over, naming it and what it got."""
-    from moe_devkit.cli import UsageError, check_output
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exits with a usage line for an option the run would trip over; sets the default
+    --json path."""
     from moe_devkit.diagnostics.perf_store import BaselineStore
 
-    if args.budget is not None and not args.budget > 0:
-        raise UsageError(f"--budget must be > 0 seconds per case; got {args.budget}")
-    if not 0 <= args.min_effect < 1:
-        raise UsageError(f"--min-effect must be in [0, 1); got {args.min_effect}")
-    if args.threads < 0:
-        raise UsageError(f"--threads must be >= 0 (0 keeps torch's default); got {args.threads}")
+    unknown = sorted(set(args.cases.split(",")) - set(CASES))
+    if unknown:
+        parser.error(f"--cases: unknown case(s) {unknown}; known: {list(CASES)}")
+    check_range(parser, "--min-effect", args.min_effect, 0, 1, high_open=True)
     args.json = args.json or ROOT / "build" / "perf" / f"{args.device}.json"
-    check_output(args.json, directory=False, flag="--json")
+    check_output_path(parser, args.json, "--json")
     baseline = args.baseline_dir / f"{args.device}.json"
     if args.update_baseline:
-        check_output(baseline, directory=False, flag="--baseline-dir")
+        check_output_path(parser, baseline, "--baseline-dir")
     try:
         BaselineStore(baseline)  # a stored baseline that cannot be read fails now
     except (ValueError, OSError) as exc:
-        raise UsageError(f"--baseline-dir: {exc}") from None
+        parser.error(f"--baseline-dir: {exc}")
 
 
 if __name__ == "__main__":

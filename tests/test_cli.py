@@ -157,3 +157,17 @@ def test_check_output_probes_the_file_system(
     with pytest.raises(UsageError, match=rf"--out '.*out' cannot be written: {refused}"):
         check_output(tmp_path / "out", directory=True)
     check_output(tmp_path / "other", directory=True, create=False)  # no probe, no error
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files without read permission")
+def test_an_unreadable_report_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    report.chmod(0o200)
+    try:
+        assert main(["report", str(report)]) == 2
+    finally:
+        report.chmod(0o600)
+    assert f"report file {str(report)!r} cannot be read" in capsys.readouterr().err

@@ -61,15 +61,16 @@ def test_unknown_case_is_a_usage_error() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--budget", "-1"], "--budget must be > 0 seconds per case; got -1.0"),
+        (["--budget", "-1"], "argument --budget: expected a finite positive number; got '-1'"),
         (["--min-effect", "2"], "--min-effect must be in [0, 1); got 2.0"),
-        (["--threads", "-3"], "--threads must be >= 0 (0 keeps torch's default); got -3"),
+        (["--threads", "-3"], "argument --threads: expected a non-negative integer; got '-3'"),
         (["--json", "BLOCKER/x.json"], "--json 'BLOCKER/x.json' cannot be created: 'BLOCKER'"),
         (
             ["--baseline-dir", "BLOCKER/b", "--update-baseline"],
             "--baseline-dir 'BLOCKER/b/cpu.json' cannot be created: 'BLOCKER' is a file",
         ),
         (["--baseline-dir", "CORRUPT"], "--baseline-dir: CORRUPT/cpu.json: not valid JSON"),
+        (["--cases", "nope"], "--cases: unknown case(s) ['nope']"),
     ],
 )
 def test_bad_options_fail_in_seconds_before_any_timing(
@@ -88,7 +89,7 @@ def test_bad_options_fail_in_seconds_before_any_timing(
     json_out = [] if "--json" in argv else ["--json", str(tmp_path / "r.json")]
     proc = run_suite("--against", "none", "--quick", *json_out, *argv, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    out = " ".join(proc.stdout.split())
-    assert f"perf_suite: error: {message}" in out
+    err = " ".join(proc.stderr.split())
+    assert f"perf_suite.py: error: {message}" in err
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert "measured" not in out and not (tmp_path / "r.json").exists()
+    assert "measured" not in proc.stdout and not (tmp_path / "r.json").exists()

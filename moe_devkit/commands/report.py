@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -22,6 +23,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     if not Path(args.report).is_file():
         raise UsageError(f"report file {args.report!r} does not exist")
+    if not os.access(args.report, os.R_OK):  # else its read error would pass for a write error
+        raise UsageError(f"report file {args.report!r} cannot be read")
     out = args.out if args.out else str(Path(args.report).parent)
     flag = "--out" if args.out else "output directory"
     check_output(out, directory=True, flag=flag)
