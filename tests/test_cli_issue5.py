@@ -9,8 +9,8 @@ import pytest
 
 from moe_devkit.cli import main
 
-# min_k == max_k keeps the reference experts free of undefined (padding) rows
-TINY = ["--hidden-size", "16", "--num-experts", "4", "--min-k", "2", "--max-k", "2"]
+# min_k < max_k: dynamic routing, with padding rows in the experts' grouped matmul
+TINY = ["--hidden-size", "16", "--num-experts", "4", "--min-k", "1", "--max-k", "2"]
 TINY += ["--layers", "2", "--batch", "2", "--seq", "4", "--device", "cpu"]
 
 

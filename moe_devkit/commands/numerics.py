@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -63,33 +65,50 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _plant_nan(model: torch.nn.Module, name: str, at_step: int) -> None:
-    """Makes module ``name`` return NaN at the ``at_step``-th forward of the model."""
-    import torch
-
+    """Makes module ``name`` return NaN at the ``at_step``-th forward of the model: the first
+    floating-point tensor of its output (a tensor, tuple, NamedTuple or dataclass such as
+    ``RoutingDecision``) is multiplied by NaN."""
     modules = dict(model.named_modules())
     if name not in modules or not name:
         names = ", ".join(n for n in modules if n.count(".") <= 2 and n)
         raise UsageError(f"--plant-nan: no module named {name!r}; try one of: {names}")
     calls = {"n": 0}
-    root = model
 
     def count(*_: object) -> None:
         calls["n"] += 1
 
     def plant(_: object, __: object, output: object) -> object:
-        if calls["n"] == at_step and isinstance(output, torch.Tensor):
-            return output * float("nan")
-        if calls["n"] == at_step and isinstance(output, tuple) and output:
-            first = output[0]
-            if isinstance(first, torch.Tensor):
-                if hasattr(output, "_fields"):  # a NamedTuple such as MoEOutput
-                    fields = output._fields
-                    return output._replace(**{fields[0]: first * float("nan")})  # type: ignore[attr-defined]
-                return (first * float("nan"), *output[1:])
-        return output
+        if calls["n"] != at_step:
+            return output
+        poisoned, planted = _with_first_float_nan(output)
+        if not planted:
+            raise UsageError(f"--plant-nan: module {name!r} returns no floating-point tensor")
+        return poisoned
 
-    root.register_forward_pre_hook(count)
+    model.register_forward_pre_hook(count)
     modules[name].register_forward_hook(plant)
+
+
+def _with_first_float_nan(value: object) -> tuple[object, bool]:
+    """``value`` with its first floating-point tensor times NaN, and whether there was one."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return (value * math.nan, True) if value.is_floating_point() else (value, False)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            new, planted = _with_first_float_nan(getattr(value, field.name))
+            if planted:
+                return dataclasses.replace(value, **{field.name: new}), True
+        return value, False
+    if isinstance(value, tuple):
+        items = list(value)
+        for i, item in enumerate(items):
+            items[i], planted = _with_first_float_nan(item)
+            if planted:
+                rebuilt = type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+                return rebuilt, True
+    return value, False
 
 
 def _print(console: Console, guard: NumericsGuard) -> None:

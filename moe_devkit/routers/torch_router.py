@@ -612,6 +612,30 @@ def _expert_matmul(
     return fallback(a, b, offs=offsets)
 
 
+class _ZeroDeadRowGrad(torch.autograd.Function):
+    """Identity on ``(x: float[M, D], row_weights: float32[M])`` whose backward zeroes the
+    gradient of the rows where ``live: bool[M, 1]`` is False."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        row_weights: torch.Tensor,
+        live: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(live)
+        return x.view_as(x), row_weights.view_as(row_weights)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_x: torch.Tensor, grad_w: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        (live,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        gx = None if grad_x is None else grad_x.masked_fill(~live, 0.0)
+        gw = None if grad_w is None else grad_w.masked_fill(~live.squeeze(-1), 0.0)
+        return gx, gw, None
+
+
 class SwiGLUExperts(nn.Module):
     """E SwiGLU feed-forward experts, run as grouped matmuls over expert-sorted rows.
 
@@ -636,15 +660,16 @@ class SwiGLUExperts(nn.Module):
         host sync). On CPU: ``torch._grouped_mm``, or the loop where this build rejects it.
 
         Args:
-            x_sorted: float[M, D], rows grouped by expert; rows past offsets[-1] are ignored
-                (their outputs are undefined).
+            x_sorted: float[M, D], rows grouped by expert; rows past offsets[-1] are ignored.
             offsets: int32[E], end row of each expert's group (cumulative counts).
             row_weights: float32[M], the routing weight of each row's token-expert pair,
                 applied to the F-wide activation before the down projection (half the
                 elements of scaling the D-wide output).
 
         Returns:
-            float[M, D]: ``weight * expert(x)`` per row.
+            float[M, D]: ``weight * expert(x)`` per row; rows past offsets[-1] are zero, and
+            so are the gradients this module hands back to their rows of ``x_sorted`` and
+            ``row_weights``.
         """
         if x_sorted.device.type == "cuda":
             matmul = cuda_grouped_matmul(x_sorted)
@@ -667,10 +692,17 @@ class SwiGLUExperts(nn.Module):
         matmul: GroupedMatmul | None = None,
     ) -> torch.Tensor:
         matmul = torch._grouped_mm if matmul is None else matmul
+        # The grouped matmul leaves rows past offsets[-1] undefined, in its output and in
+        # the gradient of its input. Those rows stay inside this module: its output and the
+        # gradients it hands back to x_sorted and row_weights are zero there.
+        rows = torch.arange(x_sorted.shape[0], device=x_sorted.device)
+        live = (rows < offsets[-1]).unsqueeze(-1)  # bool[M, 1]
+        x_sorted, row_weights = _ZeroDeadRowGrad.apply(x_sorted, row_weights, live)  # type: ignore[no-untyped-call]
         gate_up = matmul(x_sorted, self.w_gate_up.transpose(-2, -1), offs=offsets)
         gate, up = gate_up.chunk(2, dim=-1)  # [M, F] each
         hidden = F.silu(gate) * up * row_weights.unsqueeze(-1).to(up.dtype)
-        return matmul(hidden, self.w_down.transpose(-2, -1), offs=offsets)
+        out = matmul(hidden, self.w_down.transpose(-2, -1), offs=offsets)  # [M, D]
+        return out.masked_fill_(~live, 0.0)  # the matmul's backward does not read its output
 
     def forward_active(
         self,

@@ -17,10 +17,10 @@ from moe_devkit.diagnostics.numerics import (
 )
 from moe_devkit.routers.torch_router import MoELayer, MoEModel
 
-# min_k == max_k: every selected pair is executed, so the grouped matmul has no undefined
-# rows (with padding, the reference experts leave rows past offsets[-1] undefined).
+# min_k < max_k: the experts' grouped matmul has padding rows past its last group, which
+# must never show up as a finding on a healthy model.
 CONFIG = RouterConfig(
-    hidden_size=16, num_experts=4, min_k=2, max_k=2, expert_hidden_size=16, complexity_hidden_size=8
+    hidden_size=16, num_experts=4, min_k=1, max_k=2, expert_hidden_size=16, complexity_hidden_size=8
 )
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from moe_devkit import (
     DynamicMoERouter,
@@ -414,6 +416,53 @@ def test_padding_rows_never_poison_outputs_or_gradients(monkeypatch: pytest.Monk
     assert int((out.routing.k_per_token < 3).sum()) > 0
     (out.hidden_states.square().sum() + out.routing.aux_loss).backward()
     assert bool(torch.isfinite(out.hidden_states).all())
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and bool(torch.isfinite(param.grad).all()), name
+
+
+def _experts_hand_on(layer: MoELayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the experts module hands on in one training step: its output, the gradients it
+    returns to its inputs, and its group offsets."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            seen[name] = grad.detach().clone()
+
+        return hook
+
+    def forward_hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        x_sorted, offsets, row_weights = args
+        seen["output"], seen["offsets"] = out.detach().clone(), offsets.clone()
+        x_sorted.register_hook(keep("grad x_sorted"))
+        row_weights.register_hook(keep("grad row_weights"))
+
+    handle = layer.experts.register_forward_hook(forward_hook)
+    try:
+        out = layer(x)
+        (out.hidden_states.square().sum() + out.routing.aux_loss).backward()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("mode", ["complexity", "top_p"])
+def test_experts_hand_on_no_uninitialised_rows(
+    poisoned_allocator: None, device: str, mode: str
+) -> None:
+    # Fresh buffers read as NaN: a row the grouped matmul leaves unwritten shows up.
+    torch.manual_seed(13)
+    layer = MoELayer(tiny_config(min_k=1, max_k=3, mode=mode, top_p=0.6)).to(device)
+    x = torch.randn(48, 16, device=device, requires_grad=True)
+    seen = _experts_hand_on(layer, x)
+    end = int(seen["offsets"][-1])
+    assert end < seen["output"].shape[0]  # padding rows exist
+    for name in ("output", "grad x_sorted", "grad row_weights"):
+        tensor = seen[name]
+        assert bool(torch.isfinite(tensor).all()), name
+        assert bool((tensor[end:] == 0).all()), name
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
     for name, param in layer.named_parameters():
         assert param.grad is not None and bool(torch.isfinite(param.grad).all()), name
