@@ -175,7 +175,8 @@ def co_activation(expert_indices: torch.Tensor, num_experts: int) -> torch.Tenso
     Args:
         expert_indices: int[N, K], -1 padded, each in [-1, E).
     """
-    indices = expert_indices.reshape(-1, expert_indices.shape[-1]).long()  # [N, K]
+    *lead, max_k = expert_indices.shape
+    indices = expert_indices.reshape(math.prod(lead), max_k).long()  # [N, K], K may be 0
     dtype = torch.float32 if indices.shape[0] < 2**24 else torch.float64
     slots = torch.where(indices >= 0, indices, num_experts)
     hot = torch.zeros(indices.shape[0], num_experts + 1, dtype=dtype, device=indices.device)

@@ -77,7 +77,7 @@ def check_numerical_stability(
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"tensor must be a torch.Tensor; got {type(tensor).__name__}")
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold <= 0:
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not threshold > 0:
         raise ValueError(f"threshold must be a positive number; got threshold={threshold!r}")
     if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 0:
         raise ValueError(f"max_positions must be an int >= 0; got max_positions={max_positions!r}")

@@ -726,6 +726,34 @@ class RouterInspector:
         return iter(self.layers.values())
 
 
+def _whole_numbers(name: str, values: torch.Tensor) -> torch.Tensor:
+    """``values`` as int64; floats must hold whole numbers (never truncated)."""
+    if values.dtype == torch.bool or values.is_complex():
+        raise TypeError(f"{name} must be an integer tensor; got dtype={values.dtype}")
+    if values.is_floating_point():
+        bad = ~torch.isfinite(values) | (values != values.round())
+        if bool(bad.any()):
+            first = values.reshape(-1)[bad.reshape(-1)][0].item()
+            raise ValueError(f"{name} must hold whole numbers; got {first:g} ({values.dtype})")
+    return values.long()
+
+
+def _first_k(indices: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """int64[N, K]: each token's first k valid indices, -1 elsewhere (ValueError when a k is
+    negative or above the token's valid indices)."""
+    valid = indices >= 0  # [N, K]
+    available = valid.sum(dim=-1)  # [N]
+    bad = (k < 0) | (k > available)
+    if bool(bad.any()):
+        token = int(bad.long().argmax())
+        raise ValueError(
+            "k_values must be in [0, the token's valid (non -1) expert_indices]; "
+            f"got k={int(k[token])} for token {token}, which has {int(available[token])}"
+        )
+    rank = valid.long().cumsum(dim=-1)  # [N, K]: 1-based rank of each valid slot
+    return torch.where(valid & (rank <= k.unsqueeze(-1)), indices, -1)
+
+
 def _moments(values: torch.Tensor) -> dict[str, float]:
     std = float(values.std()) if values.numel() > 1 else 0.0
     return {
@@ -744,10 +772,23 @@ def decision_from_tensors(
 ) -> RoutingDecision:
     """Builds a RoutingDecision from raw per-token tensors (losses set to 0, no logits).
 
+    Reads the values on the host to check them.
+
+    Args:
+        complexity: float[...] per token.
+        k_values: int[...] per token (whole-valued floats are accepted), each in
+            [0, the token's valid indices].
+        expert_indices: int[..., K], -1 padded, ranked: a token with k below its valid
+            indices keeps its first k (the slots past k are set to -1).
+        num_experts: E (default: 1 + the largest index).
+
     Raises:
-        ValueError: shapes disagree, indices are out of range, or there are no tokens.
+        TypeError: an index or k tensor that is boolean or complex.
+        ValueError: shapes disagree, a value is not a whole number or out of range, a k
+            exceeds its token's valid indices, or there are no tokens.
     """
-    indices = expert_indices.reshape(-1, expert_indices.shape[-1]).long()
+    indices = _whole_numbers("expert_indices", expert_indices)
+    indices = indices.reshape(-1, indices.shape[-1])  # [N, K]
     num_tokens = indices.shape[0]
     if num_tokens == 0:
         raise ValueError(
@@ -767,12 +808,14 @@ def decision_from_tensors(
             f"expert_indices must be in [-1, num_experts={num_experts}); "
             f"got values in [{smallest}, {largest}]"
         )
+    k = _whole_numbers("k_values", k_values).reshape(-1).to(indices.device)
+    indices = _first_k(indices, k)
     zero = torch.zeros((), device=indices.device)
     empty = torch.zeros(num_tokens, num_experts, device=indices.device)
     return RoutingDecision(
         expert_indices=indices,
         expert_weights=torch.zeros(indices.shape, device=indices.device),
-        k_per_token=k_values.reshape(-1).long(),
+        k_per_token=k,
         complexity=complexity.reshape(-1).float(),
         router_logits=empty,
         router_probs=empty,

@@ -742,6 +742,25 @@ class SwiGLUExperts(nn.Module):
 _SPARE_ROWS = 1024  # scratch rows that absorb the padding rows' outputs in the combine
 
 
+def _check_router_fits(router: object, config: RouterConfig) -> None:
+    """A router given to MoELayer must route over the layer's experts and hidden size."""
+    if not isinstance(router, nn.Module):
+        raise TypeError(
+            "router must be an nn.Module returning a RoutingDecision (or None); "
+            f"got {type(router).__name__}"
+        )
+    theirs_config = getattr(router, "config", None)
+    if not isinstance(theirs_config, RouterConfig):
+        return  # a router of the user's own: its decision is checked in forward
+    for field in ("num_experts", "hidden_size"):
+        ours, theirs = getattr(config, field), getattr(theirs_config, field)
+        if ours != theirs:
+            raise ValueError(
+                f"router.config.{field} must equal the layer's config.{field}={ours}; "
+                f"got router.config.{field}={theirs}"
+            )
+
+
 class MoEOutput(NamedTuple):
     """Output of MoELayer: the layer output, same shape as its input, and the routing."""
 
@@ -755,11 +774,21 @@ class MoELayer(nn.Module):
     Args:
         config: the router configuration.
         router: a router to use instead of ``DynamicMoERouter(config)`` (e.g. a
-            ``StaticTopKRouter`` for the baseline).
+            ``StaticTopKRouter`` for the baseline, or a module of your own that returns a
+            ``RoutingDecision``); it must route over ``config.num_experts`` experts.
+
+    Raises:
+        TypeError: ``config`` is not a RouterConfig or ``router`` is not an nn.Module.
+        ValueError: the router's config differs from ``config`` in num_experts or
+            hidden_size.
     """
 
-    def __init__(self, config: RouterConfig, router: _RouterBase | None = None) -> None:
+    def __init__(self, config: RouterConfig, router: nn.Module | None = None) -> None:
         super().__init__()
+        if not isinstance(config, RouterConfig):
+            raise TypeError(f"config must be a RouterConfig; got {type(config).__name__}")
+        if router is not None:
+            _check_router_fits(router, config)
         self.config = config
         self.router = router if router is not None else DynamicMoERouter(config)
         self.experts = SwiGLUExperts(
@@ -769,6 +798,11 @@ class MoELayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> MoEOutput:
         """float[..., D] -> MoEOutput with float[..., D] hidden states."""
         routing = self.router(hidden_states)
+        if routing.num_experts != self.config.num_experts:
+            raise ValueError(
+                f"the router's decision must cover the layer's num_experts="
+                f"{self.config.num_experts}; got router_logits over {routing.num_experts}"
+            )
         flat = hidden_states.reshape(-1, self.config.hidden_size)  # [N, D], checked by router
         if flat.dtype != self.experts.w_down.dtype:
             raise TypeError(

@@ -221,6 +221,9 @@ def test_check_numerical_stability() -> None:
         check_numerical_stability([1.0, 2.0])
     with pytest.raises(ValueError, match="threshold"):
         check_numerical_stability(t, threshold=-1)
+    with pytest.raises(ValueError, match=r"threshold must be a positive number; got threshold=nan"):
+        check_numerical_stability(torch.ones(3), threshold=math.nan)
+    assert check_numerical_stability(torch.tensor([1.0, 2e7]), threshold=math.inf) is None
 
 
 def test_iter_tensors_follows_nested_outputs() -> None:

@@ -464,3 +464,14 @@ def test_debug_expert_selection_equals_seed_on_cuda() -> None:
     k = torch.randint(0, 17, (2, 64), device="cuda", generator=gen)
     for logits in (ties, normal):
         assert debug_expert_selection(logits, k) == seed_debug_expert_selection(logits, k)
+
+
+def test_utilization_from_logits_with_no_slots() -> None:
+    stats = utilization_from_logits(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), max_k=0)
+    assert stats.max_k == 0 and stats.k_histogram.tolist() == [4]
+    assert stats.balance.tokens_per_expert.tolist() == [0, 0, 0]
+    assert bool(stats.balance.dead.all())
+    with pytest.raises(
+        ValueError, match=r"max_k must be >= the largest k; got max_k=0, largest k=1"
+    ):
+        utilization_from_logits(torch.randn(2, 3), torch.tensor([1, 0]), max_k=0)

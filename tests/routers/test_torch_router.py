@@ -335,6 +335,40 @@ def test_layer_rejects_dtype_mismatch() -> None:
         layer(torch.randn(4, 16, dtype=torch.bfloat16))
 
 
+def test_layer_rejects_a_router_that_does_not_fit() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"router\.config\.num_experts must equal the layer's config\.num_experts=4; "
+        r"got router\.config\.num_experts=3",
+    ):
+        MoELayer(
+            RouterConfig(num_experts=4, max_k=2),
+            router=StaticTopKRouter(RouterConfig(num_experts=3, max_k=2)),
+        )
+    with pytest.raises(ValueError, match=r"router\.config\.hidden_size must equal"):
+        MoELayer(tiny_config(), router=StaticTopKRouter(tiny_config(hidden_size=8)))
+    with pytest.raises(TypeError, match=r"config must be a RouterConfig; got NoneType"):
+        MoELayer(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"router must be an nn\.Module .*; got str"):
+        MoELayer(tiny_config(), router="top2")  # type: ignore[arg-type]
+
+
+def test_layer_checks_the_decision_of_a_router_of_ones_own() -> None:
+    class OwnRouter(nn.Module):  # no RouterConfig: the decision is checked instead
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = StaticTopKRouter(tiny_config(num_experts=5))
+
+        def forward(self, x: torch.Tensor) -> RoutingDecision:
+            return self.inner(x)
+
+    layer = MoELayer(tiny_config(), router=OwnRouter())
+    with pytest.raises(ValueError, match=r"num_experts=6; got router_logits over 5"):
+        layer(torch.randn(4, 16))
+    fits = MoELayer(tiny_config(num_experts=5), router=OwnRouter())
+    assert fits(torch.randn(4, 16)).hidden_states.shape == (4, 16)
+
+
 def test_static_router_rejects_bad_k() -> None:
     with pytest.raises(ValueError, match=r"k must be an int in \[1, num_experts=6\]; got k=7"):
         StaticTopKRouter(tiny_config(), k=7)
