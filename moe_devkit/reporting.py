@@ -29,7 +29,34 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
 
     A crash never leaves a half-written file where a good one stood.
     """
-    target = Path(path)
+    return write_atomic_set({Path(path): data})[0]
+
+
+def write_atomic_set(files: Mapping[Path, str | bytes]) -> list[Path]:
+    """Writes several files so that a failure leaves the previous set whole.
+
+    Every file is written (and synced) to a temporary beside it first; only then are they
+    renamed into place, one after the other. A failure before the renames (a full disk, an
+    unwritable directory) removes the temporaries and leaves every old file as it was.
+
+    Returns:
+        The paths written, in the order given.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for target, data in files.items():
+            staged.append((_write_temporary(target, data), target))
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    return [target for _, target in staged]
+
+
+def _write_temporary(target: Path, data: str | bytes) -> Path:
+    """Writes ``data`` to a new temporary file beside ``target`` (removed if that fails)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     mode = _file_mode(target)
@@ -40,11 +67,10 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
             handle.flush()
             os.fchmod(handle.fileno(), mode)  # mkstemp's 0600 would hide reports from others
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return target
+    return Path(tmp)
 
 
 def _file_mode(target: Path) -> int:
@@ -87,10 +113,14 @@ def make_report(
     }
 
 
+def report_json_text(report: Mapping[str, Any]) -> str:
+    """A report envelope as the strict JSON text ``write_report_json`` writes."""
+    return json.dumps(_json_safe(report), indent=2, allow_nan=False, sort_keys=False) + "\n"
+
+
 def write_report_json(path: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:
     """Writes a report envelope as strict JSON, atomically."""
-    text = json.dumps(_json_safe(report), indent=2, allow_nan=False, sort_keys=False)
-    return write_atomic(path, text + "\n")
+    return write_atomic(path, report_json_text(report))
 
 
 def load_report_json(path: str | os.PathLike[str]) -> dict[str, Any]:

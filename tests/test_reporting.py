@@ -70,3 +70,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(
         write_atomic(target, "half")
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_a_set_of_files_is_replaced_whole_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file of the set is written to its temporary before any is renamed into place."""
+    first, second = tmp_path / "report.json", tmp_path / "report.html"
+    assert reporting.write_atomic_set({first: "json 1", second: b"html 1"}) == [first, second]
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.fstat(fd).st_size == len("html 2"):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(reporting.os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        reporting.write_atomic_set({first: "json 22", second: "html 2"})
+    assert (first.read_text(), second.read_text()) == ("json 1", "html 1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.json"]

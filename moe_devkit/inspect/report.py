@@ -1,13 +1,15 @@
 """Turns an inspector's statistics into the ``routing`` report section, alarms and files.
 
 ``summarize`` reads the on-device statistics once and derives the metrics; ``write_report``
-writes ``report.json`` (versioned envelope, see docs/report-schema.md), then renders
+renders ``report.json`` (versioned envelope, see docs/report-schema.md), then
 ``routing_analysis.png`` and ``report.html`` from that JSON alone, so ``render_report`` can
-re-render a stored report (``moe-devkit report report.json``).
+re-render a stored report (``moe-devkit report report.json``). The files of a set are all
+rendered, then written to temporaries and renamed into place together.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moe_devkit.diagnostics.findings import Finding
-from moe_devkit.reporting import load_report_json, make_report, write_atomic, write_report_json
+from moe_devkit.reporting import (
+    load_report_json,
+    make_report,
+    report_json_text,
+    write_atomic_set,
+)
 
 if TYPE_CHECKING:
     from moe_devkit.inspect.inspector import InspectorConfig, RouterInspector
@@ -315,28 +322,37 @@ def summarize(inspector: RouterInspector) -> InspectorSummary:
 
 
 def write_report(summary: InspectorSummary, out_dir: str | Path) -> ReportPaths:
-    """Writes report.json, then renders routing_analysis.png and report.html from it."""
+    """Writes report.json, routing_analysis.png and report.html, the last two rendered from
+    the JSON text; all three are rendered before any file is replaced, so a failure leaves
+    the previous set whole."""
     out = Path(out_dir)
-    json_path = write_report_json(out / "report.json", summary.to_report())
-    return render_report(json_path, out)
+    text = report_json_text(summary.to_report())
+    files = {out / "report.json": text, **_rendered(json.loads(text), out)}
+    json_path, png_path, html_path = write_atomic_set(files)
+    return ReportPaths(json=json_path, png=png_path, html=html_path)
 
 
 def render_report(report_json: str | Path, out_dir: str | Path | None = None) -> ReportPaths:
-    """Renders routing_analysis.png and report.html from a stored report.json.
+    """Renders routing_analysis.png and report.html from a stored report.json (both are
+    rendered before either file is replaced).
 
     Raises:
         ValueError: the file is not a moe-devkit report or has no routing section.
         FileNotFoundError: the file does not exist.
     """
-    from moe_devkit.inspect.html import render_html
-    from moe_devkit.inspect.plots import routing_figure_png
-
     json_path = Path(report_json)
     report = load_report_json(json_path)
     if SECTION not in report.get("sections", {}):
         raise ValueError(f"{json_path}: the report has no {SECTION!r} section to render")
     out = Path(out_dir) if out_dir is not None else json_path.parent
-    png = routing_figure_png(report["sections"][SECTION])
-    png_path = write_atomic(out / "routing_analysis.png", png)
-    html_path = write_atomic(out / "report.html", render_html(report, png))
+    png_path, html_path = write_atomic_set(_rendered(report, out))
     return ReportPaths(json=json_path, png=png_path, html=html_path)
+
+
+def _rendered(report: dict[str, Any], out: Path) -> dict[Path, str | bytes]:
+    """routing_analysis.png and report.html of a report envelope, in memory."""
+    from moe_devkit.inspect.html import render_html
+    from moe_devkit.inspect.plots import routing_figure_png
+
+    png = routing_figure_png(report["sections"][SECTION])
+    return {out / "routing_analysis.png": png, out / "report.html": render_html(report, png)}

@@ -14,7 +14,7 @@ from moe_devkit import MoEModel, RouterConfig
 from moe_devkit.cli import main
 from moe_devkit.inspect import InspectorConfig, RouterInspector
 from moe_devkit.inspect.inspector import decision_from_tensors
-from moe_devkit.inspect.report import render_report
+from moe_devkit.inspect.report import InspectorSummary, render_report, write_report
 from moe_devkit.reporting import SCHEMA_VERSION, load_report_json, write_report_json
 
 
@@ -155,3 +155,68 @@ def test_html_in_headless_browser(report_dir: Path, tmp_path: Path) -> None:
     non_white = (rgb < 0.95).any(axis=1).mean()
     colourful = ((rgb.max(axis=1) - rgb.min(axis=1)) > 0.2).mean()
     assert non_white > 0.05 and colourful > 0.01
+
+
+def _tiny_summary(steps: int, config: InspectorConfig | None = None) -> InspectorSummary:
+    torch.manual_seed(0)
+    model = MoEModel(RouterConfig(hidden_size=16, num_experts=6, max_k=3, expert_hidden_size=16))
+    with torch.no_grad(), RouterInspector(model, config) as inspector:
+        for _ in range(steps):
+            model(torch.randn(2, 8, 16))
+    summary: InspectorSummary = inspector.summary()
+    return summary
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _boom(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("renderer crashed")
+
+
+@pytest.mark.parametrize("renderer", ["moe_devkit.inspect.html.render_html", "plots"])
+@pytest.mark.parametrize("writer", ["write_report", "render_report"])
+def test_a_failed_render_leaves_the_previous_report_set_whole(
+    renderer: str, writer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The three files are rendered before any is replaced: a renderer that raises leaves the
+    old report.json, PNG and HTML byte-identical, and no temporary file behind."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    write_report(_tiny_summary(3), old)
+    write_report(summary := _tiny_summary(5), new)  # `moe-devkit report` renders a stored one
+    before = _snapshot(old)
+    assert sorted(before) == ["report.html", "report.json", "routing_analysis.png"]
+    target = "moe_devkit.inspect.plots.routing_figure_png" if renderer == "plots" else renderer
+    monkeypatch.setattr(target, _boom)
+    with pytest.raises(RuntimeError, match="renderer crashed"):
+        if writer == "write_report":
+            write_report(summary, old)
+        else:
+            render_report(new / "report.json", old)
+    assert _snapshot(old) == before
+
+
+def test_a_failed_file_write_leaves_the_previous_report_set_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills while the third file is written: the first two are not renamed."""
+    import os
+
+    from moe_devkit import reporting
+
+    write_report(_tiny_summary(3), tmp_path)
+    before, summary = _snapshot(tmp_path), _tiny_summary(5)
+    calls, real_fsync = [], os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(reporting.os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(summary, tmp_path)
+    assert len(calls) == 3
+    assert _snapshot(tmp_path) == before
