@@ -171,3 +171,46 @@ def test_an_unreadable_report_is_named_as_such(
     finally:
         report.chmod(0o600)
     assert f"report file {str(report)!r} cannot be read" in capsys.readouterr().err
+
+
+SMALL_MODEL = ["--hidden-size", "16", "--layers", "1", "--device", "cpu"]
+
+
+def _diagnose_in_a_pipe(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "moe_devkit", "diagnose", *SMALL_MODEL, *argv]
+    return subprocess.run(
+        [*command, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_diagnose_in_a_pipe_prints_progress_lines_and_a_verdict(tmp_path: Path) -> None:
+    """Stdout is not a terminal: progress is plain lines (no bar), and the run ends with
+    what was run and the verdict."""
+    proc = _diagnose_in_a_pipe(tmp_path, "--steps", "20", "--batch", "2", "--seq", "8")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    progress = [line for line in lines if line.startswith("routing: ")]
+    assert progress[0] == "routing: 0/20 steps"
+    assert [line.split(" (")[0] for line in progress[1:]] == [
+        f"routing: {step}/20 steps" for step in range(2, 21, 2)
+    ]
+    assert progress[-1].startswith("routing: 20/20 steps (100%), ")
+    assert lines.index(progress[-1]) < lines.index(next(x for x in lines if "Expert util" in x))
+    ran = next(line for line in lines if line.startswith("ran: "))
+    for part in ("torch reference model", "1 layer", "20 steps", "320 tokens", "cpu", "float32"):
+        assert part in ran
+    assert lines[-1] == "verdict: no alarms"
+    assert "\x1b[" not in proc.stdout and "━" not in "".join(progress)
+
+
+def test_diagnose_verdict_lists_the_findings_last(tmp_path: Path) -> None:
+    """64 experts and 4 tokens: one expert holds a quarter of the load, 60 are dead."""
+    argv = ["--steps", "1", "--batch", "1", "--seq", "4", "--num-experts", "64", "--max-k", "1"]
+    proc = _diagnose_in_a_pipe(tmp_path, *argv)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    verdict = lines.index("verdict: 1 error, 1 warning")
+    assert lines[verdict - 1].startswith("ran: torch reference model")
+    assert lines[verdict + 1].startswith("  error: layers.0.moe.router: expert ")
+    assert lines[verdict + 2].startswith("  warning: layers.0.moe.router: 60 of 64 experts")
+    assert len(lines) == verdict + 3

@@ -9,12 +9,17 @@ output; ``JaxRouterInspector`` accumulates them and writes the same report.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import Progress
 
 from moe_devkit.cli import UsageError
+from moe_devkit.commands._torch import step_progress
+
+if TYPE_CHECKING:
+    from moe_devkit.config import RouterConfig
+    from moe_devkit.inspect import InspectorConfig
+    from moe_devkit.inspect.report import InspectorSummary
 
 
 def require_jax() -> None:
@@ -45,9 +50,20 @@ def resolve_jax_device(name: str) -> Any:
     return devices[int(index or 0)]
 
 
-def run_jax(args: argparse.Namespace, config: Any, console: Console) -> Any:
-    """Runs ``args.steps`` jitted forward passes; returns the inspector's summary."""
-    require_jax()
+def jax_device_name(device: Any) -> str:
+    """``cpu:0``, ``gpu:0 (the GPU's name)``: the platform, index and kind of a JAX device."""
+    name = f"{device.platform}:{device.id}"
+    return name if device.platform == "cpu" else f"{name} ({device.device_kind})"
+
+
+def run_jax(
+    args: argparse.Namespace,
+    config: RouterConfig,
+    device: Any,
+    inspector_config: InspectorConfig,
+    console: Console,
+) -> InspectorSummary:
+    """Runs ``args.steps`` jitted forward passes on ``device``; returns the inspector's summary."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -57,12 +73,11 @@ def run_jax(args: argparse.Namespace, config: Any, console: Console) -> Any:
     from moe_devkit.routers.convert import tensor_to_jax, torch_to_jax
     from moe_devkit.workloads import mixed_difficulty_batch
 
-    device = resolve_jax_device(args.device)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     torch.manual_seed(args.seed)
     params = jax.device_put(torch_to_jax(torch_router.MoEModel(config, args.layers), dtype), device)
     model = jax_router.MoEModel(config, num_layers=args.layers)
-    inspector = JaxRouterInspector()
+    inspector = JaxRouterInspector(inspector_config)
     bins = inspector.config.complexity_bins
 
     @jax.jit
@@ -72,13 +87,12 @@ def run_jax(args: argparse.Namespace, config: Any, console: Console) -> Any:
 
     generator = torch.Generator().manual_seed(args.seed)
     key = jax.random.key(args.seed)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("routing (jax)", total=args.steps)
+    with step_progress(console, "routing (jax)", args.steps) as advance:
         for i in range(args.steps):
             batch = mixed_difficulty_batch(
                 args.batch, args.seq, config.hidden_size, generator=generator
             )
             hidden = jax.device_put(tensor_to_jax(batch.hidden_states, dtype), device)
             inspector.record_model(step(params, hidden, jax.random.fold_in(key, i)))
-            progress.advance(task)
+            advance()
     return inspector.summary()

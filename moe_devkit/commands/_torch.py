@@ -1,9 +1,16 @@
-"""Shared set-up of torch for the CLI commands: import, device and dtype resolution."""
+"""Shared set-up of the CLI commands that run the reference model: the torch import, device
+and dtype resolution, the router options, and progress over the steps of a run."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import Progress
 
 from moe_devkit.cli import UsageError, positive_int
 
@@ -39,6 +46,16 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}")
     return device
+
+
+def device_name(device: torch.device) -> str:
+    """``cpu``, or ``cuda:N (the GPU's name)``."""
+    import torch
+
+    if device.type != "cuda":
+        return str(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -90,3 +107,26 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         )
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def step_progress(console: Console, label: str, total: int) -> Iterator[Callable[[], None]]:
+    """Yields ``advance()``, to call once per step: a rich progress bar on a terminal, else
+    (a log, a pipe) one plain line at the start and at every tenth of the steps."""
+    if console.is_terminal:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(label, total=total)
+            yield lambda: progress.advance(task)
+        return
+    console.print(f"{label}: 0/{total} steps", highlight=False)
+    start, done = time.perf_counter(), 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if done * 10 // total > (done - 1) * 10 // total:
+            seconds = time.perf_counter() - start
+            line = f"{label}: {done}/{total} steps ({100 * done // total}%), {seconds:.1f} s"
+            console.print(line, highlight=False)
+
+    yield advance

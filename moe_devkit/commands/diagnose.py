@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from moe_devkit.cli import check_output, positive_int, writing
 from moe_devkit.commands._torch import (
     add_device_arguments,
     add_router_arguments,
+    device_name,
     require_torch,
     resolve_device,
     resolve_dtype,
     router_config,
+    step_progress,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from moe_devkit.config import RouterConfig
+    from moe_devkit.diagnostics.findings import Finding
+    from moe_devkit.inspect import InspectorConfig
+    from moe_devkit.inspect.report import InspectorSummary, ReportPaths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,46 +56,106 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
     """Runs the diagnose command; returns 0, or 1 when an error-level alarm fired."""
     require_torch()
+    from moe_devkit.inspect import InspectorConfig
+
+    config = router_config(args)
+    check_output(args.out, directory=True)
+    inspector_config = InspectorConfig(window=trend_window(args.steps))
+    if getattr(args, "framework", "torch") == "jax":
+        from moe_devkit.commands import _diagnose_jax as jax_path
+
+        jax_path.require_jax()
+        jax_device = jax_path.resolve_jax_device(args.device)
+        summary = jax_path.run_jax(args, config, jax_device, inspector_config, console)
+        return _finish(summary, args, jax_path.jax_device_name(jax_device), console)
+    device = resolve_device(args.device)
+    summary = _run_torch(args, config, device, inspector_config, console)
+    return _finish(summary, args, device_name(device), console)
+
+
+def trend_window(steps: int, points: int = 10) -> int:
+    """Steps per trend window so that a run of ``steps`` steps gives ``points`` windows (the
+    inspector's minimum window is 2; fewer than 4 steps give no trend)."""
+    return max(2, steps // points)
+
+
+def _run_torch(
+    args: argparse.Namespace,
+    config: RouterConfig,
+    device: torch.device,
+    inspector_config: InspectorConfig,
+    console: Console,
+) -> InspectorSummary:
+    """Runs ``args.steps`` forward passes of the PyTorch reference model under the inspector."""
     import torch
 
     from moe_devkit.inspect import RouterInspector
     from moe_devkit.routers.torch_router import MoEModel
     from moe_devkit.workloads import mixed_difficulty_batch
 
-    config = router_config(args)
-    check_output(args.out, directory=True)
-    if getattr(args, "framework", "torch") == "jax":
-        from moe_devkit.commands._diagnose_jax import run_jax
-
-        return _finish(run_jax(args, config, console), args, console)
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    dtype = resolve_dtype(args.dtype)
     torch.manual_seed(args.seed)
     model = MoEModel(config, num_layers=args.layers).to(device=device, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(args.seed)
     with (
         torch.no_grad(),
-        RouterInspector(model) as inspector,
-        Progress(console=console, transient=True) as progress,
+        RouterInspector(model, inspector_config) as inspector,
+        step_progress(console, "routing", args.steps) as advance,
     ):
-        task = progress.add_task("routing", total=args.steps)
         for _ in range(args.steps):
             batch = mixed_difficulty_batch(
                 args.batch, args.seq, config.hidden_size, generator=generator
             )
             model(batch.hidden_states.to(device=device, dtype=dtype))
-            progress.advance(task)
-    return _finish(inspector.summary(), args, console)
+            advance()
+    summary: InspectorSummary = inspector.summary()
+    return summary
 
 
-def _finish(summary: Any, args: argparse.Namespace, console: Console) -> int:
-    """Prints the summary, writes the report files; 1 when an error-level alarm fired."""
-    print_summary(console, summary.layers, summary.findings)
-    paths = write_report_files(summary, args.out, console)
-    console.print(f"report: {paths.json}  {paths.png}  {paths.html}", highlight=False)
+def _finish(
+    summary: InspectorSummary, args: argparse.Namespace, device: str, console: Console
+) -> int:
+    """Prints the tables, writes the report files, then what ran and the verdict; 1 when an
+    error-level alarm fired."""
+    print_summary(console, summary.layers)
+    paths = write_report_files(summary, args.out)
+    report = f"report: {paths.json}  {paths.png}  {paths.html}"
+    console.print(report, highlight=False, soft_wrap=True)  # a log keeps each line whole
+    console.print(f"ran: {describe_run(args, device)}", highlight=False, soft_wrap=True)
+    print_verdict(console, summary.findings)
     return 1 if any(f.severity == "error" for f in summary.findings) else 0
 
 
-def write_report_files(summary: Any, out: str, console: Console) -> Any:
+def describe_run(args: argparse.Namespace, device: str) -> str:
+    """One line naming the model, the workload and where it ran."""
+    framework = getattr(args, "framework", "torch")
+    layers = f"{args.layers} layer{'s' if args.layers != 1 else ''}"
+    mode = "complexity" if args.mode == "complexity" else f"top_p {args.top_p}"
+    model = f"{layers} x {args.num_experts} experts, hidden {args.hidden_size}"
+    tokens = args.steps * args.batch * args.seq
+    return (
+        f"{framework} reference model, {model}, k {args.min_k}-{args.max_k} ({mode}); "
+        f"{args.steps} steps x {args.batch} x {args.seq} = {tokens} tokens; "
+        f"device {device}; {args.dtype}"
+    )
+
+
+def print_verdict(console: Console, findings: Sequence[Finding]) -> None:
+    """``verdict: no alarms``, or the count of alarms by severity and one line for each."""
+    if not findings:
+        console.print("verdict: no alarms", highlight=False)
+        return
+    counts: Counter[str] = Counter(f.severity for f in findings)
+    plural = {"error": "errors", "warning": "warnings", "info": "info"}
+    parts = [f"{counts[s]} {s if counts[s] == 1 else plural[s]}" for s in plural if counts[s]]
+    console.print(f"verdict: {', '.join(parts)}", highlight=False)
+    for finding in findings:
+        style = {"error": "bold red", "warning": "yellow"}.get(finding.severity, "")
+        line = Text.assemble("  ", (finding.severity, style), f": {finding.message}")
+        console.print(line, soft_wrap=True)
+
+
+def write_report_files(summary: InspectorSummary, out: str) -> ReportPaths:
     """Writes the three report files; a path that cannot be written is a UsageError."""
     from moe_devkit.inspect.report import write_report
 
@@ -92,11 +163,8 @@ def write_report_files(summary: Any, out: str, console: Console) -> Any:
         return write_report(summary, out)
 
 
-def print_summary(console: Console, layers: dict[str, Any], findings: Sequence[Any]) -> None:
-    """Prints the alarms, per-expert utilization and the k histogram of every layer."""
-    for finding in findings:
-        style = {"error": "bold red", "warning": "yellow"}.get(finding.severity, "")
-        console.print(f"[{style}]{finding.severity}[/]: {escape(finding.message)}")
+def print_summary(console: Console, layers: dict[str, Any]) -> None:
+    """Prints the per-expert utilization and the k histogram of every layer."""
     names = list(layers)
     table = Table(title="Expert utilization (share of token-expert selections)")
     table.add_column("expert", justify="right")

@@ -1,6 +1,7 @@
 """``report.html``: one self-contained page (plots embedded, no network) from a report.
 
-Alarms come first, then a summary table per layer, then the plots. Every string that comes
+Alarms come first, then a summary table per layer, then the plots, and below them why a
+plot shows a note rather than data (a run too short for a trend). Every string that comes
 from a model or a user (layer names, messages) is HTML-escaped. A Content-Security-Policy
 forbids any network load, and a small inline script marks the page ready once every image
 has decoded (``<body data-ready="ok">``), which the browser test reads.
@@ -80,6 +81,16 @@ def _layers_table(layers: dict[str, Any]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _notes_html(section: dict[str, Any]) -> str:
+    """Why a plot shows a note instead of data (the same words as in the figure)."""
+    from moe_devkit.inspect.plots import TREND_TITLES, trend_note
+
+    note = trend_note(section)
+    if note is None:
+        return ""
+    return f'<p class="note"><b>{" and ".join(TREND_TITLES)}:</b> {html.escape(note)}</p>'
+
+
 def render_html(report: dict[str, Any], png: bytes) -> str:
     """Returns the page for a report envelope and its routing figure."""
     section = report["sections"]["routing"]
@@ -100,6 +111,7 @@ def render_html(report: dict[str, Any], png: bytes) -> str:
 {_layers_table(section["layers"])}
 <h2>Plots</h2>
 <img alt="routing analysis" src="data:image/png;base64,{image}">
+{_notes_html(section)}
 <script>{_SCRIPT}</script>
 </body></html>
 """

@@ -2,37 +2,89 @@
 
 Panels: the seed's three (complexity vs k, complexity histogram, k histogram), then a
 layers x experts utilization heatmap, utilization over time (max and min expert share per
-window) and mean k over time.
+window) and mean k over time. A panel is never drawn empty: the two trends need two trend
+windows of some layer, and without them (a run shorter than two windows) each shows
+``trend_note`` instead; any other panel without data says so.
 """
 
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Any
 
 import numpy as np
 
+TREND_TITLES = ("Utilization over time", "Mean k over time")
+
 
 def routing_figure_png(section: dict[str, Any], dpi: int = 110) -> bytes:
     """Renders the routing analysis figure and returns PNG bytes."""
+    buffer = io.BytesIO()
+    routing_figure(section, dpi).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def routing_figure(section: dict[str, Any], dpi: int = 110) -> Any:
+    """The routing analysis figure (a matplotlib ``Figure``, 2 x 3 panels)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    layers = list(section["layers"].values())
+    layers = [layer for layer in section["layers"].values() if layer["tokens"]]
     fig = Figure(figsize=(16, 9), dpi=dpi, layout="constrained")
     axes = fig.subplots(2, 3)
     _complexity_vs_k(axes[0, 0], layers)
     _complexity_histogram(axes[0, 1], layers)
     _k_histogram(axes[0, 2], layers)
     _utilization_heatmap(fig, axes[1, 0], layers)
-    _shares_over_time(axes[1, 1], layers)
-    _mean_k_over_time(axes[1, 2], layers)
+    _trends(axes[1, 1], axes[1, 2], layers, trend_note(section))
+    for ax in axes.flat:
+        if ax.axison and not ax.has_data():
+            _note(ax, "No data: the report records no token for this plot.")
     fig.suptitle("moe-devkit routing analysis")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return fig
+
+
+def trend_note(section: dict[str, Any]) -> str | None:
+    """Why the trend panels are not drawn (no layer has two trend windows), else None."""
+    layers = section["layers"].values()
+    if any(_trend_windows(layer) for layer in layers):
+        return None
+    steps = max((int(layer["steps"]) for layer in layers), default=0)
+    window = section.get("config", {}).get("window")
+    if isinstance(window, int) and steps < 2 * window:
+        lower = ", or lower InspectorConfig.window" if window > 2 else ""  # 2 is its minimum
+        return (
+            f"No trend over time: {steps} steps recorded, fewer than two windows of {window} "
+            f"steps; record at least {2 * window} steps{lower}."
+        )
+    return "No trend over time: the run recorded fewer than two trend windows with tokens."
+
+
+def _trends(share_ax: Any, k_ax: Any, layers: list[dict[str, Any]], note: str | None) -> None:
+    """The two trend panels, or, when there is no trend, the note on both."""
+    if note is None:
+        _shares_over_time(share_ax, layers)
+        _mean_k_over_time(k_ax, layers)
+        return
+    for ax, title in zip((share_ax, k_ax), TREND_TITLES, strict=True):
+        ax.set_title(title)
+        _note(ax, note)
+
+
+def _trend_windows(layer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layer's windows with tokens, when there are two or more (a trend), else []."""
+    windows = [w for w in layer["windows"] if w["tokens"]]
+    return windows if len(windows) >= 2 else []
+
+
+def _note(ax: Any, text: str) -> None:
+    """Replaces a panel's plot by a centred note, keeping its title."""
+    ax.set_axis_off()
+    wrapped = "\n".join(textwrap.wrap(text, 48))
+    ax.text(0.5, 0.5, wrapped, ha="center", va="center", transform=ax.transAxes, color="0.3")
 
 
 def _label(layer: dict[str, Any]) -> str:
@@ -42,19 +94,19 @@ def _label(layer: dict[str, Any]) -> str:
 
 def _complexity_vs_k(ax: Any, layers: list[dict[str, Any]]) -> None:
     rng = np.random.default_rng(0)
-    for layer in layers:
+    for layer in [lay for lay in layers if lay["sample"]["k"]]:
         c = np.asarray(layer["sample"]["complexity"], dtype=float)
         k = np.asarray(layer["sample"]["k"], dtype=float)
         jitter = rng.uniform(-0.15, 0.15, size=k.shape)  # separate the integer rows
         ax.scatter(c, k + jitter, s=4, alpha=0.35, label=_label(layer))
     ax.set(xlabel="complexity score", ylabel="experts selected (k)", title="Complexity vs k")
     ax.yaxis.get_major_locator().set_params(integer=True)
-    if len(layers) > 1:
+    if len(ax.collections) > 1:
         ax.legend(fontsize=7, markerscale=3)
 
 
 def _complexity_histogram(ax: Any, layers: list[dict[str, Any]]) -> None:
-    for layer in layers:
+    for layer in [lay for lay in layers if sum(lay["complexity"]["histogram"])]:
         hist = np.asarray(layer["complexity"]["histogram"], dtype=float)
         edges = np.linspace(0, 1, len(hist) + 1)
         ax.stairs(hist / max(hist.sum(), 1), edges, label=_label(layer))
@@ -73,6 +125,7 @@ def _k_histogram(ax: Any, layers: list[dict[str, Any]]) -> None:
 
 
 def _utilization_heatmap(fig: Any, ax: Any, layers: list[dict[str, Any]]) -> None:
+    ax.set_title("Load / mean load per expert")
     if not layers:
         return
     width = max(len(layer["utilization"]["counts"]) for layer in layers)
@@ -81,36 +134,38 @@ def _utilization_heatmap(fig: Any, ax: Any, layers: list[dict[str, Any]]) -> Non
         counts = np.asarray(layer["utilization"]["counts"], dtype=float)
         shares[i, : len(counts)] = counts / max(counts.sum(), 1) * len(counts)
     image = ax.imshow(shares, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set(xlabel="expert", ylabel="layer", title="Load / mean load per expert")
+    ax.set(xlabel="expert", ylabel="layer")
     ax.set_yticks(range(len(layers)), [_label(layer) for layer in layers], fontsize=7)
     fig.colorbar(image, ax=ax)
 
 
 def _shares_over_time(ax: Any, layers: list[dict[str, Any]]) -> None:
     for layer in layers:
-        windows = layer["windows"]
+        windows = _trend_windows(layer)
         if not windows:
             continue
         ends = [w["end_step"] for w in windows]
         counts = [np.asarray(w["counts"], dtype=float) for w in windows]
         top = [c.max() / c.sum() if c.sum() else np.nan for c in counts]
         low = [c.min() / c.sum() if c.sum() else np.nan for c in counts]
-        (line,) = ax.plot(ends, top, label=f"{_label(layer)} max")
-        ax.plot(ends, low, linestyle="--", color=line.get_color())
-    ax.set(
-        xlabel="step", ylabel="expert share (max solid, min dashed)", title="Utilization over time"
-    )
+        (line,) = ax.plot(ends, top, marker=".", label=f"{_label(layer)} max")
+        ax.plot(ends, low, marker=".", linestyle="--", color=line.get_color())
+    ax.set(xlabel="step", ylabel="expert share (max solid, min dashed)", title=TREND_TITLES[0])
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if len(ax.get_lines()) > 2:
+        ax.legend(fontsize=7)
 
 
 def _mean_k_over_time(ax: Any, layers: list[dict[str, Any]]) -> None:
     for layer in layers:
-        windows = layer["windows"]
+        windows = _trend_windows(layer)
         if windows:
             ax.plot(
                 [w["end_step"] for w in windows],
                 [w["mean_k"] for w in windows],
+                marker=".",
                 label=_label(layer),
             )
-    ax.set(xlabel="step", ylabel="mean k per window", title="Mean k over time")
-    if any(layer["windows"] for layer in layers):
-        ax.legend(fontsize=7)
+    ax.set(xlabel="step", ylabel="mean k per window", title=TREND_TITLES[1])
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)

@@ -1,0 +1,105 @@
+"""Every panel of the routing figure has data, or a note saying why it has none."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from moe_devkit import MoEModel, RouterConfig
+from moe_devkit.cli import main
+from moe_devkit.inspect import RouterInspector
+from moe_devkit.inspect.plots import routing_figure, trend_note
+
+TREND_PANELS = ("Utilization over time", "Mean k over time")
+
+
+def _panels(section: dict[str, Any]) -> dict[str, Any]:
+    """The figure's panels by title (colorbars left out)."""
+    fig = routing_figure(section)
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+
+
+def _plotted_points(ax: Any) -> int:
+    """Points drawn on the panel: line vertices, scatter offsets, bars and image cells."""
+    lines = sum(len(line.get_xdata()) for line in ax.get_lines())
+    scatter = sum(len(c.get_offsets()) for c in ax.collections)
+    bars = sum(_patch_points(p) for p in ax.patches)
+    image = sum(int(np.isfinite(im.get_array()).sum()) for im in ax.get_images())
+    return int(lines + scatter + bars + image)
+
+
+def _patch_points(patch: Any) -> int:
+    if hasattr(patch, "get_data"):  # a histogram's StepPatch
+        return int((np.asarray(patch.get_data().values) > 0).sum())
+    return int(patch.get_height() > 0)  # a bar
+
+
+def _is_note(ax: Any) -> bool:
+    return not ax.axison and any(t.get_text().startswith("No trend") for t in ax.texts)
+
+
+def _section(out: Path) -> dict[str, Any]:
+    report = json.loads((out / "report.json").read_text())
+    section: dict[str, Any] = report["sections"]["routing"]
+    return section
+
+
+@pytest.mark.slow
+def test_the_default_diagnose_run_fills_every_plot(tmp_path: Path) -> None:
+    """The data behind each plot is in report.json, and each panel drawn from it has data."""
+    assert main(["diagnose", "--out", str(tmp_path)]) == 0
+    section = _section(tmp_path)
+    for layer in section["layers"].values():
+        assert layer["steps"] == 20
+        assert len(layer["windows"]) >= 5
+        assert all(w["tokens"] > 0 and w["mean_k"] > 0 for w in layer["windows"])
+        assert layer["sample"]["k"] and sum(layer["complexity"]["histogram"]) > 0
+        assert sum(layer["k"]["histogram"]) > 0 and sum(layer["utilization"]["counts"]) > 0
+    panels = _panels(section)
+    assert len(panels) == 6
+    for title, ax in panels.items():
+        assert not _is_note(ax), title
+        assert _plotted_points(ax) >= 1, title
+    for title in TREND_PANELS:
+        assert all(len(line.get_xdata()) >= 5 for line in panels[title].get_lines())
+    assert trend_note(section) is None
+    assert "No trend" not in (tmp_path / "report.html").read_text()
+
+
+def test_a_short_diagnose_run_labels_the_trend_panels(tmp_path: Path) -> None:
+    argv = ["--steps", "3", "--batch", "2", "--seq", "8", "--hidden-size", "16", "--layers", "1"]
+    assert main(["diagnose", *argv, "--device", "cpu", "--out", str(tmp_path)]) == 0
+    section = _section(tmp_path)
+    assert len(section["layers"]["layers.0.moe.router"]["windows"]) < 2
+    panels = _panels(section)
+    for title, ax in panels.items():
+        if title in TREND_PANELS:
+            assert _is_note(ax) and _plotted_points(ax) == 0, title
+        else:
+            assert _plotted_points(ax) >= 1, title
+    note = trend_note(section)
+    assert note is not None and "3 steps recorded" in note
+    assert note in (tmp_path / "report.html").read_text()
+
+
+def test_an_inspector_with_the_default_window_names_it_in_the_note(tmp_path: Path) -> None:
+    """A library user's short run: the note says which window and how many steps it needs."""
+    torch.manual_seed(0)
+    model = MoEModel(RouterConfig(hidden_size=16, num_experts=4, max_k=2, expert_hidden_size=16))
+    with torch.no_grad(), RouterInspector(model) as inspector:
+        for _ in range(60):
+            model(torch.randn(1, 4, 16))
+    inspector.report(tmp_path)
+    section = _section(tmp_path)
+    assert len(section["layers"]["layers.0.moe.router"]["windows"]) == 1
+    note = trend_note(section)
+    assert note == (
+        "No trend over time: 60 steps recorded, fewer than two windows of 50 steps; record "
+        "at least 100 steps, or lower InspectorConfig.window."
+    )
+    assert all(_is_note(_panels(section)[title]) for title in TREND_PANELS)
