@@ -150,7 +150,7 @@ def _candidate_times(row: dict[str, Any]) -> tuple[float, float]:
 
 def _finish(args: argparse.Namespace, console: Console, rows: list[dict[str, Any]]) -> int:
     env = environment(args.device)
-    store = BaselineStore(args.baseline_dir / f"{args.device}.json")
+    store: BaselineStore = args.baseline_store  # opened and checked before the timing
     stored = store.lookup(env) or {}
     for row in rows:
         _add_trend(row, stored.get(row["case"]), against_none=args.against.lower() == "none")
@@ -167,7 +167,7 @@ def _finish(args: argparse.Namespace, console: Console, rows: list[dict[str, Any
         write_report_json(out, report)
     console.print(f"report: {out}")
     if args.update_baseline:
-        measured = {r["case"]: _baseline_entry(r) for r in rows if r["status"] == "measured"}
+        measured = {r["case"]: _baseline_entry(r) for r in rows if _storable(r)}
         with writing(store.path, "--baseline-dir"):
             path = store.update(env, measured)
         console.print(f"baseline updated: {path} ({len(measured)} cases)")
@@ -175,6 +175,14 @@ def _finish(args: argparse.Namespace, console: Console, rows: list[dict[str, Any
         console.print(f"[red]confirmed regression[/] in: {', '.join(regressions)}")
         return 1
     return 0
+
+
+def _storable(row: dict[str, Any]) -> bool:
+    """A measured case with times a baseline file may hold (a comparison cut short by its
+    budget has none)."""
+    if row["status"] != "measured":
+        return False
+    return all(math.isfinite(t) and t > 0 for t in _candidate_times(row))
 
 
 def _baseline_entry(row: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +196,7 @@ def _add_trend(row: dict[str, Any], stored: dict[str, Any] | None, *, against_no
         return
     wall, cpu = _candidate_times(row)
     row["trend"] = {"wall_vs_stored": wall / stored["wall"], "cpu_vs_stored": cpu / stored["cpu"]}
-    if against_none:
+    if against_none and stored["gates"]:  # {}: no gates stored for this case
         results = compare_gates(Gates.from_dict(stored["gates"]), Gates.from_dict(row["gates"]))
         row["gate_results"] = [g.to_dict() for g in results]
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from _args import check_output_path, check_range, non_negative_int, positive_float
@@ -50,6 +50,9 @@ CASES = (
     "gradients",
 )
 SKIP_EXIT = 77
+
+if TYPE_CHECKING:  # the worker half imports only what an old revision has
+    from moe_devkit.diagnostics.perf_store import BaselineStore
 
 # ----------------------------------------------------------------------------- worker side
 
@@ -333,9 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Exits with a usage line for an option the run would trip over; sets the default
-    --json path."""
-    from moe_devkit.diagnostics.perf_store import BaselineStore
-
+    --json path and opens the stored baseline (``args.baseline_store``)."""
     unknown = sorted(set(args.cases.split(",")) - set(CASES))
     if unknown:
         parser.error(f"--cases: unknown case(s) {unknown}; known: {list(CASES)}")
@@ -345,10 +346,22 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     baseline = args.baseline_dir / f"{args.device}.json"
     if args.update_baseline:
         check_output_path(parser, baseline, "--baseline-dir")
+    args.baseline_store = open_baseline(parser, baseline, args.device)
+
+
+def open_baseline(parser: argparse.ArgumentParser, path: Path, device: str) -> BaselineStore:
+    """The stored baseline, checked whole now, before minutes of timing; a bad file is one
+    line on stderr naming it and what is wrong, and exit 2."""
+    from moe_devkit.diagnostics.perf_store import BaselineStore
+
     try:
-        BaselineStore(baseline)  # a stored baseline that cannot be read fails now
-    except (ValueError, OSError) as exc:
-        parser.error(f"--baseline-dir: {exc}")
+        return BaselineStore(path, device=device)
+    except ValueError as exc:
+        message = str(exc)
+    except OSError as exc:
+        message = f"{path}: cannot be read ({exc.strerror or exc})"
+    print(f"{parser.prog}: error: --baseline-dir: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ worker that runs an older revision of the package.
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -131,7 +132,54 @@ class Gates:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Gates:
-        return cls(**dict(data))
+        """The gates of ``to_dict`` (a stored baseline's, a worker's reply), checked.
+
+        Raises:
+            ValueError: a field is missing, unknown or of the wrong kind; the message starts
+                with the field's name, e.g. ``ops: expected a non-negative integer; got -1``.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"expected an object of gates; got {_describe(data)}")
+        fields = {"ops", "flops", "host_syncs", "memory_growth", "top_ops"}
+        missing = sorted(fields - {"top_ops"} - set(data))
+        unknown = sorted(set(data) - fields)
+        if missing or unknown:
+            what = f"missing {missing}" if missing else f"unknown {unknown}"
+            raise ValueError(f"expected the fields {sorted(fields)}; {what}")
+        top_ops = data.get("top_ops", {})
+        if not isinstance(top_ops, Mapping):
+            raise ValueError(
+                f"top_ops: expected an object of op -> count; got {_describe(top_ops)}"
+            )
+        host_syncs = data["host_syncs"]
+        return cls(
+            ops=_count("ops", data["ops"]),
+            flops=_count("flops", data["flops"]),
+            host_syncs=None if host_syncs is None else _count("host_syncs", host_syncs),
+            memory_growth=_finite("memory_growth", data["memory_growth"]),
+            top_ops={str(op): _count(f"top_ops[{op!r}]", n) for op, n in top_ops.items()},
+        )
+
+
+def _describe(value: object) -> str:
+    """A JSON-minded description of ``value`` for error messages: ``'x' (a string)``."""
+    kinds = {bool: "true/false", str: "a string", int: "an integer", float: "a number",
+             list: "an array", dict: "an object", type(None): "null"}  # fmt: skip
+    kind = kinds.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{text[:40]}... ({kind})" if len(text) > 40 else f"{text} ({kind})"
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative integer; got {_describe(value)}")
+    return value
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number; got {_describe(value)}")
+    return float(value)
 
 
 def measure_gates(fn: Callable[[], object], device: torch.device | str) -> Gates:
