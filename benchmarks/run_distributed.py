@@ -182,7 +182,7 @@ def main() -> None:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     dist.init_process_group(backend, timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
-    control_group(timeout=args.timeout)  # the gloo check-in group, while every rank is alive
+    control_group(timeout=args.timeout)  # the gloo metadata group, while every rank is alive
     run = scenario_ok if args.scenario == "ok" else scenario_missing_rank
     result = run(args, rank, world, device)
     if rank == 0:

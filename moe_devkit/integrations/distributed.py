@@ -2,9 +2,10 @@
 
 Each rank's ``RouterInspector`` keeps its statistics on its own device and never talks to
 the other ranks while training. ``distributed_summary`` (a collective: every rank calls it)
-first checks in with every rank over a gloo group with a timeout, so a rank that failed or
-never calls it gives ``RankTimeoutError`` on the others instead of a hang, then gathers
-every rank's statistics in one ``all_gather`` and merges them on the host:
+first checks in with every rank through the process group's store, with its own timeout, so
+a rank that failed, exited or never calls it gives ``RankTimeoutError`` on the others within
+``timeout`` seconds whatever the process group's own timeout, instead of a hang; then it
+gathers every rank's statistics in one ``all_gather`` and merges them on the host:
 
 * counts, k/complexity histogram, drops, loss sums, co-activation and steps are summed;
 * complexity mean and variance are merged with Chan et al.'s parallel formula, extrema by
@@ -15,9 +16,15 @@ Each layer of the result carries ``per_rank_counts`` (E counts per rank), ``per_
 ``per_rank_steps`` and ``rank_imbalance`` (max over mean tokens per rank): the per-rank load.
 A rank that recorded no decision for a layer contributes zeros to it.
 
+The check-in is a rendezvous on the group's store, not a collective, so the ranks that give
+up leave their process group usable. Calls are matched by count (each rank's n-th call meets
+the others' n-th), and each call has one decision that every rank reads (all arrived, or a
+rank gave up), so a rank that arrives after the others gave up raises at once instead of
+entering the collectives alone.
+
 With NCCL, the data goes through the NCCL group (tensors on the rank's current CUDA device)
-and the check-in through a gloo group created from it; create that group at start-up with
-``control_group()`` while every rank is alive (creating a group is itself collective).
+and the layer metadata through a gloo group created from it; create that group at start-up
+with ``control_group()`` while every rank is alive (creating a group is itself collective).
 """
 
 from __future__ import annotations
@@ -29,11 +36,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import Store
 
+from moe_devkit._checks import require_float
 from moe_devkit.inspect.inspector import LayerState, RouterInspector, sums_from_moments
 from moe_devkit.inspect.report import InspectorSummary, ReportPaths, write_report
 
 DEFAULT_TIMEOUT_S = 60.0
+_STORE_PREFIX = "moe_devkit/distributed_summary"
+_GO = "go"
 
 _CONTROL_GROUPS: dict[int, Any] = {}
 
@@ -43,13 +54,13 @@ class RankTimeoutError(RuntimeError):
 
 
 def control_group(group: Any = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> Any:
-    """The gloo group the check-in runs on: ``group`` itself when it is gloo.
+    """The gloo group the layer metadata is gathered on: ``group`` itself when it is gloo.
 
     Collective the first time for a non-gloo group: call it on every rank, at start-up.
 
     Args:
         group: the process group whose ranks are reduced (default: the world).
-        timeout: seconds the check-in waits for every rank.
+        timeout: the new gloo group's own timeout, in seconds.
     """
     if _backend(group) == "gloo":
         return group
@@ -72,20 +83,25 @@ def distributed_summary(
     Args:
         inspector: this rank's inspector.
         group: the process group (default: the world).
-        timeout: seconds to wait for every rank to arrive.
+        timeout: seconds to wait for every rank to arrive, whatever the process group's own
+            timeout (a finite number > 0).
 
     Raises:
         RuntimeError: torch.distributed is not initialised.
-        RankTimeoutError: a rank failed, exited or did not call it within ``timeout``.
+        RankTimeoutError: a rank failed, exited or did not call it within ``timeout`` (on
+            every rank that called it, naming the missing ranks), or this rank called it
+            after another rank had stopped waiting.
+        TypeError, ValueError: ``timeout`` is not a finite number > 0.
         ValueError: ranks recorded a layer with different num_experts or max_k.
     """
+    timeout = require_float("timeout", timeout, 0.0, low_open=True)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "distributed_summary needs torch.distributed initialised "
             "(dist.init_process_group); use inspector.summary() in a single process"
         )
+    _check_in(group, timeout)
     control = control_group(group, timeout=timeout)
-    _check_in(control, timeout)
     local = {name: _local_layer(state) for name, state in inspector.layers.items()}
     metas = _all_gather_object({n: v["meta"] for n, v in local.items()}, control, timeout)
     layout = _layout(metas)
@@ -131,14 +147,77 @@ def _backend(group: Any) -> str:
     return str(dist.get_backend(group)).lower()
 
 
-def _check_in(control: Any, timeout: float) -> None:
-    """A monitored barrier: names the missing ranks on rank 0, times out on the others."""
+def _check_in(group: Any, timeout: float) -> None:
+    """Returns once every rank of ``group`` made this call, else raises on every rank.
+
+    A rendezvous on the group's store: each rank's n-th call has the key prefix of call n.
+    Each rank marks its arrival and counts itself in; the last to arrive sets the call's
+    decision to "go", and a rank whose wait times out sets it to its own rank and timeout
+    instead (the call is abandoned). ``compare_set`` makes the first to set it win, so every
+    rank sees the same decision.
+
+    Raises:
+        RankTimeoutError: a rank did not arrive within ``timeout``, this rank arrived after
+            another gave up, or the store failed (the rank hosting it exited).
+    """
+    store = _group_store(group)
+    me, world = dist.get_rank(group), dist.get_world_size(group)
     try:
-        dist.monitored_barrier(
-            group=control, timeout=timedelta(seconds=timeout), wait_all_ranks=True
-        )
-    except RuntimeError as err:  # DistBackendError and gloo's timeouts are RuntimeErrors
+        call = store.add(f"{_STORE_PREFIX}/calls/{me}", 1)
+        key = f"{_STORE_PREFIX}/call/{call}"
+        store.set(f"{key}/arrived/{me}", "1")
+        if store.add(f"{key}/count", 1) == world:
+            decision = _decide(store, key, _GO)
+        else:
+            decision = _await_decision(store, key, f"{me} {timeout!r}", timeout)
+        if decision == _GO:
+            return
+        missing = [r for r in range(world) if not store.check([f"{key}/arrived/{r}"])]
+    except RuntimeError as err:  # DistStoreError, DistNetworkError: the store itself failed
         raise _timeout_error(timeout, err) from err
+    raise _abandoned_error(group, me, decision, missing)
+
+
+def _group_store(group: Any) -> Store:
+    """The store the ranks of ``group`` share (a per-group prefix of the world's store)."""
+    pg = dist.distributed_c10d._get_default_group() if group is None else group
+    return dist.distributed_c10d._get_process_group_store(pg)
+
+
+def _await_decision(store: Store, key: str, abandon: str, timeout: float) -> str:
+    try:
+        store.wait([f"{key}/decision"], timedelta(seconds=timeout))
+    except RuntimeError:  # timed out; if the store itself failed, _decide raises again
+        return _decide(store, key, abandon)
+    return bytes(store.get(f"{key}/decision")).decode()
+
+
+def _decide(store: Store, key: str, value: str) -> str:
+    """Sets the call's decision unless one is set; returns the one that holds."""
+    return bytes(store.compare_set(f"{key}/decision", "", value)).decode()
+
+
+def _abandoned_error(group: Any, me: int, decision: str, missing: list[int]) -> RankTimeoutError:
+    """The error for a call some rank gave up on; ``decision`` is "<group rank> <timeout>"."""
+    by_text, timeout_text = decision.split()
+    by, timeout = int(by_text), float(timeout_text)
+    who = "this rank" if by == me else f"rank {_global_rank(group, by)}"
+    if missing:
+        plural = "s" if len(missing) > 1 else ""
+        why = f"missing: rank{plural} {', '.join(str(_global_rank(group, r)) for r in missing)}"
+        why += "" if by == me else f"; {who} stopped waiting"
+    else:
+        why = f"{who} stopped waiting before the last rank came"
+    return RankTimeoutError(
+        f"rank {dist.get_rank()} of {dist.get_world_size()}: not every rank reached the "
+        f"inspector's reduction within {timeout:g} s ({why}); a rank failed, exited or did "
+        f"not call distributed_summary/distributed_report (every rank must call it, the "
+        f"same number of times)"
+    )
+
+
+def _global_rank(group: Any, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
 
 
 def _timeout_error(timeout: float, err: BaseException) -> RankTimeoutError:

@@ -1,11 +1,13 @@
-"""Two CPU processes (gloo): global statistics are the sum of the ranks'; no hang on failure."""
+"""CPU processes (gloo): global statistics are the sum of the ranks'; no hang on failure."""
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import queue
+import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -24,14 +26,20 @@ WORLD = 2
 JOIN_TIMEOUT_S = 60.0
 
 
-def _init(rank: int, init_file: str) -> None:
+def _init(
+    rank: int,
+    init_file: str,
+    world: int = WORLD,
+    group_timeout: timedelta | None = timedelta(seconds=30),
+) -> None:
+    """``init_file``: a FileStore path, or a ``tcp://`` address (a TCPStore on rank 0)."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"file://{init_file}",
+        init_method=init_file if init_file.startswith("tcp://") else f"file://{init_file}",
         rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=30),
+        world_size=world,
+        timeout=group_timeout,  # None: torch's default (30 min)
     )
 
 
@@ -76,20 +84,59 @@ def _absent_worker(rank: int, init_file: str, results: Any, mode: str) -> None:
     os._exit(0)
 
 
-def _collect(results: Any, count: int, procs: list[Any], grace: float = 30) -> list[Any]:
-    got = []
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
+def _late_rank_0_worker(
+    rank: int, world: int, init_file: str, group_timeout: float | None, results: Any, release: Any
+) -> None:
+    """Rank 0 stays alive but calls only once the others gave up; then all merge again."""
+    _init(
+        rank, init_file, world, None if group_timeout is None else timedelta(seconds=group_timeout)
+    )
+    model = _router()
+    inspector = RouterInspector().attach(model)
+    with torch.no_grad():
+        model(torch.randn(4, 8))
+    if rank == 0:
+        release.wait(JOIN_TIMEOUT_S)
+    start = time.monotonic()
+    try:
+        distributed_summary(inspector, timeout=3)
+        outcome = "no error"
+    except RankTimeoutError as err:
+        outcome = str(err)
+    results.put((rank, outcome, time.monotonic() - start))
+    merged = distributed_summary(inspector, timeout=30)
+    results.put((rank, merged.layers["router"]["per_rank_tokens"], merged.config["world_size"]))
+    dist.destroy_process_group()
+
+
+def _take(results: Any, count: int, deadline: float) -> list[Any]:
+    got: list[Any] = []
     try:
         while len(got) < count:
             got.append(results.get(timeout=max(deadline - time.monotonic(), 0.1)))
     except queue.Empty:
         pytest.fail(f"only {len(got)} of {count} results within {JOIN_TIMEOUT_S} s (a hang)")
-    finally:
-        for proc in procs:
-            proc.join(timeout=grace)
-            if proc.is_alive():
-                proc.kill()
     return got
+
+
+def _join(procs: list[Any], grace: float) -> None:
+    for proc in procs:
+        proc.join(timeout=grace)
+        if proc.is_alive():
+            proc.kill()
+
+
+def _collect(results: Any, count: int, procs: list[Any], grace: float = 30) -> list[Any]:
+    try:
+        return _take(results, count, time.monotonic() + JOIN_TIMEOUT_S)
+    finally:
+        _join(procs, grace)
+
+
+def _free_tcp_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def test_global_counts_are_the_sum_of_the_ranks(tmp_path: Path) -> None:
@@ -137,7 +184,64 @@ def test_a_missing_rank_gives_a_clear_error_not_a_hang(tmp_path: Path, mode: str
     assert waited < 15
 
 
+@pytest.mark.parametrize(
+    ("world", "store", "group_timeout"),
+    [(3, "file", 60.0), (2, "tcp", None)],
+    ids=["3-ranks-filestore-group-timeout-60s", "2-ranks-tcpstore-default-group-timeout"],
+)
+def test_a_rank_whose_peer_is_alive_but_never_calls_times_out_after_its_own_timeout(
+    tmp_path: Path, world: int, store: str, group_timeout: float | None
+) -> None:
+    ctx = mp.get_context("spawn")
+    results, release = ctx.Queue(), ctx.Event()
+    init_file = _free_tcp_address() if store == "tcp" else str(tmp_path / "init")
+    args = (world, init_file, group_timeout)
+    procs = [
+        ctx.Process(target=_late_rank_0_worker, args=(r, *args, results, release))
+        for r in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        waiting = sorted(_take(results, world - 1, deadline))
+        release.set()  # now rank 0 calls, after the others gave up
+        rest = _take(results, world + 1, deadline)
+    finally:
+        release.set()
+        _join(procs, grace=30)
+    assert [rank for rank, _, _ in waiting] == list(range(1, world))
+    for _, message, waited in waiting:
+        assert "not every rank reached the inspector's reduction within 3 s" in message
+        assert "missing: rank 0" in message
+        assert waited < 3 + 10  # far below the group's own timeout (60 s or 30 min)
+    [(late_rank, late_message, late_waited)] = [item for item in rest if isinstance(item[1], str)]
+    assert late_rank == 0
+    assert "stopped waiting" in late_message and "within 3 s" in late_message
+    assert late_waited < 10  # the late rank learns at once, instead of a lone collective
+    merged = [item for item in rest if not isinstance(item[1], str)]
+    assert sorted(rank for rank, _, _ in merged) == list(range(world))
+    assert all(item[1:] == ([4] * world, world) for item in merged)  # the group still works
+
+
 def test_needs_an_initialised_process_group() -> None:
     inspector = RouterInspector().attach(_router())
     with pytest.raises(RuntimeError, match="init_process_group"):
         distributed_summary(inspector)
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [
+        (0, ValueError),
+        (-1.0, ValueError),
+        (math.inf, ValueError),
+        (math.nan, ValueError),
+        ("3", TypeError),
+        (True, TypeError),
+    ],
+)
+def test_timeout_must_be_a_finite_number_above_zero(timeout: Any, error: type) -> None:
+    inspector = RouterInspector().attach(_router())
+    with pytest.raises(error, match="timeout must be"):
+        distributed_summary(inspector, timeout=timeout)
