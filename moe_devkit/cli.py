@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import math
 import os
 import sys
 import tempfile
@@ -16,12 +17,25 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, NoReturn
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    import torch
 
 
 class UsageError(Exception):
     """A mistake in the command line or its environment; printed as one line, exit 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's usage-error form: one line on stderr, exit 2 (``--help`` still
+    prints the full usage). Subparsers are made of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        """Prints ``PROG: error: MESSAGE`` as one line and exits 2."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.splitlines())}\n")
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,17 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
     return _int_at_least(text, 0, "a non-negative integer")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
+    return value
 
 
 def check_output(
@@ -98,6 +123,37 @@ def writing(path: str | os.PathLike[str], flag: str = "--out") -> Iterator[None]
         raise UsageError(f"{flag} {str(path)!r} cannot be written: {reason}") from None
 
 
+def check_device(args: argparse.Namespace) -> None:
+    """Raises UsageError when the command's ``--device`` (if it has one) does not exist here.
+
+    Run before the command, so that a bad device stops it before ``check_output`` creates
+    its output directory. ``--framework jax`` asks JAX, anything else asks torch.
+    """
+    name = getattr(args, "device", None)
+    if name is None:
+        return
+    if getattr(args, "framework", "torch") == "jax":
+        from moe_devkit.commands._diagnose_jax import require_jax, resolve_jax_device
+
+        require_jax()
+        resolve_jax_device(name)
+        return
+    from moe_devkit.commands._torch import require_torch, resolve_device
+
+    require_torch()
+    _check_cuda_index(resolve_device(name), name)
+
+
+def _check_cuda_index(device: torch.device, name: str) -> None:
+    import torch
+
+    if device.type != "cuda" or device.index is None:
+        return
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        raise UsageError(f"--device {name}: torch sees only {count} CUDA device(s)")
+
+
 def _load(command: Command) -> ModuleType:
     return importlib.import_module(command.module)
 
@@ -136,13 +192,13 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """Builds the argument parser with one subparser per entry of COMMANDS."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="moe-devkit", description="Diagnostics for dynamic-k Mixture-of-Experts routers."
     )
     from moe_devkit import __version__
 
     parser.add_argument("--version", action="version", version=f"moe-devkit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name, command in COMMANDS.items():
         subparser = sub.add_parser(name, help=command.help, description=command.help)
         _load(command).add_arguments(subparser)
@@ -166,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs keep whole tables
     try:
+        check_device(args)
         return int(_load(COMMANDS[args.command]).run(args, console))
     except UsageError as exc:
         sys.stderr.write(f"moe-devkit {args.command}: error: {exc}\n")  # one unwrapped line

@@ -11,11 +11,14 @@ Here timing and profiling are separate runs:
   time per routing stage from the router's ``moe.*`` ``record_function`` spans.
 
 ``compare_dynamic_static`` times a dynamic and a static MoELayer of the same max_k and
-reports the time per active token-expert pair.
+reports the time per active token-expert pair; ``judge_dynamic_static`` decides from the
+per-iteration times whether the dynamic layer is clearly slower than its active pairs allow
+(the ``dynamic-slower-than-static`` finding).
 
-The pieces live in their own modules and are re-exported here: ``measure`` and
-``Measurement`` in ``latency_timing``, the profiler run and stage breakdown in
-``latency_profiler``, the dynamic-vs-static comparison in ``latency_compare``.
+The pieces live in their own modules and are re-exported here: ``measure``,
+``measure_in_turns`` and ``Measurement`` in ``latency_timing``, the profiler run and stage
+breakdown in ``latency_profiler``, the dynamic-vs-static comparison in ``latency_compare``
+and its verdict in ``latency_verdict``.
 """
 
 from __future__ import annotations
@@ -42,10 +45,12 @@ from moe_devkit.diagnostics.latency_profiler import (
     stage_times,
     top_operators,
 )
-from moe_devkit.diagnostics.latency_timing import Measurement, Timer, measure
+from moe_devkit.diagnostics.latency_timing import Measurement, Timer, measure, measure_in_turns
+from moe_devkit.diagnostics.latency_verdict import DynamicStaticVerdict, judge_dynamic_static
 
 __all__ = [
     "DynamicStaticComparison",
+    "DynamicStaticVerdict",
     "LatencyProfile",
     "Measurement",
     "OpTime",
@@ -54,8 +59,10 @@ __all__ = [
     "Timer",
     "active_pairs",
     "compare_dynamic_static",
+    "judge_dynamic_static",
     "latency_section",
     "measure",
+    "measure_in_turns",
     "profile_inference_latency",
     "profile_steps",
     "stage_times",
@@ -128,7 +135,9 @@ def profile_inference_latency(
 
 
 def latency_section(
-    profile: LatencyProfile | None = None, comparison: DynamicStaticComparison | None = None
+    profile: LatencyProfile | None = None,
+    comparison: DynamicStaticComparison | None = None,
+    verdict: DynamicStaticVerdict | None = None,
 ) -> dict[str, Any]:
     """The report's ``latency`` section (see ``moe_devkit.reporting.make_report``)."""
     section: dict[str, Any] = {}
@@ -136,4 +145,6 @@ def latency_section(
         section.update(profile.to_dict())
     if comparison is not None:
         section["dynamic_vs_static"] = comparison.to_dict()
+    if verdict is not None:
+        section["dynamic_vs_static_verdict"] = verdict.to_dict()
     return section

@@ -2,7 +2,8 @@
 
 ``compare_dynamic_static`` counts the active token-expert pairs of each layer and times
 both with ``measure``; dynamic routing pays off when the time ratio approaches the pairs
-ratio.
+ratio. ``DynamicStaticComparison.verdict`` applies the rule of ``latency_verdict`` to the
+paired per-iteration times.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 import torch
 
-from moe_devkit.diagnostics.latency_timing import Measurement, Timer, measure
+from moe_devkit.diagnostics.latency_timing import Measurement, Timer, measure_in_turns
+from moe_devkit.diagnostics.latency_verdict import DynamicStaticVerdict, judge_dynamic_static
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +44,14 @@ class DynamicStaticComparison:
     dynamic_per_pair: float
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def verdict(self, *, tolerance: float = 1.1, confidence: float = 0.95) -> DynamicStaticVerdict:
+        """Whether the dynamic layer is clearly slower than its pairs allow (see
+        ``latency_verdict``), judged from the two runs' per-iteration times."""
+        return judge_dynamic_static(
+            self.static.times, self.dynamic.times, pairs_ratio=self.pairs_ratio,
+            tolerance=tolerance, confidence=confidence,
+        )  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["static"], data["dynamic"] = self.static.to_dict(), self.dynamic.to_dict()
@@ -65,29 +75,32 @@ def compare_dynamic_static(
     timer: Timer = time.perf_counter,
     cpu_timer: Timer = time.thread_time,
 ) -> DynamicStaticComparison:
-    """Times a dynamic and a static MoELayer (same max_k) on one input, static first.
+    """Times a dynamic and a static MoELayer (same max_k) on one input, in turns.
+
+    Each iteration runs both layers, static first on even iterations and dynamic first on
+    odd ones (``measure_in_turns``), so the i-th times of the two form a pair.
 
     Args:
         dynamic, static: MoELayer-like modules returning ``MoEOutput``.
         hidden_states: float[N, D] or float[batch, seq, D] on the layers' device.
-        warmup, iterations, timer, cpu_timer: see ``measure``.
+        warmup, iterations, timer, cpu_timer: see ``measure_in_turns``.
     """
-    device = hidden_states.device
     tokens = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
     pairs = {"static": active_pairs(static, hidden_states)}
     pairs["dynamic"] = active_pairs(dynamic, hidden_states)
 
-    def timed(layer: Callable[[torch.Tensor], Any], name: str) -> Measurement:
-        def step() -> object:
+    def step(layer: Callable[[torch.Tensor], Any]) -> Callable[[], object]:
+        def run() -> object:
             with torch.inference_mode():
                 return layer(hidden_states)
 
-        return measure(
-            step, name=name, device=device, warmup=warmup, iterations=iterations,
-            timer=timer, cpu_timer=cpu_timer,
-        )  # fmt: skip
+        return run
 
-    static_m, dynamic_m = timed(static, "static"), timed(dynamic, "dynamic")
+    timed = measure_in_turns(
+        {"static": step(static), "dynamic": step(dynamic)}, device=hidden_states.device,
+        warmup=warmup, iterations=iterations, timer=timer, cpu_timer=cpu_timer,
+    )  # fmt: skip
+    static_m, dynamic_m = timed["static"], timed["dynamic"]
     return DynamicStaticComparison(
         static=static_m,
         dynamic=dynamic_m,

@@ -1,4 +1,5 @@
-"""Per-call timing: ``measure`` and its ``Measurement`` summary (median, p10/p90/p99).
+"""Per-call timing: ``measure`` and its ``Measurement`` summary (median, p10/p90/p99);
+``measure_in_turns`` times several calls alternately, for paired comparisons.
 
 CUDA events on CUDA (no host sync inside the loop), ``perf_counter`` with the thread's CPU
 time on CPU; always after a warm-up and never inside the profiler.
@@ -8,8 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from moe_devkit._checks import require_int
 
 Timer = Callable[[], float]
+Samples = dict[str, tuple[list[float], list[float]]]  # name -> (times, cpu_times), seconds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +33,7 @@ class Measurement:
         median, mean, p10, p90, p99, min: wall (CPU) or CUDA-event (GPU) times per call.
         cpu_median: median thread CPU time per call (host-side work on CUDA).
         method: "perf_counter" or "cuda_events".
+        times: the per-iteration times the summary was made from, in order.
     """
 
     name: str
@@ -44,6 +47,7 @@ class Measurement:
     min: float
     cpu_median: float
     method: str
+    times: tuple[float, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_times(
@@ -59,7 +63,7 @@ class Measurement:
         return cls(
             name=name, device=device, n=len(t), median=float(p50), mean=float(t.mean()),
             p10=float(p10), p90=float(p90), p99=float(p99), min=float(t.min()),
-            cpu_median=cpu, method=method,
+            cpu_median=cpu, method=method, times=tuple(float(v) for v in t),
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,7 +71,7 @@ class Measurement:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
-        return cls(**data)
+        return cls(**{**data, "times": tuple(data.get("times", ()))})
 
 
 def measure(
@@ -96,36 +100,94 @@ def measure(
     Raises:
         TypeError, ValueError: iterations not an int >= 1, or warmup not an int >= 0.
     """
+    return measure_in_turns(
+        {name: fn}, device=device, warmup=warmup, iterations=iterations, timer=timer,
+        cpu_timer=cpu_timer,
+    )[name]  # fmt: skip
+
+
+def measure_in_turns(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 10,
+    iterations: int = 100,
+    timer: Timer = time.perf_counter,
+    cpu_timer: Timer = time.thread_time,
+) -> dict[str, Measurement]:
+    """Times several calls in turns: each iteration runs every call once, as ``measure`` does.
+
+    The order of the calls is reversed every other iteration, so that a change in the
+    machine's load, or the cache one call leaves behind, hits all of them alike: the i-th
+    times of two Measurements form a pair.
+
+    Args:
+        fns: the calls to time, by name (the names of the Measurements).
+        device, warmup, iterations, timer, cpu_timer: see ``measure``; warmup and iterations
+            count the calls of each.
+
+    Raises:
+        TypeError, ValueError: iterations not an int >= 1, or warmup not an int >= 0.
+    """
     require_int("iterations", iterations, 1)
     require_int("warmup", warmup, 0)
     dev = torch.device(device)
-    for _ in range(warmup):
-        fn()
+    for i in range(warmup):
+        for _, fn in _turn(fns, i):
+            fn()
     if dev.type == "cuda":
-        return _measure_cuda(fn, name, dev, iterations, cpu_timer)
-    times, cpu_times = [], []
-    for _ in range(iterations):
-        wall0, cpu0 = timer(), cpu_timer()
-        fn()
-        wall1, cpu1 = timer(), cpu_timer()
-        times.append(wall1 - wall0)
-        cpu_times.append(cpu1 - cpu0)
-    return Measurement.from_times(name, str(dev), times, cpu_times, "perf_counter")
+        samples, method = _times_cuda(fns, dev, iterations, cpu_timer), "cuda_events"
+    else:
+        samples, method = _times_host(fns, iterations, timer, cpu_timer), "perf_counter"
+    return {
+        name: Measurement.from_times(name, str(dev), times, cpu_times, method)
+        for name, (times, cpu_times) in samples.items()
+    }
 
 
-def _measure_cuda(
-    fn: Callable[[], object], name: str, dev: torch.device, iterations: int, cpu_timer: Timer
-) -> Measurement:
+def _turn(
+    fns: Mapping[str, Callable[[], object]], i: int
+) -> list[tuple[str, Callable[[], object]]]:
+    """The calls of iteration i: in order on even i, reversed on odd i."""
+    items = list(fns.items())
+    return items if i % 2 == 0 else items[::-1]
+
+
+def _times_host(
+    fns: Mapping[str, Callable[[], object]], iterations: int, timer: Timer, cpu_timer: Timer
+) -> Samples:
+    samples: Samples = {name: ([], []) for name in fns}
+    for i in range(iterations):
+        for name, fn in _turn(fns, i):
+            wall0, cpu0 = timer(), cpu_timer()
+            fn()
+            wall1, cpu1 = timer(), cpu_timer()
+            samples[name][0].append(wall1 - wall0)
+            samples[name][1].append(cpu1 - cpu0)
+    return samples
+
+
+def _times_cuda(
+    fns: Mapping[str, Callable[[], object]], dev: torch.device, iterations: int, cpu_timer: Timer
+) -> Samples:
     torch.cuda.synchronize(dev)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iterations)]  # type: ignore[no-untyped-call]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iterations)]  # type: ignore[no-untyped-call]
-    cpu_times = []
-    for start, end in zip(starts, ends, strict=True):
-        cpu0 = cpu_timer()
-        start.record()
-        fn()
-        end.record()
-        cpu_times.append(cpu_timer() - cpu0)
+    events = {name: [_event_pair() for _ in range(iterations)] for name in fns}
+    cpu_times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(iterations):
+        for name, fn in _turn(fns, i):
+            start, end = events[name][i]
+            cpu0 = cpu_timer()
+            start.record()
+            fn()
+            end.record()
+            cpu_times[name].append(cpu_timer() - cpu0)
     torch.cuda.synchronize(dev)
-    times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends, strict=True)]  # ms -> s
-    return Measurement.from_times(name, str(dev), times, cpu_times, "cuda_events")
+    return {  # elapsed_time is in ms
+        name: ([s.elapsed_time(e) / 1e3 for s, e in pairs], cpu_times[name])
+        for name, pairs in events.items()
+    }
+
+
+def _event_pair() -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    return start, torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]

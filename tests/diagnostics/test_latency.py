@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from moe_devkit.diagnostics.latency import (
     measure,
     profile_inference_latency,
 )
+from moe_devkit.diagnostics.latency_timing import measure_in_turns
 from moe_devkit.reporting import load_report_json
 from moe_devkit.routers.torch_router import STAGES, MoELayer, StaticTopKRouter
 
@@ -148,3 +150,42 @@ def test_profile_cli_usage_error(tmp_path, capsys) -> None:
     (tmp_path / "f").write_text("x")
     assert main(["profile", "--out", str(tmp_path / "f"), "--device", "cpu"]) == 2
     assert "must be a directory" in capsys.readouterr().err
+
+
+def test_measurement_keeps_the_iteration_times() -> None:
+    """The per-iteration times travel with the summary (the dynamic-vs-static verdict reads
+    them); a stored measurement without them still loads."""
+    durations = iter([0.003, 0.001, 0.002])
+    now = [0.0]
+
+    def work() -> None:
+        now[0] += next(durations)
+
+    m = measure(work, warmup=0, iterations=3, timer=lambda: now[0], cpu_timer=StepClock(1))
+    assert m.times == pytest.approx((0.003, 0.001, 0.002))
+    assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+    data = m.to_dict()
+    del data["times"]
+    assert Measurement.from_dict(data).times == ()
+
+
+def test_measure_in_turns_alternates_the_order() -> None:
+    """Each iteration runs every call once, the order reversed every other iteration, so the
+    i-th times of the calls were taken side by side."""
+    calls: list[str] = []
+    now = [0.0]
+
+    def call(name: str, cost: float) -> Callable[[], None]:
+        def run() -> None:
+            calls.append(name)
+            now[0] += cost
+
+        return run
+
+    timed = measure_in_turns(
+        {"a": call("a", 1.0), "b": call("b", 3.0)}, warmup=1, iterations=3,
+        timer=lambda: now[0], cpu_timer=StepClock(1),
+    )  # fmt: skip
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert (timed["a"].times, timed["b"].times) == ((1.0,) * 3, (3.0,) * 3)
+    assert (timed["a"].name, timed["b"].n) == ("a", 3)

@@ -1,0 +1,106 @@
+"""Usage errors of the real ``moe-devkit`` process: one line on stderr, exit 2, nothing created."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_devkit.cli import main
+
+
+def moe_devkit(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Runs ``python -m moe_devkit ARGS`` in ``cwd``."""
+    command = [sys.executable, "-m", "moe_devkit", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_usage_error(proc: subprocess.CompletedProcess[str], prog: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.endswith("\n"), proc.stderr
+    assert proc.stderr.startswith(f"{prog}: error: "), proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["diagnose", "--steps", "0"], "argument --steps: expected a positive integer; got '0'"),
+        (["diagnose", "--mode", "nope"], "argument --mode: invalid choice: 'nope'"),
+        (["report"], "the following arguments are required: report"),
+        (["report", "r.json", "--out"], "argument --out: expected one argument"),
+        (["numerics", "--plant-step", "x"], "argument --plant-step: expected a positive integer"),
+        (["gradients", "--top", "0"], "argument --top: expected a positive integer; got '0'"),
+        (["gradients", "--vanishing", "tiny"], "argument --vanishing: invalid float value"),
+        (["memory", "--steps", "-1"], "argument --steps: expected a positive integer; got '-1'"),
+        (["memory", "--unknown"], "unrecognized arguments: --unknown"),
+        (["profile", "--tokens", "0"], "argument --tokens: expected a positive integer"),
+        (["profile", "--warmup", "-1"], "argument --warmup: expected a non-negative integer"),
+        (["profile", "--tolerance", "0"], "argument --tolerance: expected a positive number"),
+    ],
+)
+def test_argparse_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    proc = moe_devkit(args, tmp_path)
+    top_level = args[0] in ("bogus", "--bogus") or "unrecognized" in message  # argparse's way
+    assert_one_line_usage_error(proc, "moe-devkit" if top_level else f"moe-devkit {args[0]}")
+    assert message in proc.stderr
+    assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+JAX = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["diagnose", "--device", "tpu"],  # --out defaults to ./moe_devkit_report
+        ["diagnose", "--device", "cuda:x", "--out", "new"],
+        pytest.param(["diagnose", "--framework", "jax", "--device", "tpu"], marks=JAX),
+        pytest.param(["profile", "--device", "cuda", "--out", "new"], marks=NO_CUDA),
+        ["profile", "--device", "mps", "--out", "new"],
+        ["gradients", "--device", "tpu", "--out", "new/gradients.json"],
+        pytest.param(["numerics", "--device", "cuda:7", "--out", "new/n.json"], marks=NO_CUDA),
+        ["memory", "--device", "cuda:-1", "--out", "new/memory.json"],
+    ],
+)
+def test_bad_device_creates_nothing(args: list[str], tmp_path: Path) -> None:
+    """The device is checked before the output directory is created."""
+    proc = moe_devkit(args, tmp_path)
+    assert_one_line_usage_error(proc, f"moe-devkit {args[0]}")
+    assert "--device" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_profile_warmup_creates_nothing(tmp_path: Path) -> None:
+    proc = moe_devkit(["profile", "--warmup", "-1", "--out", "new"], tmp_path)
+    assert_one_line_usage_error(proc, "moe-devkit profile")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_index_beyond_the_devices(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a machine with one GPU, cuda:7 is a usage error, not torch's invalid device ordinal."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "new"
+    assert main(["profile", "--device", "cuda:7", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == "moe-devkit profile: error: --device cuda:7: torch sees only 1 CUDA device(s)\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["profile", "--help"], ["report", "-h"]])
+def test_help_stays_the_full_help(args: list[str], tmp_path: Path) -> None:
+    proc = moe_devkit(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: moe-devkit")
+    assert proc.stdout.count("\n") > 5 and proc.stderr == ""
