@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moe_devkit.lint import rules as r
 from moe_devkit.lint.scopes import Scope, dynamic_import_target, qualified_names
@@ -27,14 +27,38 @@ class Removal:
 
 
 @dataclass(frozen=True)
+class ImportedName:
+    """A debugger name an import binds: the alias as `--fix` spells it, and who reads the name.
+
+    `readers` holds the (line, col) of every statement that loads the bound name.
+    """
+
+    alias: str
+    readers: frozenset[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class DebuggerImport:
+    """The debugger names of a flagged import, and whether they are all the names it binds."""
+
+    names: tuple[ImportedName, ...]
+    only_debuggers: bool
+
+
+@dataclass(frozen=True)
 class Candidate:
-    """A finding before suppression: where, which rule, what, and how to fix it if it can be."""
+    """A finding before suppression: where, which rule, what, and how to fix it if it can be.
+
+    A DBG001 candidate carries `imported` and no removal: which of its names `--fix` may drop
+    depends on which statements are removed (see `plan_import_removals`).
+    """
 
     line: int
     col: int
     code: str
     message: str
     removal: Removal | None
+    imported: DebuggerImport | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +110,7 @@ class Analysis:
         self.candidates: list[Candidate] = []
 
     def run(self) -> list[Candidate]:
-        """Return the candidates of every rule, imports last (their fix depends on the others)."""
+        """Return the candidates of every rule."""
         for site in self.facts.calls:
             self._call(site)
         for node, scope in self.facts.env_assigns:
@@ -219,21 +243,18 @@ class Analysis:
             self._add(node, node, "DBG203", message, whole)
 
     def _imports(self) -> None:
-        removed = {(c.removal.line, c.removal.col) for c in self.candidates if c.removal}
         for node, _scope in self.facts.imports:
             flagged = [alias for alias in node.names if self._debugger_alias(node, alias)]
             if not flagged:
                 continue
-            unused = [a for a in flagged if not self._used(bound_name(node, a), removed)]
-            names = tuple(alias_text(a) for a in unused)
-            removal = None
-            if unused:
-                whole = len(unused) == len(node.names)
-                removal = Removal(node.lineno, node.col_offset, () if whole else names)
+            names = tuple(
+                ImportedName(alias_text(a), self._readers(bound_name(node, a))) for a in flagged
+            )
+            imported = DebuggerImport(names, len(flagged) == len(node.names))
             shown = ", ".join(f"`{alias_target(node, a)}`" for a in flagged)
             message = f"import of debugger {shown}"
             self.candidates.append(
-                Candidate(node.lineno, node.col_offset, "DBG001", message, removal)
+                Candidate(node.lineno, node.col_offset, "DBG001", message, None, imported)
             )
 
     @staticmethod
@@ -243,9 +264,8 @@ class Analysis:
         module = node.module or ""
         return is_debugger_name(module) or is_debugger_name(f"{module}.{alias.name}")
 
-    def _used(self, name: str, removed: set[tuple[int, int]]) -> bool:
-        stmts = self.facts.loads.get(name, [])
-        return any((stmt.lineno, stmt.col_offset) not in removed for stmt in stmts)
+    def _readers(self, name: str) -> frozenset[tuple[int, int]]:
+        return frozenset((stmt.lineno, stmt.col_offset) for stmt in self.facts.loads.get(name, []))
 
 
 def debug_env_vars(pairs: list[tuple[ast.expr | None, ast.expr | None]]) -> list[str]:
@@ -277,3 +297,29 @@ def alias_target(node: ast.Import | ast.ImportFrom, alias: ast.alias) -> str:
 def analyse(module: ast.Module, policy: Policy) -> list[Candidate]:
     """Return every candidate finding in a parsed module."""
     return Analysis(module, policy).run()
+
+
+def plan_import_removals(
+    candidates: list[Candidate], removed: set[tuple[int, int]]
+) -> list[Candidate]:
+    """Give each flagged import the removal `--fix` may make once `removed` statements are gone.
+
+    A name stays imported while any statement that reads it stays: a suppressed, ignored,
+    unfixable or unapplied finding, or any other code.
+
+    Args:
+        candidates: the findings to fix, their imports without a removal.
+        removed: the (line, col) of every statement that `--fix` deletes.
+    """
+    return [_import_removal(c, c.imported, removed) if c.imported else c for c in candidates]
+
+
+def _import_removal(
+    candidate: Candidate, imported: DebuggerImport, removed: set[tuple[int, int]]
+) -> Candidate:
+    unused = tuple(name.alias for name in imported.names if name.readers <= removed)
+    if not unused:
+        return replace(candidate, removal=None)
+    whole = imported.only_debuggers and len(unused) == len(imported.names)
+    removal = Removal(candidate.line, candidate.col, () if whole else unused)
+    return replace(candidate, removal=removal)

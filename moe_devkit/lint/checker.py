@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import tokenize
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from moe_devkit.lint.analysis import Candidate, Policy, analyse
+from moe_devkit.lint.analysis import Candidate, Policy, analyse, plan_import_removals
 from moe_devkit.lint.config import Settings
-from moe_devkit.lint.rules import NOQA_ALIASES, TRIGGER_WORDS
+from moe_devkit.lint.rules import NOQA_ALIASES, RULES_BY_CODE, TRIGGER_WORDS
 from moe_devkit.lint.source import Decoded, SourceError, decode, encode, parse
 
 NOQA = re.compile(
@@ -33,11 +34,17 @@ class Finding:
 
 @dataclass(frozen=True)
 class FileResult:
-    """The findings left in a file, how many `--fix` removed, and the fixed bytes if any."""
+    """The findings left in a file, how many `--fix` removed, and the fixed bytes if any.
+
+    `withheld`: findings left in place because only `--unsafe-fixes` removes them.
+    `skipped`: why the file was not checked at all (over `max-file-size`), else None.
+    """
 
     findings: tuple[Finding, ...]
     fixed: int = 0
     new_data: bytes | None = None
+    withheld: int = 0
+    skipped: str | None = None
 
 
 PRINT_CALL = re.compile(r"\bprint\s*\(")
@@ -106,22 +113,43 @@ def check_source(
     return list(_check_decoded(decoded, path, settings or Settings(), fix=False).findings)
 
 
-def check_file(path: str, settings: Settings | None = None, fix: bool = False) -> FileResult:
-    """Check (and with `fix`, repair in memory) one file; never raises for a bad file."""
+def check_file(
+    path: str, settings: Settings | None = None, fix: bool = False, unsafe_fixes: bool = False
+) -> FileResult:
+    """Check (and with `fix`, repair in memory) one file; never raises for a bad file.
+
+    Args:
+        path: the file to read.
+        settings: what to check; the defaults if None.
+        fix: compute the file without the findings that can be removed safely.
+        unsafe_fixes: with `fix`, also remove prints (DBG101, DBG102), changing the output.
+    """
     settings = settings or Settings()
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as err:
-        return FileResult((Finding(path, 1, 1, "DBG902", f"cannot read file: {err.strerror}"),))
+    data = _read(path, settings.max_file_size)
+    if isinstance(data, FileResult):
+        return data
     try:
         decoded = decode(data)
     except SourceError as err:
         return FileResult((Finding(path, err.line, err.col, err.code, err.message),))
-    return _check_decoded(decoded, path, settings, fix)
+    return _check_decoded(decoded, path, settings, fix, unsafe_fixes)
 
 
-def _check_decoded(decoded: Decoded, path: str, settings: Settings, fix: bool) -> FileResult:
+def _read(path: str, limit: int) -> bytes | FileResult:
+    """Return the file's bytes, or the result for a file that is unreadable or over `limit`."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if 0 < limit < size:
+                return FileResult((), skipped=f"{size} bytes, over max-file-size = {limit} bytes")
+            return handle.read()
+    except OSError as err:
+        return FileResult((Finding(path, 1, 1, "DBG902", f"cannot read file: {err.strerror}"),))
+
+
+def _check_decoded(
+    decoded: Decoded, path: str, settings: Settings, fix: bool, unsafe_fixes: bool = False
+) -> FileResult:
     text = decoded.text
     if not may_contain_finding(text) and not settings.all_syntax:
         return FileResult(())
@@ -141,8 +169,8 @@ def _check_decoded(decoded: Decoded, path: str, settings: Settings, fix: bool) -
         for c in analyse(tree, policy)
         if c.code in enabled and not noqa.suppressed(c.line, c.code)
     ]
-    if fix and any(c.removal for c in kept):
-        return _fix(decoded, path, kept, lines)
+    if fix:
+        return _fix(decoded, path, kept, lines, unsafe_fixes)
     return FileResult(tuple(sorted(_finding(path, c, lines) for c in kept)))
 
 
@@ -151,22 +179,45 @@ def _finding(path: str, candidate: Candidate, lines: list[str]) -> Finding:
     return Finding(path, candidate.line, col, candidate.code, candidate.message)
 
 
-def _fix(decoded: Decoded, path: str, kept: list[Candidate], lines: list[str]) -> FileResult:
-    from moe_devkit.lint.fixer import apply_removals  # libcst is imported only to fix
-
-    removals = {
-        (c.removal.line, _char_col(lines, c.removal.line, c.removal.col)): c.removal.names
-        for c in kept
-        if c.removal is not None
-    }
-    new_text, applied = apply_removals(decoded.text, removals)
+def _fix(
+    decoded: Decoded, path: str, kept: list[Candidate], lines: list[str], unsafe_fixes: bool
+) -> FileResult:
+    withheld = 0 if unsafe_fixes else sum(_unsafe(c) for c in kept)
+    if withheld:
+        kept = [replace(c, removal=None) if _unsafe(c) else c for c in kept]
+    statements = {(c.removal.line, c.removal.col) for c in kept if c.removal is not None}
+    planned = plan_import_removals(kept, statements)
+    new_text, applied = _apply(decoded.text, planned, lines)
+    if not statements <= applied:
+        # A statement libcst did not find stays, and so must the imports that it reads.
+        planned = plan_import_removals(kept, statements & applied)
+        new_text, applied = _apply(decoded.text, planned, lines)
     left = [
-        c
-        for c in kept
-        if c.removal is None
-        or (c.removal.line, _char_col(lines, c.removal.line, c.removal.col)) not in applied
+        c for c in planned if c.removal is None or (c.removal.line, c.removal.col) not in applied
     ]
     findings = tuple(sorted(_finding(path, c, lines) for c in left))
     if new_text == decoded.text:
-        return FileResult(findings)
-    return FileResult(findings, len(kept) - len(left), encode(new_text, decoded))
+        return FileResult(findings, withheld=withheld)
+    return FileResult(findings, len(kept) - len(left), encode(new_text, decoded), withheld)
+
+
+def _unsafe(candidate: Candidate) -> bool:
+    """Return whether removing the candidate's statement needs `--unsafe-fixes`."""
+    return candidate.removal is not None and RULES_BY_CODE[candidate.code].unsafe_fix
+
+
+def _apply(
+    text: str, planned: list[Candidate], lines: list[str]
+) -> tuple[str, set[tuple[int, int]]]:
+    """Delete the planned removals; return the new text and the `ast` positions removed."""
+    positions = {
+        (c.removal.line, _char_col(lines, c.removal.line, c.removal.col)): c.removal
+        for c in planned
+        if c.removal is not None
+    }
+    if not positions:
+        return text, set()
+    from moe_devkit.lint.fixer import apply_removals  # libcst is imported only to fix
+
+    new_text, applied = apply_removals(text, {at: r.names for at, r in positions.items()})
+    return new_text, {(positions[at].line, positions[at].col) for at in applied}

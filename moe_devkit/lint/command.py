@@ -1,4 +1,4 @@
-"""`check-debug [--fix] PATH...`: the command line, and the work spread over processes."""
+"""`check-debug [--fix] [PATH...]`: the command line, and the work spread over processes."""
 
 from __future__ import annotations
 
@@ -6,19 +6,33 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from moe_devkit.lint.checker import FileResult, Finding, check_file
-from moe_devkit.lint.config import ConfigError, Settings, load_settings, settings_from_table
+from moe_devkit.lint.config import (
+    ConfigError,
+    Settings,
+    file_size,
+    load_settings,
+    settings_from_table,
+)
+from moe_devkit.lint.paths import PathError, iter_python_files, missing_paths, repository_files
 from moe_devkit.lint.rules import RULES
 
-SKIP_DIRS = frozenset(
-    {".git", ".hg", ".venv", "venv", ".nox", ".tox", "__pycache__", "build", "dist"}
-)
 # Below this much work a process pool costs more than it saves (fork plus imports ~ 50 ms).
 PARALLEL_MIN_FILES = 16
 PARALLEL_MIN_BYTES = 2_000_000
+
+
+@dataclass(frozen=True)
+class Job:
+    """One file to check, and how."""
+
+    path: str
+    settings: Settings
+    fix: bool
+    unsafe_fixes: bool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find (and with --fix remove) leftover debug statements in Python files.",
     )
     parser.add_argument(
-        "paths", nargs="*", help="files or directories (directories: their .py files)"
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="files or directories (directories: their .py files); none: the Python files "
+        "git tracks or would add under the current directory",
     )
     parser.add_argument("--fix", action="store_true", help="remove what can be removed safely")
+    parser.add_argument(
+        "--unsafe-fixes",
+        action="store_true",
+        help="with --fix, also remove prints (DBG101, DBG102): this changes the program's output",
+    )
     parser.add_argument("--select", help="comma-separated codes or prefixes to check (e.g. DBG0)")
     parser.add_argument("--ignore", help="comma-separated codes or prefixes not to check")
     parser.add_argument("--config", help="pyproject.toml to read [tool.check-debug] from")
@@ -40,46 +63,38 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also parse files that cannot hold a finding, to report their syntax errors",
     )
+    parser.add_argument(
+        "--max-file-size",
+        type=_byte_count,
+        metavar="BYTES",
+        help="skip larger files with a note (default 1000000; 0: no limit)",
+    )
     parser.add_argument("--list-rules", action="store_true", help="print the rule codes and exit")
     return parser
 
 
-def iter_python_files(paths: Iterable[str], settings: Settings) -> Iterator[str]:
-    """Yield the files to check: files as given, directories' `.py` files; minus excludes."""
-    seen: set[str] = set()
-    for path in _expand(paths, settings):
-        key = os.path.normpath(path)
-        if key not in seen:
-            seen.add(key)
-            yield path
-
-
-def _expand(paths: Iterable[str], settings: Settings) -> Iterator[str]:
-    for path in paths:
-        if os.path.isdir(path):
-            for directory, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-                for name in sorted(files):
-                    if name.endswith((".py", ".pyi")):
-                        full = os.path.join(directory, name)
-                        if not settings.excluded(settings.relative(full)):
-                            yield full
-        elif not settings.excluded(settings.relative(path)):
-            yield path
-
-
-def _check_one(job: tuple[str, Settings, bool]) -> FileResult:
-    path, settings, fix = job
+def _byte_count(text: str) -> int:
     try:
-        return check_file(path, settings, fix)
+        return file_size(int(text), "--max-file-size")
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of bytes >= 0 (0: no limit); got {text!r}"
+        ) from None
+
+
+def _check_one(job: Job) -> FileResult:
+    try:
+        return check_file(job.path, job.settings, job.fix, job.unsafe_fixes)
     except Exception as err:  # one bad file must not stop the others
         message = f"internal error, file not checked: {type(err).__name__}: {err}"
-        return FileResult((Finding(path, 1, 1, "DBG900", message),))
+        return FileResult((Finding(job.path, 1, 1, "DBG900", message),))
 
 
-def check_paths(files: list[str], settings: Settings, fix: bool, jobs: int) -> list[FileResult]:
+def check_paths(
+    files: list[str], settings: Settings, fix: bool, jobs: int, unsafe_fixes: bool = False
+) -> list[FileResult]:
     """Check files, in parallel when there is enough work to pay for the processes."""
-    work = [(path, settings, fix) for path in files]
+    work = [Job(path, settings, fix, unsafe_fixes) for path in files]
     size = sum(os.path.getsize(p) for p in files[: PARALLEL_MIN_FILES * 4] if os.path.isfile(p))
     jobs = jobs or os.cpu_count() or 1
     if jobs < 2 or len(files) < PARALLEL_MIN_FILES or size < PARALLEL_MIN_BYTES // 4:
@@ -126,6 +141,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     if args.all_syntax:
         settings = replace(settings, all_syntax=True)
+    if args.max_file_size is not None:
+        settings = replace(settings, max_file_size=args.max_file_size)
     if args.select:
         table = {"select": [c.strip() for c in args.select.split(",") if c.strip()]}
         settings = replace(settings, select=settings_from_table(table).select)
@@ -141,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.unsafe_fixes and not args.fix:
+            parser.error("--unsafe-fixes only applies with --fix; pass both")
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
     if args.list_rules:
@@ -148,12 +167,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         settings = _settings(args)
-    except ConfigError as err:
+        paths = args.paths or repository_files()
+    except (ConfigError, PathError) as err:
         sys.stderr.write(f"check-debug: error: {err}\n")
         return 2
-    files = list(iter_python_files(args.paths, settings))
-    results = check_paths(files, settings, args.fix, args.jobs)
-    return _report(files, results)
+    existing = _existing(paths)
+    files = list(iter_python_files(existing, settings))
+    results = check_paths(files, settings, args.fix, args.jobs, args.unsafe_fixes)
+    status = _report(files, results)
+    return 2 if len(existing) < len(paths) else status
+
+
+def _existing(paths: list[str]) -> list[str]:
+    """Return the paths that exist, after one usage-error line for each that does not."""
+    missing = missing_paths(paths)
+    for path in missing:
+        sys.stderr.write(
+            f"check-debug: error: argument PATH: no such file or directory: {path!r}\n"
+        )
+    return [path for path in paths if path not in missing]
 
 
 def _report(files: list[str], results: list[FileResult]) -> int:
@@ -161,9 +193,17 @@ def _report(files: list[str], results: list[FileResult]) -> int:
     findings: list[Finding] = []
     for path, result in zip(files, results, strict=True):
         findings.extend(result.findings)
+        if result.skipped is not None:
+            sys.stderr.write(f"check-debug: skipped {path}: {result.skipped}\n")
         if result.new_data is not None:
             write_atomically(path, result.new_data)
             sys.stderr.write(f"Fixed {result.fixed} finding(s) in {path}\n")
             status = 1
+    withheld = sum(result.withheld for result in results)
+    if withheld:
+        sys.stderr.write(
+            f"check-debug: {withheld} print(s) kept: removing one changes the program's output; "
+            "add --unsafe-fixes to remove them\n"
+        )
     sys.stdout.write("".join(f"{finding}\n" for finding in sorted(findings)))
     return 1 if findings else status

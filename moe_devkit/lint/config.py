@@ -32,8 +32,12 @@ KEYS = frozenset(
         "allow-main-block",
         "exclude",
         "all-syntax",
+        "max-file-size",
     }
 )
+# Larger files are skipped, not read: Python's `ast` takes about 140 bytes of memory per byte
+# of source, and files this big are generated rather than written (and debugged) by hand.
+DEFAULT_MAX_FILE_SIZE = 1_000_000
 
 
 class ConfigError(ValueError):
@@ -52,6 +56,7 @@ class Settings:
     allow_main_block: bool = True
     exclude: tuple[str, ...] = ()
     all_syntax: bool = False
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
     root: str = field(default=".", compare=False)
 
     def relative(self, path: str) -> str:
@@ -114,6 +119,19 @@ def _flag(value: Any, key: str) -> bool:
     return value
 
 
+def file_size(value: Any, key: str) -> int:
+    """Return a size limit in bytes (0: no limit).
+
+    Raises:
+        ConfigError: when the value is not a whole number >= 0.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(
+            f"{key} must be a whole number of bytes >= 0 (0: no limit); got {value!r}"
+        )
+    return value
+
+
 def settings_from_table(table: dict[str, Any], root: str = ".") -> Settings:
     """Build settings from a `[tool.check-debug]` table.
 
@@ -146,6 +164,7 @@ def settings_from_table(table: dict[str, Any], root: str = ".") -> Settings:
         allow_main_block=_flag(table.get("allow-main-block", True), "allow-main-block"),
         exclude=_globs(table.get("exclude", []), "exclude"),
         all_syntax=_flag(table.get("all-syntax", False), "all-syntax"),
+        max_file_size=file_size(table.get("max-file-size", DEFAULT_MAX_FILE_SIZE), "max-file-size"),
     )
 
 

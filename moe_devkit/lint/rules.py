@@ -7,13 +7,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Rule:
-    """One rule: a stable code, a name that describes the pattern, and a one-line summary."""
+    """One rule: a stable code, a name that describes the pattern, and a one-line summary.
+
+    `unsafe_fix`: removing the statement changes what the program does besides debugging (its
+    output), so `--fix` leaves it unless `--unsafe-fixes` is given too.
+    """
 
     code: str
     name: str
     summary: str
     fixable: bool
     ruff_code: str | None = None
+    unsafe_fix: bool = False
 
 
 RULES: tuple[Rule, ...] = (
@@ -21,8 +26,10 @@ RULES: tuple[Rule, ...] = (
     Rule("DBG002", "debugger-call", "call of a debugger entry point", True, "T100"),
     Rule("DBG003", "builtin-breakpoint", "`breakpoint()` or the breakpoint hook", True, "T100"),
     Rule("DBG004", "dynamic-debugger-import", "debugger imported by `__import__`", True, "T100"),
-    Rule("DBG101", "print-call", "`print()` in library code", True, "T201"),
-    Rule("DBG102", "pprint-call", "`pprint()`/`pp()` in library code", True, "T203"),
+    Rule("DBG101", "print-call", "`print()` in library code", True, "T201", unsafe_fix=True),
+    Rule(
+        "DBG102", "pprint-call", "`pprint()`/`pp()` in library code", True, "T203", unsafe_fix=True
+    ),
     Rule("DBG201", "anomaly-detection-enabled", "autograd anomaly detection left on", True),
     Rule("DBG202", "cuda-sync-debug-mode", "CUDA sync debug mode left on", True),
     Rule("DBG203", "debug-environment-variable", "debug environment variable set in code", True),

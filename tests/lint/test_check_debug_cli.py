@@ -103,12 +103,81 @@ def test_edge_files(
     assert "Traceback" not in err
 
 
-def test_missing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(tmp_path, capsys, "missing.py")
+def test_unreadable_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "missing.py").symlink_to(tmp_path / "nowhere.py")
+    code, out, _ = run(tmp_path, capsys, "pkg")
     assert (code, out) == (
         1,
-        "missing.py:1:1: DBG902 cannot read file: No such file or directory\n",
+        "pkg/missing.py:1:1: DBG902 cannot read file: No such file or directory\n",
     )
+
+
+def test_missing_path_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(tmp_path, "a.py", "breakpoint()\n")
+    code, out, err = run(tmp_path, capsys, "missing.py", "a.py", "src/")
+    assert (code, out) == (2, "a.py:1:1: DBG003 `breakpoint()` left in code\n")
+    assert err == (
+        "check-debug: error: argument PATH: no such file or directory: 'missing.py'\n"
+        "check-debug: error: argument PATH: no such file or directory: 'src/'\n"
+    )
+
+
+def test_hook_with_a_missing_path_exits_2(tmp_path: Path) -> None:
+    """The README's example, run in a project that has no src/ directory."""
+    write(tmp_path, "a.py", "x = 1\n")
+    result = hook(tmp_path, "src/")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2,
+        "",
+        "check-debug: error: argument PATH: no such file or directory: 'src/'\n",
+    )
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def hook(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_no_paths_checks_the_files_git_would_commit(tmp_path: Path) -> None:
+    leftover = "breakpoint()\n"
+    for name in ("tracked.py", "pkg/staged.pyi", "untracked.py", "ignored.py", "deleted.py"):
+        write(tmp_path, name, leftover)
+    write(tmp_path, "notes.txt", leftover)
+    write(tmp_path, ".gitignore", "ignored.py\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "tracked.py", "pkg/staged.pyi", "deleted.py", "notes.txt")
+    (tmp_path / "deleted.py").unlink()
+    result = hook(tmp_path)
+    assert (result.returncode, result.stderr) == (1, "")
+    assert result.stdout == (
+        "pkg/staged.pyi:1:1: DBG003 `breakpoint()` left in code\n"
+        "tracked.py:1:1: DBG003 `breakpoint()` left in code\n"
+        "untracked.py:1:1: DBG003 `breakpoint()` left in code\n"
+    )
+    result = hook(tmp_path / "pkg")  # in a subdirectory: the files under it
+    assert result.stdout == "staged.pyi:1:1: DBG003 `breakpoint()` left in code\n"
+
+
+def test_no_paths_outside_a_repository_is_a_usage_error(tmp_path: Path) -> None:
+    write(tmp_path, "a.py", "breakpoint()\n")
+    result = hook(tmp_path, GIT_CEILING_DIRECTORIES=str(tmp_path.parent))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(
+        f"check-debug: error: no paths given, and git cannot list the files of {tmp_path} (fatal:"
+    )
+    assert result.stderr.endswith("); pass the files or directories to check\n")
+    assert result.stderr.count("\n") == 1
 
 
 def test_directory_is_walked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -156,6 +225,14 @@ def test_command_line_select(tmp_path: Path, capsys: pytest.CaptureFixture[str])
             "allow-main-block must be true or false",
         ),
         ("[tool.check-debug\n", "cannot parse"),
+        (
+            "[tool.check-debug]\nmax-file-size = -1\n",
+            "max-file-size must be a whole number of bytes >= 0 (0: no limit); got -1",
+        ),
+        (
+            '[tool.check-debug]\nmax-file-size = "1MB"\n',
+            "max-file-size must be a whole number of bytes >= 0 (0: no limit); got '1MB'",
+        ),
     ],
 )
 def test_bad_config_is_a_usage_error(
@@ -214,3 +291,75 @@ def test_script_entry_point_does_not_import_torch(tmp_path: Path) -> None:
     )
     assert result.returncode == 1, result.stderr
     assert result.stdout == "a.py:1:1: DBG003 `breakpoint()` left in code\n"
+
+
+def generated_module(size: int) -> str:
+    """A generated data table (as protobuf or codegen output), with a print to be checked."""
+    lines = ["import os", "", "def show(x):", "    print(x)", "", "TABLE = ["]
+    row, length = 0, sum(len(line) + 1 for line in lines)
+    while length < size:
+        lines.append(f"    ({row}, {row * 0.5}, 'name_{row}', os.sep),")
+        length += len(lines[-1]) + 1
+        row += 1
+    return "\n".join([*lines, "]"]) + "\n"
+
+
+def test_large_file_is_skipped_with_a_note(tmp_path: Path) -> None:
+    path = write(tmp_path, "big_pb2.py", generated_module(5_000_000))
+    size = path.stat().st_size
+    write(tmp_path, "a.py", "breakpoint()\n")
+    result = hook(tmp_path, "big_pb2.py", "a.py")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "a.py:1:1: DBG003 `breakpoint()` left in code\n",
+        f"check-debug: skipped big_pb2.py: {size} bytes, over max-file-size = 1000000 bytes\n",
+    )
+    result = hook(tmp_path, "--fix", "big_pb2.py")
+    assert (result.returncode, result.stdout) == (0, "")
+    assert path.read_text() == generated_module(5_000_000)
+
+
+def test_large_file_is_never_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moe_devkit.lint.checker as checker
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("a skipped file was decoded or parsed")
+
+    monkeypatch.setattr(checker, "decode", refuse)
+    monkeypatch.setattr(checker, "parse", refuse)
+    write(tmp_path, "big.py", generated_module(1_000_001))
+    code, out, err = run(tmp_path, capsys, "big.py")
+    assert (code, out) == (0, "")
+    assert err == (
+        f"check-debug: skipped big.py: {(tmp_path / 'big.py').stat().st_size} bytes, "
+        "over max-file-size = 1000000 bytes\n"
+    )
+
+
+def test_max_file_size_from_the_command_line_and_pyproject(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path, "big.py", generated_module(1_100_000))
+    finding = "big.py:4:5: DBG101 `print()` in library code\n"
+    assert run(tmp_path, capsys, "--max-file-size", "2000000", "big.py") == (1, finding, "")
+    assert run(tmp_path, capsys, "--max-file-size", "0", "big.py") == (1, finding, "")
+    write(tmp_path, "pyproject.toml", "[tool.check-debug]\nmax-file-size = 0\n")
+    assert run(tmp_path, capsys, "big.py") == (1, finding, "")
+    code, out, err = run(tmp_path, capsys, "--max-file-size", "100", "big.py")
+    assert (code, out) == (0, "")
+    assert err.startswith("check-debug: skipped big.py: ")
+    assert err.endswith(" bytes, over max-file-size = 100 bytes\n")
+
+
+@pytest.mark.parametrize("value", ["-1", "1MB", "1.5"])
+def test_bad_max_file_size_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    code, out, err = run(tmp_path, capsys, "--max-file-size", value, "a.py")
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1] == (
+        "check-debug: error: argument --max-file-size: "
+        f"expected a whole number of bytes >= 0 (0: no limit); got {value!r}"
+    )

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import ast
 import os
+import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_devkit.lint import check_file, check_source, main
+from moe_devkit.lint import Settings, check_file, check_source, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def fix(source: str | bytes, tmp_path: Path, name: str = "mod.py") -> bytes:
+def fix(
+    source: str | bytes,
+    tmp_path: Path,
+    name: str = "mod.py",
+    unsafe: bool = False,
+    settings: Settings | None = None,
+) -> bytes:
     path = tmp_path / name
     path.write_bytes(source.encode() if isinstance(source, str) else source)
-    result = check_file(str(path), fix=True)
+    result = check_file(str(path), settings, fix=True, unsafe_fixes=unsafe)
     return result.new_data if result.new_data is not None else path.read_bytes()
 
 
@@ -32,7 +40,9 @@ CASES = [
     ),
     ("import pdb\nclass P(pdb.Pdb):\n    pass\n", "import pdb\nclass P(pdb.Pdb):\n    pass\n"),
     ("def f():\n    breakpoint()\n", "def f():\n    pass\n"),
-    ("if x:\n    print(1)\nelse:\n    y = 2\n", "if x:\n    pass\nelse:\n    y = 2\n"),
+    # Removing a print changes the program's output: --fix keeps it (see UNSAFE_CASES).
+    ("if x:\n    print(1)\nelse:\n    y = 2\n", "if x:\n    print(1)\nelse:\n    y = 2\n"),
+    ("from pprint import pprint\npprint(x)\n", "from pprint import pprint\npprint(x)\n"),
     ("if x: breakpoint()\n", "if x: pass\n"),
     ("x = 1; breakpoint(); y = 2\n", "x = 1; y = 2\n"),
     ("x = 1; breakpoint()\n", "x = 1\n"),
@@ -56,11 +66,59 @@ CASES = [
     ("x = f(breakpoint())\n", "x = f(breakpoint())\n"),  # inside an expression: reported only
     ("with jax.disable_jit():\n    f()\n", "with jax.disable_jit():\n    f()\n"),
     ("breakpoint()  # noqa\n", "breakpoint()  # noqa\n"),
+    # An import stays while a call that --fix keeps (suppressed, unfixable) still reads it.
+    (
+        "import pdb\n\ndef f():\n    pdb.set_trace()  # noqa: DBG002\n",
+        "import pdb\n\ndef f():\n    pdb.set_trace()  # noqa: DBG002\n",
+    ),
+    ("import pdb\npdb.set_trace()  # noqa: T100\n", "import pdb\npdb.set_trace()  # noqa: T100\n"),
+    (
+        "import pdb; pdb.set_trace()  # noqa: DBG002\n",
+        "import pdb; pdb.set_trace()  # noqa: DBG002\n",
+    ),
+    (
+        "import os, pdb\npdb.set_trace()  # noqa\nos.getcwd()\n",
+        "import os, pdb\npdb.set_trace()  # noqa\nos.getcwd()\n",
+    ),
+    (
+        "import pdb, ipdb\npdb.set_trace()  # noqa: DBG002\nipdb.set_trace()\n",
+        "import pdb\npdb.set_trace()  # noqa: DBG002\n",
+    ),
+    ("import pdb\nx = pdb.set_trace()\n", "import pdb\nx = pdb.set_trace()\n"),
+]
+
+UNSAFE_CASES = [
+    ("if x:\n    print(1)\nelse:\n    y = 2\n", "if x:\n    pass\nelse:\n    y = 2\n"),
+    (
+        "from pprint import pprint\npprint(x)\nprint(1)  # noqa\n",
+        "from pprint import pprint\nprint(1)  # noqa\n",
+    ),
+    ("import pdb\npdb.set_trace()\nprint(1)\nx = 1\n", "x = 1\n"),
 ]
 
 
 @pytest.mark.parametrize(("before", "after"), CASES)
 def test_fix(tmp_path: Path, before: str, after: str) -> None:
+    assert fix(before, tmp_path).decode() == after
+
+
+@pytest.mark.parametrize(("before", "after"), UNSAFE_CASES)
+def test_unsafe_fix(tmp_path: Path, before: str, after: str) -> None:
+    assert fix(before, tmp_path, unsafe=True).decode() == after
+
+
+def test_fix_keeps_an_import_whose_call_is_not_checked(tmp_path: Path) -> None:
+    before = "import pdb\npdb.set_trace()\n"
+    ignored = Settings(ignore=("DBG002",))
+    assert fix(before, tmp_path, settings=ignored).decode() == before
+    selected = Settings(select=("DBG001",))
+    assert fix(before, tmp_path, settings=selected).decode() == before
+
+
+def test_fix_keeps_an_import_whose_call_libcst_cannot_place(tmp_path: Path) -> None:
+    """Before 3.12, a type-parameter line is rewritten for `ast` and its columns move."""
+    before = "import pdb\nclass C[T]: pdb.set_trace()\n"
+    after = before if sys.version_info < (3, 12) else "class C[T]: pass\n"
     assert fix(before, tmp_path).decode() == after
 
 
@@ -85,6 +143,37 @@ def test_fix_exit_codes_and_second_run(tmp_path: Path, capsys: pytest.CaptureFix
     assert path.read_text() == "x = f(breakpoint())\n"
     path.write_text("x = 1\n")
     assert main(["--fix", str(path)]) == 0
+
+
+def test_fix_keeps_prints_unless_unsafe_fixes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "a.py"
+    path.write_text("def f(x):\n    breakpoint()\n    print(x)\n    return x\n")
+    assert main(["--fix", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"{path}:3:5: DBG101 `print()` in library code\n"
+    assert err == (
+        f"Fixed 1 finding(s) in {path}\n"
+        "check-debug: 1 print(s) kept: removing one changes the program's output; "
+        "add --unsafe-fixes to remove them\n"
+    )
+    assert path.read_text() == "def f(x):\n    print(x)\n    return x\n"
+    assert main(["--fix", "--unsafe-fixes", str(path)]) == 1
+    assert capsys.readouterr() == ("", f"Fixed 1 finding(s) in {path}\n")
+    assert path.read_text() == "def f(x):\n    return x\n"
+
+
+def test_unsafe_fixes_needs_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "a.py"
+    path.write_text("print(1)\n")
+    assert main(["--unsafe-fixes", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[-1] == (
+        "check-debug: error: --unsafe-fixes only applies with --fix; pass both"
+    )
+    assert path.read_text() == "print(1)\n"
 
 
 STATEMENTS = [
@@ -141,7 +230,7 @@ def kept_lines(source: str) -> list[str]:
 )
 @given(modules())
 def test_fix_property_generated(tmp_path: Path, source: str) -> None:
-    fixed = fix(source.encode(), tmp_path).decode()
+    fixed = fix(source.encode(), tmp_path, unsafe=True).decode()
     ast.parse(fixed)  # the result parses
     assert (
         kept_lines(fixed)
@@ -154,9 +243,74 @@ def test_fix_property_generated(tmp_path: Path, source: str) -> None:
         or ";" in source
         or "if x: " in source
     )
-    assert fix(fixed.encode(), tmp_path).decode() == fixed  # a second run is a no-op
+    assert fix(fixed.encode(), tmp_path, unsafe=True).decode() == fixed  # a second run: no-op
     remaining = {f.code for f in check_source(fixed, "mod.py")}
     assert remaining <= {"DBG003", "DBG001"}  # only what cannot be removed safely
+
+
+def codes(source: str) -> Counter[str]:
+    return Counter(f.code for f in check_source(source, "mod.py"))
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(modules())
+def test_safe_fix_keeps_every_print_generated(tmp_path: Path, source: str) -> None:
+    fixed = fix(source.encode(), tmp_path).decode()
+    ast.parse(fixed)
+    assert codes(fixed)["DBG101"] == codes(source)["DBG101"]
+    assert set(codes(fixed)) <= {"DBG003", "DBG001", "DBG101"}
+    assert fix(fixed.encode(), tmp_path).decode() == fixed
+
+
+KEPT_CALLS = [
+    "pdb.set_trace()",
+    "pdb.set_trace()  # noqa: DBG002",
+    "pdb.set_trace()  # noqa: T100",
+    "x = pdb.set_trace()",
+    "ipdb.set_trace()",
+    "ipdb.set_trace()  # noqa",
+    "q(x)  # noqa: DBG002",
+    "y = 1",
+]
+
+
+@st.composite
+def debugger_modules(draw: st.DrawFn) -> str:
+    imports = draw(st.sampled_from(["import pdb, ipdb, q", "import pdb\nimport ipdb\nimport q"]))
+    body = draw(st.lists(st.sampled_from(KEPT_CALLS), min_size=1, max_size=6))
+    if draw(st.booleans()):  # one line, where a trailing comment covers every statement
+        code = "; ".join(line.split("  #")[0] for line in body)
+        comment = draw(st.sampled_from(["", "  # noqa: DBG002", "  # noqa"]))
+        return f"{imports.replace(chr(10), '; ')}; {code}{comment}\n"
+    return imports + "\ndef f():\n" + "".join(f"    {line}\n" for line in body)
+
+
+def read_but_not_imported(source: str) -> set[str]:
+    tree = ast.parse(source)
+    imported = {
+        (alias.asname or alias.name).split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    read = {
+        node.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)
+    }
+    return (read & {"pdb", "ipdb", "q"}) - imported
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(debugger_modules())
+def test_fix_never_drops_an_import_that_kept_code_reads(tmp_path: Path, source: str) -> None:
+    fixed = fix(source.encode(), tmp_path).decode()
+    assert read_but_not_imported(fixed) == set()
+    assert fix(fixed.encode(), tmp_path).decode() == fixed
 
 
 PROJECT_FILES = sorted(

@@ -67,6 +67,28 @@ def test_local_hook_fails_then_passes_after_fix(tmp_path: Path) -> None:
     assert_fails_then_passes_after_fix(repo, tmp_path / "home")
 
 
+def test_local_hook_fix_keeps_prints_unless_unsafe_fixes(tmp_path: Path) -> None:
+    hook = (
+        "repos:\n- repo: local\n  hooks:\n  - id: check-debug\n    name: check-debug\n"
+        f"    entry: {sys.executable} {ROOT / 'scripts' / 'check_debug.py'}\n"
+        "    language: system\n    files: \\.py$\n"
+    )
+    configs = {
+        "fix.yaml": hook + "    args: [--fix]\n",
+        "unsafe.yaml": hook + "    args: [--fix, --unsafe-fixes]\n",
+    }
+    source = {"pkg/model.py": "def forward(x):\n    print(x)\n    breakpoint()\n    return x\n"}
+    repo = make_repo(tmp_path / "project", {**source, **configs})
+    fixing = pre_commit(repo, tmp_path / "home", "run", "--all-files", "--config", "fix.yaml")
+    assert fixing.returncode == 1, fixing.stdout + fixing.stderr
+    assert "pkg/model.py:2:5: DBG101 `print()` in library code" in fixing.stdout
+    assert "add --unsafe-fixes to remove them" in fixing.stdout
+    assert (repo / "pkg/model.py").read_text() == "def forward(x):\n    print(x)\n    return x\n"
+    unsafe = pre_commit(repo, tmp_path / "home", "run", "--all-files", "--config", "unsafe.yaml")
+    assert unsafe.returncode == 1, unsafe.stdout + unsafe.stderr
+    assert (repo / "pkg/model.py").read_text() == FIXED
+
+
 def hook_repository(path: Path) -> tuple[Path, str]:
     """A committed copy of this checkout's installable parts (pre-commit clones commits)."""
     path.mkdir()
