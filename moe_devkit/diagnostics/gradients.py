@@ -1,12 +1,12 @@
 """Gradient statistics after backward, computed with fused ops and one device-to-host transfer.
 
-The design document's ``debug_gradients`` (section 4) reads five statistics per parameter
-with one ``.item()`` each: on a GPU that is five host synchronisations per parameter. Here,
-on a GPU, the gradients of each (device, dtype) group are concatenated once and four
-segmented reductions (float64 sums and sums of squares, maxima, minima) give every
-parameter's statistics in a fixed handful of launches; on the CPU, where launches cost
-nothing, each tensor gets a norm, a sum and a min/max pass. Every statistic of every
-parameter is stacked into one [P, 5] float64 tensor read with a single transfer.
+Reading five statistics per parameter with one ``.item()`` each costs, on a GPU, five host
+synchronisations per parameter. Instead, on a GPU, the gradients of each (device, dtype)
+group are concatenated once and four segmented reductions (float64 sums and sums of squares,
+maxima, minima) give every parameter's statistics in a fixed handful of launches; on the
+CPU, where launches cost nothing, each tensor gets a norm, a sum and a min/max pass. Every
+statistic of every parameter is stacked into one [P, 5] float64 tensor read with a single
+transfer.
 
 Memory (GPU): gradients are concatenated in runs of at most 2**26 elements; a run and its
 float64 copies take about 1.3 GB (float32 gradients) for the duration of the call.
@@ -260,7 +260,7 @@ def _group_stats(grads: list[torch.Tensor], device: torch.device) -> torch.Tenso
     Each parameter is its own segment: a NaN or Inf in one gradient leaves the others' stats
     untouched.
     """
-    if device.type == "cpu":  # no launches to save: three passes per tensor (the seed: six)
+    if device.type == "cpu":  # no launches to save: three passes per tensor, not one per statistic
         return _cpu_stats(grads)
     return torch.cat([_segment_stats(part, device) for part in _chunks(grads)])
 
@@ -280,7 +280,7 @@ def _segment_stats(grads: list[torch.Tensor], device: torch.device) -> torch.Ten
     # Float64 sums of float gradients: sum(x^2) - n mean^2 keeps ~1e-10 relative accuracy
     # unless |mean| exceeds the standard deviation by more than ~1e5.
     centred = (squares - total * mean).clamp_min(0.0)
-    if 0 in numels:  # an empty segment's max is -inf; the seed's .max() would raise: NaN
+    if 0 in numels:  # an empty segment's max is -inf, and an empty tensor has no max: NaN
         empty = counts == 0
         high, low = high.masked_fill(empty, math.nan), low.masked_fill(empty, math.nan)
     return torch.stack([squares.sqrt(), mean, centred, high, low], dim=-1)

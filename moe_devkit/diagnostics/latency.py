@@ -1,8 +1,9 @@
 """Inference latency: timing done right, a scheduled torch.profiler run, per-stage breakdown.
 
-The seed's ``profile_inference_latency`` timed 100 calls inside the profiler (so it timed the
-profiler's overhead too) with ``time.time()`` and, on CUDA, without synchronising per call.
-Here timing and profiling are separate runs:
+``profile_inference_latency`` times the model first and profiles it afterwards. Timing inside
+the profiler measures the profiler's overhead too, ``time.time()`` is too coarse for short
+calls, and on CUDA a call returns before its kernels finish, so unsynchronised wall times
+measure kernel launches, not the work. Timing and profiling are therefore separate runs:
 
 * timing: warm-up, then per-iteration times (CUDA events on CUDA, ``perf_counter`` with the
   thread's CPU time on CPU), summarised as a ``Measurement`` (median, p10/p90/p99);

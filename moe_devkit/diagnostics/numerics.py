@@ -1,12 +1,12 @@
 """NaN/Inf detection: a cheap one-tensor check and a guard that watches every module of a model.
 
-``check_numerical_stability`` is the design document's check (section 3) returning a
-``Finding`` instead of printing: one fused reduction (the max-abs norm, which is NaN when any
+``check_numerical_stability`` checks one tensor for NaN and Inf and returns a ``Finding``
+(nothing is printed): one fused reduction (the max-abs norm, which is NaN when any
 element is NaN) decides; counts and positions are computed only when something is wrong.
 
 ``NumericsGuard`` hooks a model: forward hooks see every module's outputs (tensors, tuples,
 NamedTuples, dicts and dataclasses such as ``RoutingDecision``, so the router's complexity,
-logits and weights are checked: the seed's ``debug_router_forward``), and tensor hooks see
+logits and weights are checked along with every other module's outputs), and tensor hooks see
 the gradient each module hands back to its inputs during backward. It names the first module,
 by qualified name, whose output or gradient became non-finite, with the step and the tensor.
 

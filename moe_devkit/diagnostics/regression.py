@@ -1,9 +1,9 @@
 """Performance-regression detection that stays right on noisy, shared machines.
 
-The seed's detector compared one timed call against a stored absolute number; on a shared
-2-core machine that flags 42% of identical-code comparisons, and a stored number does not
-transfer between two GPU machines of the same kind. This module decides instead from an
-interleaved A/B run: baseline and candidate are sampled alternately (ABBA order) in the same
+Comparing one timed call against a stored absolute number does not work: on a shared 2-core
+machine it flags 42% of identical-code comparisons, and a stored number does not transfer
+between two GPU machines of the same kind. This module decides instead from an interleaved
+A/B run: baseline and candidate are sampled alternately (ABBA order) in the same
 run, each sample records wall time and thread CPU time, and
 
 * pairs whose wall/CPU ratio shows time-slicing are set aside; a run with too few clean

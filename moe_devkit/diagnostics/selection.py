@@ -1,9 +1,9 @@
-"""Which experts router logits select for a per-token k, vectorised (the seed's selection).
+"""Which experts router logits select for a per-token k, vectorised.
 
-The design document's ``debug_expert_selection`` loops over every token, calls
-``router_logits[b, s].topk(k)`` and counts the chosen experts in a ``Counter``. This module
-gives the same answer without a per-token Python loop, plus tensor-valued variants that keep
-everything on the device for the inspector.
+``debug_expert_selection`` returns what a loop over every token would count: for each token,
+``router_logits[b, s].topk(k)`` and the chosen experts tallied in a ``Counter``. It computes
+this without a per-token Python loop; tensor-valued variants keep everything on the device
+for the inspector.
 
 Tie semantics. ``torch.topk`` resolves a tie at the k boundary (the k-th and (k+1)-th largest
 logits equal) in an implementation-defined way that differs between CPU and CUDA and between
@@ -279,7 +279,7 @@ def _threshold_counts(
 
 
 def _topk_counts(logits: torch.Tensor, k: torch.Tensor, unresolved: torch.Tensor) -> torch.Tensor:
-    """int64[E]: counts from ``topk(k)`` on the unresolved tokens, exactly as the seed calls it.
+    """int64[E]: counts from ``topk(k)`` on the unresolved tokens, the call a per-token loop makes.
 
     Tokens are grouped by their k so that each group is one batched ``topk`` call; topk runs
     each row independently, so a batched call picks what a per-row call picks. Host syncs:
@@ -295,20 +295,21 @@ def _topk_counts(logits: torch.Tensor, k: torch.Tensor, unresolved: torch.Tensor
 
 
 def debug_expert_selection(router_logits: torch.Tensor, k_values: torch.Tensor) -> Counter[int]:
-    """Per-expert selection counts for per-token k: the seed's function, vectorised and silent.
+    """Per-expert selection counts for per-token k, as a ``Counter``, vectorised and silent.
 
-    Equal to the design document's loop (``router_logits[b, s].topk(k_values[b, s])``
-    counted into a ``Counter``) on every input, ties and NaN included, but without a
-    per-token Python loop and without printing. Unlike the seed it accepts any leading shape
-    and raises a clear error where the seed raised from inside ``topk`` or divided by zero.
+    Equal on every input, ties and NaN included, to a per-token loop that counts
+    ``router_logits[b, s].topk(k_values[b, s])`` into a ``Counter``, but computed without a
+    per-token Python loop and without printing. Any leading shape is accepted ([batch, seq]
+    being the usual one); bad input raises a clear ``TypeError`` or ``ValueError`` up front
+    instead of an error from inside ``topk``, and all-zero k gives an empty ``Counter``.
 
     Args:
-        router_logits: float[..., E] (the seed: [batch, seq, E]).
+        router_logits: float[..., E], e.g. [batch, seq, E].
         k_values: int[...], the leading shape of router_logits, each in [0, E].
 
     Returns:
         ``Counter`` of expert id -> number of tokens that selected it; experts never selected
-        are absent (as in the seed), so ``result == seed_result`` compares them directly.
+        are absent, so the result compares with ``==`` to any such ``Counter``.
 
     Raises:
         TypeError: not tensors, logits not floating point, k not integer.

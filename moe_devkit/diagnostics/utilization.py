@@ -10,7 +10,7 @@ Three ways in, one result (``UtilizationStats``):
 
 * ``utilization_from_decision(decision)``: a ``RoutingDecision`` from a reference router;
 * ``utilization_from_indices(expert_indices, num_experts)``: int[N, K] indices, -1 padded;
-* ``utilization_from_logits(router_logits, k_per_token)``: the seed's inputs.
+* ``utilization_from_logits(router_logits, k_per_token)``: raw logits and a per-token k.
 
 ``per_layer_utilization(decisions)`` applies the first to one decision per layer. The raw
 tensor entry points take ``validate=True``, which checks value ranges with one host sync; the
@@ -383,7 +383,7 @@ def utilization_from_logits(
     capacity_factor: float | None = None,
     validate: bool = True,
 ) -> UtilizationStats:
-    """Statistics of top-k selection from router logits with a per-token k (the seed's inputs).
+    """Statistics of top-k selection from router logits with a per-token k.
 
     Args:
         router_logits: float[..., E].

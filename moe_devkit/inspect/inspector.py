@@ -684,7 +684,7 @@ class RouterInspector:
         layer: str = "manual",
         num_experts: int | None = None,
     ) -> dict[str, Any]:
-        """Records one decision given as raw tensors (the seed's manual API).
+        """Records one decision given as raw tensors, for code that routes outside the hooks.
 
         Args:
             inputs: float[..., D], only its shape is used.
@@ -695,7 +695,7 @@ class RouterInspector:
             num_experts: E (default: the layer's, or 1 + the largest index seen).
 
         Returns:
-            The seed's summary of this decision: input shape, complexity and k statistics.
+            A summary of this decision: timestamp, input shape, complexity and k statistics.
             (This call reads values on the host, unlike the hooks.)
         """
         if num_experts is None and layer in self.layers:

@@ -1,4 +1,4 @@
-"""Gradient statistics: equal to the seed's per-parameter computation; flags; errors."""
+"""Gradient statistics: equal to a per-parameter reference computation; flags; errors."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ CONFIG = RouterConfig(
 
 
 def seed_reference(model: nn.Module) -> tuple[dict[str, dict[str, float]], float]:
-    """The design document's debug_gradients loop (moe_devkit.baselines), warnings muted."""
+    """The per-parameter debug_gradients loop of moe_devkit.baselines, warnings muted."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "std")  # one-element gradients: std is nan
         return seed_debug_gradients(model)

@@ -1,4 +1,4 @@
-"""Utilization, load-balance and dynamic-k metrics: hand-computed cases, the seed, bad input."""
+"""Utilization, load-balance and dynamic-k metrics: hand cases, loop reference, bad input."""
 
 from __future__ import annotations
 
