@@ -20,6 +20,7 @@ from rich.table import Table
 
 from moe_devkit.cli import writing
 from moe_devkit.diagnostics.perf_gates import Gates, compare_gates
+from moe_devkit.diagnostics.perf_stats import median_or_nan
 from moe_devkit.diagnostics.perf_store import BaselineStore, environment
 from moe_devkit.diagnostics.perf_worker import RevisionError, WorkerProcess, export_revision
 from moe_devkit.diagnostics.regression import (
@@ -74,8 +75,7 @@ def _run_cases(
 ) -> list[dict[str, Any]]:
     policy, schedule = _schedule(args)
     clock = "wall" if args.device == "cuda" else "cpu"
-    cand = WorkerProcess(SCRIPT, ROOT, _worker_args(args))
-    base = WorkerProcess(SCRIPT, baseline_tree, _worker_args(args)) if baseline_tree else None
+    cand, base = start_workers(args, baseline_tree)
     rows = []
     try:
         with Progress(console=console, transient=True) as progress:
@@ -89,6 +89,17 @@ def _run_cases(
         if base is not None:
             base.close()
     return rows
+
+
+def start_workers(
+    args: argparse.Namespace, baseline_tree: Path | None
+) -> tuple[WorkerProcess, WorkerProcess | None]:
+    """The candidate (working tree) and baseline workers: one command line and one
+    environment for both, all but the tree they import from (``worker_environment``)."""
+    worker_args = _worker_args(args)
+    cand = WorkerProcess(SCRIPT, ROOT, worker_args)
+    base = WorkerProcess(SCRIPT, baseline_tree, worker_args) if baseline_tree else None
+    return cand, base
 
 
 def _run_case(
@@ -116,11 +127,19 @@ def _run_case(
         sample(1)
         row["candidate"] = sample(max(1, _calls_for(sample, schedule.target_sample_s)))._asdict()
         return row
+    base_faults: list[float] = []
+    cand_faults: list[float] = []
     comparison = compare_interleaved(
-        case, base.sampler(case), cand.sampler(case), clock="wall" if clock == "wall" else "cpu",
-        policy=policy, schedule=schedule,
+        case, base.sampler(case, base_faults), cand.sampler(case, cand_faults),
+        clock="wall" if clock == "wall" else "cpu", policy=policy, schedule=schedule,
     )  # fmt: skip
     row["comparison"] = comparison.to_dict()
+    # Page faults per call, median over samples: both near 0 unless the allocator hands
+    # buffers back to the system between calls (perf_worker.ALLOCATOR_ENV).
+    row["page_faults"] = {
+        side: median_or_nan([v for v in faults if math.isfinite(v)])
+        for side, faults in (("baseline", base_faults), ("candidate", cand_faults))
+    }
     assert base_gates_raw is not None  # measured above whenever the baseline set up
     base_gates = Gates.from_dict(base_gates_raw)
     row["gate_results"] = [

@@ -113,7 +113,10 @@ def compare_interleaved(
 ) -> Comparison:
     """Samples baseline and candidate alternately and decides; repeats while inconclusive.
 
-    Samples of all attempts accumulate; time-sliced pairs are set aside by ``decide``.
+    Both sides are warmed up alike before the first measured pair: ``schedule.warmup``
+    single calls each, then the calls calibration gave the baseline, repeated on the
+    candidate. Samples of all attempts accumulate; time-sliced pairs are set aside by
+    ``decide``.
 
     Args:
         name: the case name reported.
@@ -129,8 +132,15 @@ def compare_interleaved(
     for _ in range(schedule.warmup):
         baseline(1)
         candidate(1)
-    number = calibrate(baseline, schedule.target_sample_s)
-    candidate(number)  # as many calls as calibration gave the baseline, unmeasured
+    tried: list[int] = []
+
+    def calibrating(n: int) -> Sample:
+        tried.append(n)
+        return baseline(n)
+
+    number = calibrate(calibrating, schedule.target_sample_s)
+    for n in tried:  # the candidate gets the very calls calibration gave the baseline
+        candidate(n)
     base: list[Sample] = []
     cand: list[Sample] = []
     attempts = 0

@@ -1,11 +1,13 @@
 """Side-by-side revisions: export a git revision to a temporary tree and time it in a worker.
 
-Baseline and candidate each run in their own worker process (same Python, same torch), so
-the two sides see the same process conditions; the parent alternates their samples. The
-worker speaks JSON lines on stdin/stdout:
+Baseline and candidate each run in their own worker process (same Python, same torch, the
+same environment but for the tree first on PYTHONPATH, and the same allocator settings,
+``ALLOCATOR_ENV``), so the two sides see the same process conditions; the parent alternates
+their samples. The worker speaks JSON lines on stdin/stdout:
 
     {"op": "setup", "case": NAME}            -> {"ok": true} | {"skip": REASON}
-    {"op": "sample", "case": NAME, "number": N} -> {"wall": s, "cpu": s, "number": N}
+    {"op": "sample", "case": NAME, "number": N}
+                                -> {"wall": s, "cpu": s, "number": N, "faults": per call}
     {"op": "gates", "case": NAME}            -> Gates.to_dict()
     {"op": "info"}                           -> {"moe_devkit": path, ...}
     {"op": "quit"}
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +27,35 @@ from pathlib import Path
 from typing import IO, Any
 
 from moe_devkit.diagnostics.perf_samples import Sample, Sampler
+
+ALLOCATOR_ENV: Mapping[str, str] = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+}
+"""glibc malloc settings of every worker: blocks up to 32 MiB come from the heap, and the heap
+is not handed back to the system while a worker runs.
+
+With glibc's defaults a CPU tensor buffer of more than 128 KiB may be mapped fresh on each
+allocation (or the top of the heap trimmed on each free), so every call of a case page-faults
+its buffers in again, and the kernel's work counts in the worker's thread CPU time. Whether
+it does depends on the process's own allocation history (glibc moves its threshold as blocks
+are freed), not on the code under test: two workers running identical code differed by up
+to 30% (the two-layer model case: one worker faulted about 1600 pages a call, the other
+none). Fixed thresholds remove the history: once a case has run, neither side faults,
+whatever it ran before. Other C libraries ignore these variables.
+"""
+
+
+def worker_environment(
+    tree: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a worker importing from ``tree``: this process's, the allocator
+    settings, ``env``, and ``tree`` put first on PYTHONPATH (the only difference between a
+    baseline and a candidate worker)."""
+    environ = dict(os.environ) | dict(ALLOCATOR_ENV) | dict(env or {})
+    rest = environ.get("PYTHONPATH", "")
+    environ["PYTHONPATH"] = os.pathsep.join([str(tree), rest]) if rest else str(tree)
+    return environ
 
 
 class RevisionError(RuntimeError):
@@ -76,7 +108,7 @@ class WorkerProcess:
         script: the worker script (run as ``python script --worker ARGS``).
         tree: directory put first on PYTHONPATH, so its ``moe_devkit`` is the one imported.
         args: extra arguments for the worker.
-        env: extra environment variables.
+        env: extra environment variables (``worker_environment``).
     """
 
     def __init__(
@@ -86,11 +118,9 @@ class WorkerProcess:
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> None:
-        environ = dict(os.environ) | dict(env or {})
-        environ["PYTHONPATH"] = os.pathsep.join([str(tree), environ.get("PYTHONPATH", "")])
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), "--worker", *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environ, bufsize=1,
+            [sys.executable, str(script), "--worker", *args], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, env=worker_environment(tree, env), bufsize=1,
         )  # fmt: skip
 
     def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,11 +145,19 @@ class WorkerProcess:
             raise RuntimeError("benchmark worker has no pipes")
         return self.proc.stdin, self.proc.stdout
 
-    def sampler(self, case: str) -> Sampler:
-        """A Sampler that times ``case`` in this worker."""
+    def sampler(self, case: str, faults: list[float] | None = None) -> Sampler:
+        """A Sampler that times ``case`` in this worker.
+
+        Args:
+            case: the case's name.
+            faults: where to append each sample's page faults per call (NaN where the
+                worker does not count them).
+        """
 
         def sample(number: int) -> Sample:
             reply = self.request({"op": "sample", "case": case, "number": number})
+            if faults is not None:
+                faults.append(float(reply.get("faults", math.nan)))
             return Sample(float(reply["wall"]), float(reply["cpu"]), int(reply["number"]))
 
         return sample
