@@ -17,9 +17,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+from moe_devkit._argparse import ArgumentParser
 
 if TYPE_CHECKING:
     import torch
@@ -27,15 +29,6 @@ if TYPE_CHECKING:
 
 class UsageError(Exception):
     """A mistake in the command line or its environment; printed as one line, exit 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the CLI's usage-error form: one line on stderr, exit 2 (``--help`` still
-    prints the full usage). Subparsers are made of the same class."""
-
-    def error(self, message: str) -> NoReturn:
-        """Prints ``PROG: error: MESSAGE`` as one line and exits 2."""
-        self.exit(2, f"{self.prog}: error: {' '.join(message.splitlines())}\n")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,16 @@ def test_gradients_table_and_report(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "Gradient norm by MoE part" in capsys.readouterr().out
 
 
+def test_gradients_findings_end_in_the_verdict(capsys: pytest.CaptureFixture[str]) -> None:
+    # every gradient norm is below 1e9: each parameter is flagged as vanishing (a warning)
+    assert main(["gradients", *TINY, "--vanishing", "1e9"]) == 0
+    out = capsys.readouterr().out
+    verdict = out[out.index("verdict: ") :].splitlines()
+    assert verdict[0].startswith("verdict: ") and verdict[0].endswith(" warnings")
+    assert len(verdict) > 1
+    assert all(line.startswith("  warning: gradient of ") for line in verdict[1:]), verdict
+
+
 def test_memory_clean_and_planted_leak(tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
     # tolerance well above the Python caches' warm-up growth, well below the 256 KiB leak

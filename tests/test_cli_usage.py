@@ -38,6 +38,7 @@ def assert_one_line_usage_error(proc: subprocess.CompletedProcess[str], prog: st
         (["numerics", "--plant-step", "x"], "argument --plant-step: expected a positive integer"),
         (["gradients", "--top", "0"], "argument --top: expected a positive integer; got '0'"),
         (["gradients", "--vanishing", "tiny"], "argument --vanishing: invalid float value"),
+        (["gradients", "--lr", "0", "--out", "new/g.json"], "argument --lr: expected a positive"),
         (["memory", "--steps", "-1"], "argument --steps: expected a positive integer; got '-1'"),
         (["memory", "--unknown"], "unrecognized arguments: --unknown"),
         (["profile", "--tokens", "0"], "argument --tokens: expected a positive integer"),

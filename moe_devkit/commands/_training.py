@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from moe_devkit.cli import UsageError, check_output, positive_int, writing
+from moe_devkit.cli import check_output, positive_float, positive_int, writing
 from moe_devkit.commands._torch import (
     add_device_arguments,
     add_router_arguments,
@@ -33,7 +33,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, steps: int) -> No
     work.add_argument("--steps", type=positive_int, default=steps, help="training steps")
     work.add_argument("--batch", type=positive_int, default=4)
     work.add_argument("--seq", type=positive_int, default=32)
-    work.add_argument("--lr", type=float, default=1e-3)
+    work.add_argument("--lr", type=positive_float, default=1e-3)
     add_device_arguments(work)
     work.add_argument("--out", default=None, help="write the JSON report to this path")
 
@@ -69,8 +69,6 @@ def training_step(
 
     from moe_devkit.workloads import mixed_difficulty_batch
 
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be > 0; got {args.lr}")
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from collections import Counter
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
 from moe_devkit.cli import check_output, positive_int, writing
 from moe_devkit.commands._torch import (
@@ -23,12 +20,12 @@ from moe_devkit.commands._torch import (
     router_config,
     step_progress,
 )
+from moe_devkit.commands._verdict import print_verdict
 
 if TYPE_CHECKING:
     import torch
 
     from moe_devkit.config import RouterConfig
-    from moe_devkit.diagnostics.findings import Finding
     from moe_devkit.inspect import InspectorConfig
     from moe_devkit.inspect.report import InspectorSummary, ReportPaths
 
@@ -138,21 +135,6 @@ def describe_run(args: argparse.Namespace, device: str) -> str:
         f"{args.steps} steps x {args.batch} x {args.seq} = {tokens} tokens; "
         f"device {device}; {args.dtype}"
     )
-
-
-def print_verdict(console: Console, findings: Sequence[Finding]) -> None:
-    """``verdict: no alarms``, or the count of alarms by severity and one line for each."""
-    if not findings:
-        console.print("verdict: no alarms", highlight=False)
-        return
-    counts: Counter[str] = Counter(f.severity for f in findings)
-    plural = {"error": "errors", "warning": "warnings", "info": "info"}
-    parts = [f"{counts[s]} {s if counts[s] == 1 else plural[s]}" for s in plural if counts[s]]
-    console.print(f"verdict: {', '.join(parts)}", highlight=False)
-    for finding in findings:
-        style = {"error": "bold red", "warning": "yellow"}.get(finding.severity, "")
-        line = Text.assemble("  ", (finding.severity, style), f": {finding.message}")
-        console.print(line, soft_wrap=True)
 
 
 def write_report_files(summary: InspectorSummary, out: str) -> ReportPaths:

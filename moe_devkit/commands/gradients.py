@@ -14,6 +14,7 @@ from moe_devkit.commands._training import (
     training_step,
     write_report,
 )
+from moe_devkit.commands._verdict import print_verdict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +50,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
         cells = (f"{v:.3g}" for v in (p.norm, p.mean, p.std, p.max, p.min))
         top.add_row(p.name, p.group, *cells)
     console.print(top)
-    for finding in report.findings:
-        console.print(f"[{finding.severity}] {finding.code}: {finding.message}", highlight=False)
     write_report(args, {"gradients": report.to_dict()}, report.findings)
+    print_verdict(console, report.findings)
     return 1 if any(f.severity == "error" for f in report.findings) else 0

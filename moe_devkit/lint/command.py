@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from moe_devkit._argparse import ArgumentParser
 from moe_devkit.lint.checker import FileResult, Finding, check_file
 from moe_devkit.lint.config import (
     ConfigError,
@@ -37,7 +38,7 @@ class Job:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="check-debug",
         description="Find (and with --fix remove) leftover debug statements in Python files.",
     )

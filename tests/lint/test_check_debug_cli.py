@@ -134,6 +134,21 @@ def test_hook_with_a_missing_path_exits_2(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--max-file-size", "x"], "argument --max-file-size: expected a whole number of bytes"),
+        (["--jobs", "many"], "argument --jobs/-j: invalid int value"),
+    ],
+)
+def test_bad_options_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    result = hook(tmp_path, *args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("check-debug: error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
 def git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
