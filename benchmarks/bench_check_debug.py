@@ -23,7 +23,11 @@ from pathlib import Path
 from _args import positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = "import sys; from moe_devkit.lint import main; sys.exit(main(sys.argv[1:]))"
+# No size limit: the baseline checks every file, so both tools do the same work.
+OURS = (
+    "import sys; from moe_devkit.lint import main; "
+    "sys.exit(main(['--max-file-size', '0', *sys.argv[1:]]))"
+)
 BASELINE = "import sys; from pre_commit_hooks.debug_statement_hook import main; sys.exit(main())"
 
 
