@@ -222,14 +222,14 @@ def alarms(layer: dict[str, Any], config: InspectorConfig) -> list[Finding]:
                 },
             )
         )
-    dead = _dead_experts(layer, config)
+    dead, span = _dead_experts(layer, config)
     if dead:
         out.append(
             Finding(
                 "dead-experts",
                 "warning",
-                f"{name}: {len(dead)} of {layer['num_experts']} experts got no token in the "
-                f"last {config.dead_window_steps} steps: {dead[:16]}",
+                f"{name}: {len(dead)} of {layer['num_experts']} experts got no token in {span}: "
+                f"{dead[:16]}",
                 location=name,
                 details={"experts": dead},
             )
@@ -261,7 +261,9 @@ def alarms(layer: dict[str, Any], config: InspectorConfig) -> list[Finding]:
     return out
 
 
-def _dead_experts(layer: dict[str, Any], config: InspectorConfig) -> list[int]:
+def _dead_experts(layer: dict[str, Any], config: InspectorConfig) -> tuple[list[int], str]:
+    """The experts with no token over the last ``dead_window_steps`` steps (over every step
+    when fewer were recorded), and which steps those were, in words."""
     windows = layer["windows"]
     recent = np.zeros(layer["num_experts"], dtype=np.int64)
     covered = 0
@@ -270,11 +272,13 @@ def _dead_experts(layer: dict[str, Any], config: InspectorConfig) -> list[int]:
             break
         recent += np.asarray(window["counts"], dtype=np.int64)
         covered += window["end_step"] - window["start_step"]
+    span = f"the last {covered} steps"
     if covered < config.dead_window_steps:  # too few windows: use all steps
         recent = np.asarray(layer["utilization"]["counts"], dtype=np.int64)
+        span = f"all {layer['steps']} step(s)"
     if not layer["selections"]:
-        return []
-    return [int(e) for e in np.flatnonzero(recent == 0)]
+        return [], span
+    return [int(e) for e in np.flatnonzero(recent == 0)], span
 
 
 def _drift(layer: dict[str, Any], config: InspectorConfig) -> list[Finding]:

@@ -160,7 +160,20 @@ def test_collapse_dead_experts_and_nonfinite_alarms() -> None:
     assert codes["routing-collapse"].severity == "error"
     assert "expert 0" in codes["routing-collapse"].message
     assert codes["dead-experts"].details["experts"] == [1, 2, 3]
+    assert "3 of 4 experts got no token in the last 2 steps" in codes["dead-experts"].message
     assert codes["nonfinite-tokens"].details["tokens"] == 4
+
+
+def test_dead_experts_of_a_short_run_name_the_steps_seen() -> None:
+    config = RouterConfig(hidden_size=4, num_experts=4, min_k=1, max_k=1)
+    router = StaticTopKRouter(config, k=1)
+    with torch.no_grad():
+        router.router_network.weight.copy_(torch.tensor([[5.0] * 4] + [[0.0] * 4] * 3))
+    inspector = RouterInspector()  # dead_window_steps=50, more than the run
+    with inspector.attach(router):
+        router(torch.rand(8, 4) + 0.1)
+    (dead,) = [f for f in inspector.summary().findings if f.code == "dead-experts"]
+    assert "3 of 4 experts got no token in all 1 step(s)" in dead.message
 
 
 def test_k_drift_alarm() -> None:
