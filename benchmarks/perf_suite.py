@@ -1,15 +1,17 @@
 """The performance-regression suite run by ``nox -s perf``.
 
 Each case is timed in two worker processes, the working tree (candidate) and a git revision
-exported side by side (baseline, ``--against``, default HEAD), sampled alternately; the
-decision is ``moe_devkit.diagnostics.regression.compare_interleaved`` (paired, significance
-AND minimum effect, time-sliced samples set aside). The deterministic gates (operators,
-FLOPs, CUDA host syncs, memory growth) are compared between the two sides as well. Stored
-baselines (benchmarks/baselines/<device>.json, keyed by device and versions) are shown as a
-trend and rewritten only with ``--update-baseline``.
+exported side by side (baseline, ``--against``, default HEAD), started alike (one command
+line, one environment but for the tree, ``perf_worker.ALLOCATOR_ENV``) and sampled
+alternately; the decision is ``moe_devkit.diagnostics.regression.compare_interleaved``
+(paired, significance AND minimum effect, time-sliced samples set aside). The deterministic
+gates (operators, FLOPs, CUDA host syncs, memory growth) are compared between the two sides
+as well. Stored baselines (benchmarks/baselines/<device>.json, keyed by device and versions)
+are checked whole before any timing, shown as a trend and rewritten only with
+``--update-baseline``.
 
-Exit codes: 0 no regression, 1 a confirmed regression, 2 usage error, 77 skipped (CUDA asked
-for where none exists).
+Exit codes: 0 no regression, 1 a confirmed regression, 2 usage error (a stored baseline
+that is not a valid baseline file included), 77 skipped (CUDA asked for where none exists).
 
 Usage:
     python benchmarks/perf_suite.py --device cpu [--against main] [--quick]
