@@ -1,4 +1,4 @@
-"""GPU: static top-8 vs dynamic-k MoELayer at an OLMoE-like size (issue 6, item 5).
+"""GPU: static top-8 vs dynamic-k MoELayer at an OLMoE-like size.
 
 8192 tokens, hidden 2048, expert FFN 1024, 64 experts, max_k 8, bfloat16. The dynamic layer
 runs in top_p mode with a p calibrated on this input so that mean k is about max_k / 2 (or

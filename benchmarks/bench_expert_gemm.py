@@ -10,7 +10,7 @@ and replayed alternately with the other:
 with the Triton SwiGLU kernel between the projections in both (``forward_active``).
 
 Reports both, their ratio, and the dynamic/static ratio of each next to the ratio of active
-token-expert pairs (the issue 6 goal is about that last pair). Needs a Hopper GPU.
+token-expert pairs (the goal: time ratio close to the pair ratio). Needs a Hopper GPU.
 
     python benchmarks/bench_expert_gemm.py [--reps 50] [--json out.json]
 """

@@ -4,8 +4,8 @@ The PyTorch dispatch of ``MoELayer`` works on all N x max_k slots: the gather of
 inputs, the SwiGLU activation and the combine each touch every slot, active or not, because
 the number of active pairs lives on the device and reading it would synchronise. These
 Triton kernels read that number (the end of the last expert group) on the device and skip
-the rest, so a dynamic router that activates half the pairs pays about half: the ratio that
-issue 6 of the project measures.
+the rest, so a dynamic router that activates half the pairs pays about half the time
+(``benchmarks/bench_moe_layer.py`` measures that ratio).
 
 They have no backward: ``MoELayer`` uses them where autograd is off (``torch.no_grad`` or
 ``torch.inference_mode``) on CUDA with Triton installed. Triton is imported at first use;
