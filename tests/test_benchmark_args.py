@@ -140,6 +140,14 @@ CASES = [
     unwritable("bench_utilization"),
     usage("bench_jax_router", ("--rounds", "1"), "--rounds must be >= 2", "got 1", jax=True),
     unwritable("bench_jax_router", jax=True),
+    positive("bench_perf_gate", "--runs", "0"),
+    usage(
+        "bench_perf_gate",
+        ("--busy-cpu", "4096"),
+        "--busy-cpu: expected one of this process's cpus",
+        "got 4096",
+    ),
+    unwritable("bench_perf_gate"),
     usage(
         "run_distributed",
         ("--timeout", "0"),
