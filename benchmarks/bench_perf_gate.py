@@ -80,6 +80,8 @@ class CaseResult:
     gate_regressions: tuple[str, ...]
     faults_baseline: float
     faults_candidate: float
+    sliced: int = 0  # pairs set aside as time-sliced (wall/CPU over the policy's bound)
+    baseline_cpu_ms: float = math.nan  # median thread CPU time per call, clean pairs
 
 
 @dataclass
@@ -101,7 +103,8 @@ def case_results(report: dict[str, Any]) -> list[CaseResult]:
     """The cases of a perf-suite JSON report (``build/perf/cpu.json``'s layout)."""
     out = []
     for row in report["sections"]["perf"]["cases"]:
-        decision = row.get("comparison", {}).get("decision", {})
+        comparison = row.get("comparison", {})
+        decision = comparison.get("decision", {})
         faults = row.get("page_faults", {})
         gates = tuple(g["gate"] for g in row.get("gate_results", []) if g["regression"])
         out.append(
@@ -115,6 +118,8 @@ def case_results(report: dict[str, Any]) -> list[CaseResult]:
                 gate_regressions=gates,
                 faults_baseline=float(faults.get("baseline", math.nan)),
                 faults_candidate=float(faults.get("candidate", math.nan)),
+                sliced=int(decision.get("sliced", 0)),
+                baseline_cpu_ms=float(comparison.get("baseline_cpu", math.nan)) * 1e3,
             )
         )
     return out
@@ -127,10 +132,15 @@ def differing(cases: list[CaseResult]) -> list[str]:
 
 def classify(condition: str, cases: list[CaseResult]) -> str:
     """The outcome of one run: identical code passes, alarms falsely or stays inconclusive;
-    planted code is caught (a regression in a case that runs it) or missed."""
+    planted code is caught (a regression in a case that runs it), missed (one of those cases
+    passes, none regresses) or inconclusive (all of them are)."""
     if condition == "planted":
-        caught = any(c.verdict == "regression" for c in cases if c.case in PLANTED_CASES)
-        return "caught" if caught else "missed"
+        planted = [c for c in cases if c.case in PLANTED_CASES]
+        if any(c.verdict == "regression" for c in planted):
+            return "caught"
+        if planted and all(c.verdict == "inconclusive" for c in planted):
+            return "inconclusive"
+        return "missed"
     if differing(cases):
         return "false alarm"
     if any(c.verdict == "inconclusive" for c in cases):
@@ -269,8 +279,8 @@ def goal_met(condition: str, runs: list[RunResult]) -> bool:
 
 def print_condition(console: Console, condition: str, runs: list[RunResult]) -> None:
     s = summary(condition, runs)
-    outcomes = ("caught", "missed") if condition == "planted" else ("pass", "false alarm")
-    outcomes += ("inconclusive", "error") if condition != "planted" else ("error",)
+    first = ("caught", "missed") if condition == "planted" else ("pass", "false alarm")
+    outcomes = (*first, "inconclusive", "error")
     head = ", ".join(f"{s['outcomes'].get(o, 0)} {o}" for o in outcomes)
     load = s["load_average_1min"]
     wall = s["wall_s"]
@@ -281,7 +291,7 @@ def print_condition(console: Console, condition: str, runs: list[RunResult]) -> 
         highlight=False,
     )
     table = Table(show_header=True)
-    for col in ("case", "ratio range", "not pass", "faults/call (base, cand)"):
+    for col in ("case", "ratio range", "not pass", "sliced", "cpu ms", "faults/call"):
         table.add_column(col, justify="left" if col in ("case", "not pass") else "right")
     names = list(dict.fromkeys(c.case for r in runs for c in r.cases))
     for name in names:
@@ -289,9 +299,11 @@ def print_condition(console: Console, condition: str, runs: list[RunResult]) -> 
         verdicts = [c.verdict for c in rows if c.verdict != "pass"]
         verdicts += [f"gate {g}" for c in rows for g in c.gate_regressions]
         tally = ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)) or "-"
-        faults = f"{_range([c.faults_baseline for c in rows], '.0f')}, "
+        faults = f"{_range([c.faults_baseline for c in rows], '.0f')} / "
         faults += _range([c.faults_candidate for c in rows], ".0f")
-        table.add_row(name, _range([c.ratio for c in rows]), tally, faults)
+        sliced = f"{sum(c.sliced for c in rows)} / {sum(c.sliced + c.pairs for c in rows)}"
+        cpu = _range([c.baseline_cpu_ms for c in rows], ".2f")
+        table.add_row(name, _range([c.ratio for c in rows]), tally, sliced, cpu, faults)
     console.print(table)
     for r in runs:
         if r.outcome in ("false alarm", "error", "missed"):

@@ -42,6 +42,7 @@ def test_identical_runs(cases: list[gate.CaseResult], outcome: str) -> None:
         ([case("inspector", "regression")], "caught"),
         ([case("router.static", "regression"), case("layer.static")], "missed"),
         ([case("layer.static", "inconclusive"), case("model")], "missed"),
+        ([case("layer.static", "inconclusive"), case("router.static")], "inconclusive"),
         ([case("layer.static", gates=("ops",))], "missed"),
     ],
 )
@@ -52,7 +53,10 @@ def test_planted_runs_are_caught_only_where_the_planted_code_runs(
 
 
 def test_case_results_read_a_suite_report() -> None:
-    decision = {"verdict": "pass", "ratio": 1.01, "ci_low": 0.99, "ci_high": 1.03, "pairs": 40}
+    decision = {
+        "verdict": "pass", "ratio": 1.01, "ci_low": 0.99, "ci_high": 1.03, "pairs": 40,
+        "sliced": 3,
+    }  # fmt: skip
     report = {
         "sections": {
             "perf": {
@@ -60,7 +64,7 @@ def test_case_results_read_a_suite_report() -> None:
                     {
                         "case": "model",
                         "status": "measured",
-                        "comparison": {"decision": decision},
+                        "comparison": {"decision": decision, "baseline_cpu": 0.004},
                         "page_faults": {"baseline": 0.0, "candidate": 2.0},
                         "gate_results": [
                             {"gate": "ops", "regression": False},
@@ -73,7 +77,8 @@ def test_case_results_read_a_suite_report() -> None:
         }
     }
     model, gradients = gate.case_results(report)
-    assert model == gate.CaseResult("model", "pass", 1.01, 0.99, 1.03, 40, ("flops",), 0.0, 2.0)
+    expected = gate.CaseResult("model", "pass", 1.01, 0.99, 1.03, 40, ("flops",), 0.0, 2.0, 3, 4.0)
+    assert model == expected
     assert gradients.verdict == "skipped"
     assert math.isnan(gradients.ratio)
     assert gate.differing([model, gradients]) == ["model"]
