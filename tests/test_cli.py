@@ -44,6 +44,7 @@ def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) 
     assert "diagnose" in capsys.readouterr().out
 
 
+@pytest.mark.vscode_smoke
 def test_module_entry_point_runs() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "moe_devkit", "--version"], capture_output=True, text=True

@@ -123,6 +123,7 @@ def test_missing_path_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFix
     )
 
 
+@pytest.mark.vscode_smoke
 def test_hook_with_a_missing_path_exits_2(tmp_path: Path) -> None:
     """The README's example, run in a project that has no src/ directory."""
     write(tmp_path, "a.py", "x = 1\n")
@@ -272,6 +273,7 @@ def test_list_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     )
 
 
+@pytest.mark.vscode_smoke
 def test_parallel_run_matches_serial(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for index in range(40):
         write(
@@ -292,6 +294,7 @@ def test_parallel_run_matches_serial(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert serial[1].count("\n") == 40
 
 
+@pytest.mark.vscode_smoke
 def test_script_entry_point_does_not_import_torch(tmp_path: Path) -> None:
     write(tmp_path, "a.py", "breakpoint()\n")
     probe = (

@@ -1,12 +1,17 @@
 """The VS Code configurations in .vscode/, checked statically and run for real.
 
-Each launch configuration is sent to the debugpy adapter as VS Code sends it (variables
-substituted, inputs at their defaults), must stop at a breakpoint in the code it runs, let a
-variable be read, and exit 0 after continuing (dap_harness.py). The pytest configurations run
-in a small workspace holding this project's pyproject.toml and one test, so their defaults
-(the current file, the whole suite) stay what a user gets while the run stays fast. The
-harness itself is tested against broken configurations: a missing module, a typo in a key,
-a hang.
+Each launch configuration is sent to the debugpy adapter as VS Code sends it (launch_json.py
+and dap_harness.py: variables substituted, inputs at their defaults, the adapter's default
+exception filters ticked, subprocesses attached when the configuration asks for it). Each must
+stop at a breakpoint in the code it runs, let a variable be read, and exit 0 after continuing,
+with no other stop in any process. The pytest configurations run twice: in a small workspace holding
+this project's pyproject.toml and one test (the breakpoint), and on this project's own tests
+that start subprocesses, which exit with SystemExit(2) on purpose or have their stderr
+compared, where no stop is allowed but one breakpoint the test sets: the current-file
+configuration on part of tests/test_benchmark_args.py, the full suite on the tests marked
+``vscode_smoke``, the Test Explorer configuration as the Testing view launches it (with a
+breakpoint in the test) and as picked from the dropdown. The harness itself is tested against
+broken configurations: a missing module, a typo in a key, a hang, a subprocess that stops.
 """
 
 from __future__ import annotations
@@ -20,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dap_harness import (
+from dap_harness import DapFailure, Run, run_config
+from launch_json import (
     ALLOWED_VARIABLES,
     KNOWN_LAUNCH_KEYS,
     VARIABLE,
-    DapFailure,
     input_defaults,
     load_jsonc,
-    run_config,
     substitute,
 )
 
@@ -35,6 +39,9 @@ ROOT = Path(__file__).resolve().parents[2]
 VSCODE = ROOT / ".vscode"
 TARGET = Path(__file__).parent / "targets" / "debug_target.py"
 TIMEOUT = 45.0  # seconds per debug session; each test stays well under a minute
+REAL_TIMEOUT = 100.0  # a session on this project's tests: torch imports under the debugger
+BENCHMARK_TESTS = ROOT / "tests" / "test_benchmark_args.py"
+BENCHMARK_SUBSET = "bench_check_debug or bench_detector-pairs"  # 3 scripts exit 2 (usage)
 
 LAUNCH = load_jsonc(VSCODE / "launch.json")
 CONFIGS: dict[str, dict[str, Any]] = {c["name"]: c for c in LAUNCH["configurations"]}
@@ -62,10 +69,35 @@ def _line_of(path: Path, text: str) -> int:
     raise AssertionError(f"{path} no longer holds {text!r}: update the breakpoint in this test")
 
 
-def _resolve(config: dict[str, Any], workspace: Path, file: Path | None = None) -> dict[str, Any]:
+def _resolve(
+    config: dict[str, Any], workspace: Path, file: Path | None = None, **inputs: str
+) -> dict[str, Any]:
+    """``config`` as VS Code resolves it: the inputs at their defaults unless given here."""
     variables = {"workspaceFolder": str(workspace), "file": str(file or TARGET)}
-    resolved: dict[str, Any] = substitute(config, variables, input_defaults(LAUNCH))
+    resolved: dict[str, Any] = substitute(config, variables, {**input_defaults(LAUNCH), **inputs})
     return resolved
+
+
+def _as_testing_view(workspace: Path, tests: list[str], scratch: Path) -> dict[str, Any]:
+    """The Test Explorer configuration as the Testing view's "Debug Test" launches it.
+
+    The Python extension fills in its defaults (subProcess true, redirectOutput, the cwd)
+    where the configuration leaves them out, then sets program to its pytest runner and
+    args to --rootdir and the chosen tests; a small runner stands in for the extension's.
+    """
+    runner = scratch / "run_pytest.py"
+    runner.write_text("import sys\nimport pytest\n\nraise SystemExit(pytest.main(sys.argv[1:]))\n")
+    defaults = {"subProcess": True, "redirectOutput": True, "showReturnValue": True,
+                "stopOnEntry": False, "cwd": str(workspace)}  # fmt: skip
+    config = {**defaults, **_resolve(EXPLORER, workspace)}
+    config.update(program=str(runner), args=["--rootdir", str(workspace), *tests], purpose=[])
+    return config
+
+
+def _passed(run: Run, count: int) -> None:
+    """pytest ran and passed ``count`` tests, and no debugger's warning reached the output."""
+    assert re.search(rf"\b{count} passed\b", run.output), run.output[-2000:]
+    assert "frozen modules" not in run.output, run.output[-2000:]
 
 
 @pytest.fixture
@@ -125,7 +157,9 @@ def test_referenced_modules_and_files_exist() -> None:
 
 
 def test_required_configurations() -> None:
-    assert "module" not in EXPLORER and "program" not in EXPLORER, "the Test Explorer sets these"
+    # The Testing view replaces program; from the dropdown, the adapter needs one of these.
+    assert EXPLORER.get("program") == "${file}", "the dropdown runs the open file"
+    assert "module" not in EXPLORER and "code" not in EXPLORER, "the Testing view sets program"
     assert {"CUDA_LAUNCH_BLOCKING", "TORCH_SHOW_CPP_STACKTRACES", "TORCHDYNAMO_DISABLE"} <= set(
         TORCH["env"]
     )
@@ -138,6 +172,11 @@ def test_required_configurations() -> None:
         choice = config["args"][config["args"].index(option) + 1]
         assert choice.startswith("${input:"), f"{config['name']}: {option} is not a choice"
     assert defaults["torchDevice"] == "cpu" and defaults["jaxPlatform"] == "cpu"
+
+
+def test_test_configurations_leave_the_tests_subprocesses_undebugged() -> None:
+    for config in (SINGLE, SUITE, EXPLORER):
+        assert config.get("subProcess") is False, f"{config['name']}: subProcess must be false"
 
 
 def test_tasks_run_the_nox_sessions_and_none_on_folder_open() -> None:
@@ -170,53 +209,87 @@ def test_extensions() -> None:
 def test_single_test_configuration(mini_workspace: Path) -> None:
     target = mini_workspace / "tests" / "test_target.py"
     config = _resolve(SINGLE, mini_workspace, target)
-    stop = run_config(config, breakpoint_at=(target, _line_of(target, "assert answer")),
-                      variable="answer", timeout=TIMEOUT)  # fmt: skip
-    assert stop.value == "42"
+    run = run_config(config, breakpoint_at=(target, _line_of(target, "assert answer")),
+                     variable="answer", timeout=TIMEOUT)  # fmt: skip
+    assert run.value == "42"
+    assert "uncaught" in run.filters, run.filters  # VS Code's default exception breakpoints
+
+
+def test_single_test_configuration_on_tests_that_start_failing_subprocesses() -> None:
+    """Each selected case runs a benchmark script that exits with SystemExit(2): no stop."""
+    config = _resolve(SINGLE, ROOT, BENCHMARK_TESTS, pytestK=BENCHMARK_SUBSET)
+    run = run_config(config, timeout=REAL_TIMEOUT)
+    _passed(run, 3)
 
 
 def test_full_suite_configuration(mini_workspace: Path) -> None:
     target = mini_workspace / "tests" / "test_target.py"
     config = _resolve(SUITE, mini_workspace)
-    stop = run_config(config, breakpoint_at=(target, _line_of(target, "assert answer")),
-                      variable="answer", timeout=TIMEOUT)  # fmt: skip
-    assert stop.value == "42"
+    run = run_config(config, breakpoint_at=(target, _line_of(target, "assert answer")),
+                     variable="answer", timeout=TIMEOUT)  # fmt: skip
+    assert run.value == "42"
+
+
+def test_full_suite_configuration_on_the_smoke_tests() -> None:
+    """The whole suite's configuration, narrowed to the tests marked vscode_smoke."""
+    config = _resolve(SUITE, ROOT)
+    config["args"] = [*config["args"], "-m", "vscode_smoke", "-rA"]
+    run = run_config(config, timeout=REAL_TIMEOUT)
+    _passed(run, 4)
+    assert "PASSED tests/lint/test_check_debug_cli.py::test_parallel_run_matches_serial" in (
+        run.output
+    ), run.output[-2000:]
 
 
 def test_test_explorer_configuration(mini_workspace: Path) -> None:
     target = mini_workspace / "tests" / "test_target.py"
-    runner = mini_workspace / "run_pytest.py"  # stands in for the extension's pytest runner
-    runner.write_text("import sys\nimport pytest\n\nraise SystemExit(pytest.main(sys.argv[1:]))\n")
-    config = _resolve(EXPLORER, mini_workspace)
-    config.update(program=str(runner), args=[f"{target}::test_debug_target"],
-                  cwd=str(mini_workspace))  # fmt: skip
-    stop = run_config(config, breakpoint_at=(target, _line_of(target, "assert answer")),
-                      variable="answer", timeout=TIMEOUT)  # fmt: skip
-    assert stop.value == "42"
+    config = _as_testing_view(mini_workspace, [f"{target}::test_debug_target"], mini_workspace)
+    run = run_config(config, breakpoint_at=(target, _line_of(target, "assert answer")),
+                     variable="answer", timeout=TIMEOUT)  # fmt: skip
+    assert run.value == "42"
+
+
+def test_test_explorer_configuration_stops_only_at_the_breakpoint(tmp_path: Path) -> None:
+    """The Testing view's Debug Test on a case whose script exits 2: the breakpoint, no more."""
+    case = "test_bad_argument_fails_fast_with_one_line[bench_detector-pairs]"
+    config = _as_testing_view(ROOT, [f"{BENCHMARK_TESTS.relative_to(ROOT)}::{case}"], tmp_path)
+    line = _line_of(BENCHMARK_TESTS, "assert outcome.code == case.code")
+    run = run_config(config, breakpoint_at=(BENCHMARK_TESTS, line), variable="outcome",
+                     timeout=REAL_TIMEOUT)  # fmt: skip
+    assert "code=2" in (run.value or ""), run.value
+    _passed(run, 1)
+
+
+def test_test_explorer_configuration_from_the_dropdown() -> None:
+    """Picked in Run and Debug with a test file open: the file runs as a script, exit 0."""
+    test_file = ROOT / "tests" / "lint" / "test_check_debug_cli.py"
+    run = run_config(_resolve(EXPLORER, ROOT, test_file), timeout=TIMEOUT)
+    assert run.exit_code == 0 and run.sessions == ["launch"]
 
 
 def test_pytorch_model_configuration() -> None:
     source = ROOT / "moe_devkit" / "debug" / "torch_step.py"
-    stop = run_config(_resolve(TORCH, ROOT), breakpoint_at=(source, _line_of(source,
-                      "loss.backward()")), variable="loss", timeout=TIMEOUT)  # fmt: skip
-    assert stop.value.startswith("tensor(")
+    run = run_config(_resolve(TORCH, ROOT), breakpoint_at=(source, _line_of(source,
+                     "loss.backward()")), variable="loss", timeout=TIMEOUT)  # fmt: skip
+    assert (run.value or "").startswith("tensor(")
 
 
 def test_jax_model_configuration() -> None:
     pytest.importorskip("jax")
     source = ROOT / "moe_devkit" / "debug" / "jax_step.py"
     line = _line_of(source, "leaves = jax.tree_util.tree_leaves(grads)")
-    stop = run_config(_resolve(JAX, ROOT), breakpoint_at=(source, line), variable="loss",
-                      timeout=TIMEOUT)  # fmt: skip
-    assert "Array" in stop.value or re.match(r"^-?[0-9.]+", stop.value), stop.value
+    run = run_config(_resolve(JAX, ROOT), breakpoint_at=(source, line), variable="loss",
+                     timeout=TIMEOUT)  # fmt: skip
+    value = run.value or ""
+    assert "Array" in value or re.match(r"^-?[0-9.]+", value), value
 
 
 def test_benchmark_configuration() -> None:
     source = ROOT / "benchmarks" / "perf_suite.py"
     line = _line_of(source, "run_suite(args, console)")
-    stop = run_config(_resolve(BENCH, ROOT), breakpoint_at=(source, line), variable="args",
-                      timeout=TIMEOUT)  # fmt: skip
-    assert "quick=True" in stop.value
+    run = run_config(_resolve(BENCH, ROOT), breakpoint_at=(source, line), variable="args",
+                     timeout=TIMEOUT)  # fmt: skip
+    assert "quick=True" in (run.value or "")
 
 
 # ----------------------------------------------------------------------------- the harness
@@ -247,6 +320,22 @@ def test_harness_times_out_on_a_hang(tmp_path: Path) -> None:
     with pytest.raises(DapFailure, match=r"timed out waiting for a stop at .*hang\.py:4"):
         run_config(config, breakpoint_at=(script, 4), variable="value", timeout=6)
     assert time.monotonic() - start < 20
+
+
+def test_harness_attaches_subprocesses_and_reports_their_stops(tmp_path: Path) -> None:
+    child = tmp_path / "child.py"
+    child.write_text("import sys\n\nsys.exit(2)\n")
+    parent = tmp_path / "parent.py"
+    parent.write_text(
+        f"import subprocess, sys\n\nsubprocess.run([sys.executable, {str(child)!r}])\n"
+    )
+    config = {"name": "parent", "type": "debugpy", "request": "launch", "program": str(parent),
+              "console": "integratedTerminal", "subProcess": True}  # fmt: skip
+    stops = r"(?s)stopped 1 time\(s\).*Subprocess \d+: exception SystemExit\(2\) at .*child\.py:3"
+    with pytest.raises(DapFailure, match=stops):
+        run_config(config, timeout=30)
+    run = run_config({**config, "subProcess": False}, timeout=30)
+    assert run.exit_code == 0 and run.sessions == ["launch"]
 
 
 def test_harness_rejects_unknown_variables() -> None:
