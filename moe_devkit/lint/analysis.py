@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 from moe_devkit.lint import rules as r
 from moe_devkit.lint.scopes import Scope, dynamic_import_target, qualified_names
-from moe_devkit.lint.walker import CallSite, Walker
+from moe_devkit.lint.walker import CallSite, DecoratorSite, Walker
 
 FALSY_STRINGS = frozenset({"", "0", "false", "no", "off", "default"})
 STANDARD_STREAMS = frozenset({"sys.stdout", "sys.stderr", "sys.__stdout__", "sys.__stderr__"})
@@ -15,15 +15,17 @@ STANDARD_STREAMS = frozenset({"sys.stdout", "sys.stderr", "sys.__stdout__", "sys
 
 @dataclass(frozen=True)
 class Removal:
-    """A statement (or some names of an import) that `--fix` may delete.
+    """A statement, some names of an import, or a decorator that `--fix` may delete.
 
-    `line` and `col` locate the statement (1-based line, 0-based character column); `names`
-    lists the import aliases to drop (`"a.b"` or `"a.b as c"`), or is empty for the whole statement.
+    `line` and `col` locate the statement, or with `decorator` the decorator's expression
+    (1-based line, 0-based column as `ast` counts it); `names` lists the import aliases to drop
+    (`"a.b"` or `"a.b as c"`), or is empty for the whole statement.
     """
 
     line: int
     col: int
     names: tuple[str, ...] = ()
+    decorator: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,19 @@ class DebuggerImport:
 
     names: tuple[ImportedName, ...]
     only_debuggers: bool
+
+
+@dataclass(frozen=True)
+class DebuggerAlias:
+    """`name = <debugger entry point>` (`t = ipdb.set_trace`): not a finding, but `--fix`
+    removes it with the last statement that reads `name`, so the debugger import can go too.
+
+    `readers` holds the (line, col) of every statement that loads `name`.
+    """
+
+    line: int
+    col: int
+    readers: frozenset[tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,11 @@ def is_debugger_name(name: str) -> bool:
     return any(".".join(parts[:end]) in r.DEBUGGER_MODULES for end in range(1, len(parts) + 1))
 
 
+def enters_debugger(name: str) -> bool:
+    """Return whether a qualified name is a debugger's (DBG001-DBG003), the builtin's included."""
+    return name in r.BREAKPOINT_CALLABLES or is_debugger_name(name)
+
+
 class Analysis:
     """Apply every rule to one module."""
 
@@ -113,10 +133,22 @@ class Analysis:
         """Return the candidates of every rule."""
         for site in self.facts.calls:
             self._call(site)
+        for decorator in self.facts.decorators:
+            self._decorator(decorator)
         for node, scope in self.facts.env_assigns:
             self._env_assign(node, scope)
         self._imports()
         return self.candidates
+
+    def debugger_aliases(self) -> list[DebuggerAlias]:
+        """Return the assignments that bind a debugger entry point to another name."""
+        aliases = []
+        for node, target, scope in self.facts.aliases:
+            names = qualified_names(node.value, scope)
+            if names and all(enters_debugger(name) for name in names):
+                readers = self._readers(target.id)
+                aliases.append(DebuggerAlias(node.lineno, node.col_offset, readers))
+        return aliases
 
     def _add(
         self, node: ast.expr | ast.stmt, stmt: ast.stmt, code: str, message: str, fix: bool
@@ -132,11 +164,29 @@ class Analysis:
             return
         for name in sorted(qualified_names(call.func, site.scope)):
             found = self._classify(name, site)
-            if found is not None:
-                code, message = found
+            if found is None:
+                continue
+            if delegates_to_base(site):
+                return
+            code, message = found
+            if any(call is d for d in getattr(site.stmt, "decorator_list", ())):
+                self._add_decorator(call, code, message)
+            else:
                 statement = isinstance(site.stmt, ast.Expr) and site.stmt.value is call
                 self._add(call, site.stmt, code, message, statement)
-                self._consume_receiver(call.func)
+            self._consume_receiver(call.func)
+            return
+
+    def _add_decorator(self, decorator: ast.expr, code: str, message: str) -> None:
+        line, col = decorator.lineno, decorator.col_offset
+        removal = Removal(line, col, decorator=True)
+        self.candidates.append(Candidate(line, col, code, message, removal))
+
+    def _decorator(self, site: DecoratorSite) -> None:
+        """`@q` or `@q.t`: the decorator is called with the function, so it is a debugger call."""
+        for name in sorted(qualified_names(site.expr, site.scope)):
+            if is_debugger_name(name):
+                self._add_decorator(site.expr, "DBG002", f"debugger decorator `@{name}`")
                 return
 
     def _consume_receiver(self, func: ast.expr) -> None:
@@ -262,10 +312,30 @@ class Analysis:
         if isinstance(node, ast.Import):
             return is_debugger_name(alias.name)
         module = node.module or ""
-        return is_debugger_name(module) or is_debugger_name(f"{module}.{alias.name}")
+        # `from builtins import breakpoint` and `from sys import breakpointhook` too, though
+        # `import builtins` and `import sys` are not debugger imports.
+        return is_debugger_name(module) or enters_debugger(f"{module}.{alias.name}")
 
     def _readers(self, name: str) -> frozenset[tuple[int, int]]:
-        return frozenset((stmt.lineno, stmt.col_offset) for stmt in self.facts.loads.get(name, []))
+        return frozenset((node.lineno, node.col_offset) for node in self.facts.loads.get(name, ()))
+
+
+def delegates_to_base(site: CallSite) -> bool:
+    """Return whether a call is a method handing on to its class's base (`Base.m(self, ...)`).
+
+    In `class P(pdb.Pdb)`, `pdb.Pdb.interaction(self, *args)` inside a method is how the
+    subclass extends the debugger, not a leftover call (as `super().interaction()` is not).
+    """
+    func, scope, args = site.call.func, site.scope, site.call.args
+    owner = scope.parent
+    if owner is None or owner.kind != "class" or owner.parent is None:
+        return False
+    if not (isinstance(func, ast.Attribute) and args and isinstance(args[0], ast.Name)):
+        return False
+    if scope.self_name is None or args[0].id != scope.self_name:
+        return False
+    bases = set().union(*(qualified_names(base, owner.parent) for base in owner.bases))
+    return bool(bases & qualified_names(func.value, scope))
 
 
 def debug_env_vars(pairs: list[tuple[ast.expr | None, ast.expr | None]]) -> list[str]:
@@ -297,6 +367,24 @@ def alias_target(node: ast.Import | ast.ImportFrom, alias: ast.alias) -> str:
 def analyse(module: ast.Module, policy: Policy) -> list[Candidate]:
     """Return every candidate finding in a parsed module."""
     return Analysis(module, policy).run()
+
+
+def removed_aliases(aliases: list[DebuggerAlias], removed: set[tuple[int, int]]) -> list[Removal]:
+    """Return the debugger aliases that `--fix` removes once the `removed` statements are gone.
+
+    An alias goes when it was read and every statement that read it goes; an alias of an alias
+    follows in turn.
+    """
+    gone = set(removed)
+    result: list[Removal] = []
+    pending = [alias for alias in aliases if alias.readers]
+    while True:
+        ready = [a for a in pending if a.readers <= gone and (a.line, a.col) not in gone]
+        if not ready:
+            return result
+        for alias in ready:
+            gone.add((alias.line, alias.col))
+            result.append(Removal(alias.line, alias.col))
 
 
 def plan_import_removals(

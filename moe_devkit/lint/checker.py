@@ -8,7 +8,15 @@ import re
 import tokenize
 from dataclasses import dataclass, replace
 
-from moe_devkit.lint.analysis import Candidate, Policy, analyse, plan_import_removals
+from moe_devkit.lint.analysis import (
+    Analysis,
+    Candidate,
+    DebuggerAlias,
+    Policy,
+    Removal,
+    plan_import_removals,
+    removed_aliases,
+)
 from moe_devkit.lint.config import Settings
 from moe_devkit.lint.rules import NOQA_ALIASES, RULES_BY_CODE, TRIGGER_WORDS
 from moe_devkit.lint.source import Decoded, SourceError, decode, encode, parse
@@ -47,14 +55,20 @@ class FileResult:
     skipped: str | None = None
 
 
-PRINT_CALL = re.compile(r"\bprint\s*\(")
+# `print(`, `print (`, and print under another name (`p = print`, `import print as p`). Each
+# pattern starts with a literal, so `re` jumps from one occurrence of it to the next.
+PRINT_USE = re.compile(
+    r"print(?:(?<!\wprint)\s*\(|\b(?:\s+as\b|(?<==print)|(?<== print)|(?<=builtins\.print)))"
+)
+# `import os, q` (TRIGGER_WORDS has `import q`).
+Q_IMPORT = re.compile(r"import(?<!\wimport)[ \t]+(?:[\w.]+(?:[ \t]+as[ \t]+\w+)?[ \t]*,[ \t]*)+q\b")
 
 
 def may_contain_finding(text: str) -> bool:
     """Return whether the text holds a word that every finding needs (a cheap pre-filter)."""
     if any(word in text for word in TRIGGER_WORDS):
         return True
-    return "print" in text and PRINT_CALL.search(text) is not None
+    return PRINT_USE.search(text) is not None or Q_IMPORT.search(text) is not None
 
 
 def _char_col(lines: list[str], line: int, byte_col: int) -> int:
@@ -164,13 +178,10 @@ def _check_decoded(
     )
     lines = text.splitlines()
     noqa = _Noqa(text, lines)
-    kept = [
-        c
-        for c in analyse(tree, policy)
-        if c.code in enabled and not noqa.suppressed(c.line, c.code)
-    ]
+    analysis = Analysis(tree, policy)
+    kept = [c for c in analysis.run() if c.code in enabled and not noqa.suppressed(c.line, c.code)]
     if fix:
-        return _fix(decoded, path, kept, lines, unsafe_fixes)
+        return _fix(decoded, path, kept, analysis.debugger_aliases(), lines, unsafe_fixes)
     return FileResult(tuple(sorted(_finding(path, c, lines) for c in kept)))
 
 
@@ -180,18 +191,24 @@ def _finding(path: str, candidate: Candidate, lines: list[str]) -> Finding:
 
 
 def _fix(
-    decoded: Decoded, path: str, kept: list[Candidate], lines: list[str], unsafe_fixes: bool
+    decoded: Decoded,
+    path: str,
+    kept: list[Candidate],
+    aliases: list[DebuggerAlias],
+    lines: list[str],
+    unsafe_fixes: bool,
 ) -> FileResult:
     withheld = 0 if unsafe_fixes else sum(_unsafe(c) for c in kept)
     if withheld:
         kept = [replace(c, removal=None) if _unsafe(c) else c for c in kept]
     statements = {(c.removal.line, c.removal.col) for c in kept if c.removal is not None}
-    planned = plan_import_removals(kept, statements)
-    new_text, applied = _apply(decoded.text, planned, lines)
-    if not statements <= applied:
-        # A statement libcst did not find stays, and so must the imports that it reads.
-        planned = plan_import_removals(kept, statements & applied)
-        new_text, applied = _apply(decoded.text, planned, lines)
+    planned, cleanup = _plan(kept, aliases, statements)
+    new_text, applied = _apply(decoded.text, planned, cleanup, lines)
+    if not statements | {(a.line, a.col) for a in cleanup} <= applied:
+        # A statement libcst did not find stays, and so must the aliases and imports it reads.
+        found = [a for a in aliases if (a.line, a.col) in applied]
+        planned, cleanup = _plan(kept, found, statements & applied)
+        new_text, applied = _apply(decoded.text, planned, cleanup, lines)
     left = [
         c for c in planned if c.removal is None or (c.removal.line, c.removal.col) not in applied
     ]
@@ -206,18 +223,26 @@ def _unsafe(candidate: Candidate) -> bool:
     return candidate.removal is not None and RULES_BY_CODE[candidate.code].unsafe_fix
 
 
+def _plan(
+    kept: list[Candidate], aliases: list[DebuggerAlias], statements: set[tuple[int, int]]
+) -> tuple[list[Candidate], list[Removal]]:
+    """Return the findings with the removals they get, and the debugger aliases that go too."""
+    cleanup = removed_aliases(aliases, statements)
+    gone = statements | {(alias.line, alias.col) for alias in cleanup}
+    return plan_import_removals(kept, gone), cleanup
+
+
 def _apply(
-    text: str, planned: list[Candidate], lines: list[str]
+    text: str, planned: list[Candidate], cleanup: list[Removal], lines: list[str]
 ) -> tuple[str, set[tuple[int, int]]]:
     """Delete the planned removals; return the new text and the `ast` positions removed."""
-    positions = {
-        (c.removal.line, _char_col(lines, c.removal.line, c.removal.col)): c.removal
-        for c in planned
-        if c.removal is not None
-    }
+    removals = [c.removal for c in planned if c.removal is not None] + cleanup
+    positions = {(r.line, _char_col(lines, r.line, r.col)): r for r in removals}
     if not positions:
         return text, set()
     from moe_devkit.lint.fixer import apply_removals  # libcst is imported only to fix
 
-    new_text, applied = apply_removals(text, {at: r.names for at, r in positions.items()})
+    statements = {at: r.names for at, r in positions.items() if not r.decorator}
+    decorators = {at for at, r in positions.items() if r.decorator}
+    new_text, applied = apply_removals(text, statements, decorators)
     return new_text, {(positions[at].line, positions[at].col) for at in applied}

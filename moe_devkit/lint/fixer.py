@@ -2,12 +2,13 @@
 
 Statements are found by the position `ast` reported (line, character column). A deleted line's
 leading comments and blank lines move to the next statement (or the block's footer); a block
-left empty gets `pass`; an import loses only the names that were flagged and are unused.
+left empty gets `pass`; an import loses only the names that were flagged and are unused. A
+decorator is found by the position of its expression and deleted alone, its function kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
 import libcst as cst
 from libcst.helpers import get_full_name_for_node
@@ -39,9 +40,10 @@ def _drop_aliases(
 class _Remover(cst.CSTTransformer):
     METADATA_DEPENDENCIES = (PositionProvider,)
 
-    def __init__(self, removals: Removals) -> None:
+    def __init__(self, removals: Removals, decorators: Set[tuple[int, int]]) -> None:
         super().__init__()
         self.removals = removals
+        self.decorators = decorators
         self.applied: set[tuple[int, int]] = set()
         # Keyed by id; the values keep the nodes alive so that no id is reused.
         self.emptied: dict[int, cst.SimpleStatementLine] = {}
@@ -114,6 +116,40 @@ class _Remover(cst.CSTTransformer):
             carried = []
         return updated_node.with_changes(body=kept, footer=[*carried, *updated_node.footer])
 
+    def _undecorated(
+        self, original: Sequence[cst.Decorator], updated: Sequence[cst.Decorator]
+    ) -> tuple[list[cst.Decorator], list[cst.EmptyLine]] | None:
+        """Return the decorators kept and the comments of deleted ones, or None if none is."""
+        kept: list[cst.Decorator] = []
+        carried: list[cst.EmptyLine] = []  # a deleted decorator's comments stay in the file
+        for source, decorator in zip(original, updated, strict=True):
+            start = self.get_metadata(PositionProvider, source.decorator).start
+            if (start.line, start.column) in self.decorators:
+                self.applied.add((start.line, start.column))
+                carried.extend(decorator.leading_lines)
+                continue
+            kept.append(decorator.with_changes(leading_lines=[*carried, *decorator.leading_lines]))
+            carried = []
+        return None if len(kept) == len(updated) else (kept, carried)
+
+    def leave_FunctionDef(
+        self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef
+    ) -> cst.FunctionDef:
+        found = self._undecorated(original_node.decorators, updated_node.decorators)
+        if found is None:
+            return updated_node
+        lines = [*found[1], *updated_node.lines_after_decorators]
+        return updated_node.with_changes(decorators=found[0], lines_after_decorators=lines)
+
+    def leave_ClassDef(
+        self, original_node: cst.ClassDef, updated_node: cst.ClassDef
+    ) -> cst.ClassDef:
+        found = self._undecorated(original_node.decorators, updated_node.decorators)
+        if found is None:
+            return updated_node
+        lines = [*found[1], *updated_node.lines_after_decorators]
+        return updated_node.with_changes(decorators=found[0], lines_after_decorators=lines)
+
     def leave_Module(self, original_node: cst.Module, updated_node: cst.Module) -> cst.Module:
         if not any(id(s) in self.emptied for s in updated_node.body):
             return updated_node
@@ -121,8 +157,11 @@ class _Remover(cst.CSTTransformer):
         return updated_node.with_changes(body=kept, footer=[*carried, *updated_node.footer])
 
 
-def apply_removals(text: str, removals: Removals) -> tuple[str, set[tuple[int, int]]]:
-    """Delete the statements at `removals` (line, column -> import names or `()` for all).
+def apply_removals(
+    text: str, removals: Removals, decorators: Set[tuple[int, int]] = frozenset()
+) -> tuple[str, set[tuple[int, int]]]:
+    """Delete the statements at `removals` and the decorators whose expressions start at
+    `decorators` (line, column; for a statement, import names to drop or `()` for all).
 
     Returns:
         The new text (the original when libcst cannot parse it) and the positions removed.
@@ -131,6 +170,6 @@ def apply_removals(text: str, removals: Removals) -> tuple[str, set[tuple[int, i
         module = cst.parse_module(text)
     except (cst.ParserSyntaxError, RecursionError, ValueError):
         return text, set()
-    remover = _Remover(removals)
+    remover = _Remover(removals, decorators)
     new_module = MetadataWrapper(module, unsafe_skip_copy=True).visit(remover)
     return new_module.code, remover.applied

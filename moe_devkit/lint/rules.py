@@ -51,6 +51,8 @@ DEBUGGER_MODULES: frozenset[str] = frozenset(
         "pdb",
         "ipdb",
         "pudb",
+        "bpdb",
+        "pdbr",
         "wdb",
         "rpdb",
         "remote_pdb",
@@ -59,10 +61,12 @@ DEBUGGER_MODULES: frozenset[str] = frozenset(
         "pydevd",
         "pydevd_pycharm",
         "debugpy",
+        "ptvsd",
         "celery.contrib.rdb",
         "IPython.core.debugger",
         "IPython.terminal.debugger",
         "IPython.terminal.embed",
+        "IPython.frontend.terminal.embed",
     }
 )
 
@@ -79,7 +83,10 @@ DEBUGGER_CALLABLES: frozenset[str] = frozenset(
     }
 )
 
-BREAKPOINT_CALLABLES: frozenset[str] = frozenset({"builtins.breakpoint", "sys.breakpointhook"})
+# The builtin breakpoint and the hooks it calls; importing one by name is a debugger import.
+BREAKPOINT_CALLABLES: frozenset[str] = frozenset(
+    {"builtins.breakpoint", "sys.breakpointhook", "sys.__breakpointhook__"}
+)
 DYNAMIC_IMPORTERS: frozenset[str] = frozenset({"builtins.__import__", "importlib.import_module"})
 PRINT_CALLABLES: frozenset[str] = frozenset({"builtins.print"})
 PPRINT_CALLABLES: frozenset[str] = frozenset({"pprint.pprint", "pprint.pp"})
@@ -109,7 +116,7 @@ JAX_PRINT = "jax.debug.print"
 # A file that contains none of these words cannot contain a finding (every rule needs one of
 # them in the source text, whatever the import form), so it is not analysed.
 TRIGGER_WORDS: tuple[str, ...] = (
-    "print(",  # `print` alone is mostly prose in docstrings; PRINT_CALL catches `print (`
+    "print(",  # `print` alone is mostly prose in docstrings; PRINT_USE catches `print (`
     "pprint",
     "pdb",
     "breakpoint",
@@ -120,6 +127,7 @@ TRIGGER_WORDS: tuple[str, ...] = (
     "wdb",
     "pydevd",
     "debugpy",
+    "ptvsd",
     "IPython",
     "interact",
     "rdb",

@@ -28,13 +28,29 @@ class CallSite:
 
 
 @dataclass
+class DecoratorSite:
+    """A decorator that is a name (`@q`, `@q.t`), the definition it decorates, and its scope."""
+
+    expr: ast.expr
+    stmt: ast.stmt
+    scope: Scope
+
+
+@dataclass
 class ModuleFacts:
-    """What the rules need from one module."""
+    """What the rules need from one module.
+
+    `loads` maps a name to the nodes that read it: the statement, or for a read inside a
+    decorator the decorator's expression (`--fix` can drop a decorator alone). `aliases` holds
+    every `name = a.b` assignment.
+    """
 
     calls: list[CallSite] = field(default_factory=list)
     imports: list[tuple[ast.Import | ast.ImportFrom, Scope]] = field(default_factory=list)
     env_assigns: list[tuple[ast.Assign | ast.AugAssign, Scope]] = field(default_factory=list)
-    loads: dict[str, list[ast.stmt]] = field(default_factory=dict)
+    loads: dict[str, list[ast.stmt | ast.expr]] = field(default_factory=dict)
+    decorators: list[DecoratorSite] = field(default_factory=list)
+    aliases: list[tuple[ast.Assign, ast.Name, Scope]] = field(default_factory=list)
 
 
 def is_main_test(test: ast.expr) -> bool:
@@ -65,6 +81,7 @@ class Walker:
 
     def __init__(self) -> None:
         self.facts = ModuleFacts()
+        self.decorator: ast.expr | None = None  # the decorator being visited, if any
         self.handlers: dict[type, Handler] = {
             ast.Name: self._name,  # type: ignore[dict-item]
             ast.FunctionDef: self._function,  # type: ignore[dict-item]
@@ -147,19 +164,30 @@ class Walker:
 
     def _name(self, node: ast.Name, scope: Scope, stmt: ast.stmt, in_main: bool) -> None:
         if isinstance(node.ctx, ast.Load):
-            self.facts.loads.setdefault(node.id, []).append(stmt)
+            self.facts.loads.setdefault(node.id, []).append(self.decorator or stmt)
         else:
             scope.bind(node.id, None)
 
-    def _arguments(self, args: ast.arguments, outer: Scope, inner: Scope, stmt: ast.stmt) -> None:
+    def _arguments(
+        self, args: ast.arguments, outer: Scope, inner: Scope, stmt: ast.stmt, in_main: bool
+    ) -> None:
         defaults: list[ast.AST] = [*args.defaults, *(d for d in args.kw_defaults if d)]
-        self.visit_all(defaults, outer, stmt, False)
+        self.visit_all(defaults, outer, stmt, in_main)
         every = [*args.posonlyargs, *args.args, *args.kwonlyargs]
         every += [arg for arg in (args.vararg, args.kwarg) if arg is not None]
         for arg in every:
             inner.bind(arg.arg, None)
             if arg.annotation is not None:
-                self.visit(arg.annotation, outer, stmt, False)
+                self.visit(arg.annotation, outer, stmt, in_main)
+
+    def _decorators(self, node: ast.AST, scope: Scope, stmt: ast.stmt, in_main: bool) -> None:
+        outer = self.decorator
+        for decorator in getattr(node, "decorator_list", ()):
+            self.decorator = decorator
+            if isinstance(decorator, (ast.Name, ast.Attribute)):
+                self.facts.decorators.append(DecoratorSite(decorator, stmt, scope))
+            self.visit(decorator, scope, stmt, in_main)
+        self.decorator = outer
 
     def _type_params(self, node: ast.AST, inner: Scope) -> None:
         for param in getattr(node, "type_params", ()):
@@ -172,27 +200,33 @@ class Walker:
         stmt: ast.stmt,
         in_main: bool,
     ) -> None:
-        self.visit_all([*node.decorator_list], scope, stmt, in_main)
+        # A definition inside `if __name__ == "__main__":` runs only as a script: its body
+        # follows the main block's print policy.
+        self._decorators(node, scope, stmt, in_main)
         if node.returns is not None:
-            self.visit(node.returns, scope, stmt, False)
+            self.visit(node.returns, scope, stmt, in_main)
         scope.bind(node.name, None)
         inner = Scope("function", scope)
+        if scope.kind == "class":
+            positional = [*node.args.posonlyargs, *node.args.args]
+            inner.self_name = positional[0].arg if positional else None
         self._type_params(node, inner)
-        self._arguments(node.args, scope, inner, stmt)
-        self.visit_all([*node.body], inner, stmt, False)
+        self._arguments(node.args, scope, inner, stmt, in_main)
+        self.visit_all([*node.body], inner, stmt, in_main)
 
     def _lambda(self, node: ast.Lambda, scope: Scope, stmt: ast.stmt, in_main: bool) -> None:
         inner = Scope("function", scope)
-        self._arguments(node.args, scope, inner, stmt)
+        self._arguments(node.args, scope, inner, stmt, in_main)
         self.visit(node.body, inner, stmt, in_main)
 
     def _class(self, node: ast.ClassDef, scope: Scope, stmt: ast.stmt, in_main: bool) -> None:
-        outer: list[ast.AST] = [*node.decorator_list, *node.bases, *node.keywords]
-        self.visit_all(outer, scope, stmt, in_main)
+        self._decorators(node, scope, stmt, in_main)
+        self.visit_all([*node.bases, *node.keywords], scope, stmt, in_main)
         scope.bind(node.name, None)
         inner = Scope("class", scope)
+        inner.bases = tuple(node.bases)
         self._type_params(node, inner)
-        self.visit_all([*node.body], inner, stmt, False)
+        self.visit_all([*node.body], inner, stmt, in_main)
 
     def _comprehension(
         self,
@@ -251,11 +285,13 @@ class Walker:
 
     def _assign(self, node: ast.Assign, scope: Scope, stmt: ast.stmt, in_main: bool) -> None:
         self.visit(node.value, scope, stmt, in_main)
-        single = len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-        if single and isinstance(node.value, ast.Call):
-            name = node.targets[0]
-            assert isinstance(name, ast.Name)
-            scope.bind(name.id, (node.value, scope))
+        target = node.targets[0] if len(node.targets) == 1 else None
+        value = node.value
+        if isinstance(target, ast.Name) and isinstance(value, (ast.Call, ast.Name, ast.Attribute)):
+            # `m = __import__("pdb")` binds a module, `t = pdb.set_trace` an alias.
+            scope.bind(target.id, (value, scope))
+            if not isinstance(value, ast.Call):
+                self.facts.aliases.append((node, target, scope))
         else:
             self.visit_all([*node.targets], scope, stmt, in_main)
         if any(isinstance(target, ast.Subscript) for target in node.targets):

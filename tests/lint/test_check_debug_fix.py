@@ -85,6 +85,78 @@ CASES = [
         "import pdb\npdb.set_trace()  # noqa: DBG002\n",
     ),
     ("import pdb\nx = pdb.set_trace()\n", "import pdb\nx = pdb.set_trace()\n"),
+    # ptvsd, and the breakpoint names imported from builtins and sys
+    ("import ptvsd\nptvsd.enable_attach()\nptvsd.wait_for_attach()\nrun()\n", "run()\n"),
+    ("from ptvsd import break_into_debugger\nbreak_into_debugger()\nrun()\n", "run()\n"),
+    ("from builtins import breakpoint\nbreakpoint()\nrun()\n", "run()\n"),
+    (
+        "import sys\nfrom sys import argv, breakpointhook\nbreakpointhook()\n"
+        "sys.__breakpointhook__()\nrun(argv)\n",
+        "import sys\nfrom sys import argv\nrun(argv)\n",
+    ),
+    # An alias of a debugger goes with the last call that reads it, and then its import.
+    ("import ipdb\nt = ipdb.set_trace\nt()\nx = 1\n", "x = 1\n"),
+    (
+        "import pdb\n\ndef f():\n    bp = pdb.set_trace\n    again = bp\n    again()\n"
+        "    return 1\n",
+        "\ndef f():\n    return 1\n",
+    ),
+    ("bp = breakpoint\nif x:\n    bp()\n", "if x:\n    pass\n"),
+    (
+        "import ipdb\nt = ipdb.set_trace\nt()\nt()  # noqa: DBG002\n",
+        "import ipdb\nt = ipdb.set_trace\nt()  # noqa: DBG002\n",
+    ),
+    (
+        "import ipdb\nt = ipdb.set_trace\nt()\nhooks = [t]\n",
+        "import ipdb\nt = ipdb.set_trace\nhooks = [t]\n",
+    ),
+    # not a debug statement: the hook saved and restored, an alias nothing calls
+    (
+        "import sys\nsaved = sys.breakpointhook\nsys.breakpointhook = hook\n"
+        "sys.breakpointhook = saved\n",
+        "import sys\nsaved = sys.breakpointhook\nsys.breakpointhook = hook\n"
+        "sys.breakpointhook = saved\n",
+    ),
+    ("t = logger.set_trace\nt()\n", "t = logger.set_trace\nt()\n"),
+    # q as a decorator: the decorator goes, the function stays
+    ("import q\n\n@q\ndef f():\n    return 1\n", "\ndef f():\n    return 1\n"),
+    (
+        "import functools, q\n\n# traced while debugging\n@q.t\n@functools.cache\n"
+        "def f():\n    return 1\n",
+        "import functools\n\n# traced while debugging\n@functools.cache\ndef f():\n    return 1\n",
+    ),
+    (
+        "import functools, q\n\n@functools.cache\n# why\n@q\n# note\ndef f():\n    return 1\n",
+        "import functools\n\n@functools.cache\n# why\n# note\ndef f():\n    return 1\n",
+    ),
+    (
+        "import q\n\nclass C:\n    @q\n    def f(self):\n        return 1\n",
+        "\nclass C:\n    def f(self):\n        return 1\n",
+    ),
+    ("import q\n\n@q\nclass C:\n    pass\n", "\nclass C:\n    pass\n"),
+    (
+        "import ipdb\n\n@ipdb.launch_ipdb_on_exception()\ndef f():\n    return 1\n",
+        "\ndef f():\n    return 1\n",
+    ),
+    (
+        "import q\n\n@q  # noqa\ndef f():\n    pass\n",
+        "import q\n\n@q  # noqa\ndef f():\n    pass\n",
+    ),
+    # A pdb.Pdb subclass is code, not a leftover: --fix leaves it, only the real call goes.
+    (
+        "import pdb\n\n\nclass ForkedPdb(pdb.Pdb):\n"
+        "    def interaction(self, *args, **kwargs):\n"
+        "        pdb.Pdb.interaction(self, *args, **kwargs)\n\n"
+        "    def set_trace(self, frame=None):\n"
+        "        super().set_trace(frame)\n\n\n"
+        "def f():\n    pdb.set_trace()\n    ForkedPdb().set_trace()\n",
+        "import pdb\n\n\nclass ForkedPdb(pdb.Pdb):\n"
+        "    def interaction(self, *args, **kwargs):\n"
+        "        pdb.Pdb.interaction(self, *args, **kwargs)\n\n"
+        "    def set_trace(self, frame=None):\n"
+        "        super().set_trace(frame)\n\n\n"
+        "def f():\n    ForkedPdb().set_trace()\n",
+    ),
 ]
 
 UNSAFE_CASES = [
@@ -105,6 +177,16 @@ def test_fix(tmp_path: Path, before: str, after: str) -> None:
 @pytest.mark.parametrize(("before", "after"), UNSAFE_CASES)
 def test_unsafe_fix(tmp_path: Path, before: str, after: str) -> None:
     assert fix(before, tmp_path, unsafe=True).decode() == after
+
+
+def test_fix_counts_findings_not_aliases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "a.py"
+    path.write_text("import ipdb\nt = ipdb.set_trace\nt()\nx = 1\n")
+    assert main(["--fix", str(path)]) == 1
+    assert capsys.readouterr() == ("", f"Fixed 2 finding(s) in {path}\n")
+    assert path.read_text() == "x = 1\n"
 
 
 def test_fix_keeps_an_import_whose_call_is_not_checked(tmp_path: Path) -> None:
@@ -310,6 +392,44 @@ def read_but_not_imported(source: str) -> set[str]:
 def test_fix_never_drops_an_import_that_kept_code_reads(tmp_path: Path, source: str) -> None:
     fixed = fix(source.encode(), tmp_path).decode()
     assert read_but_not_imported(fixed) == set()
+    assert fix(fixed.encode(), tmp_path).decode() == fixed
+
+
+ALIAS_LINES = [
+    "t = ipdb.set_trace",
+    "u = t",
+    "t()",
+    "u()",
+    "t()  # noqa: DBG002",
+    "u()  # noqa",
+    "x = t",
+    "y = 1",
+]
+
+
+@st.composite
+def alias_modules(draw: st.DrawFn) -> str:
+    body = draw(st.lists(st.sampled_from(ALIAS_LINES), min_size=1, max_size=6))
+    lines = ["t = ipdb.set_trace", *body] if draw(st.booleans()) else body
+    return "import ipdb\ndef f():\n" + "".join(f"    {line}\n" for line in lines)
+
+
+def unbound_reads(source: str) -> set[str]:
+    """Return the names the code reads but neither assigns nor imports."""
+    nodes = list(ast.walk(ast.parse(source)))
+    names = [node for node in nodes if isinstance(node, ast.Name)]
+    bound = {name.id for name in names if isinstance(name.ctx, ast.Store)}
+    bound |= {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+    return {name.id for name in names if isinstance(name.ctx, ast.Load)} - bound
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(alias_modules())
+def test_fix_never_drops_an_alias_that_kept_code_reads(tmp_path: Path, source: str) -> None:
+    fixed = fix(source.encode(), tmp_path).decode()
+    assert unbound_reads(fixed) <= unbound_reads(source)
     assert fix(fixed.encode(), tmp_path).decode() == fixed
 
 

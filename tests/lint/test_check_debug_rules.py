@@ -14,7 +14,7 @@ def check(source: str, path: str = "pkg/mod.py", settings: Settings | None = Non
 
 
 FLAGGED = [
-    # debugger calls, every module the issue names
+    # debugger calls, every debugger module the rules know
     ("import pdb\npdb.set_trace()\n", "2:1: DBG002 debugger call `pdb.set_trace()`"),
     ("import pdb\npdb.post_mortem()\n", "2:1: DBG002 debugger call `pdb.post_mortem()`"),
     ("import pdb\npdb.pm()\n", "2:1: DBG002 debugger call `pdb.pm()`"),
@@ -47,6 +47,49 @@ FLAGGED = [
         "2:1: DBG002 debugger call `debugpy.wait_for_client()`",
     ),
     ("import debugpy\ndebugpy.breakpoint()\n", "2:1: DBG002 debugger call `debugpy.breakpoint()`"),
+    # ptvsd, debugpy's predecessor: every call, as for debugpy
+    (
+        "import ptvsd\nptvsd.break_into_debugger()\n",
+        "2:1: DBG002 debugger call `ptvsd.break_into_debugger()`",
+    ),
+    (
+        "import ptvsd\nptvsd.enable_attach(address=('0.0.0.0', 5678))\n",
+        "2:1: DBG002 debugger call `ptvsd.enable_attach()`",
+    ),
+    (
+        "from ptvsd import wait_for_attach\nwait_for_attach()\n",
+        "2:1: DBG002 debugger call `ptvsd.wait_for_attach()`",
+    ),
+    ("import bpdb\nbpdb.set_trace()\n", "2:1: DBG002 debugger call `bpdb.set_trace()`"),
+    ("import pdbr\npdbr.set_trace()\n", "2:1: DBG002 debugger call `pdbr.set_trace()`"),
+    (
+        "from IPython.frontend.terminal.embed import InteractiveShellEmbed\n"
+        "InteractiveShellEmbed()()\n",
+        "2:1: DBG002 debugger call `IPython.frontend.terminal.embed.InteractiveShellEmbed()`",
+    ),
+    # a debugger function bound to another name first
+    ("import ipdb\nt = ipdb.set_trace\nt()\n", "3:1: DBG002 debugger call `ipdb.set_trace()`"),
+    (
+        "import pdb\ndef f():\n    bp = pdb.set_trace\n    bp()\n",
+        "4:5: DBG002 debugger call `pdb.set_trace()`",
+    ),
+    ("import pdb\na = pdb\nb = a.set_trace\nb()\n", "4:1: DBG002 debugger call `pdb.set_trace()`"),
+    (
+        "import IPython\nshell = IPython.embed\nshell()\n",
+        "3:1: DBG002 debugger call `IPython.embed()`",
+    ),
+    # q as a decorator: it is called with the function
+    ("import q\n@q\ndef f():\n    pass\n", "2:2: DBG002 debugger decorator `@q`"),
+    ("import q\n@q.t\ndef f():\n    pass\n", "2:2: DBG002 debugger decorator `@q.t`"),
+    ("import os, q\n@q\ndef f():\n    pass\n", "2:2: DBG002 debugger decorator `@q`"),
+    (
+        "from q import q as trace\n@trace\nclass C:\n    pass\n",
+        "2:2: DBG002 debugger decorator `@q.q`",
+    ),
+    (
+        "import ipdb\n@ipdb.launch_ipdb_on_exception()\ndef f():\n    pass\n",
+        "2:2: DBG002 debugger call `ipdb.launch_ipdb_on_exception()`",
+    ),
     ("import IPython\nIPython.embed()\n", "2:1: DBG002 debugger call `IPython.embed()`"),
     (
         "from IPython.terminal.embed import InteractiveShellEmbed\nInteractiveShellEmbed()()\n",
@@ -66,6 +109,24 @@ FLAGGED = [
     ("breakpoint()\n", "1:1: DBG003 `breakpoint()` left in code"),
     ("import builtins\nbuiltins.breakpoint()\n", "2:1: DBG003 `breakpoint()` left in code"),
     ("import sys\nsys.breakpointhook()\n", "2:1: DBG003 `sys.breakpointhook()` left in code"),
+    (
+        "import sys\nsys.__breakpointhook__()\n",
+        "2:1: DBG003 `sys.__breakpointhook__()` left in code",
+    ),
+    (
+        "from sys import breakpointhook\nbreakpointhook()\n",
+        "2:1: DBG003 `sys.breakpointhook()` left in code",
+    ),
+    (
+        "from sys import __breakpointhook__ as hook\nhook()\n",
+        "2:1: DBG003 `sys.__breakpointhook__()` left in code",
+    ),
+    ("from builtins import breakpoint\nbreakpoint()\n", "2:1: DBG003 `breakpoint()` left in code"),
+    ("bp = breakpoint\nbp()\n", "2:1: DBG003 `breakpoint()` left in code"),
+    (
+        "import sys\nhook = sys.breakpointhook\nhook()\n",
+        "3:1: DBG003 `sys.breakpointhook()` left in code",
+    ),
     ("x = f(breakpoint())\n", "1:7: DBG003 `breakpoint()` left in code"),
     ("x = f(\n    breakpoint()\n)\n", "1:1: DBG003 `breakpoint()` left in code"),
     # prints
@@ -73,6 +134,11 @@ FLAGGED = [
     ("import sys\nprint('x', file=sys.stderr)\n", "2:1: DBG101 `print()` in library code"),
     ("print('x', file=None)\n", "1:1: DBG101 `print()` in library code"),
     ("import builtins\nbuiltins.print('x')\n", "2:1: DBG101 `print()` in library code"),
+    ("echo = print\necho('x')\n", "2:1: DBG101 `print()` in library code"),
+    (
+        "from builtins import print as echo\necho('x')\n",
+        "2:1: DBG101 `print()` in library code",
+    ),
     ("from pprint import pprint\npprint(x)\n", "2:1: DBG102 `pprint()` in library code"),
     ("import pprint\npprint.pp(x)\n", "2:1: DBG102 `pp()` in library code"),
     ("from pprint import pp as show\nshow(x)\n", "2:1: DBG102 `pp()` in library code"),
@@ -179,6 +245,19 @@ NOT_FLAGGED = [
     "if '__main__' == __name__:\n    print('x')\n",
     "class A:\n    def print(self):\n        pass\n    def f(self):\n        self.print()\n",
     "import jax.numpy as jnp\njnp.sum(x)\n",
+    # the hook saved and restored, never called
+    "import sys\nsaved = sys.breakpointhook\nsys.breakpointhook = hook\n"
+    "sys.breakpointhook = saved\n",
+    "import sys\nsys.breakpointhook = sys.__breakpointhook__\n",
+    # an alias of something else, or rebinding itself
+    "t = logger.set_trace\nt()\n",
+    "def f(node):\n" + "".join(f"    node = node.child{i}\n" for i in range(12)) + "    node()\n",
+    "print = print\n",
+    "x = q, r\nq.t(x)\n",  # a name q, not the module
+    # prints in definitions inside the main block follow the main block's policy
+    "if __name__ == '__main__':\n    def main():\n        print('x')\n    main()\n",
+    "if __name__ == '__main__':\n    class C:\n        def run(self):\n            print('x')\n",
+    "if __name__ == '__main__':\n    show = lambda x: print(x)\n",
 ]
 
 
@@ -214,6 +293,75 @@ def test_import_forms(source: str, qualname: str) -> None:
     found = [line for line in check(source) if "DBG002" in line]
     assert len(found) == 1
     assert f"debugger call `{qualname}()`" in found[0]
+
+
+@pytest.mark.parametrize(("source", "expected"), FLAGGED)
+def test_flagged_examples_pass_the_prefilter(source: str, expected: str) -> None:
+    """Parsing every file (`--all-syntax`) finds nothing that the text pre-filter hides."""
+    assert check(source) == check(source, settings=Settings(all_syntax=True))
+
+
+def test_breakpoint_names_imported_from_builtins_and_sys() -> None:
+    source = (
+        "import builtins, sys\n"
+        "from builtins import breakpoint\n"
+        "from sys import argv, breakpointhook, __breakpointhook__ as hook\n"
+    )
+    assert check(source) == [
+        "pkg/mod.py:2:1: DBG001 import of debugger `builtins.breakpoint`",
+        "pkg/mod.py:3:1: DBG001 import of debugger `sys.breakpointhook`, `sys.__breakpointhook__`",
+    ]
+
+
+def test_ptvsd_import() -> None:
+    assert check("import ptvsd\nfrom ptvsd import enable_attach\n") == [
+        "pkg/mod.py:1:1: DBG001 import of debugger `ptvsd`",
+        "pkg/mod.py:2:1: DBG001 import of debugger `ptvsd.enable_attach`",
+    ]
+
+
+PDB_SUBCLASSES = [
+    "import pdb\nclass P(pdb.Pdb):\n    def set_trace(self, frame=None):\n"
+    "        super().set_trace(frame)\n",
+    "import pdb\nclass P(pdb.Pdb):\n    def interaction(self, *args):\n"
+    "        pdb.Pdb.interaction(self, *args)\n",
+    "from pdb import Pdb\nclass P(Pdb):\n    def set_trace(self, frame=None):\n"
+    "        Pdb.set_trace(self, frame)\n",
+    "import pdb\nclass P(pdb.Pdb):\n    def set_trace(self):\n        pass\n"
+    "def f(p):\n    p.set_trace()\n",
+]
+
+
+@pytest.mark.parametrize("source", PDB_SUBCLASSES)
+def test_a_pdb_subclass_is_not_a_leftover(source: str) -> None:
+    """Only the import is reported (DBG001, as for any module that imports pdb)."""
+    (found,) = check(source)
+    assert found.startswith("pkg/mod.py:1:1: DBG001 import of debugger `pdb")
+
+
+def test_a_real_leftover_in_a_pdb_subclass_is_flagged() -> None:
+    source = (
+        "import pdb\n"
+        "class P(pdb.Pdb):\n"
+        "    def interaction(self, *args):\n"
+        "        pdb.set_trace()\n"
+        "        pdb.Pdb().set_trace()\n"
+        "        pdb.Pdb.interaction(self, *args)\n"
+    )
+    assert check(source) == [
+        "pkg/mod.py:1:1: DBG001 import of debugger `pdb`",
+        "pkg/mod.py:4:9: DBG002 debugger call `pdb.set_trace()`",
+        "pkg/mod.py:5:9: DBG002 debugger call `pdb.Pdb.set_trace()`",
+    ]
+
+
+def test_print_in_a_main_block_definition_follows_the_main_block_policy() -> None:
+    source = "if __name__ == '__main__':\n    def main():\n        print('x')\n"
+    assert check(source) == []
+    strict = Settings(allow_main_block=False)
+    assert check(source, settings=strict) == ["pkg/mod.py:3:9: DBG101 `print()` in library code"]
+    outside = "def main():\n    print('x')\nif __name__ == '__main__':\n    main()\n"
+    assert check(outside) == ["pkg/mod.py:2:5: DBG101 `print()` in library code"]
 
 
 def test_imports_are_reported_once_per_statement() -> None:
