@@ -1,13 +1,13 @@
 """moe-devkit: find and prove fixed the failures of dynamic-k Mixture-of-Experts routers.
 
 Public names are imported lazily (PEP 562), so ``import moe_devkit`` (and the torch-free
-``moe_devkit.lint``) loads neither torch, JAX nor matplotlib until a name needs them.
+``moe_devkit.lint``) loads neither torch, JAX, numpy, rich nor matplotlib until a name needs
+them; not even ``typing``, so that the check-debug hook starts fast.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from moe_devkit.config import RouterConfig
     from moe_devkit.diagnostics.utilization import UtilizationStats, debug_expert_selection
     from moe_devkit.routers.torch_router import (
@@ -56,6 +58,8 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'moe_devkit' has no attribute {name!r}")
+    import importlib
+
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

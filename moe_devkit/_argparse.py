@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+
+TYPE_CHECKING = False  # typing is not imported at run time: check-debug starts faster
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import math
 import os
 import sys
@@ -19,12 +20,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-
 from moe_devkit._argparse import ArgumentParser
 
 if TYPE_CHECKING:
     import torch
+
+# What the diagnostics commands import beside torch or JAX; the core install (the check-debug
+# hook's) has none of them, and the extras bring them.
+DIAGNOSTICS_MODULES = ("numpy", "rich", "matplotlib")
 
 
 class UsageError(Exception):
@@ -34,10 +37,29 @@ class UsageError(Exception):
 @dataclass(frozen=True)
 class Command:
     """A subcommand, implemented by a module that defines ``add_arguments(parser)`` and
-    ``run(args, console) -> int``; the module is imported only when the command runs."""
+    ``run(args, console) -> int``; the module is imported only when the command runs.
+
+    ``needs``: the modules it imports that the core install lacks; ``extra``: the extra that
+    installs them.
+    """
 
     help: str
     module: str
+    extra: str = "torch"
+    needs: tuple[str, ...] = DIAGNOSTICS_MODULES
+
+    def missing(self) -> list[str]:
+        """The modules of ``needs`` that are not installed (found without importing them)."""
+        return [name for name in self.needs if importlib.util.find_spec(name) is None]
+
+    def missing_error(self) -> str | None:
+        """One line naming the missing modules and the extra to install, or None."""
+        missing = self.missing()
+        if not missing:
+            return None
+        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if missing[1:] else missing)
+        install = f"pip install 'moe-devkit[{self.extra}]'"
+        return f"this command needs {names}, not installed here: `{install}`"
 
 
 def _int_at_least(text: str, low: int, kind: str) -> int:
@@ -159,6 +181,7 @@ COMMANDS: dict[str, Command] = {
     "report": Command(
         "re-render routing_analysis.png and report.html from a stored report.json",
         "moe_devkit.commands.report",
+        needs=(*DIAGNOSTICS_MODULES, "torch"),  # moe_devkit.inspect imports torch
     ),
     "numerics": Command(
         "train the reference model under the NaN/Inf guard; --plant-nan MODULE demonstrates",
@@ -179,6 +202,8 @@ COMMANDS: dict[str, Command] = {
     "check-debug": Command(
         "find leftover debug statements in Python files (same as the check-debug hook)",
         "moe_devkit.commands.check_debug",
+        extra="",
+        needs=(),
     ),
 }
 
@@ -193,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moe-devkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name, command in COMMANDS.items():
+        if command.missing():  # its module cannot be imported: main names the extra instead
+            sub.add_parser(name, help=command.help, add_help=False)
+            continue
         subparser = sub.add_parser(name, help=command.help, description=command.help)
         _load(command).add_arguments(subparser)
     return parser
@@ -201,11 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the process exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     if args_list and args_list[0] == "check-debug":  # pass its flags through untouched
         from moe_devkit.lint import main as check_debug_main
 
         return int(check_debug_main(args_list[1:]))
+    command = COMMANDS.get(args_list[0]) if args_list else None
+    error = command.missing_error() if command is not None else None
+    if error is not None:  # before argparse, which knows none of the command's options
+        sys.stderr.write(f"moe-devkit {args_list[0]}: error: {error}\n")
+        return 2
+    parser = build_parser()
     try:
         args = parser.parse_args(args_list)
     except SystemExit as exc:  # argparse already printed the usage line
@@ -213,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from rich.console import Console
+
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs keep whole tables
     try:
         check_device(args)

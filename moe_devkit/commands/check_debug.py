@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console  # the hook's install has no rich
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

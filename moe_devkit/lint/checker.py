@@ -8,18 +8,15 @@ import re
 import tokenize
 from dataclasses import dataclass, replace
 
-from moe_devkit.lint.analysis import (
-    Analysis,
-    Candidate,
-    DebuggerAlias,
-    Policy,
-    Removal,
-    plan_import_removals,
-    removed_aliases,
-)
 from moe_devkit.lint.config import Settings
 from moe_devkit.lint.rules import NOQA_ALIASES, RULES_BY_CODE, TRIGGER_WORDS
 from moe_devkit.lint.source import Decoded, SourceError, decode, encode, parse
+
+# The analysis is imported by the first file that passes the pre-filter: a commit of clean
+# files never loads it, and the hook starts faster.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from moe_devkit.lint.analysis import Candidate, DebuggerAlias, Removal
 
 NOQA = re.compile(
     r"#\s*noqa(?::[\s]?(?P<codes>[A-Z]+[0-9]+(?:[,\s]+[A-Z]+[0-9]+)*))?", re.IGNORECASE
@@ -171,6 +168,8 @@ def _check_decoded(
         tree = parse(text, path)
     except SourceError as err:
         return FileResult((Finding(path, err.line, err.col, err.code, err.message),))
+    from moe_devkit.lint.analysis import Analysis, Policy
+
     relpath = settings.relative(path)
     enabled = settings.enabled_codes(relpath)
     policy = Policy(
@@ -227,6 +226,8 @@ def _plan(
     kept: list[Candidate], aliases: list[DebuggerAlias], statements: set[tuple[int, int]]
 ) -> tuple[list[Candidate], list[Removal]]:
     """Return the findings with the removals they get, and the debugger aliases that go too."""
+    from moe_devkit.lint.analysis import plan_import_removals, removed_aliases
+
     cleanup = removed_aliases(aliases, statements)
     gone = statements | {(alias.line, alias.col) for alias in cleanup}
     return plan_import_removals(kept, gone), cleanup
@@ -240,9 +241,14 @@ def _apply(
     positions = {(r.line, _char_col(lines, r.line, r.col)): r for r in removals}
     if not positions:
         return text, set()
-    from moe_devkit.lint.fixer import apply_removals  # libcst is imported only to fix
+    from moe_devkit.lint.textfix import remove_whole_lines  # only to fix
 
     statements = {at: r.names for at, r in positions.items() if not r.decorator}
     decorators = {at for at, r in positions.items() if r.decorator}
-    new_text, applied = apply_removals(text, statements, decorators)
+    done = remove_whole_lines(text, statements, decorators)
+    if done is None:  # a shape only libcst edits exactly: libcst is imported only then
+        from moe_devkit.lint.fixer import apply_removals
+
+        done = apply_removals(text, statements, decorators)
+    new_text, applied = done
     return new_text, {(positions[at].line, positions[at].col) for at in applied}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -126,6 +125,8 @@ def _start_method() -> str | None:
 
 def write_atomically(path: str, data: bytes) -> None:
     """Replace a file's contents through a temporary file and a rename, keeping its mode."""
+    import tempfile  # only to write fixes: checking alone starts faster without it
+
     directory = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".check-debug-")
     try:

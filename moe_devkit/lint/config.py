@@ -6,10 +6,12 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
-from pathlib import Path
-from typing import Any
 
 from moe_devkit.lint.rules import ERROR_CODES, RULES
+
+TYPE_CHECKING = False  # typing is not imported at run time: the hook starts faster without it
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_PRINT_PATHS: tuple[str, ...] = (
     "test_*.py",
@@ -168,14 +170,17 @@ def settings_from_table(table: dict[str, Any], root: str = ".") -> Settings:
     )
 
 
-def find_pyproject(start: str) -> Path | None:
-    """Return the nearest pyproject.toml at or above `start`."""
-    directory = Path(start).resolve()
-    for candidate in (directory, *directory.parents):
-        path = candidate / "pyproject.toml"
-        if path.is_file():
+def find_pyproject(start: str) -> str | None:
+    """Return the path of the nearest pyproject.toml at or above `start`."""
+    directory = os.path.realpath(start)
+    while True:
+        path = os.path.join(directory, "pyproject.toml")
+        if os.path.isfile(path):
             return path
-    return None
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
 
 
 def load_settings(config: str | None = None, start: str = ".") -> Settings:
@@ -184,13 +189,46 @@ def load_settings(config: str | None = None, start: str = ".") -> Settings:
     Raises:
         ConfigError: when the file cannot be read or parsed, or holds bad settings.
     """
-    path = Path(config) if config else find_pyproject(start)
+    path = config or find_pyproject(start)
     if path is None:
         return Settings(root=os.path.abspath(start))
     try:
-        data = path.read_bytes().decode("utf-8")
+        with open(path, "rb") as handle:
+            data = handle.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read {path}: {err}") from None
+    root = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    if not config and not _may_hold_table(data):
+        return Settings(root=root)
+    return settings_from_table(_check_debug_table(data, path), root)
+
+
+def _may_hold_table(data: str) -> bool:
+    """Return whether a TOML document can hold `[tool.check-debug]`, without parsing it.
+
+    A key spells `check-debug` literally, or with escapes inside a basic string (`\\u002d`).
+    A pyproject.toml found by search that holds neither is not parsed (nor tomllib imported);
+    one named by `--config` always is.
+    """
+    return "check-debug" in data or "\\u" in data or "\\U" in data
+
+
+def _check_debug_table(data: str, path: str) -> dict[str, Any]:
+    from moe_devkit.lint import settings_cache
+
+    cached = settings_cache.read(data)
+    if cached is not None:
+        return cached
+    table = _parse_table(data, path)
+    if table is None:
+        return {}
+    settings_cache.write(data, table)
+    return table
+
+
+def _parse_table(data: str, path: str) -> dict[str, Any] | None:
+    """Return the table parsed from the document (None: Python 3.10 without tomli, and no
+    `[tool.check-debug]` header to miss)."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -199,7 +237,7 @@ def load_settings(config: str | None = None, start: str = ".") -> Settings:
         except ImportError:
             if "[tool.check-debug]" in data:
                 raise ConfigError("reading [tool.check-debug] on Python 3.10 needs tomli") from None
-            return Settings(root=str(path.parent.resolve()))
+            return None
     try:
         document = tomllib.loads(data)
     except tomllib.TOMLDecodeError as err:
@@ -207,4 +245,4 @@ def load_settings(config: str | None = None, start: str = ".") -> Settings:
     table = document.get("tool", {}).get("check-debug", {})
     if not isinstance(table, dict):
         raise ConfigError(f"[tool.check-debug] in {path} must be a table")
-    return settings_from_table(table, str(path.parent.resolve()))
+    return table

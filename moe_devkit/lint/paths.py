@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterable, Iterator
 
 from moe_devkit.lint.config import Settings
@@ -31,6 +30,8 @@ def repository_files(directory: str = ".") -> list[str]:
     Raises:
         PathError: when git is missing or `directory` is not inside a git work tree.
     """
+    import subprocess  # only without paths: the hook always passes them
+
     command = [*GIT_LS_FILES, "--", *(f"*{suffix}" for suffix in PYTHON_SUFFIXES)]
     try:
         listed = subprocess.run(command, cwd=directory, capture_output=True, check=False)
