@@ -22,6 +22,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from moe_devkit._checks import describe_value
+
 
 class _OpCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Counts every aten operator dispatched (after autograd, before the kernels)."""
@@ -139,7 +141,7 @@ class Gates:
                 with the field's name, e.g. ``ops: expected a non-negative integer; got -1``.
         """
         if not isinstance(data, Mapping):
-            raise ValueError(f"expected an object of gates; got {_describe(data)}")
+            raise ValueError(f"expected an object of gates; got {describe_value(data)}")
         fields = {"ops", "flops", "host_syncs", "memory_growth", "top_ops"}
         missing = sorted(fields - {"top_ops"} - set(data))
         unknown = sorted(set(data) - fields)
@@ -149,7 +151,7 @@ class Gates:
         top_ops = data.get("top_ops", {})
         if not isinstance(top_ops, Mapping):
             raise ValueError(
-                f"top_ops: expected an object of op -> count; got {_describe(top_ops)}"
+                f"top_ops: expected an object of op -> count; got {describe_value(top_ops)}"
             )
         host_syncs = data["host_syncs"]
         return cls(
@@ -161,24 +163,15 @@ class Gates:
         )
 
 
-def _describe(value: object) -> str:
-    """A JSON-minded description of ``value`` for error messages: ``'x' (a string)``."""
-    kinds = {bool: "true/false", str: "a string", int: "an integer", float: "a number",
-             list: "an array", dict: "an object", type(None): "null"}  # fmt: skip
-    kind = kinds.get(type(value), type(value).__name__)
-    text = repr(value)
-    return f"{text[:40]}... ({kind})" if len(text) > 40 else f"{text} ({kind})"
-
-
 def _count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected a non-negative integer; got {_describe(value)}")
+        raise ValueError(f"{name}: expected a non-negative integer; got {describe_value(value)}")
     return value
 
 
 def _finite(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number; got {_describe(value)}")
+        raise ValueError(f"{name}: expected a finite number; got {describe_value(value)}")
     return float(value)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moe_devkit._checks import describe_value
 from moe_devkit.reporting import write_atomic
 
 SCHEMA = "moe-devkit-perf-baseline"
@@ -139,22 +140,23 @@ def _parse(data: bytes) -> object:
 def _check_file(data: object, device: str | None) -> dict[str, dict[str, Any]]:
     """The entries of a parsed baseline file, every field checked."""
     if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object at the top level; got {_describe(data)}")
+        raise ValueError(f"expected a JSON object at the top level; got {describe_value(data)}")
     if data.get("schema") != SCHEMA:
         raise ValueError(
             f'not a perf baseline file: expected "schema": {SCHEMA!r}; '
-            f"got {_describe(data.get('schema'))}"
+            f"got {describe_value(data.get('schema'))}"
         )
     if data.get("version") != SCHEMA_VERSION or isinstance(data.get("version"), bool):
         raise ValueError(
-            f"baseline version must be {SCHEMA_VERSION}; got {_describe(data.get('version'))} "
+            f"baseline version must be {SCHEMA_VERSION}; got {describe_value(data.get('version'))} "
             "(rewrite it with --update-baseline)"
         )
     _check_fields("the top level", data, FILE_FIELDS)
     entries = data["entries"]
     if not isinstance(entries, dict):
         raise ValueError(
-            f"entries: expected an object of environment key -> entry; got {_describe(entries)}"
+            "entries: expected an object of environment key -> entry; "
+            f"got {describe_value(entries)}"
         )
     for key, entry in entries.items():
         _check_entry(key, entry, device)
@@ -165,7 +167,7 @@ def _check_entry(key: str, entry: object, device: str | None) -> None:
     where = f"entries[{key!r}]"
     if not isinstance(entry, dict):
         raise ValueError(
-            f"{where}: expected an object of {list(ENTRY_FIELDS)}; got {_describe(entry)}"
+            f"{where}: expected an object of {list(ENTRY_FIELDS)}; got {describe_value(entry)}"
         )
     _check_fields(where, entry, ENTRY_FIELDS)
     _check_environment(where, key, entry["environment"], device)
@@ -173,7 +175,7 @@ def _check_entry(key: str, entry: object, device: str | None) -> None:
     cases = entry["cases"]
     if not isinstance(cases, dict):
         raise ValueError(
-            f"{where}.cases: expected an object of case -> timings; got {_describe(cases)}"
+            f"{where}.cases: expected an object of case -> timings; got {describe_value(cases)}"
         )
     for name, case in cases.items():
         _check_case(f"{where}.cases[{name!r}]", case)
@@ -183,12 +185,12 @@ def _check_environment(where: str, key: str, env: object, device: str | None) ->
     where = f"{where}.environment"
     if not isinstance(env, dict):
         raise ValueError(
-            f"{where}: expected an object of {list(ENVIRONMENT_FIELDS)}; got {_describe(env)}"
+            f"{where}: expected an object of {list(ENVIRONMENT_FIELDS)}; got {describe_value(env)}"
         )
     _check_fields(where, env, ENVIRONMENT_FIELDS)
     for name, value in env.items():
         if not isinstance(value, str):
-            raise ValueError(f"{where}.{name}: expected a string; got {_describe(value)}")
+            raise ValueError(f"{where}.{name}: expected a string; got {describe_value(value)}")
     if environment_key(env) != key:
         raise ValueError(
             f"{where}: expected the entry's key {environment_key(env)!r}; got the key {key!r}"
@@ -203,7 +205,7 @@ def _check_environment(where: str, key: str, env: object, device: str | None) ->
 def _check_case(where: str, case: object) -> None:
     if not isinstance(case, dict):
         raise ValueError(
-            f"{where}: expected an object of {list(CASE_FIELDS)}; got {_describe(case)}"
+            f"{where}: expected an object of {list(CASE_FIELDS)}; got {describe_value(case)}"
         )
     _check_fields(where, case, CASE_FIELDS)
     for clock in ("wall", "cpu"):
@@ -212,7 +214,7 @@ def _check_case(where: str, case: object) -> None:
         if not (number and math.isfinite(value) and value > 0):
             raise ValueError(
                 f"{where}.{clock}: expected seconds per call, a finite number > 0; "
-                f"got {_describe(value)}"
+                f"got {describe_value(value)}"
             )
     if case["gates"] != {}:
         from moe_devkit.diagnostics.perf_gates import Gates  # torch, only for stored gates
@@ -238,13 +240,6 @@ def _check_date(where: str, value: object) -> None:
     except ValueError:
         ok = False
     if not ok:
-        raise ValueError(f"{where}: expected an ISO-8601 date and time; got {_describe(value)}")
-
-
-def _describe(value: object) -> str:
-    """``value`` for an error message, with its JSON kind: ``'x' (a string)``."""
-    kinds = {bool: "true/false", str: "a string", int: "an integer", float: "a number",
-             list: "an array", dict: "an object", type(None): "null"}  # fmt: skip
-    kind = kinds.get(type(value), type(value).__name__)
-    text = repr(value)
-    return f"{text[:40]}... ({kind})" if len(text) > 40 else f"{text} ({kind})"
+        raise ValueError(
+            f"{where}: expected an ISO-8601 date and time; got {describe_value(value)}"
+        )
