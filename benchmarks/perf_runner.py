@@ -22,7 +22,12 @@ from moe_devkit.cli import writing
 from moe_devkit.diagnostics.perf_gates import Gates, compare_gates
 from moe_devkit.diagnostics.perf_stats import median_or_nan
 from moe_devkit.diagnostics.perf_store import BaselineStore, environment
-from moe_devkit.diagnostics.perf_worker import RevisionError, WorkerProcess, export_revision
+from moe_devkit.diagnostics.perf_worker import (
+    CorePlacement,
+    RevisionError,
+    WorkerProcess,
+    export_revision,
+)
 from moe_devkit.diagnostics.regression import (
     ABSchedule,
     DecisionPolicy,
@@ -45,12 +50,19 @@ def _schedule(args: argparse.Namespace) -> tuple[DecisionPolicy, ABSchedule]:
 
 def _worker_args(args: argparse.Namespace) -> list[str]:
     out = ["--device", args.device, "--threads", str(args.threads)]
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cpus) > 1 and args.threads == 1:
-        # Both workers on one and the same core: they run in turns, and a worker left on
-        # the core that the parent or another process favours would be timed slower.
-        out += ["--pin-cpu", str(cpus[-1])]
     return out + (["--quick"] if args.quick else [])
+
+
+def _placement(
+    args: argparse.Namespace, cand: WorkerProcess, base: WorkerProcess | None
+) -> CorePlacement | None:
+    """Both single-threaded workers on one and the same core, the quietest (they run in
+    turns there, so neither is favoured by where it runs, and each case moves them away
+    from a core that another process keeps busy); None for multi-threaded workers."""
+    if args.threads != 1 or not hasattr(os, "sched_getaffinity"):
+        return None
+    placement = CorePlacement([w for w in (cand, base) if w is not None])
+    return placement if len(placement.cpus) > 1 else None
 
 
 def run_suite(args: argparse.Namespace, console: Console) -> int:
@@ -76,13 +88,14 @@ def _run_cases(
     policy, schedule = _schedule(args)
     clock = "wall" if args.device == "cuda" else "cpu"
     cand, base = start_workers(args, baseline_tree)
+    placement = _placement(args, cand, base)
     rows = []
     try:
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("perf cases", total=len(cases))
             for case in cases:
                 progress.update(task, description=f"perf {case}")
-                rows.append(_run_case(case, cand, base, policy, schedule, clock))
+                rows.append(_run_case(case, cand, base, policy, schedule, clock, placement))
                 progress.advance(task)
     finally:
         cand.close()
@@ -109,6 +122,7 @@ def _run_case(
     policy: DecisionPolicy,
     schedule: ABSchedule,
     clock: str,
+    placement: CorePlacement | None = None,
 ) -> dict[str, Any]:
     setup = cand.request({"op": "setup", "case": case})
     if "skip" in setup:
@@ -129,11 +143,15 @@ def _run_case(
         return row
     base_faults: list[float] = []
     cand_faults: list[float] = []
+    moves = placement.moves if placement else 0
     comparison = compare_interleaved(
         case, base.sampler(case, base_faults), cand.sampler(case, cand_faults),
         clock="wall" if clock == "wall" else "cpu", policy=policy, schedule=schedule,
+        settle=placement.settle if placement else None,
     )  # fmt: skip
     row["comparison"] = comparison.to_dict()
+    if placement is not None:
+        row["placement"] = {"cpu": placement.cpu, "moves": placement.moves - moves}
     # Page faults per call, median over samples: both near 0 unless the allocator hands
     # buffers back to the system between calls (perf_worker.ALLOCATOR_ENV).
     row["page_faults"] = {

@@ -27,7 +27,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -254,8 +253,6 @@ def worker_main(args: argparse.Namespace) -> int:
     """Serves JSON-line requests (see moe_devkit.diagnostics.perf_worker) on stdin/stdout."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.pin_cpu is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {args.pin_cpu})
     builder = CaseBuilder(args.device, args.quick)
     gates = _load_gates(args.gates_file)
     fns: dict[str, Fn | str] = {}
@@ -322,7 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=non_negative_int, default=1, help="torch threads on CPU (0: keep)"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--pin-cpu", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gates-file", default=str(GATES_FILE), help=argparse.SUPPRESS)
     return parser
 

@@ -114,3 +114,144 @@ def test_a_worker_in_its_steady_state_does_not_page_fault(case: str) -> None:
             worker.request({"op": "sample", "case": case, "number": 5})["faults"] for _ in range(7)
         ]
     assert statistics.median(faults) < 16, faults  # a rare sample grows Python's own heap
+
+
+# ----------------------------------------------------------------------------- placement
+
+STAT = """cpu  500 0 200 9000 10 0 5 0 0 0
+cpu0 100 0 50 4500 5 0 2 3 7 0
+cpu1 400 0 150 4500 5 0 3 0 0 0
+intr 12345
+"""
+
+
+def test_cpu_ticks_count_steal_as_busy_and_io_wait_as_idle() -> None:
+    ticks = perf_worker.parse_cpu_ticks(STAT)
+    assert ticks == {0: (100 + 50 + 2 + 3, 4660), 1: (400 + 150 + 3, 5058)}  # guest not again
+
+
+def _ticks(*frames: dict[int, tuple[int, int]]) -> Any:
+    it = iter(frames)
+    return lambda: next(it)
+
+
+def test_quietest_cpu_picks_the_least_busy_and_keeps_a_near_tie() -> None:
+    start = {0: (0, 0), 1: (0, 0), 2: (0, 0)}
+    window = {0: (25, 25), 1: (2, 25), 2: (4, 25)}  # cpu 0 busy, 1 and 2 nearly idle
+    pick = perf_worker.quietest_cpu
+    assert pick([0, 1, 2], read=_ticks(start, window), sleep=lambda s: None) == 1
+    # cpu 2 is within the margin of the quietest: the workers stay where they are
+    assert pick([0, 1, 2], prefer=2, read=_ticks(start, window), sleep=lambda s: None) == 2
+    assert pick([0, 1, 2], prefer=0, read=_ticks(start, window), sleep=lambda s: None) == 1
+    # only the allowed cpus count, and no /proc/stat means no choice
+    assert pick([0, 2], read=_ticks(start, window), sleep=lambda s: None) == 2
+    assert pick([0, 1], read=_ticks(None, None), sleep=lambda s: None) is None
+
+
+needs_two_cpus = pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2
+    or not os.path.exists("/proc/stat"),
+    reason="needs Linux affinity, /proc/stat and two cpus",
+)  # fmt: skip
+
+BUSY = "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end: pass\n"
+
+
+@needs_two_cpus
+def test_quietest_cpu_sees_a_busy_loop_on_a_cpu() -> None:
+    """A process spinning on one cpu makes that cpu busy in the window: placement never
+    picks it while another cpu is free of it."""
+    import subprocess
+
+    cpus = sorted(os.sched_getaffinity(0))
+    busy_cpu = cpus[-1]
+    proc = subprocess.Popen([sys.executable, "-c", BUSY])
+    try:
+        os.sched_setaffinity(proc.pid, {busy_cpu})
+        ticks: list[Any] = []
+
+        def read() -> Any:
+            ticks.append(perf_worker.read_cpu_ticks())
+            return ticks[-1]
+
+        chosen = perf_worker.quietest_cpu(cpus, prefer=busy_cpu, window_s=0.5, read=read)
+        (b0, t0), (b1, t1) = ticks[0][busy_cpu], ticks[1][busy_cpu]
+        assert (b1 - b0) / (t1 - t0) > 0.8  # the loop's cpu was seen busy
+        assert chosen != busy_cpu or all(
+            (ticks[1][c][0] - ticks[0][c][0]) / max(1, ticks[1][c][1] - ticks[0][c][1]) > 0.7
+            for c in cpus
+        )  # moved away, unless every cpu was as busy (other users of a shared machine)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+class _PinnedWorker:
+    def __init__(self) -> None:
+        self.cpus: list[int] = []
+
+    def pin(self, cpu: int) -> None:
+        self.cpus.append(cpu)
+
+
+def test_core_placement_moves_both_workers_together() -> None:
+    choices = iter([3, 3, 0])
+    a, b = _PinnedWorker(), _PinnedWorker()
+    placement = perf_worker.CorePlacement(
+        [a, b],
+        cpus=[0, 3],
+        quietest=lambda cpus, **kw: next(choices),  # type: ignore[list-item]
+    )
+    assert placement.cpu == 3 and a.cpus == b.cpus == [3]  # the last cpu to begin with
+    placement.settle()
+    placement.settle()
+    assert placement.moves == 0 and a.cpus == [3]
+    placement.settle()
+    assert placement.cpu == 0 and placement.moves == 1 and a.cpus == b.cpus == [3, 0]
+
+
+@needs_two_cpus
+def test_a_worker_is_pinned_whole(tmp_path: Path) -> None:
+    """``WorkerProcess.pin`` moves every thread of a real worker process."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import sys, threading\n"
+        "threading.Thread(target=sys.stdin.readline, daemon=True).start()\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    worker = WorkerProcess(script, tmp_path)
+    try:
+        assert worker.proc.stdout is not None and worker.proc.stdout.readline() == "ready\n"
+        cpu = sorted(os.sched_getaffinity(0))[0]
+        worker.pin(cpu)
+        tids = [int(t) for t in os.listdir(f"/proc/{worker.proc.pid}/task")]
+        assert len(tids) == 2
+        assert all(os.sched_getaffinity(t) == {cpu} for t in tids)
+    finally:
+        worker.proc.kill()
+        worker.proc.wait()
+
+
+def test_settle_runs_before_warm_up_and_before_each_further_attempt() -> None:
+    events: list[str] = []
+    now = [0.0]
+
+    def sampler(name: str) -> Any:
+        def sample(number: int) -> Sample:
+            events.append(name)
+            now[0] += 1e-3 * number
+            return Sample(1e-3 * 2.0, 1e-3, number)  # always time-sliced: inconclusive
+
+        return sample
+
+    comp = compare_interleaved(
+        "case", sampler("b"), sampler("c"), timer=lambda: now[0],
+        schedule=ABSchedule(target_sample_s=0.002, pairs=4, warmup=1, max_attempts=3),
+        settle=lambda: events.append("settle"),
+    )  # fmt: skip
+    assert comp.attempts == 3 and comp.decision.verdict == "inconclusive"
+    assert events[0] == "settle" and events.count("settle") == 3
+    # the further settles fall between attempts: after a whole attempt of 4 pairs
+    gaps = [i for i, e in enumerate(events) if e == "settle"]
+    assert all(events[g - 8 : g].count("b") == 4 for g in gaps[1:])

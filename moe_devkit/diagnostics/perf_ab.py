@@ -110,6 +110,7 @@ def compare_interleaved(
     policy: DecisionPolicy | None = None,
     schedule: ABSchedule | None = None,
     timer: Callable[[], float] = time.perf_counter,
+    settle: Callable[[], None] | None = None,
 ) -> Comparison:
     """Samples baseline and candidate alternately and decides; repeats while inconclusive.
 
@@ -125,10 +126,15 @@ def compare_interleaved(
         policy: decision thresholds.
         schedule: sampling budget.
         timer: the clock of the budget (injectable for tests).
+        settle: called before the warm-up and before each further attempt, while neither
+            side runs (e.g. ``perf_worker.CorePlacement.settle``: move both workers to the
+            quietest CPU); its time counts in the budget.
     """
     policy, schedule = policy or DecisionPolicy(), schedule or ABSchedule()
     start = timer()
     deadline = start + schedule.budget_s
+    if settle is not None:
+        settle()
     for _ in range(schedule.warmup):
         baseline(1)
         candidate(1)
@@ -146,6 +152,8 @@ def compare_interleaved(
     attempts = 0
     decision = decide(base, cand, clock=clock, policy=policy)
     while attempts < schedule.max_attempts and timer() < deadline:
+        if attempts and settle is not None:
+            settle()
         attempts += 1
         _collect(baseline, candidate, number, schedule.pairs, deadline, timer, base, cand)
         decision = decide(base, cand, clock=clock, policy=policy)

@@ -15,6 +15,7 @@ their samples. The worker speaks JSON lines on stdin/stdout:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -22,7 +23,8 @@ import os
 import subprocess
 import sys
 import tarfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -162,6 +164,20 @@ class WorkerProcess:
 
         return sample
 
+    def pin(self, cpu: int) -> None:
+        """Moves every thread of the worker onto ``cpu`` (no-op where affinity is not
+        supported)."""
+        set_affinity = getattr(os, "sched_setaffinity", None)
+        if set_affinity is None:
+            return
+        try:
+            threads = [int(t) for t in os.listdir(f"/proc/{self.proc.pid}/task")]
+        except OSError:  # no /proc: the main thread, which the worker's threads follow
+            threads = [self.proc.pid]
+        for tid in threads:
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                set_affinity(tid, {cpu})
+
     def close(self) -> None:
         """Asks the worker to quit; kills it if it does not."""
         try:
@@ -179,3 +195,117 @@ class WorkerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------- placement
+
+CpuTicks = dict[int, tuple[int, int]]
+"""Per-CPU (busy, total) clock ticks since boot."""
+
+
+def parse_cpu_ticks(stat: str) -> CpuTicks:
+    """Per-CPU busy and total ticks from the text of Linux's ``/proc/stat``.
+
+    Busy is everything but idle and I/O wait; steal (the hypervisor running other guests)
+    counts as busy, since the CPU was not there to run on. Guest time is already in user.
+    """
+    ticks: CpuTicks = {}
+    for line in stat.splitlines():
+        name, _, rest = line.partition(" ")
+        if not (name.startswith("cpu") and name[3:].isdigit()):
+            continue
+        # user nice system idle iowait irq softirq steal (then guest, guest_nice)
+        fields = [int(v) for v in rest.split()[:8]]
+        idle = sum(fields[3:5])
+        ticks[int(name[3:])] = (sum(fields) - idle, sum(fields))
+    return ticks
+
+
+def read_cpu_ticks() -> CpuTicks | None:
+    """This machine's per-CPU ticks, or None where there is no ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as handle:
+            return parse_cpu_ticks(handle.read())
+    except OSError:
+        return None
+
+
+def quietest_cpu(
+    cpus: Collection[int],
+    *,
+    prefer: int | None = None,
+    window_s: float = 0.25,
+    margin: float = 0.1,
+    read: Callable[[], CpuTicks | None] = read_cpu_ticks,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int | None:
+    """The CPU of ``cpus`` that was least busy over the next ``window_s`` seconds.
+
+    Call it while the processes to be placed are idle: what it sees busy is everybody
+    else's work. ``prefer`` (the CPU they are on) is kept unless another CPU was quieter by
+    more than ``margin`` (a fraction of the window), so that placement does not flap
+    between two equally quiet CPUs. None where the ticks cannot be read.
+    """
+    before = read()
+    sleep(window_s)
+    after = read()
+    if not before or not after:
+        return None
+    busy: dict[int, float] = {}
+    for cpu in cpus:
+        if cpu in before and cpu in after:
+            total = after[cpu][1] - before[cpu][1]
+            busy[cpu] = (after[cpu][0] - before[cpu][0]) / total if total > 0 else 0.0
+    if not busy:
+        return None
+    best = min(busy, key=lambda c: (busy[c], c))
+    if prefer in busy and busy[prefer] <= busy[best] + margin:
+        return prefer
+    return best
+
+
+class CorePlacement:
+    """Keeps benchmark workers together on one CPU, the one other processes leave quietest.
+
+    Two workers sharing one CPU run in turns, so neither is favoured by where it runs; a
+    busy process on that CPU, though, time-slices every sample of both (the decision sets
+    such pairs aside and ends inconclusive). ``settle`` measures the CPUs while the workers
+    are idle and moves both to the quietest; call it before each batch of samples.
+
+    Args:
+        workers: the workers to keep together.
+        cpus: the CPUs they may use (default: this process's affinity).
+        window_s: how long ``settle`` watches the CPUs.
+    """
+
+    def __init__(
+        self,
+        workers: Sequence[WorkerProcess],
+        cpus: Collection[int] | None = None,
+        *,
+        window_s: float = 0.25,
+        quietest: Callable[..., int | None] = quietest_cpu,
+    ) -> None:
+        if cpus is None:
+            cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.workers = list(workers)
+        self.cpus = sorted(cpus)
+        self.window_s = window_s
+        self._quietest = quietest
+        self.cpu: int | None = self.cpus[-1] if self.cpus else None
+        self.moves = 0
+        if self.cpu is not None:
+            for worker in self.workers:
+                worker.pin(self.cpu)
+
+    def settle(self) -> None:
+        """Moves the workers to the quietest CPU, if it is not the one they are on."""
+        if len(self.cpus) < 2:
+            return
+        cpu = self._quietest(self.cpus, prefer=self.cpu, window_s=self.window_s)
+        if cpu is None or cpu == self.cpu:
+            return
+        for worker in self.workers:
+            worker.pin(cpu)
+        self.cpu = cpu
+        self.moves += 1
