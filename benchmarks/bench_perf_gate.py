@@ -18,10 +18,13 @@ The three kinds of run are interleaved (idle, busy, planted, idle, ...), so that
 machine's other users do falls on all of them alike. An identical run is a false alarm when
 any case is a "regression" or an "improvement" (or a gate counts more), inconclusive when
 none is but some case is "inconclusive", else a pass. A planted run catches the slowdown
-when a case that runs ``MoELayer.forward`` is a regression. Prints the machine, a table per
-condition (outcomes, load average, wall time) and per-case ratio ranges; ``--json`` keeps
-every run's verdicts, ratios and page faults per call. Exit 0 when identical code passes in
-at least 95% of the runs of each condition and every planted run catches the slowdown.
+when a case that runs ``MoELayer.forward`` is a regression. The verdicts are the suite's
+final ones: a difference counts only when the suite's fresh workers confirmed it (the table
+also counts those they did not). Prints the machine, a table per condition (outcomes, load
+average, wall time) and per-case ratio ranges; ``--json`` keeps every run's verdicts, ratios
+and page faults per call, and the suite's whole report (raw samples included) of each run
+that did not pass or catch the slowdown. Exit 0 when identical code passes in at least 95%
+of the runs of each condition and every planted run catches the slowdown.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class CaseResult:
     faults_candidate: float
     sliced: int = 0  # pairs set aside as time-sliced (wall/CPU over the policy's bound)
     baseline_cpu_ms: float = math.nan  # median thread CPU time per call, clean pairs
+    first_verdict: str = ""  # a difference measured again by fresh workers: the first verdict
 
 
 @dataclass
@@ -97,6 +101,8 @@ class RunResult:
     load_after: float
     cases: list[CaseResult] = field(default_factory=list)
     error: str = ""
+    report: dict[str, Any] | None = None  # the suite's whole report (samples included) of a
+    # run that did not end as it should (a false alarm, a missed or inconclusive slowdown)
 
 
 def case_results(report: dict[str, Any]) -> list[CaseResult]:
@@ -120,6 +126,9 @@ def case_results(report: dict[str, Any]) -> list[CaseResult]:
                 faults_candidate=float(faults.get("candidate", math.nan)),
                 sliced=int(decision.get("sliced", 0)),
                 baseline_cpu_ms=float(comparison.get("baseline_cpu", math.nan)) * 1e3,
+                first_verdict=row.get("first_comparison", {})
+                .get("decision", {})
+                .get("verdict", ""),
             )
         )
     return out
@@ -225,9 +234,12 @@ def suite_once(
     if code not in (0, 1) or not report.exists():
         run.error = output[-2000:]
         return run
-    run.cases = case_results(json.loads(report.read_text()))
+    doc = json.loads(report.read_text())
     report.unlink()
+    run.cases = case_results(doc)
     run.outcome = classify(condition, run.cases)
+    if run.outcome not in ("pass", "caught"):
+        run.report = doc
     return run
 
 
@@ -297,6 +309,10 @@ def print_condition(console: Console, condition: str, runs: list[RunResult]) -> 
     for name in names:
         rows = [c for r in runs for c in r.cases if c.case == name]
         verdicts = [c.verdict for c in rows if c.verdict != "pass"]
+        verdicts += [
+            f"{c.first_verdict} not confirmed" for c in rows
+            if c.first_verdict and c.first_verdict != c.verdict
+        ]  # fmt: skip
         verdicts += [f"gate {g}" for c in rows for g in c.gate_regressions]
         tally = ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)) or "-"
         faults = f"{_range([c.faults_baseline for c in rows], '.0f')} / "

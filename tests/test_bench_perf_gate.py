@@ -65,6 +65,7 @@ def test_case_results_read_a_suite_report() -> None:
                         "case": "model",
                         "status": "measured",
                         "comparison": {"decision": decision, "baseline_cpu": 0.004},
+                        "first_comparison": {"decision": {**decision, "verdict": "regression"}},
                         "page_faults": {"baseline": 0.0, "candidate": 2.0},
                         "gate_results": [
                             {"gate": "ops", "regression": False},
@@ -77,7 +78,9 @@ def test_case_results_read_a_suite_report() -> None:
         }
     }
     model, gradients = gate.case_results(report)
-    expected = gate.CaseResult("model", "pass", 1.01, 0.99, 1.03, 40, ("flops",), 0.0, 2.0, 3, 4.0)
+    expected = gate.CaseResult(
+        "model", "pass", 1.01, 0.99, 1.03, 40, ("flops",), 0.0, 2.0, 3, 4.0, "regression"
+    )
     assert model == expected
     assert gradients.verdict == "skipped"
     assert math.isnan(gradients.ratio)

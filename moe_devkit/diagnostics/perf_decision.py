@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from moe_devkit.diagnostics.perf_samples import Clock, Sample
@@ -165,3 +165,30 @@ def _decide_clean(
         verdict=verdict, ratio=ratio, ci_low=ci_low, ci_high=ci_high, p_slower=p_slower,
         p_faster=p_faster, clock=clock, pairs=len(clean), sliced=sliced, reason=reason,
     )  # fmt: skip
+
+
+def confirm(first: Decision, again: Decision) -> Decision:
+    """The verdict of a difference that was measured twice, in independent processes.
+
+    Two processes running identical code can differ by a few percent for their whole
+    lifetime (where the allocator and the loader put things), which no number of samples
+    from those two processes averages away; a real change shows again in fresh processes.
+    So a regression or an improvement stands only when ``again`` (the same comparison
+    between fresh processes) finds it too: the result is ``again`` with a reason naming both.
+    When ``again`` is inconclusive, so is the result; otherwise the difference was not
+    reproduced and the result passes, with ``again``'s statistics.
+
+    Args:
+        first: the decision that found the difference.
+        again: the decision of the repeat in fresh processes.
+    """
+    if first.verdict not in ("regression", "improvement"):
+        return first
+    if again.verdict == first.verdict:
+        reason = f"{again.reason}; confirmed in fresh processes (first: {first.reason})"
+        return replace(again, reason=reason)
+    if again.verdict == "inconclusive":
+        reason = f"{first.verdict} not confirmed: fresh processes inconclusive ({again.reason})"
+        return replace(again, reason=reason)
+    reason = f"{first.verdict} ({first.reason}) not reproduced in fresh processes: {again.reason}"
+    return replace(again, verdict="pass", reason=reason)

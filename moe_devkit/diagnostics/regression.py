@@ -32,6 +32,7 @@ from moe_devkit.diagnostics.perf_decision import (
     Decision,
     DecisionPolicy,
     Verdict,
+    confirm,
     decide,
 )
 from moe_devkit.diagnostics.perf_monitor import MetricRegression, PerformanceMonitor
@@ -58,6 +59,7 @@ __all__ = [
     "calibrate",
     "callable_sampler",
     "compare_interleaved",
+    "confirm",
     "decide",
     "mann_whitney_greater",
     "signed_rank_greater",

@@ -22,11 +22,14 @@ from moe_devkit.diagnostics.perf_gates import (
 from moe_devkit.diagnostics.perf_store import BaselineStore, environment, environment_key
 from moe_devkit.diagnostics.regression import (
     ABSchedule,
+    Decision,
     DecisionPolicy,
     PerformanceMonitor,
     Sample,
+    Verdict,
     callable_sampler,
     compare_interleaved,
+    confirm,
     decide,
     mann_whitney_greater,
     signed_rank_greater,
@@ -283,3 +286,36 @@ def test_monitor_names_the_bad_argument(
 def test_monitor_checks_its_settings(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PerformanceMonitor(**kwargs)
+
+
+def _decision(verdict: Verdict, ratio: float = 1.0) -> Decision:
+    return Decision(
+        verdict=verdict, ratio=ratio, ci_low=ratio - 0.02, ci_high=ratio + 0.02, p_slower=0.5,
+        p_faster=0.5, clock="cpu", pairs=40, sliced=0, reason=f"{verdict} at {ratio}",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("first", "again", "final"),
+    [
+        ("regression", "regression", "regression"),
+        ("improvement", "improvement", "improvement"),
+        ("regression", "pass", "pass"),
+        ("regression", "improvement", "pass"),  # opposite directions: neither is real
+        ("improvement", "regression", "pass"),
+        ("regression", "inconclusive", "inconclusive"),
+    ],
+)
+def test_a_difference_stands_only_when_fresh_processes_find_it_again(
+    first: Verdict, again: Verdict, final: str
+) -> None:
+    result = confirm(_decision(first, 1.06), _decision(again, 1.01))
+    assert result.verdict == final
+    assert result.ratio == 1.01  # the repeat's statistics
+    assert first in result.reason and again in result.reason
+
+
+def test_confirm_leaves_a_decision_without_a_difference_alone() -> None:
+    for verdict in ("pass", "inconclusive"):
+        first = _decision(verdict)  # type: ignore[arg-type]
+        assert confirm(first, _decision("regression", 1.2)) is first
