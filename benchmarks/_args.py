@@ -1,6 +1,6 @@
 """Argument checks shared by the benchmark scripts: a bad option is one usage line, exit 2.
 
-argparse types (``positive_int``, ``non_negative_int`` from ``moe_devkit.cli``, and
+argparse types (``positive_int``, ``non_negative_int`` from ``moe_devkit.commands.common``, and
 ``positive_float``) make argparse itself print ``script: error: argument --reps: expected a
 positive integer; got '0'``; the ``check_*`` functions run after parsing, before any work,
 and end in ``parser.error``.
@@ -12,7 +12,7 @@ import argparse
 import math
 import os
 
-from moe_devkit.cli import UsageError, check_output, non_negative_int, positive_int
+from moe_devkit.commands.common import UsageError, check_output, non_negative_int, positive_int
 
 __all__ = [
     "check_device",
@@ -86,7 +86,8 @@ def check_output_path(
     directory: bool = False,
 ) -> None:
     """Exits with a usage error now, before the run, when ``path`` could not be written at
-    its end (``moe_devkit.cli.check_output``: parent created and probed). None: no output."""
+    its end (``moe_devkit.commands.common.check_output``: parent created and probed).
+    None: no output."""
     if path is None:
         return
     if not str(path):

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from moe_devkit.cli import writing
+from moe_devkit.commands.common import writing
 from moe_devkit.diagnostics.perf_gates import Gates, compare_gates
 from moe_devkit.diagnostics.perf_stats import median_or_nan
 from moe_devkit.diagnostics.perf_store import BaselineStore, environment

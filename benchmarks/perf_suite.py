@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))  # the parent always uses the working tree's package
     from perf_runner import run_suite  # type: ignore[import-not-found]
 
-    from moe_devkit.cli import UsageError
+    from moe_devkit.commands.common import UsageError
 
     try:
         result: int = run_suite(args, console)

@@ -7,20 +7,16 @@ A user's mistake prints one clear line, never a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import importlib.util
-import math
-import os
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from moe_devkit._argparse import ArgumentParser
+from moe_devkit.commands.common import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -28,10 +24,6 @@ if TYPE_CHECKING:
 # What the diagnostics commands import beside torch or JAX; the core install (the check-debug
 # hook's) has none of them, and the extras bring them.
 DIAGNOSTICS_MODULES = ("numpy", "rich", "matplotlib")
-
-
-class UsageError(Exception):
-    """A mistake in the command line or its environment; printed as one line, exit 2."""
 
 
 @dataclass(frozen=True)
@@ -60,82 +52,6 @@ class Command:
         names = " and ".join([", ".join(missing[:-1]), missing[-1]] if missing[1:] else missing)
         install = f"pip install 'moe-devkit[{self.extra}]'"
         return f"this command needs {names}, not installed here: `{install}`"
-
-
-def _int_at_least(text: str, low: int, kind: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = low - 1
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected {kind}; got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1, "a positive integer")
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0, "a non-negative integer")
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
-    return value
-
-
-def check_output(
-    path: str | os.PathLike[str], *, directory: bool, flag: str = "--out", create: bool = True
-) -> None:
-    """Raises UsageError now, before any work runs, when ``path`` could not be written later.
-
-    ``directory``: the option names a directory that will hold files, else one file. With
-    ``create`` the directory (or the file's parent) is then made and a probe file created
-    in it and removed, so that what the checks cannot see (a file system that refuses
-    writes, even to root) also shows before the work.
-    """
-    target = Path(path)
-    name = f"{flag} {str(target)!r}"
-    if directory and target.exists() and not target.is_dir():
-        raise UsageError(f"{flag} must be a directory; {str(target)!r} is a file")
-    if not directory and target.is_dir():
-        raise UsageError(f"{flag} must be a file path; {str(target)!r} is a directory")
-    existing = target if directory else target.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{name} cannot be created: {str(existing)!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{name} cannot be written: {str(existing)!r} is read-only")
-    if not directory and target.exists() and not os.access(target, os.W_OK):
-        raise UsageError(f"{name} cannot be written: the file is read-only")
-    if create:
-        folder = target if directory else target.parent
-        with writing(target, flag):
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".moe-devkit-probe.", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
-
-
-@contextlib.contextmanager
-def writing(path: str | os.PathLike[str], flag: str = "--out") -> Iterator[None]:
-    """Turns an OSError while writing the output at ``path`` into a UsageError naming ``flag``
-    (what ``check_output`` cannot foresee: a full disk, a mount gone read-only)."""
-    try:
-        yield
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise UsageError(f"{flag} {str(path)!r} cannot be written: {reason}") from None
 
 
 def check_device(args: argparse.Namespace) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_devkit.cli import UsageError, check_output, main
+from moe_devkit.cli import main
+from moe_devkit.commands.common import UsageError, check_output
 
 
 def test_diagnose_prints_utilization_and_k_histogram(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from moe_devkit.cli import UsageError
 from moe_devkit.commands._torch import step_progress
+from moe_devkit.commands.common import UsageError
 
 if TYPE_CHECKING:
     from moe_devkit.config import RouterConfig

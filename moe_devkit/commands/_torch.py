@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import Progress
 
-from moe_devkit.cli import UsageError, positive_int
+from moe_devkit.commands.common import UsageError, positive_int
 
 if TYPE_CHECKING:
     import torch

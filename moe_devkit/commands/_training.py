@@ -6,7 +6,6 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from moe_devkit.cli import check_output, positive_float, positive_int, writing
 from moe_devkit.commands._torch import (
     add_device_arguments,
     add_router_arguments,
@@ -15,6 +14,7 @@ from moe_devkit.commands._torch import (
     resolve_dtype,
     router_config,
 )
+from moe_devkit.commands.common import check_output, positive_float, positive_int, writing
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping

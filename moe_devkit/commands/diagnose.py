@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from moe_devkit.cli import check_output, positive_int, writing
 from moe_devkit.commands._torch import (
     add_device_arguments,
     add_router_arguments,
@@ -21,6 +20,7 @@ from moe_devkit.commands._torch import (
     step_progress,
 )
 from moe_devkit.commands._verdict import print_verdict
+from moe_devkit.commands.common import check_output, positive_int, writing
 
 if TYPE_CHECKING:
     import torch

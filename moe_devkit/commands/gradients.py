@@ -7,7 +7,6 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from moe_devkit.cli import positive_int
 from moe_devkit.commands._training import (
     add_training_arguments,
     build_model,
@@ -15,6 +14,7 @@ from moe_devkit.commands._training import (
     write_report,
 )
 from moe_devkit.commands._verdict import print_verdict
+from moe_devkit.commands.common import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

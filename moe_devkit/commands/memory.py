@@ -8,13 +8,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from moe_devkit.cli import UsageError
 from moe_devkit.commands._training import (
     add_training_arguments,
     build_model,
     training_step,
     write_report,
 )
+from moe_devkit.commands.common import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

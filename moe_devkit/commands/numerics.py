@@ -11,13 +11,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from moe_devkit.cli import UsageError, positive_int
 from moe_devkit.commands._training import (
     add_training_arguments,
     build_model,
     training_step,
     write_report,
 )
+from moe_devkit.commands.common import UsageError, positive_int
 
 if TYPE_CHECKING:
     import torch

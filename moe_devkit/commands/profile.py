@@ -9,13 +9,6 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from moe_devkit.cli import (
-    check_output,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    writing,
-)
 from moe_devkit.commands._torch import (
     add_device_arguments,
     add_router_arguments,
@@ -23,6 +16,13 @@ from moe_devkit.commands._torch import (
     resolve_device,
     resolve_dtype,
     router_config,
+)
+from moe_devkit.commands.common import (
+    check_output,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    writing,
 )
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from moe_devkit.cli import UsageError, check_output, writing
+from moe_devkit.commands.common import UsageError, check_output, writing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
