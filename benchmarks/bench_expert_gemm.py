@@ -26,8 +26,8 @@ import torch
 from _args import check_output_path, positive_int
 from bench_moe_layer import PRESETS, build_layers, machine_name
 
+from moe_devkit.kernels import triton_dispatch, triton_experts
 from moe_devkit.reporting import write_atomic
-from moe_devkit.routers import triton_dispatch, triton_experts
 from moe_devkit.routers.torch_router import SwiGLUExperts, _sort_pairs
 
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from _args import check_output_path, non_negative_int, positive_int
 
+from moe_devkit.kernels import triton_grouped
 from moe_devkit.reporting import write_atomic
-from moe_devkit.routers import triton_grouped
 
 Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

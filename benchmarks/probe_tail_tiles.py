@@ -33,7 +33,7 @@ import torch
 from bench_expert_gemm import experts_path, graphed
 from bench_moe_layer import build_layers, machine_name
 
-from moe_devkit.routers import triton_experts
+from moe_devkit.kernels import triton_experts
 from moe_devkit.routers.torch_router import _sort_pairs
 
 try:

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_devkit.inspect.fused_update import is_available as fused_update_available
-from moe_devkit.inspect.fused_update import token_stats
+from moe_devkit.kernels.inspector_update import is_available as fused_update_available
+from moe_devkit.kernels.inspector_update import token_stats
 from moe_devkit.routers.torch_router import RoutingDecision, count_values
 
 

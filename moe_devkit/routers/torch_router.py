@@ -35,7 +35,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from moe_devkit.config import RouterConfig
-from moe_devkit.routers import triton_dispatch, triton_experts, triton_grouped, triton_router
+from moe_devkit.kernels import triton_dispatch, triton_experts, triton_grouped, triton_router
 
 STAGES: tuple[str, ...] = ("complexity", "gating", "select_k", "dispatch", "experts", "combine")
 """Routing stages, each wrapped in a ``record_function`` span named ``"moe." + stage``."""

@@ -1,7 +1,7 @@
-"""Triton kernel behind ``fused_update``; imported only once Triton is known to be there.
+"""Triton kernel behind ``inspector_update``; imported only once Triton is known to be there.
 
 Kept apart so that ``@triton.jit`` runs at first use (compiled, or interpreted when
-``TRITON_INTERPRET=1`` was set before), as in ``moe_devkit.routers._triton_grouped_kernels``.
+``TRITON_INTERPRET=1`` was set before), as in ``moe_devkit.kernels._triton_grouped_kernels``.
 """
 
 # mypy: disable-error-code="misc, no-untyped-def, untyped-decorator"
@@ -15,7 +15,7 @@ import triton.language as tl  # type: ignore[import-not-found, import-untyped, u
 # Combine functions for tl.reduce: the interpreter runs them with numpy, and they are not
 # triton.language's own @jit helpers (tl.sum, tl.min...), which the interpreter cannot call
 # when triton was imported before TRITON_INTERPRET=1 was set.
-from moe_devkit.routers._triton_combine import _add, _max, _min
+from moe_devkit.kernels._triton_combine import _add, _max, _min
 
 
 @triton.jit

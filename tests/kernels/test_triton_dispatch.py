@@ -17,7 +17,7 @@ from triton_support import (  # sets TRITON_INTERPRET first
 )
 
 from moe_devkit.config import RouterConfig
-from moe_devkit.routers import triton_dispatch, triton_grouped
+from moe_devkit.kernels import triton_dispatch, triton_grouped
 from moe_devkit.routers.torch_router import MoELayer, StaticTopKRouter
 
 pytestmark = needs_triton
@@ -107,7 +107,7 @@ def test_plan_gives_the_rows_of_a_stable_sort(
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter only")
 def test_plan_works_when_triton_was_imported_first() -> None:
     run_interpreted_after_triton_import(
-        "from moe_devkit.routers import triton_dispatch\n"
+        "from moe_devkit.kernels import triton_dispatch\n"
         "indices = torch.tensor([[1, -1], [0, 1]])\n"
         "plan = triton_dispatch.plan(indices, indices < -1, torch.ones(2, 2), 2)\n"
         "assert plan.offsets.tolist() == [1, 3], plan\n"

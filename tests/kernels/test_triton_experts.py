@@ -18,7 +18,7 @@ from triton_support import (  # sets TRITON_INTERPRET first
 )
 
 from moe_devkit.config import RouterConfig
-from moe_devkit.routers import triton_experts
+from moe_devkit.kernels import triton_experts
 from moe_devkit.routers.torch_router import MoELayer, StaticTopKRouter
 
 pytestmark = [
@@ -95,7 +95,7 @@ def test_supports_only_16_bit_tile_aligned_weight_stacks() -> None:
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter only")
 def test_kernel_works_when_triton_was_imported_first() -> None:
     run_interpreted_after_triton_import(
-        "from moe_devkit.routers import triton_experts\n"
+        "from moe_devkit.kernels import triton_experts\n"
         "blocks = triton_experts.ExpertBlocks(m=16, n=16, k=16, programs=2)\n"
         "a, w = torch.ones(5, 16).half(), torch.ones(2, 16, 16).half()\n"
         "offs = torch.tensor([2, 3], dtype=torch.int32)\n"

@@ -24,7 +24,7 @@ from triton_support import (  # sets TRITON_INTERPRET first
 )
 
 from moe_devkit.config import RouterConfig
-from moe_devkit.routers import triton_router
+from moe_devkit.kernels import triton_router
 from moe_devkit.routers.torch_router import (
     DynamicMoERouter,
     MoELayer,
@@ -243,7 +243,7 @@ def test_grad_enabled_and_too_many_experts_take_the_pytorch_path(route_calls: li
 def test_interpreter_works_when_triton_was_imported_first() -> None:
     run_interpreted_after_triton_import(
         "from moe_devkit.config import RouterConfig\n"
-        "from moe_devkit.routers import triton_router\n"
+        "from moe_devkit.kernels import triton_router\n"
         "from moe_devkit.routers.torch_router import DynamicMoERouter\n"
         "triton_router.INTERPRET_ON_CPU = True\n"
         "calls = []\n"

@@ -21,8 +21,9 @@ if not HAS_CUDA:  # before the kernels are first built (they are built lazily)
 from triton_support import run_interpreted_after_triton_import  # noqa: E402
 
 from moe_devkit.config import RouterConfig  # noqa: E402
-from moe_devkit.routers import torch_router, triton_grouped  # noqa: E402
-from moe_devkit.routers.triton_grouped import BlockSizes, grouped_mm  # noqa: E402
+from moe_devkit.kernels import triton_grouped  # noqa: E402
+from moe_devkit.kernels.triton_grouped import BlockSizes, grouped_mm  # noqa: E402
+from moe_devkit.routers import torch_router  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -152,7 +153,7 @@ def test_experts_match_looped_fallback() -> None:
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter only")
 def test_interpreter_works_when_triton_was_imported_first() -> None:
     run_interpreted_after_triton_import(
-        "from moe_devkit.routers.triton_grouped import BlockSizes, grouped_mm\n"
+        "from moe_devkit.kernels.triton_grouped import BlockSizes, grouped_mm\n"
         "a, b = torch.ones(5, 3), torch.ones(2, 3, 4)\n"
         "offs = torch.tensor([2, 4], dtype=torch.int32)\n"
         "out = grouped_mm(a, b, offs, blocks=BlockSizes(2, 2, 2, num_warps=1))\n"

@@ -83,7 +83,7 @@ def is_available(device: torch.device | str | None = None) -> bool:
 
 @functools.cache
 def _kernels() -> ModuleType:
-    from moe_devkit.routers import _triton_grouped_kernels
+    from moe_devkit.kernels import _triton_grouped_kernels
 
     return _triton_grouped_kernels
 

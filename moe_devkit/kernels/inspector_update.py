@@ -8,7 +8,7 @@ about 100 us of GPU time on a side stream, where they compete with the model's k
 computed with the same float64 arithmetic, and the float64 sums differ only in summation
 order.
 
-Triton is imported only when the kernel is first needed (see ``moe_devkit.routers.
+Triton is imported only when the kernel is first needed (see ``moe_devkit.kernels.
 triton_grouped``); with ``TRITON_INTERPRET=1`` set before that, the kernel runs in Triton's
 interpreter on CPU tensors (the tests use this).
 """
@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from moe_devkit.routers import triton_grouped
+from moe_devkit.kernels import triton_grouped
 
 __all__ = ["is_available", "token_stats"]
 
@@ -32,9 +32,9 @@ def is_available(device: torch.device) -> bool:
 
 @functools.cache
 def _kernels() -> ModuleType:
-    from moe_devkit.inspect import _triton_update
+    from moe_devkit.kernels import _triton_inspector_update
 
-    return _triton_update
+    return _triton_inspector_update
 
 
 _BLOCK = 256  # tokens per loop iteration of a program

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from moe_devkit.routers import triton_grouped
+from moe_devkit.kernels import triton_grouped
 
 __all__ = [
     "PLAN_MAX_EXPERTS",
@@ -57,7 +57,7 @@ def is_available(device: torch.device) -> bool:
 
 @functools.cache
 def _kernels() -> ModuleType:
-    from moe_devkit.routers import _triton_dispatch_kernels
+    from moe_devkit.kernels import _triton_dispatch_kernels
 
     return _triton_dispatch_kernels
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from moe_devkit.routers import triton_grouped
+from moe_devkit.kernels import triton_grouped
 
 __all__ = ["ExpertBlocks", "grouped_mm", "is_available", "supports"]
 
@@ -102,7 +102,7 @@ def supports(a: torch.Tensor, b: torch.Tensor, blocks: ExpertBlocks | None = Non
 
 @functools.cache
 def _kernels() -> ModuleType:
-    from moe_devkit.routers import _triton_experts_kernels
+    from moe_devkit.kernels import _triton_experts_kernels
 
     return _triton_experts_kernels
 

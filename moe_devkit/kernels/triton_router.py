@@ -31,7 +31,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from moe_devkit.config import RouterConfig
-from moe_devkit.routers import triton_grouped
+from moe_devkit.kernels import triton_grouped
 
 __all__ = [
     "MAX_EXPERTS",
@@ -115,7 +115,7 @@ def supports(num_experts: int) -> bool:
 
 @functools.cache
 def _kernels() -> ModuleType:
-    from moe_devkit.routers import _triton_router_kernels
+    from moe_devkit.kernels import _triton_router_kernels
 
     return _triton_router_kernels
 

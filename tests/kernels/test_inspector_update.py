@@ -10,8 +10,8 @@ import pytest
 import torch
 from triton_support import DEVICE, needs_triton  # sets TRITON_INTERPRET first
 
-from moe_devkit.inspect import fused_update
 from moe_devkit.inspect.inspector import InspectorConfig, LayerState
+from moe_devkit.kernels import inspector_update
 
 pytestmark = needs_triton
 
@@ -61,5 +61,5 @@ def test_layouts_the_kernel_does_not_read_fall_back_to_pytorch() -> None:
     indices, complexity, nonfinite, k, dropped, lb, z = decision(5, 4, 2, 0)
     state = states(4, 2, InspectorConfig())[0]._state_tensors()
     odd = (indices, complexity, nonfinite, k, dropped[:, :1], lb, z)  # dropped of another shape
-    assert not fused_update.token_stats(odd, state, complexity_bins=20, max_k=2)
+    assert not inspector_update.token_stats(odd, state, complexity_bins=20, max_k=2)
     assert int(state["counts"].sum()) == 0

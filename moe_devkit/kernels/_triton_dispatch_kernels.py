@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton  # type: ignore[import-not-found, import-untyped, unused-ignore]
 import triton.language as tl  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
-from moe_devkit.routers._triton_combine import _add
+from moe_devkit.kernels._triton_combine import _add
 
 
 @triton.jit

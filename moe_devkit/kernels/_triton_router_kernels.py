@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton  # type: ignore[import-not-found, import-untyped, unused-ignore]
 import triton.language as tl  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
-from moe_devkit.routers._triton_combine import _add, _max, _min
+from moe_devkit.kernels._triton_combine import _add, _max, _min
 
 
 @triton.jit
