@@ -15,9 +15,9 @@ import time
 
 import torch
 from _args import check_device, positive_int
+from naive_reference import naive_debug_gradients as seed_debug_gradients
 from torch import nn
 
-from moe_devkit.baselines import seed_debug_gradients
 from moe_devkit.diagnostics.gradients import gradient_statistics
 
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 from _args import check_device, check_output_path, positive_int
+from naive_reference import naive_debug_expert_selection as seed_debug_expert_selection
 
 from moe_devkit import debug_expert_selection
-from moe_devkit.baselines import seed_debug_expert_selection
 from moe_devkit.diagnostics.utilization import (
     selected_experts,
     selection_counts,

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from naive_reference import naive_debug_gradients as seed_debug_gradients
 from torch import nn
 
-from moe_devkit.baselines import seed_debug_gradients
 from moe_devkit.config import RouterConfig
 from moe_devkit.diagnostics.gradients import collect_gradient_stats, gradient_statistics
 from moe_devkit.routers.torch_router import MoEModel

@@ -11,9 +11,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from naive_reference import naive_debug_expert_selection as seed_debug_expert_selection
 
 import moe_devkit
-from moe_devkit.baselines import seed_debug_expert_selection
 from moe_devkit.config import RouterConfig
 from moe_devkit.diagnostics import selection
 from moe_devkit.diagnostics.utilization import (

@@ -1,8 +1,13 @@
-"""The design document's sketches, kept runnable (their prints removed).
+"""Naive per-token and per-parameter loops: the oracle the tests compare against and the
+baseline the benchmarks time.
 
-They are what moe-devkit replaces: the baselines the benchmarks measure against and the
-references the tests check equality with. Per-token and per-parameter Python loops with a
-host read each; never use them on real workloads.
+Each is the straightforward Python version of a moe-devkit function, one host read per token
+or per parameter: ``naive_debug_expert_selection`` of
+``moe_devkit.diagnostics.utilization.debug_expert_selection`` and ``naive_debug_gradients``
+of ``moe_devkit.diagnostics.gradients.gradient_statistics``. They are slow by construction;
+never use them on real workloads. Not part of the installed package: the tests import this
+module through pytest's ``pythonpath`` (``benchmarks``), the benchmark scripts from their own
+directory.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def seed_debug_expert_selection(
+def naive_debug_expert_selection(
     router_logits: torch.Tensor, k_values: torch.Tensor
 ) -> Counter[int]:
-    """The design document's ``debug_expert_selection``: top-k of each token, one at a time.
+    """Selections per expert: the top-k of each token, one token at a time.
 
     Args:
         router_logits: float[batch, seq, E].
@@ -37,8 +42,8 @@ def seed_debug_expert_selection(
     return expert_counts
 
 
-def seed_debug_gradients(model: nn.Module) -> tuple[dict[str, dict[str, float]], float]:
-    """The design document's ``debug_gradients`` after ``loss.backward()``.
+def naive_debug_gradients(model: nn.Module) -> tuple[dict[str, dict[str, float]], float]:
+    """Gradient statistics after ``loss.backward()``, one parameter and one host read at a time.
 
     Returns:
         Per-parameter norm, mean, std, max and min, and the total gradient norm.
