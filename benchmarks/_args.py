@@ -1,18 +1,23 @@
 """Argument checks shared by the benchmark scripts: a bad option is one usage line, exit 2.
 
-argparse types (``positive_int``, ``non_negative_int`` from ``moe_devkit.commands.common``, and
-``positive_float``) make argparse itself print ``script: error: argument --reps: expected a
-positive integer; got '0'``; the ``check_*`` functions run after parsing, before any work,
-and end in ``parser.error``.
+The argparse types (``positive_int``, ``non_negative_int`` and ``positive_float``, those of
+the ``moe-devkit`` commands in ``moe_devkit.commands.common``) make argparse itself print
+``script: error: argument --reps: expected a positive integer; got '0'``; the ``check_*``
+functions run after parsing, before any work, and end in ``parser.error``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
-from moe_devkit.commands.common import UsageError, check_output, non_negative_int, positive_int
+from moe_devkit.commands.common import (
+    UsageError,
+    check_output,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 __all__ = [
     "check_device",
@@ -22,17 +27,6 @@ __all__ = [
     "positive_float",
     "positive_int",
 ]
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number; got {text!r}")
-    return value
 
 
 def check_range(

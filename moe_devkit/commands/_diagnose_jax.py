@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
 from moe_devkit.commands._torch import step_progress
 from moe_devkit.commands.common import UsageError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from moe_devkit.config import RouterConfig
     from moe_devkit.inspect import InspectorConfig
     from moe_devkit.inspect.report import InspectorSummary

@@ -1,5 +1,9 @@
 """Shared set-up of the CLI commands that run the reference model: the torch import, device
-and dtype resolution, the router options, and progress over the steps of a run."""
+and dtype resolution, the router options, and progress over the steps of a run.
+
+Its top level imports neither torch nor rich: the commands declare their options with it when
+``moe-devkit --help`` lists them.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import Progress
-
 from moe_devkit.commands.common import UsageError, positive_int
 
 if TYPE_CHECKING:
     import torch
+    from rich.console import Console
 
     from moe_devkit.config import RouterConfig
 
@@ -114,6 +116,8 @@ def step_progress(console: Console, label: str, total: int) -> Iterator[Callable
     """Yields ``advance()``, to call once per step: a rich progress bar on a terminal, else
     (a log, a pipe) one plain line at the start and at every tenth of the steps."""
     if console.is_terminal:
+        from rich.progress import Progress
+
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(label, total=total)
             yield lambda: progress.advance(task)

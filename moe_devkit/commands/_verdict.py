@@ -6,15 +6,16 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.text import Text
-
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from moe_devkit.diagnostics.findings import Finding
 
 
 def print_verdict(console: Console, findings: Sequence[Finding]) -> None:
     """``verdict: no alarms``, or the count of alarms by severity and one line for each."""
+    from rich.text import Text
+
     if not findings:
         console.print("verdict: no alarms", highlight=False)
         return

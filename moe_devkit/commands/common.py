@@ -1,5 +1,5 @@
-"""What the subcommands, the CLI and the benchmark scripts share: the usage error, argparse
-types and the checks of output paths.
+"""What the subcommands, the CLI and the benchmark scripts share: the ``Command`` each
+subcommand module declares, the usage error, argparse types and the checks of output paths.
 
 A ``UsageError`` is a user's mistake: the CLI prints it as one line and exits 2.
 """
@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console  # the core install has no rich
 
 __all__ = [
+    "DIAGNOSTICS_MODULES",
+    "Command",
     "UsageError",
     "check_output",
     "non_negative_int",
@@ -24,8 +32,45 @@ __all__ = [
 ]
 
 
+# What the diagnostics commands import beside torch or JAX; the core install (the check-debug
+# hook's) has none of them, and the extras bring them.
+DIAGNOSTICS_MODULES = ("numpy", "rich", "matplotlib")
+
+
 class UsageError(Exception):
     """A mistake in the command line or its environment; printed as one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand of ``moe-devkit``: its name, its help line, the function declaring its
+    options and the function running it (``run(args, console)`` returns the exit code).
+
+    A command module's top level imports only argparse and this package's light modules, so
+    that ``moe-devkit --help`` imports neither torch, numpy, rich nor matplotlib; ``run``
+    imports what the work needs. ``needs``: the modules the command imports that the core
+    install lacks; ``extra``: the extra that installs them.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Console], int]
+    extra: str = "torch"
+    needs: tuple[str, ...] = DIAGNOSTICS_MODULES
+
+    def missing(self) -> list[str]:
+        """The modules of ``needs`` that are not installed (found without importing them)."""
+        return [name for name in self.needs if importlib.util.find_spec(name) is None]
+
+    def missing_error(self) -> str | None:
+        """One line naming the missing modules and the extra to install, or None."""
+        missing = self.missing()
+        if not missing:
+            return None
+        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if missing[1:] else missing)
+        install = f"pip install 'moe-devkit[{self.extra}]'"
+        return f"this command needs {names}, not installed here: `{install}`"
 
 
 def _int_at_least(text: str, low: int, kind: str) -> int:
@@ -53,9 +98,9 @@ def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = math.nan
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite positive number; got {text!r}")
     return value
 
 

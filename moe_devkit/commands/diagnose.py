@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from moe_devkit.commands._torch import (
     add_device_arguments,
     add_router_arguments,
@@ -20,10 +16,11 @@ from moe_devkit.commands._torch import (
     step_progress,
 )
 from moe_devkit.commands._verdict import print_verdict
-from moe_devkit.commands.common import check_output, positive_int, writing
+from moe_devkit.commands.common import Command, check_output, positive_int, writing
 
 if TYPE_CHECKING:
     import torch
+    from rich.console import Console
 
     from moe_devkit.config import RouterConfig
     from moe_devkit.inspect import InspectorConfig
@@ -68,6 +65,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
     device = resolve_device(args.device)
     summary = _run_torch(args, config, device, inspector_config, console)
     return _finish(summary, args, device_name(device), console)
+
+
+COMMAND = Command(
+    "diagnose",
+    "run the reference router on a synthetic workload and report its routing",
+    add_arguments,
+    run,
+)
 
 
 def trend_window(steps: int, points: int = 10) -> int:
@@ -147,6 +152,9 @@ def write_report_files(summary: InspectorSummary, out: str) -> ReportPaths:
 
 def print_summary(console: Console, layers: dict[str, Any]) -> None:
     """Prints the per-expert utilization and the k histogram of every layer."""
+    from rich.markup import escape
+    from rich.table import Table
+
     names = list(layers)
     table = Table(title="Expert utilization (share of token-expert selections)")
     table.add_column("expert", justify="right")
@@ -163,6 +171,9 @@ def print_summary(console: Console, layers: dict[str, Any]) -> None:
 
 
 def _print_k_table(console: Console, layers: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(title="Experts per token (k)")
     table.add_column("k", justify="right")
     for name in layers:

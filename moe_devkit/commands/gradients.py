@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from moe_devkit.commands._training import (
     add_training_arguments,
@@ -14,7 +12,10 @@ from moe_devkit.commands._training import (
     write_report,
 )
 from moe_devkit.commands._verdict import print_verdict
-from moe_devkit.commands.common import positive_int
+from moe_devkit.commands.common import Command, positive_int
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Runs ``--steps`` training steps and reports the gradients of the last; 1 on errors."""
+    from rich.table import Table
+
     from moe_devkit.diagnostics.gradients import collect_gradient_stats
 
     model, device, dtype = build_model(args)
@@ -53,3 +56,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
     write_report(args, {"gradients": report.to_dict()}, report.findings)
     print_verdict(console, report.findings)
     return 1 if any(f.severity == "error" for f in report.findings) else 0
+
+
+COMMAND = Command(
+    "gradients",
+    "one training step of the reference model and its gradient statistics",
+    add_arguments,
+    run,
+)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
-from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from moe_devkit.commands._training import (
     add_training_arguments,
@@ -14,7 +11,10 @@ from moe_devkit.commands._training import (
     training_step,
     write_report,
 )
-from moe_devkit.commands.common import UsageError
+from moe_devkit.commands.common import Command, UsageError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Runs the memory command; 0 when no leak is found, 1 when one is."""
+    from rich.progress import Progress
+
     from moe_devkit.diagnostics.memory import MemoryTracker
 
     if args.warmup < 0 or args.steps < args.warmup + 3:
@@ -61,11 +63,21 @@ def run(args: argparse.Namespace, console: Console) -> int:
     return 1 if verdict.leaking else 0
 
 
+COMMAND = Command(
+    "memory",
+    "train the reference model for N steps and judge memory growth (leak verdict)",
+    add_arguments,
+    run,
+)
+
+
 def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.2f}"
 
 
 def _print(console: Console, tracker: object, verdict: object) -> None:
+    from rich.table import Table
+
     from moe_devkit.diagnostics.memory import LeakVerdict, MemoryTracker
 
     if not isinstance(tracker, MemoryTracker) or not isinstance(verdict, LeakVerdict):

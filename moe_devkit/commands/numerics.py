@@ -7,20 +7,17 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
-
 from moe_devkit.commands._training import (
     add_training_arguments,
     build_model,
     training_step,
     write_report,
 )
-from moe_devkit.commands.common import UsageError, positive_int
+from moe_devkit.commands.common import Command, UsageError, positive_int
 
 if TYPE_CHECKING:
     import torch
+    from rich.console import Console
 
     from moe_devkit.diagnostics.numerics import NumericsGuard
 
@@ -42,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Runs the numerics command; 0 when clean, 1 when a non-finite tensor was found."""
+    from rich.progress import Progress
+
     from moe_devkit.diagnostics.numerics import NonFiniteError, NumericsGuard
 
     model, device, dtype = build_model(args)
@@ -62,6 +61,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
     _print(console, guard)
     write_report(args, {"numerics": guard.to_dict()}, guard.findings)
     return 1 if guard.findings else 0
+
+
+COMMAND = Command(
+    "numerics",
+    "train the reference model under the NaN/Inf guard; --plant-nan MODULE demonstrates",
+    add_arguments,
+    run,
+)
 
 
 def _plant_nan(model: torch.nn.Module, name: str, at_step: int) -> None:
@@ -112,6 +119,8 @@ def _with_first_float_nan(value: object) -> tuple[object, bool]:
 
 
 def _print(console: Console, guard: NumericsGuard) -> None:
+    from rich.table import Table
+
     if not guard.findings:
         console.print(f"[green]no non-finite outputs or gradients in {guard.step} step(s)[/green]")
         return

@@ -6,9 +6,6 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-
 from moe_devkit.commands._torch import (
     add_device_arguments,
     add_router_arguments,
@@ -18,6 +15,7 @@ from moe_devkit.commands._torch import (
     router_config,
 )
 from moe_devkit.commands.common import (
+    Command,
     check_output,
     non_negative_int,
     positive_float,
@@ -27,14 +25,15 @@ from moe_devkit.commands.common import (
 
 if TYPE_CHECKING:
     import torch
+    from rich.console import Console
 
     from moe_devkit.config import RouterConfig
     from moe_devkit.diagnostics.findings import Finding
     from moe_devkit.diagnostics.latency import LatencyProfile
-    from moe_devkit.diagnostics.latency_compare import DynamicStaticComparison
-    from moe_devkit.diagnostics.latency_profiler import ProfileResult
-    from moe_devkit.diagnostics.latency_timing import Measurement
-    from moe_devkit.diagnostics.latency_verdict import DynamicStaticVerdict
+    from moe_devkit.diagnostics.latency.compare import DynamicStaticComparison
+    from moe_devkit.diagnostics.latency.profiler import ProfileResult
+    from moe_devkit.diagnostics.latency.timing import Measurement
+    from moe_devkit.diagnostics.latency.verdict import DynamicStaticVerdict
     from moe_devkit.routers.torch_router import MoELayer
 
 
@@ -81,6 +80,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
     return 1 if any(f.severity == "error" for f in findings) else 0
 
 
+COMMAND = Command(
+    "profile",
+    "time and profile the reference MoE layer: per-stage breakdown, dynamic vs static",
+    add_arguments,
+    run,
+)
+
+
 def _dynamic_layer(
     args: argparse.Namespace, config: RouterConfig, device: torch.device, dtype: torch.dtype
 ) -> tuple[MoELayer, torch.Tensor]:
@@ -103,7 +110,7 @@ def _compare(
     console: Console,
 ) -> DynamicStaticComparison:
     """Times ``dynamic`` against a static top-max_k layer with the same weights."""
-    from moe_devkit.diagnostics.latency_compare import compare_dynamic_static
+    from moe_devkit.diagnostics.latency.compare import compare_dynamic_static
     from moe_devkit.routers.torch_router import MoELayer, StaticTopKRouter
 
     router = StaticTopKRouter(config)
@@ -162,6 +169,8 @@ def _ms(seconds: float) -> str:
 
 
 def _print_timing(console: Console, m: Measurement) -> None:
+    from rich.table import Table
+
     table = Table(title=f"Latency per forward, ms ({m.n} iterations, {m.method}, {m.device})")
     for col in ("median", "p10", "p90", "p99", "mean", "min", "host CPU"):
         table.add_column(col, justify="right")
@@ -170,6 +179,8 @@ def _print_timing(console: Console, m: Measurement) -> None:
 
 
 def _print_stages(console: Console, profile: ProfileResult) -> None:
+    from rich.table import Table
+
     table = Table(title=f"Routing stages ({profile.time_basis} time per step)")
     table.add_column("stage")
     table.add_column("ms", justify="right")
@@ -180,6 +191,8 @@ def _print_stages(console: Console, profile: ProfileResult) -> None:
 
 
 def _print_ops(console: Console, profile: ProfileResult) -> None:
+    from rich.table import Table
+
     table = Table(title=f"Top operators by self {profile.time_basis} time")
     for col, justify in (("operator", "left"), ("calls", "right"), ("self ms", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
@@ -189,6 +202,8 @@ def _print_ops(console: Console, profile: ProfileResult) -> None:
 
 
 def _print_comparison(console: Console, c: DynamicStaticComparison) -> None:
+    from rich.table import Table
+
     table = Table(title=f"Dynamic vs static top-max_k (mean k = {c.mean_k:.2f})")
     for col in ("layer", "median ms", "active pairs", "ns per pair"):
         table.add_column(col, justify="right")

@@ -5,10 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
+from moe_devkit.commands.common import (
+    DIAGNOSTICS_MODULES,
+    Command,
+    UsageError,
+    check_output,
+    writing,
+)
 
-from moe_devkit.commands.common import UsageError, check_output, writing
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,3 +43,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"report file {args.report!r} cannot be rendered: {exc}") from None
     console.print(f"rendered: {paths.png}  {paths.html}", highlight=False)
     return 0
+
+
+COMMAND = Command(
+    "report",
+    "re-render routing_analysis.png and report.html from a stored report.json",
+    add_arguments,
+    run,
+    needs=(*DIAGNOSTICS_MODULES, "torch"),  # moe_devkit.inspect imports torch
+)

@@ -1,4 +1,5 @@
-"""``moe-devkit numerics`` on the healthy reference model at its default size, and planted NaNs."""
+"""``moe-devkit numerics``: the healthy reference model at its default size and a tiny one,
+NaN-filled fresh buffers, and planted NaNs found at their module and step."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_support import TINY
 
 from moe_devkit.cli import main
 
@@ -43,3 +45,17 @@ def test_planted_nan_is_found_at_its_module(
     assert main(args) == 1
     (finding,) = json.loads(out.read_text())["findings"]
     assert (finding["location"], finding["step"]) == (module, step)
+
+
+def test_numerics_clean_and_planted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["numerics", *TINY, "--steps", "2"]) == 0
+    out = tmp_path / "numerics.json"
+    code = main(
+        ["numerics", *TINY, "--steps", "3", "--plant-nan", "layers.1.moe", "--out", str(out)]
+    )
+    assert code == 1
+    report = json.loads(out.read_text())
+    (finding,) = report["findings"]
+    assert (finding["location"], finding["step"]) == ("layers.1.moe", 2)
+    assert report["sections"]["numerics"]["steps"] == 3
+    assert "layers.1.moe" in capsys.readouterr().out
