@@ -34,11 +34,13 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Runs ruff (lint and format check) and the project's own check-debug hook."""
-    session.install("ruff>=0.6", "libcst>=1.1")
+    """Runs ruff (lint and format check), the project's own check-debug hook and the import
+    contracts of pyproject.toml (lint-imports: layers, check-debug's imports, no cycles)."""
+    session.install("ruff>=0.6", "libcst>=1.1", "import-linter>=2.1")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("python", "scripts/check_debug.py", "moe_devkit")
+    session.run("lint-imports", "--no-cache")
 
 
 @nox.session
