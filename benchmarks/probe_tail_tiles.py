@@ -16,7 +16,7 @@ reading expert 0's weights (all weight loads then hit L2).
 All variants run the experts' two projections with the SwiGLU kernel between them, on the
 rows that the static top-8 and the dynamic (mean k 4) routers of the OLMoE-like preset send,
 captured in CUDA graphs and replayed alternately. Needs a Hopper GPU and a Triton with Gluon
-(3.6 was used). Figures: docs/benchmarks.md (the tail-tile probes).
+(3.6 was used). Figures: docs/performance.md (Design notes).
 
     python benchmarks/probe_tail_tiles.py [--reps 40] [--rounds 2]
 """
