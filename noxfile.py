@@ -45,7 +45,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """Runs mypy --strict on the package."""
+    """Runs mypy --strict on the package and the perf suite's harness (benchmarks/perf)."""
     install_project(session, "torch,dev")
     session.run("mypy")
 

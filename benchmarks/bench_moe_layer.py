@@ -21,7 +21,7 @@ import torch
 from _args import check_device, check_output_path, check_range, positive_int
 
 from moe_devkit import MoELayer, RouterConfig, StaticTopKRouter
-from moe_devkit.diagnostics.perf_stats import bootstrap_median_ci
+from moe_devkit.diagnostics.regression import bootstrap_median_ci
 from moe_devkit.reporting import write_atomic
 
 PRESETS = {

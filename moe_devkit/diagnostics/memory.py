@@ -1,4 +1,4 @@
-"""Memory snapshots and a leak verdict: the design document's ``take_snapshot`` as an API.
+"""Memory snapshots and a leak verdict: ``take_snapshot`` during a run, then ``leak_verdict``.
 
 Each labelled snapshot records host memory through tracemalloc (current and peak bytes of
 Python allocations), the bytes of live tensors by device and by the source line that made

@@ -22,7 +22,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 if TYPE_CHECKING:
-    from moe_devkit.diagnostics.latency_profiler import StageTime
+    from moe_devkit.diagnostics.latency.profiler import StageTime
     from moe_devkit.inspect.inspector import RouterInspector
 
 
@@ -130,7 +130,7 @@ class MoEMagics(Magics):  # type: ignore[misc]
         """%%moe_profile MODEL: time each routing stage while the cell runs (once)."""
         import torch
 
-        from moe_devkit.diagnostics.latency_profiler import stage_times
+        from moe_devkit.diagnostics.latency.profiler import stage_times
 
         name = line.strip()
         model = self._model(name)

@@ -15,9 +15,9 @@ from moe_devkit.diagnostics.latency import (
     compare_dynamic_static,
     latency_section,
     measure,
+    measure_in_turns,
     profile_inference_latency,
 )
-from moe_devkit.diagnostics.latency_timing import measure_in_turns
 from moe_devkit.reporting import load_report_json
 from moe_devkit.routers.torch_router import STAGES, MoELayer, StaticTopKRouter
 
@@ -83,8 +83,8 @@ def test_measure_rejects_bad_counts() -> None:
 def test_profile_rejects_bad_settings_before_running_the_model(
     kwargs: dict[str, object], error: type[Exception], message: str
 ) -> None:
-    """A bad profiler setting used to surface as torch's AssertionError after the whole
-    timing run (profile_active=0), or not at all (top=-1)."""
+    """A bad profiler setting is refused before the timing run, not as torch's
+    AssertionError after it (profile_active=0), nor silently (top=-1)."""
     calls = []
     with pytest.raises(error, match=message):
         profile_inference_latency(lambda x: calls.append(x), torch.ones(2), **kwargs)

@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from moe_devkit.cli import main
-from moe_devkit.diagnostics import latency_compare
-from moe_devkit.diagnostics.latency import Measurement
-from moe_devkit.diagnostics.latency_verdict import judge_dynamic_static, median_lower_rank
+from moe_devkit.diagnostics.latency import Measurement, compare
+from moe_devkit.diagnostics.latency.verdict import judge_dynamic_static, median_lower_rank
 from moe_devkit.reporting import load_report_json
 
 STATIC = [float(t) for t in range(10, 30)]  # 20 iterations
@@ -101,7 +100,7 @@ def test_comparison_judges_its_own_iterations() -> None:
         return Measurement.from_times(name, "cpu", times, [], "perf_counter")
 
     doubled = [2 * t for t in STATIC]
-    verdict = latency_compare.DynamicStaticComparison(
+    verdict = compare.DynamicStaticComparison(
         static=measurement("static", STATIC), dynamic=measurement("dynamic", doubled),
         static_pairs=40, dynamic_pairs=20, mean_k=1.0, time_ratio=2.0, pairs_ratio=0.5,
         static_per_pair=0.5, dynamic_per_pair=1.95,
@@ -130,7 +129,7 @@ def fake_measure_in_turns(scale: float) -> Callable[..., dict[str, Measurement]]
 def test_profile_reports_dynamic_slower_and_exits_1(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(latency_compare, "measure_in_turns", fake_measure_in_turns(3.0))
+    monkeypatch.setattr(compare, "measure_in_turns", fake_measure_in_turns(3.0))
     assert main(["profile", *TINY, "--out", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     (finding,) = load_report_json(tmp_path / "latency.json")["findings"]
@@ -148,7 +147,7 @@ def test_profile_without_finding_prints_both_ratios_and_exits_0(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """0.4x the time for at least 0.5x the pairs (min_k=1 of max_k=2): no finding."""
-    monkeypatch.setattr(latency_compare, "measure_in_turns", fake_measure_in_turns(0.4))
+    monkeypatch.setattr(compare, "measure_in_turns", fake_measure_in_turns(0.4))
     assert main(["profile", *TINY, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     report = load_report_json(tmp_path / "latency.json")

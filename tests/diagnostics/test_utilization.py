@@ -15,7 +15,6 @@ from naive_reference import naive_debug_expert_selection as seed_debug_expert_se
 
 import moe_devkit
 from moe_devkit.config import RouterConfig
-from moe_devkit.diagnostics import selection
 from moe_devkit.diagnostics.utilization import (
     co_activation,
     coefficient_of_variation,
@@ -32,6 +31,7 @@ from moe_devkit.diagnostics.utilization import (
     mean_k,
     per_layer_utilization,
     selected_experts,
+    selection,
     selection_counts,
     selection_counts_from_logits,
     selection_shares,
@@ -83,7 +83,7 @@ def test_debug_expert_selection_hand_case_and_export() -> None:
     logits = torch.tensor([[[0.1, 0.9, 0.5, 0.0], [2.0, 1.0, 0.0, -1.0]]])
     k = torch.tensor([[2, 3]])
     assert debug_expert_selection(logits, k) == Counter({0: 1, 1: 2, 2: 2})
-    assert 3 not in debug_expert_selection(logits, k)  # only selected experts, as the seed
+    assert 3 not in debug_expert_selection(logits, k)  # only selected experts, as the loop
     assert moe_devkit.debug_expert_selection is debug_expert_selection
 
 
@@ -250,7 +250,7 @@ def test_decision_and_per_layer() -> None:
     assert set(summary) >= {"cv", "max_vio", "entropy", "gini", "dead_count", "compute_saved"}
 
 
-# ----------------------------------------------------------------------------- the seed
+# ----------------------------------------------------------------------------- the per-token loop
 
 
 @st.composite
@@ -272,14 +272,14 @@ def logits_and_k(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(logits_and_k())
-def test_debug_expert_selection_equals_seed(case: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_debug_expert_selection_equals_the_loop(case: tuple[torch.Tensor, torch.Tensor]) -> None:
     logits, k = case
     assert debug_expert_selection(logits, k) == seed_debug_expert_selection(logits, k)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(logits_and_k())
-def test_debug_expert_selection_topk_thresholds_equal_seed(
+def test_debug_expert_selection_topk_thresholds_equal_the_loop(
     case: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
     # The accelerator branch (thresholds from one topk), exercised on CPU.
@@ -289,7 +289,9 @@ def test_debug_expert_selection_topk_thresholds_equal_seed(
         assert debug_expert_selection(logits, k) == seed_debug_expert_selection(logits, k)
 
 
-def test_debug_expert_selection_equals_seed_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_debug_expert_selection_equals_the_loop_across_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(selection, "_CHUNK_TOKENS", 256)  # 1200 tokens: 5 blocks, last partial
     gen = torch.Generator().manual_seed(4)
     k = torch.randint(0, 17, (2, 600), generator=gen)
@@ -307,7 +309,7 @@ def test_debug_expert_selection_float64_keeps_close_values_apart() -> None:
 
 
 def test_debug_expert_selection_all_k_zero_is_empty() -> None:
-    # The seed divides by zero when printing here; the counts themselves are empty.
+    # No token selects an expert: the counts are empty.
     assert debug_expert_selection(torch.randn(1, 3, 4), torch.zeros(1, 3, dtype=torch.int64)) == {}
 
 
@@ -420,7 +422,7 @@ def test_other_bad_arguments() -> None:
 
 def test_histogram_count_equals_the_index_add_count_with_stray_values() -> None:
     """CUDA counts with histc, the CPU with index_add_: the same buckets, strays dropped."""
-    from moe_devkit.diagnostics.selection import count_selections
+    from moe_devkit.diagnostics.utilization.selection import count_selections
     from moe_devkit.routers.torch_router import count_values
 
     values = torch.randint(-3, 9, (500, 4), generator=torch.Generator().manual_seed(0))

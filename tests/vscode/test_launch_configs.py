@@ -285,7 +285,7 @@ def test_jax_model_configuration() -> None:
 
 
 def test_benchmark_configuration() -> None:
-    source = ROOT / "benchmarks" / "perf_suite.py"
+    source = ROOT / "benchmarks" / "perf" / "suite.py"
     line = _line_of(source, "run_suite(args, console)")
     run = run_config(_resolve(BENCH, ROOT), breakpoint_at=(source, line), variable="args",
                      timeout=TIMEOUT)  # fmt: skip

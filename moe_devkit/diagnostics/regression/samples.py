@@ -2,7 +2,8 @@
 
 A Sample holds the wall and thread-CPU time per call of one batch of calls; the ratio of the
 two tells whether the thread was time-sliced. ``callable_sampler`` wraps an in-process
-callable; ``perf_worker.WorkerProcess.sampler`` times a revision in a worker process.
+callable; the perf suite's ``WorkerProcess.sampler`` (benchmarks/perf/worker.py) times a
+revision in a worker process.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Baseline and candidate each run in their own worker process (same Python, same torch, the
 same environment but for the tree first on PYTHONPATH, and the same allocator settings,
 ``ALLOCATOR_ENV``), so the two sides see the same process conditions; the parent alternates
-their samples. The worker speaks JSON lines on stdin/stdout:
+their samples. A worker (``perf_suite.py --worker``: ``perf.serve``) speaks JSON lines on
+stdin/stdout:
 
     {"op": "setup", "case": NAME}            -> {"ok": true} | {"skip": REASON}
     {"op": "sample", "case": NAME, "number": N}
@@ -28,7 +29,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from moe_devkit.diagnostics.perf_samples import Sample, Sampler
+from moe_devkit.diagnostics.regression import Sample, Sampler
 
 ALLOCATOR_ENV: Mapping[str, str] = {
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),

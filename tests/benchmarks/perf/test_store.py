@@ -1,5 +1,6 @@
-"""A corrupt stored baseline (benchmarks/baselines/<device>.json) stops ``perf_suite.py`` at
-once: one line on stderr naming the file and what is wrong, exit 2, before any timing."""
+"""Stored baselines (benchmarks/baselines/<device>.json): written and read back, and a corrupt
+file stops ``perf_suite.py`` at once: one line on stderr naming the file and what is wrong,
+exit 2, before any timing."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from perf.store import BaselineStore, environment, environment_key
 
-from moe_devkit.diagnostics.perf_store import BaselineStore, environment_key
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 SUITE = ROOT / "benchmarks" / "perf_suite.py"
 
 ENV = {
@@ -186,3 +186,20 @@ def test_update_refuses_what_it_could_not_read_back(tmp_path: Path) -> None:
     assert BaselineStore(tmp_path / "cpu.json", device="cpu").lookup(ENV) == {
         "model": {"wall": 0.01, "cpu": 0.01, "gates": GATES}
     }
+
+
+def test_baseline_store_round_trip(tmp_path: Path) -> None:
+    env = environment("cpu")
+    store = BaselineStore(tmp_path / "cpu.json")
+    assert store.lookup(env) is None
+    store.update(env, {"router": {"wall": 1e-3, "cpu": 1e-3, "gates": {}}})
+    again = BaselineStore(tmp_path / "cpu.json")
+    assert again.lookup(env) == {"router": {"wall": 1e-3, "cpu": 1e-3, "gates": {}}}
+    assert environment_key(env) in json.loads((tmp_path / "cpu.json").read_text())["entries"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_baseline_store_rejects_other_files(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text('{"schema": "other"}')
+    with pytest.raises(ValueError, match="not a perf baseline"):
+        BaselineStore(tmp_path / "x.json")

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from moe_devkit.diagnostics.perf_samples import Clock, Sample
-from moe_devkit.diagnostics.perf_stats import bootstrap_median_ci, signed_rank_greater
+from moe_devkit.diagnostics.regression.samples import Clock, Sample
+from moe_devkit.diagnostics.regression.stats import bootstrap_median_ci, signed_rank_greater
 
 Verdict = Literal["pass", "regression", "improvement", "inconclusive"]
 VERDICTS: tuple[Verdict, ...] = ("pass", "regression", "improvement", "inconclusive")

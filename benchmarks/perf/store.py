@@ -1,9 +1,10 @@
 """Stored performance baselines: JSON keyed by device and software versions.
 
 Stored timings are kept for trends and reports only; regressions are decided by the
-interleaved A/B run (``regression.compare_interleaved``), because a stored absolute time
-does not transfer between machines, not even two GPU machines of the same kind. The
-deterministic gates (``perf_gates``) are compared with the stored values of the same key.
+interleaved A/B run (``moe_devkit.diagnostics.regression.compare_interleaved``), because a
+stored absolute time does not transfer between machines, not even two GPU machines of the
+same kind. The deterministic gates (``perf.gates``) are compared with the stored values of
+the same key.
 
 A baseline file is checked whole when it is opened (``BaselineStore(path)``): its schema and
 version, and every entry's environment, key, date and cases down to each number, so a bad
@@ -22,8 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moe_devkit._checks import describe_value
 from moe_devkit.reporting import write_atomic
+from perf.describe import describe_value
 
 SCHEMA = "moe-devkit-perf-baseline"
 SCHEMA_VERSION = 1
@@ -217,7 +218,7 @@ def _check_case(where: str, case: object) -> None:
                 f"got {describe_value(value)}"
             )
     if case["gates"] != {}:
-        from moe_devkit.diagnostics.perf_gates import Gates  # torch, only for stored gates
+        from perf.gates import Gates  # torch, only for stored gates
 
         try:
             Gates.from_dict(case["gates"])

@@ -2,7 +2,7 @@
 
 Comparing one timed call against a stored absolute number does not work: on a shared 2-core
 machine it flags 42% of identical-code comparisons, and a stored number does not transfer
-between two GPU machines of the same kind. This module decides instead from an interleaved
+between two GPU machines of the same kind. This package decides instead from an interleaved
 A/B run: baseline and candidate are sampled alternately (ABBA order) in the same
 run, each sample records wall time and thread CPU time, and
 
@@ -16,18 +16,23 @@ Why paired tests: on a shared machine a neighbour's load moves the CPU time of b
 up to 50% for seconds at a time; an unpaired test (Mann-Whitney U) sees that as noise and
 loses its power, while the ratio within a pair, taken milliseconds apart, barely moves.
 
-The pieces live in their own modules and are re-exported here: samples and samplers in
-``perf_samples``, the rank tests and bootstrap in ``perf_stats``, the decision rule in
-``perf_decision``, the interleaved A/B loop in ``perf_ab`` and ``PerformanceMonitor`` in
-``perf_monitor``. The deterministic gates (operator counts, FLOPs, host synchronisations,
-memory growth) live in ``moe_devkit.diagnostics.perf_gates``; stored baselines in
-``BaselineStore``.
+This package's modules, every public name of which is importable from here: samples and
+samplers in ``samples``, the rank tests and bootstrap in ``stats``, the decision rule in
+``decision``, the interleaved A/B loop in ``ab`` and ``PerformanceMonitor`` in ``monitor``.
+The perf suite (``benchmarks/perf_suite.py``, ``nox -s perf``) builds on them: its worker
+processes, deterministic gates (operator counts, FLOPs, host synchronisations, memory
+growth) and stored baselines live with it, in ``benchmarks/perf/``.
 """
 
 from __future__ import annotations
 
-from moe_devkit.diagnostics.perf_ab import ABSchedule, Comparison, calibrate, compare_interleaved
-from moe_devkit.diagnostics.perf_decision import (
+from moe_devkit.diagnostics.regression.ab import (
+    ABSchedule,
+    Comparison,
+    calibrate,
+    compare_interleaved,
+)
+from moe_devkit.diagnostics.regression.decision import (
     VERDICTS,
     Decision,
     DecisionPolicy,
@@ -35,9 +40,9 @@ from moe_devkit.diagnostics.perf_decision import (
     confirm,
     decide,
 )
-from moe_devkit.diagnostics.perf_monitor import MetricRegression, PerformanceMonitor
-from moe_devkit.diagnostics.perf_samples import Clock, Sample, Sampler, callable_sampler
-from moe_devkit.diagnostics.perf_stats import (
+from moe_devkit.diagnostics.regression.monitor import MetricRegression, PerformanceMonitor
+from moe_devkit.diagnostics.regression.samples import Clock, Sample, Sampler, callable_sampler
+from moe_devkit.diagnostics.regression.stats import (
     bootstrap_median_ci,
     mann_whitney_greater,
     signed_rank_greater,

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
+import bench_perf_gate as gate
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import bench_perf_gate as gate  # noqa: E402
 
 
 def case(name: str, verdict: str = "pass", gates: tuple[str, ...] = ()) -> gate.CaseResult:

@@ -1,12 +1,6 @@
-"""Expert utilization, load balance and dynamic-k statistics of routing decisions.
+"""``UtilizationStats``: utilization, load balance and dynamic-k statistics in one result.
 
-Pure, vectorised functions over tensors: no per-token Python loop, no printing, and no host
-synchronisation in the counting and metric paths (results stay 0-d or small device tensors).
-Values reach the host once, in ``to_dict()`` / ``summary()``. Every formula and its source is
-in docs/metrics.md. Metrics live in ``selection`` (which experts logits pick), ``balance`` and
-``dynamic_k``; this module re-exports them all and builds ``UtilizationStats``.
-
-Three ways in, one result (``UtilizationStats``):
+Three ways in, one result:
 
 * ``utilization_from_decision(decision)``: a ``RoutingDecision`` from a reference router;
 * ``utilization_from_indices(expert_indices, num_experts)``: int[N, K] indices, -1 padded;
@@ -14,7 +8,8 @@ Three ways in, one result (``UtilizationStats``):
 
 ``per_layer_utilization(decisions)`` applies the first to one decision per layer. The raw
 tensor entry points take ``validate=True``, which checks value ranges with one host sync; the
-inspector passes ``validate=False`` on its streaming path.
+inspector passes ``validate=False`` on its streaming path. The metrics themselves are in
+``balance``, ``dynamic_k`` and ``selection`` beside this module.
 """
 
 from __future__ import annotations
@@ -27,18 +22,8 @@ from typing import Any
 import torch
 
 from moe_devkit.diagnostics._host import prefixed, to_host, unprefixed
-from moe_devkit.diagnostics.balance import (
-    LoadBalance,
-    coefficient_of_variation,
-    dead_experts,
-    gini_coefficient,
-    load_balance,
-    load_entropy,
-    max_violation,
-    selection_shares,
-)
-from moe_devkit.diagnostics.dynamic_k import (
-    DEFAULT_QUANTILES,
+from moe_devkit.diagnostics.utilization.balance import LoadBalance, load_balance
+from moe_devkit.diagnostics.utilization.dynamic_k import (
     ComplexityStats,
     co_activation,
     complexity_stats,
@@ -47,14 +32,12 @@ from moe_devkit.diagnostics.dynamic_k import (
     mean_k,
     spearman_correlation,
 )
-from moe_devkit.diagnostics.selection import (
+from moe_devkit.diagnostics.utilization.selection import (
     check_logits_and_k,
     count_selections,
-    debug_expert_selection,
     host_min_max,
     require_integer,
     selected_experts,
-    selection_counts_from_logits,
 )
 from moe_devkit.routers.torch_router import (
     RoutingDecision,
@@ -64,29 +47,9 @@ from moe_devkit.routers.torch_router import (
 )
 
 __all__ = [
-    "DEFAULT_QUANTILES",
-    "ComplexityStats",
-    "LoadBalance",
     "UtilizationStats",
-    "co_activation",
-    "coefficient_of_variation",
-    "complexity_stats",
-    "compute_saved",
-    "count_selections",
-    "dead_experts",
-    "debug_expert_selection",
-    "gini_coefficient",
-    "k_histogram",
-    "load_balance",
-    "load_entropy",
-    "max_violation",
-    "mean_k",
     "per_layer_utilization",
-    "selected_experts",
     "selection_counts",
-    "selection_counts_from_logits",
-    "selection_shares",
-    "spearman_correlation",
     "utilization_from_decision",
     "utilization_from_indices",
     "utilization_from_logits",

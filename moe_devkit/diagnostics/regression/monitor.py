@@ -1,4 +1,4 @@
-"""``PerformanceMonitor``: the seed's record-then-check API over significance-tested metrics.
+"""``PerformanceMonitor``: record metrics, then check them against a baseline, significance-tested.
 
 A baseline given as a list of values is compared with the Mann-Whitney U test, a single
 stored number with a sign test; ``MetricRegression`` is the typed result per metric.
@@ -12,14 +12,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from moe_devkit._checks import require_float, require_int
-from moe_devkit.diagnostics.perf_ab import Comparison
-from moe_devkit.diagnostics.perf_decision import Verdict
-from moe_devkit.diagnostics.perf_stats import mann_whitney_greater, median_or_nan
+from moe_devkit.diagnostics.regression.ab import Comparison
+from moe_devkit.diagnostics.regression.decision import Verdict
+from moe_devkit.diagnostics.regression.stats import mann_whitney_greater, median_or_nan
 
 
 @dataclass(frozen=True, kw_only=True)
 class MetricRegression:
-    """A metric of ``PerformanceMonitor.check_regression`` (the seed's dict, typed).
+    """One metric's result of ``PerformanceMonitor.check_regression``.
 
     Attributes:
         regression_percent: 100 * (current / baseline - 1), medians.
@@ -51,10 +51,11 @@ def _sign_test_greater(values: Sequence[float], reference: float) -> float:
 class PerformanceMonitor:
     """Records metrics (larger is worse, e.g. seconds) and checks them against a baseline.
 
-    The seed's API (``record_metric``, ``check_regression(threshold)``) with a decision
-    that needs significance as well as size: a baseline given as a list of values is
-    compared with the Mann-Whitney U test; a single stored number with a sign test. The
-    threshold is relative (0.1 = 10%), never an absolute time.
+    Record values with ``record_metric``; ``check_regression(threshold)`` then reports the
+    metrics that regressed, by a decision that needs significance as well as size: a
+    baseline given as a list of values is compared with the Mann-Whitney U test, a single
+    stored number with a sign test. The threshold is relative (0.1 = 10%), never an
+    absolute time.
 
     Attributes:
         baseline_metrics: name -> a baseline value or list of baseline values.

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moe_devkit.diagnostics.perf_decision import Decision, DecisionPolicy, decide, is_sliced
-from moe_devkit.diagnostics.perf_samples import Clock, Sample, Sampler
-from moe_devkit.diagnostics.perf_stats import median_or_nan
+from moe_devkit.diagnostics.regression.decision import Decision, DecisionPolicy, decide, is_sliced
+from moe_devkit.diagnostics.regression.samples import Clock, Sample, Sampler
+from moe_devkit.diagnostics.regression.stats import median_or_nan
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,8 +127,8 @@ def compare_interleaved(
         schedule: sampling budget.
         timer: the clock of the budget (injectable for tests).
         settle: called before the warm-up and before each further attempt, while neither
-            side runs (e.g. ``perf_worker.CorePlacement.settle``: move both workers to the
-            quietest CPU); its time counts in the budget.
+            side runs (e.g. the perf suite's ``CorePlacement.settle``, benchmarks/perf/
+            worker.py: move both workers to the quietest CPU); its time counts in the budget.
     """
     policy, schedule = policy or DecisionPolicy(), schedule or ABSchedule()
     start = timer()

@@ -13,17 +13,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from perf import runner, suite
+from perf import worker as perf_worker
+from perf.worker import ALLOCATOR_ENV, WorkerProcess
 
-from moe_devkit.diagnostics import perf_worker
-from moe_devkit.diagnostics.perf_ab import ABSchedule, compare_interleaved
-from moe_devkit.diagnostics.perf_samples import Sample
-from moe_devkit.diagnostics.perf_worker import ALLOCATOR_ENV, WorkerProcess
+from moe_devkit.diagnostics.regression import ABSchedule, Sample, compare_interleaved
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import perf_runner  # noqa: E402
-import perf_suite  # noqa: E402
+ROOT = Path(__file__).resolve().parents[3]
 
 
 class _FakePopen:
@@ -51,8 +47,8 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], dict[str, 
 def test_both_workers_get_one_command_line_and_one_environment(
     started: list[tuple[list[str], dict[str, str]]], threads: str, tmp_path: Path
 ) -> None:
-    args = perf_suite.build_parser().parse_args(["--device", "cpu", "--threads", threads])
-    perf_runner.start_workers(args, tmp_path / "baseline")
+    args = suite.build_parser().parse_args(["--device", "cpu", "--threads", threads])
+    runner.start_workers(args, tmp_path / "baseline")
     (cand_argv, cand_env), (base_argv, base_env) = started
     assert cand_argv == base_argv
     assert cand_env.pop("PYTHONPATH") == os.pathsep.join([str(ROOT), "/somewhere/else"])
@@ -104,8 +100,8 @@ def test_a_worker_in_its_steady_state_does_not_page_fault(case: str) -> None:
     """As the suite runs a case (setup, gates, warm-up), then the page faults per call of
     the sampling thread: without the allocator settings a fresh worker faulted 400-2400
     pages a call on these cases (its buffers mapped anew), with them about none."""
-    args = perf_suite.build_parser().parse_args(["--device", "cpu"])
-    with WorkerProcess(perf_runner.SCRIPT, ROOT, perf_runner._worker_args(args)) as worker:
+    args = suite.build_parser().parse_args(["--device", "cpu"])
+    with WorkerProcess(runner.SCRIPT, ROOT, runner._worker_args(args)) as worker:
         worker.request({"op": "setup", "case": case})
         worker.request({"op": "gates", "case": case})
         for _ in range(3):
@@ -255,43 +251,3 @@ def test_settle_runs_before_warm_up_and_before_each_further_attempt() -> None:
     # the further settles fall between attempts: after a whole attempt of 4 pairs
     gaps = [i for i, e in enumerate(events) if e == "settle"]
     assert all(events[g - 8 : g].count("b") == 4 for g in gaps[1:])
-
-
-# ----------------------------------------------------------------------------- confirmation
-
-
-def _row(case: str, verdict: str, ratio: float) -> dict[str, Any]:
-    decision = {
-        "verdict": verdict, "ratio": ratio, "ci_low": ratio - 0.01, "ci_high": ratio + 0.01,
-        "p_slower": 0.5, "p_faster": 0.5, "clock": "cpu", "pairs": 40, "sliced": 0,
-        "reason": f"{verdict} {ratio}",
-    }  # fmt: skip
-    comparison = {"decision": decision, "candidate_wall": 1e-3, "candidate_cpu": 1e-3}
-    return {"case": case, "status": "measured", "comparison": comparison}
-
-
-def test_a_difference_is_measured_again_by_fresh_workers(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """Only the cases that differ are measured a second time, by a second pair of
-    workers, and each keeps its difference only if the second pair finds it too."""
-    first = {"a": ("pass", 1.0), "b": ("regression", 1.08), "c": ("improvement", 0.93),
-             "d": ("regression", 1.2)}  # fmt: skip
-    again = {"b": ("pass", 1.01), "c": ("improvement", 0.92), "d": ("inconclusive", 1.0)}
-    calls: list[list[str]] = []
-
-    def measure(args: Any, progress: Any, cases: list[str], *rest: Any) -> list[dict[str, Any]]:
-        calls.append(list(cases))
-        table = first if len(calls) == 1 else again
-        return [_row(c, *table[c]) for c in cases]
-
-    monkeypatch.setattr(perf_runner, "_measure", measure)
-    args = perf_suite.build_parser().parse_args(["--device", "cpu"])
-    rows = perf_runner._run_cases(args, perf_runner.Console(), list(first), tmp_path)
-    assert calls == [["a", "b", "c", "d"], ["b", "c", "d"]]
-    final = {r["case"]: r["comparison"]["decision"]["verdict"] for r in rows}
-    assert final == {"a": "pass", "b": "pass", "c": "improvement", "d": "inconclusive"}
-    assert rows[1]["first_comparison"]["decision"]["verdict"] == "regression"
-    assert "not reproduced" in rows[1]["comparison"]["decision"]["reason"]
-    assert "first_comparison" not in rows[0]
-    assert not any(perf_runner._is_regression(r) for r in rows)

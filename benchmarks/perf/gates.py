@@ -4,8 +4,9 @@ Timing on a shared machine is noisy; operator counts, FLOPs, CUDA host synchroni
 and memory growth per step are not, so a change in them is a regression (or an intended
 change, accepted with ``--update-baseline``) without any statistics.
 
-This module imports nothing from moe_devkit: the perf suite loads it by file path inside a
-worker that runs an older revision of the package.
+Both worker processes count their gates with this module, the working tree's (so both sides
+count alike); it imports nothing from moe_devkit, since the baseline worker imports an older
+revision of the package.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from moe_devkit._checks import describe_value
+from perf.describe import describe_value
 
 
 class _OpCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]

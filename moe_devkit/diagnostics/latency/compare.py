@@ -2,7 +2,7 @@
 
 ``compare_dynamic_static`` counts the active token-expert pairs of each layer and times
 both with ``measure``; dynamic routing pays off when the time ratio approaches the pairs
-ratio. ``DynamicStaticComparison.verdict`` applies the rule of ``latency_verdict`` to the
+ratio. ``DynamicStaticComparison.verdict`` applies the rule of ``latency.verdict`` to the
 paired per-iteration times.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from moe_devkit.diagnostics.latency_timing import Measurement, Timer, measure_in_turns
-from moe_devkit.diagnostics.latency_verdict import DynamicStaticVerdict, judge_dynamic_static
+from moe_devkit.diagnostics.latency.timing import Measurement, Timer, measure_in_turns
+from moe_devkit.diagnostics.latency.verdict import DynamicStaticVerdict, judge_dynamic_static
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +46,7 @@ class DynamicStaticComparison:
 
     def verdict(self, *, tolerance: float = 1.1, confidence: float = 0.95) -> DynamicStaticVerdict:
         """Whether the dynamic layer is clearly slower than its pairs allow (see
-        ``latency_verdict``), judged from the two runs' per-iteration times."""
+        ``latency.verdict``), judged from the two runs' per-iteration times."""
         return judge_dynamic_static(
             self.static.times, self.dynamic.times, pairs_ratio=self.pairs_ratio,
             tolerance=tolerance, confidence=confidence,

@@ -1,7 +1,7 @@
-"""Parent side of benchmarks/perf_suite.py: workers, A/B decisions, gates, table, JSON.
+"""The perf suite's parent process: workers, A/B decisions, confirmation, gates, table, JSON.
 
-Uses the working tree's moe_devkit (the library's regression, gates and baseline modules);
-the workers may run another revision.
+Runs with the working tree's moe_devkit (``moe_devkit.diagnostics.regression`` decides); the
+workers it starts (``perf.worker``, serving ``perf.serve``) may import another revision.
 """
 
 from __future__ import annotations
@@ -19,15 +19,6 @@ from rich.progress import Progress
 from rich.table import Table
 
 from moe_devkit.commands.common import writing
-from moe_devkit.diagnostics.perf_gates import Gates, compare_gates
-from moe_devkit.diagnostics.perf_stats import median_or_nan
-from moe_devkit.diagnostics.perf_store import BaselineStore, environment
-from moe_devkit.diagnostics.perf_worker import (
-    CorePlacement,
-    RevisionError,
-    WorkerProcess,
-    export_revision,
-)
 from moe_devkit.diagnostics.regression import (
     ABSchedule,
     Decision,
@@ -35,9 +26,13 @@ from moe_devkit.diagnostics.regression import (
     compare_interleaved,
     confirm,
 )
+from moe_devkit.diagnostics.regression.stats import median_or_nan
 from moe_devkit.reporting import make_report, write_report_json
+from perf.gates import Gates, compare_gates
+from perf.store import BaselineStore, environment
+from perf.worker import CorePlacement, RevisionError, WorkerProcess, export_revision
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 SCRIPT = ROOT / "benchmarks" / "perf_suite.py"
 
 
@@ -203,7 +198,7 @@ def _run_case(
     if placement is not None:
         row["placement"] = {"cpu": placement.cpu, "moves": placement.moves - moves}
     # Page faults per call, median over samples: both near 0 unless the allocator hands
-    # buffers back to the system between calls (perf_worker.ALLOCATOR_ENV).
+    # buffers back to the system between calls (perf.worker.ALLOCATOR_ENV).
     row["page_faults"] = {
         side: median_or_nan([v for v in faults if math.isfinite(v)])
         for side, faults in (("baseline", base_faults), ("candidate", cand_faults))
@@ -249,7 +244,7 @@ def _finish(args: argparse.Namespace, console: Console, rows: list[dict[str, Any
             "environment": env, "cases": rows, "regressions": regressions,
         }
     })  # fmt: skip
-    out = args.json  # perf_suite.check_args set its default
+    out = args.json  # perf.suite.check_args set its default
     with writing(out, "--json"):
         write_report_json(out, report)
     console.print(f"report: {out}")

@@ -1,25 +1,10 @@
-"""Inference latency: timing done right, a scheduled torch.profiler run, per-stage breakdown.
+"""``profile_inference_latency``: time a model first, then profile a few steps of it.
 
-``profile_inference_latency`` times the model first and profiles it afterwards. Timing inside
-the profiler measures the profiler's overhead too, ``time.time()`` is too coarse for short
-calls, and on CUDA a call returns before its kernels finish, so unsynchronised wall times
-measure kernel launches, not the work. Timing and profiling are therefore separate runs:
-
-* timing: warm-up, then per-iteration times (CUDA events on CUDA, ``perf_counter`` with the
-  thread's CPU time on CPU), summarised as a ``Measurement`` (median, p10/p90/p99);
-* profiling: ``torch.profiler`` with a wait/warm-up/active schedule, a Chrome trace written
-  atomically (opens in Perfetto), top operators by device time (CPU time on CPU), and the
-  time per routing stage from the router's ``moe.*`` ``record_function`` spans.
-
-``compare_dynamic_static`` times a dynamic and a static MoELayer of the same max_k and
-reports the time per active token-expert pair; ``judge_dynamic_static`` decides from the
-per-iteration times whether the dynamic layer is clearly slower than its active pairs allow
-(the ``dynamic-slower-than-static`` finding).
-
-The pieces live in their own modules and are re-exported here: ``measure``,
-``measure_in_turns`` and ``Measurement`` in ``latency_timing``, the profiler run and stage
-breakdown in ``latency_profiler``, the dynamic-vs-static comparison in ``latency_compare``
-and its verdict in ``latency_verdict``.
+Timing inside the profiler measures the profiler's overhead too, ``time.time()`` is too
+coarse for short calls, and on CUDA a call returns before its kernels finish, so
+unsynchronised wall times measure kernel launches, not the work. Timing (``timing.measure``)
+and profiling (``profiler.profile_steps``) are therefore separate runs. ``latency_section``
+builds the report's ``latency`` section from the results.
 """
 
 from __future__ import annotations
@@ -33,42 +18,12 @@ from typing import Any
 import torch
 
 from moe_devkit._checks import require_int
-from moe_devkit.diagnostics.latency_compare import (
-    DynamicStaticComparison,
-    active_pairs,
-    compare_dynamic_static,
-)
-from moe_devkit.diagnostics.latency_profiler import (
-    OpTime,
-    ProfileResult,
-    StageTime,
-    profile_steps,
-    stage_times,
-    top_operators,
-)
-from moe_devkit.diagnostics.latency_timing import Measurement, Timer, measure, measure_in_turns
-from moe_devkit.diagnostics.latency_verdict import DynamicStaticVerdict, judge_dynamic_static
+from moe_devkit.diagnostics.latency.compare import DynamicStaticComparison
+from moe_devkit.diagnostics.latency.profiler import ProfileResult, profile_steps
+from moe_devkit.diagnostics.latency.timing import Measurement, Timer, measure
+from moe_devkit.diagnostics.latency.verdict import DynamicStaticVerdict
 
-__all__ = [
-    "DynamicStaticComparison",
-    "DynamicStaticVerdict",
-    "LatencyProfile",
-    "Measurement",
-    "OpTime",
-    "ProfileResult",
-    "StageTime",
-    "Timer",
-    "active_pairs",
-    "compare_dynamic_static",
-    "judge_dynamic_static",
-    "latency_section",
-    "measure",
-    "measure_in_turns",
-    "profile_inference_latency",
-    "profile_steps",
-    "stage_times",
-    "top_operators",
-]
+__all__ = ["LatencyProfile", "latency_section", "profile_inference_latency"]
 
 
 def _device_of(inputs: object) -> torch.device:

@@ -205,7 +205,7 @@ def _one(device: torch.device) -> torch.Tensor:
     return torch.ones(1, dtype=torch.int64, device=device)
 
 
-# ----------------------------------------------------------------------------- seed-exact
+# ----------------------------------------------------------------------------- topk-exact counts
 
 
 def _cpu_maxima(logits: torch.Tensor, max_k: int, work: torch.Tensor) -> torch.Tensor:
