@@ -23,6 +23,7 @@ from moe_devkit.diagnostics.regression import (
     ABSchedule,
     Decision,
     DecisionPolicy,
+    Sampler,
     compare_interleaved,
     confirm,
 )
@@ -211,7 +212,7 @@ def _run_case(
     return row
 
 
-def _calls_for(sample: Any, target: float) -> int:
+def _calls_for(sample: Sampler, target: float) -> int:
     one = sample(1).wall
     return max(1, math.ceil(target / max(one, 1e-9)))
 
