@@ -4,6 +4,14 @@ Reads top to bottom: the routing decision record, small helpers (input checks, k
 capacity, auxiliary losses), the complexity estimator, the routers (dynamic and static), the
 experts, the MoE layer and a small stack of MoE layers.
 
+The routers, the experts, the layer and the model take ``implementation``: "reference" runs
+the PyTorch ops of this file and nothing else; "auto" (the default) hands a stage to a Triton
+kernel where one runs and gives the same result (CUDA with Triton installed, autograd off for
+the routing and the layer's dispatch); "triton" takes the kernels wherever a stage has one and
+raises where Triton cannot run. The kernels and the choice between them live in
+``moe_devkit.kernels`` (``moe_devkit.kernels.moe_layer``); each fast-path branch below is one
+call into it.
+
 Shape letters: N tokens, E experts, K = max_k slots, D hidden, F expert hidden.
 
 Design notes:
@@ -25,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -35,7 +42,8 @@ from torch import nn
 from torch.profiler import record_function
 
 from moe_devkit.config import RouterConfig
-from moe_devkit.kernels import triton_dispatch, triton_experts, triton_grouped, triton_router
+from moe_devkit.kernels import moe_layer as fast_path
+from moe_devkit.kernels.moe_layer import GroupedMatmul, KRule
 
 STAGES: tuple[str, ...] = ("complexity", "gating", "select_k", "dispatch", "experts", "combine")
 """Routing stages, each wrapped in a ``record_function`` span named ``"moe." + stage``."""
@@ -342,9 +350,10 @@ class ComplexityEstimator(nn.Module):
 class _RouterBase(nn.Module):
     """Router network and the decision assembly shared by the dynamic and static routers."""
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, implementation: str = "auto") -> None:
         super().__init__()
         self.config = config
+        self.implementation = fast_path.check_implementation(implementation)
         self.router_network = nn.Linear(config.hidden_size, config.num_experts, bias=False)
 
     def _gate(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,55 +378,38 @@ class _RouterBase(nn.Module):
             return torch.mm(flat, weight.t(), out_dtype=torch.float32)
         return F.linear(flat.float(), weight.float())
 
-    def _takes_fused_path(self, flat: torch.Tensor) -> bool:
-        """Whether forward routes with ``triton_router``'s two kernels instead of ~70 torch ops.
+    def _takes_triton_path(self, flat: torch.Tensor) -> bool:
+        """Whether forward routes in Triton kernels (``fast_path.routes_in_triton``)."""
+        return fast_path.routes_in_triton(self.config, flat.device, self.implementation)
 
-        Only where they give the same decision and nothing needs what they skip: autograd off
-        (no backward), no capacity limit, non-finite tokens masked (policy "raise" reads the
-        device), E within the kernels' limit, and CUDA with Triton (or Triton's interpreter).
-        """
-        cfg = self.config
-        return (
-            not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()  # inductor fuses the torch ops itself
-            and cfg.capacity_factor is None
-            and cfg.nonfinite_policy == "mask"
-            and triton_router.supports(cfg.num_experts)
-            and triton_router.is_available(flat.device)
-        )
-
-    def _decide_fused(
+    def _decide_in_triton(
         self,
         flat: torch.Tensor,
         batch_shape: tuple[int, ...],
         *,
-        rule: triton_router.KRule,
+        rule: KRule,
         max_k: int,
         complexity: torch.Tensor | None = None,
     ) -> RoutingDecision:
-        """``_decide`` without autograd, capacity or policy "raise": the gating matmul, then
-        softmax, top-k, k, masks, weights and losses in two Triton kernels (no host sync).
+        """``_decide`` without autograd, capacity or policy "raise", in two Triton kernels.
 
-        For 16-bit inputs that ``triton_router.supports_hidden`` takes, the matmul runs in
-        the first of those kernels (``route_hidden``) instead of cuBLAS: its time is then
-        counted in the "select_k" span, and the "gating" span, kept so that every path
-        reports the same stages, is empty. Other inputs (float32 among them) take ``_logits``
-        and ``route``. Autograd off and a device the kernels run on are ``_takes_fused_path``'s
-        conditions, already met here.
+        Where the first kernel also computes the gating matmul (``fast_path.fuses_gating``:
+        16-bit inputs), its time is counted in the "select_k" span, and the "gating" span,
+        kept so that every path reports the same stages, is empty.
         """
         weight = self.router_network.weight
-        fuse_gating = triton_router.supports_hidden(flat, weight)
         with record_function(span_name("gating")):
-            router_logits = None if fuse_gating else self._logits(flat)
+            router_logits = None if fast_path.fuses_gating(flat, weight) else self._logits(flat)
         with record_function(span_name("select_k")):
-            if router_logits is None:
-                router_logits, fused = triton_router.route_hidden(
-                    flat, weight, self.config, rule=rule, max_k=max_k, complexity=complexity
-                )
-            else:
-                fused = triton_router.route(
-                    router_logits, self.config, rule=rule, max_k=max_k, complexity=complexity
-                )
+            router_logits, fused = fast_path.route(
+                flat,
+                weight,
+                router_logits,
+                self.config,
+                rule=rule,
+                max_k=max_k,
+                complexity=complexity,
+            )
             return RoutingDecision(
                 **fused._asdict(), router_logits=router_logits, batch_shape=batch_shape
             )
@@ -484,10 +476,12 @@ class DynamicMoERouter(_RouterBase):
     maps the score to k. Mode "top_p": k is the smallest number of experts whose softmax
     mass reaches ``top_p`` (capped at max_k); the complexity reported is the normalised
     entropy of the router distribution, and no estimator is built.
+
+    ``implementation`` ("auto", "reference" or "triton"): see the module docstring.
     """
 
-    def __init__(self, config: RouterConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: RouterConfig, implementation: str = "auto") -> None:
+        super().__init__(config, implementation)
         self.complexity_estimator: ComplexityEstimator | None = (
             ComplexityEstimator(config.hidden_size, config.complexity_hidden_size)
             if config.mode == "complexity"
@@ -506,8 +500,8 @@ class DynamicMoERouter(_RouterBase):
             estimated = (
                 self.complexity_estimator(flat) if self.complexity_estimator is not None else None
             )
-        if self._takes_fused_path(flat):
-            return self._decide_fused(
+        if self._takes_triton_path(flat):
+            return self._decide_in_triton(
                 flat, batch_shape, rule=cfg.mode, max_k=cfg.max_k, complexity=estimated
             )
         with record_function(span_name("gating")):
@@ -541,10 +535,13 @@ class StaticTopKRouter(_RouterBase):
     """Fixed top-k router (k = config.max_k unless given): the baseline for dynamic routing.
 
     Its ``complexity`` is the normalised entropy of the router distribution.
+    ``implementation`` ("auto", "reference" or "triton"): see the module docstring.
     """
 
-    def __init__(self, config: RouterConfig, k: int | None = None) -> None:
-        super().__init__(config)
+    def __init__(
+        self, config: RouterConfig, k: int | None = None, implementation: str = "auto"
+    ) -> None:
+        super().__init__(config, implementation)
         k = config.max_k if k is None else k
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= config.num_experts:
             raise ValueError(
@@ -555,8 +552,8 @@ class StaticTopKRouter(_RouterBase):
     def forward(self, hidden_states: torch.Tensor) -> RoutingDecision:
         """Routes float[..., D] hidden states to exactly k experts each."""
         flat, batch_shape = flatten_tokens(hidden_states, self.config.hidden_size)
-        if self._takes_fused_path(flat):
-            return self._decide_fused(flat, batch_shape, rule="static", max_k=self.k)
+        if self._takes_triton_path(flat):
+            return self._decide_in_triton(flat, batch_shape, rule="static", max_k=self.k)
         with record_function(span_name("gating")):
             router_logits, router_probs = self._gate(flat)
             top_probs, top_indices = router_probs.topk(self.k, dim=-1)  # [N, k] sorted
@@ -579,37 +576,6 @@ class StaticTopKRouter(_RouterBase):
 
 _GROUPED_MM_BROKEN: set[tuple[str, torch.dtype]] = set()
 """CPU dtypes whose ``torch._grouped_mm`` raised (stride alignment in some torch builds)."""
-
-GroupedMatmul = Callable[..., torch.Tensor]
-"""``(a: float[M, K], b: float[G, K, N], offs=int32[G]) -> float[M, N]``."""
-
-
-def cuda_grouped_matmul(x: torch.Tensor) -> GroupedMatmul | None:
-    """The grouped matmul that runs x's CUDA device and dtype without a host sync, or None.
-
-    ``torch._grouped_mm`` has a CUTLASS kernel only for bfloat16 on sm90/sm100; for other
-    dtypes and devices it copies the offsets to the host, so those use the Triton kernel.
-    """
-    major = torch.cuda.get_device_capability(x.device)[0]
-    if (
-        x.dtype == torch.bfloat16
-        and major in (9, 10)
-        and torch.version.hip is None
-        and hasattr(torch, "_grouped_mm")
-    ):
-        return torch._grouped_mm
-    if triton_grouped.is_available(x.device):
-        return triton_grouped.grouped_mm
-    return None
-
-
-def _expert_matmul(
-    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, fallback: GroupedMatmul
-) -> torch.Tensor:
-    """The no-autograd grouped matmul: ``triton_experts`` where it fits, else ``fallback``."""
-    if triton_experts.is_available(a.device) and triton_experts.supports(a, b):
-        return triton_experts.grouped_mm(a, b, offsets)
-    return fallback(a, b, offs=offsets)
 
 
 class _ZeroDeadRowGrad(torch.autograd.Function):
@@ -641,10 +607,18 @@ class SwiGLUExperts(nn.Module):
 
     Weights follow nn.Linear's [out, in] layout per expert; the grouped matmul reads them
     transposed (column-major), the layout Hopper's grouped GEMM wants.
+
+    Args:
+        num_experts, hidden_size, inner_size: E, D and F.
+        implementation: the grouped matmul's ("auto", "reference" or "triton"; see
+            ``forward``).
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, inner_size: int) -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, inner_size: int, implementation: str = "auto"
+    ) -> None:
         super().__init__()
+        self.implementation = fast_path.check_implementation(implementation)
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * inner_size, hidden_size))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, inner_size))
         nn.init.normal_(self.w_gate_up, std=hidden_size**-0.5)
@@ -656,8 +630,9 @@ class SwiGLUExperts(nn.Module):
         """Runs expert e on rows [offsets[e-1], offsets[e]) of x_sorted, scaled per row.
 
         On CUDA: ``torch._grouped_mm`` for bfloat16 on sm90/sm100, the Triton grouped matmul
-        for other dtypes and devices, and where Triton is missing the loop over experts (one
+        for other dtypes and devices ("auto" only), and otherwise the loop over experts (one
         host sync). On CPU: ``torch._grouped_mm``, or the loop where this build rejects it.
+        Under "triton": the Triton grouped matmul on every device (``fast_path.grouped_matmul``).
 
         Args:
             x_sorted: float[M, D], rows grouped by expert; rows past offsets[-1] are ignored.
@@ -671,8 +646,8 @@ class SwiGLUExperts(nn.Module):
             so are the gradients this module hands back to their rows of ``x_sorted`` and
             ``row_weights``.
         """
-        if x_sorted.device.type == "cuda":
-            matmul = cuda_grouped_matmul(x_sorted)
+        if x_sorted.device.type == "cuda" or self.implementation == "triton":
+            matmul = fast_path.grouped_matmul(x_sorted, self.implementation)
             if matmul is not None:  # no try/except: a sync-debug error must reach the caller
                 return self._grouped(x_sorted, offsets, row_weights, matmul)
         elif x_sorted.device.type == "cpu" and hasattr(torch, "_grouped_mm"):
@@ -703,24 +678,6 @@ class SwiGLUExperts(nn.Module):
         hidden = F.silu(gate) * up * row_weights.unsqueeze(-1).to(up.dtype)
         out = matmul(hidden, self.w_down.transpose(-2, -1), offs=offsets)  # [M, D]
         return out.masked_fill_(~live, 0.0)  # the matmul's backward does not read its output
-
-    def forward_active(
-        self,
-        x_sorted: torch.Tensor,
-        offsets: torch.Tensor,
-        row_weights: torch.Tensor,
-        matmul: GroupedMatmul,
-    ) -> torch.Tensor:
-        """``forward`` without autograd, its SwiGLU run on rows < offsets[-1] only (Triton).
-
-        Each projection runs ``triton_experts.grouped_mm`` where it fits (Hopper, 16-bit,
-        tile-aligned sizes: 128-row tiles instead of CUTLASS's 256-row clusters, so a group's
-        padding is halved), else ``matmul``. Rows past offsets[-1] of the result are
-        undefined, as in ``forward``.
-        """
-        gate_up = _expert_matmul(x_sorted, self.w_gate_up.transpose(-2, -1), offsets, matmul)
-        hidden = triton_dispatch.swiglu_rows(gate_up, row_weights, offsets[-1:])
-        return _expert_matmul(hidden, self.w_down.transpose(-2, -1), offsets, matmul)
 
     def _looped(
         self, x_sorted: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor
@@ -776,23 +733,29 @@ class MoELayer(nn.Module):
         router: a router to use instead of ``DynamicMoERouter(config)`` (e.g. a
             ``StaticTopKRouter`` for the baseline, or a module of your own that returns a
             ``RoutingDecision``); it must route over ``config.num_experts`` experts.
+        implementation: "auto" (default), "reference" or "triton" (see the module
+            docstring), for the experts, the dispatch and combine, and the router built
+            here; a router given keeps its own.
 
     Raises:
         TypeError: ``config`` is not a RouterConfig or ``router`` is not an nn.Module.
         ValueError: the router's config differs from ``config`` in num_experts or
-            hidden_size.
+            hidden_size, or ``implementation`` is none of the three.
     """
 
-    def __init__(self, config: RouterConfig, router: nn.Module | None = None) -> None:
+    def __init__(
+        self, config: RouterConfig, router: nn.Module | None = None, implementation: str = "auto"
+    ) -> None:
         super().__init__()
         if not isinstance(config, RouterConfig):
             raise TypeError(f"config must be a RouterConfig; got {type(config).__name__}")
+        self.implementation = fast_path.check_implementation(implementation)
         if router is not None:
             _check_router_fits(router, config)
         self.config = config
-        self.router = router if router is not None else DynamicMoERouter(config)
+        self.router = router if router is not None else DynamicMoERouter(config, implementation)
         self.experts = SwiGLUExperts(
-            config.num_experts, config.hidden_size, config.expert_hidden_size
+            config.num_experts, config.hidden_size, config.expert_hidden_size, implementation
         )
 
     def forward(self, hidden_states: torch.Tensor) -> MoEOutput:
@@ -810,13 +773,8 @@ class MoELayer(nn.Module):
                 f"got dtype={flat.dtype} (cast the input or call layer.to(dtype))"
             )
         num_experts, num_tokens = self.config.num_experts, flat.shape[0]
-        if (
-            flat.device.type == "cuda"
-            and not torch.is_grad_enabled()
-            and triton_dispatch.is_available(flat.device)
-            and (matmul := cuda_grouped_matmul(flat)) is not None
-        ):
-            out = self._forward_active(flat, routing, matmul)
+        if (matmul := fast_path.layer_matmul(flat, self.implementation)) is not None:
+            out = self._forward_in_triton(flat, routing, matmul)
             return MoEOutput(out.reshape(hidden_states.shape), routing)
         with record_function(span_name("dispatch")):
             sorted_key, order, offsets = _sort_pairs(routing, num_experts)
@@ -846,36 +804,31 @@ class MoELayer(nn.Module):
             out = torch.where(routing.nonfinite.unsqueeze(-1), math.nan, out)
         return MoEOutput(out.to(flat.dtype).reshape(hidden_states.shape), routing)
 
-    def _forward_active(
+    def _forward_in_triton(
         self, flat: torch.Tensor, routing: RoutingDecision, matmul: GroupedMatmul
     ) -> torch.Tensor:
-        """The forward without autograd on CUDA: dispatch, SwiGLU and combine in Triton
-        kernels that skip inactive slots, so the layer's time follows the active pairs.
-
-        Same row order (a stable sort by expert, here ``triton_dispatch.plan``'s counting
-        sort) and grouped matmuls as ``forward``; rows past the active count are neither
-        gathered, activated nor read back (their values are undefined).
-        """
-        num_experts, num_tokens, max_k = self.config.num_experts, flat.shape[0], routing.max_k
+        """The forward without autograd in Triton kernels that skip inactive slots, so the
+        layer's time follows the active pairs: same row order and grouped matmuls as above;
+        rows past the active count are neither gathered, activated nor read back."""
         with record_function(span_name("dispatch")):
-            if num_experts <= triton_dispatch.PLAN_MAX_EXPERTS:
-                src, row_weights, offsets, pos = triton_dispatch.plan(
-                    routing.expert_indices, routing.dropped, routing.expert_weights, num_experts
-                )
-            else:
-                sorted_key, order, offsets = _sort_pairs(routing, num_experts)
-                src, row_weights = order // max_k, routing.expert_weights.reshape(-1)[order]
-                rows = torch.arange(order.shape[0], device=flat.device)
-                pos = (
-                    torch.empty_like(order)
-                    .index_copy_(0, order, torch.where(sorted_key < num_experts, rows, -1))
-                    .view(num_tokens, max_k)
-                )  # sorted row of each (token, slot); -1 if inactive
-            x_sorted = triton_dispatch.gather_rows(flat.contiguous(), src, offsets[-1:])
+            pairs = fast_path.dispatch(
+                flat,
+                routing.expert_indices,
+                routing.dropped,
+                routing.expert_weights,
+                self.config.num_experts,
+            )
         with record_function(span_name("experts")):
-            y_sorted = self.experts.forward_active(x_sorted, offsets, row_weights, matmul)
+            y_sorted = fast_path.swiglu_experts(
+                pairs.x_sorted,
+                pairs.offsets,
+                pairs.row_weights,
+                self.experts.w_gate_up,
+                self.experts.w_down,
+                matmul,
+            )
         with record_function(span_name("combine")):
-            return triton_dispatch.combine(y_sorted, pos, routing.nonfinite)
+            return fast_path.combine(y_sorted, pairs.pos, routing.nonfinite)
 
 
 # ----------------------------------------------------------------------------- model
@@ -892,10 +845,10 @@ class MoEModelOutput(NamedTuple):
 class MoEBlock(nn.Module):
     """Pre-norm residual block: x + MoE(RMSNorm(x))."""
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, implementation: str = "auto") -> None:
         super().__init__()
         self.norm = nn.RMSNorm(config.hidden_size)
-        self.moe = MoELayer(config)
+        self.moe = MoELayer(config, implementation=implementation)
 
     def forward(self, hidden_states: torch.Tensor) -> MoEOutput:
         moe_out = self.moe(self.norm(hidden_states))
@@ -903,14 +856,20 @@ class MoEBlock(nn.Module):
 
 
 class MoEModel(nn.Module):
-    """A stack of MoE blocks, the reference model the devkit's tools are tried on."""
+    """A stack of MoE blocks, the reference model the devkit's tools are tried on.
 
-    def __init__(self, config: RouterConfig, num_layers: int = 2) -> None:
+    ``implementation`` ("auto", "reference" or "triton") goes to every layer.
+    """
+
+    def __init__(
+        self, config: RouterConfig, num_layers: int = 2, implementation: str = "auto"
+    ) -> None:
         super().__init__()
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be an int >= 1; got num_layers={num_layers!r}")
+        fast_path.check_implementation(implementation)
         self.config = config
-        self.layers = nn.ModuleList(MoEBlock(config) for _ in range(num_layers))
+        self.layers = nn.ModuleList(MoEBlock(config, implementation) for _ in range(num_layers))
 
     def forward(self, hidden_states: torch.Tensor) -> MoEModelOutput:
         routings: list[RoutingDecision] = []

@@ -10,7 +10,8 @@ import pytest
 import torch
 from triton_support import DEVICE, needs_triton  # sets TRITON_INTERPRET first
 
-from moe_devkit.inspect.inspector import InspectorConfig, LayerState
+from moe_devkit.inspect import InspectorConfig
+from moe_devkit.inspect.state import LayerState, StepTensors
 from moe_devkit.kernels import inspector_update
 
 pytestmark = needs_triton
@@ -47,19 +48,22 @@ def test_one_kernel_update_equals_the_pytorch_ops(n: int, experts: int, max_k: i
     fused, plain = states(experts, max_k, config)
     for seed in range(3):
         inputs = decision(n, experts, max_k, seed)
-        fused._update_tensors(*inputs, coactivation=False, sample=True)
-        plain._update_tensors(*inputs, coactivation=False, sample=True)
+        fused._update_tensors(StepTensors(*inputs), coactivation=False, sample=True)
+        plain._update_tensors(StepTensors(*inputs), coactivation=False, sample=True)
     for name in ("counts", "joint", "dropped", "res_k", "res_complexity", "tokens_seen"):
-        expected = getattr(plain, name)
-        torch.testing.assert_close(getattr(fused, name), expected, rtol=0, atol=0, equal_nan=True)
+        expected = getattr(plain.stats, name)
+        got = getattr(fused.stats, name)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
     for name in ("loss_sums", "sums", "extrema"):
-        torch.testing.assert_close(getattr(fused, name), getattr(plain, name), rtol=1e-12, atol=0)
-    assert int(fused.counts.sum()) > 0 and int(fused.joint[-1].sum()) > 0  # non-finite row
+        got, expected = getattr(fused.stats, name), getattr(plain.stats, name)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    assert int(fused.stats.counts.sum()) > 0
+    assert int(fused.stats.joint[-1].sum()) > 0  # non-finite row
 
 
 def test_layouts_the_kernel_does_not_read_fall_back_to_pytorch() -> None:
     indices, complexity, nonfinite, k, dropped, lb, z = decision(5, 4, 2, 0)
-    state = states(4, 2, InspectorConfig())[0]._state_tensors()
+    state = states(4, 2, InspectorConfig())[0].stats.tensors()
     odd = (indices, complexity, nonfinite, k, dropped[:, :1], lb, z)  # dropped of another shape
     assert not inspector_update.token_stats(odd, state, complexity_bins=20, max_k=2)
     assert int(state["counts"].sum()) == 0

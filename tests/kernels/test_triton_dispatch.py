@@ -17,8 +17,8 @@ from triton_support import (  # sets TRITON_INTERPRET first
 )
 
 from moe_devkit.config import RouterConfig
-from moe_devkit.kernels import triton_dispatch, triton_grouped
-from moe_devkit.routers.torch_router import MoELayer, StaticTopKRouter
+from moe_devkit.kernels import moe_layer, triton_dispatch
+from moe_devkit.routers.torch_router import DynamicMoERouter, MoELayer, StaticTopKRouter
 
 pytestmark = needs_triton
 
@@ -137,41 +137,53 @@ def test_plan_with_no_active_pair() -> None:
 def test_active_pair_forward_equals_the_pytorch_forward(
     config: RouterConfig, plan_max_experts: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The no-grad forward of implementation "triton" against "reference", one router."""
     monkeypatch.setattr(triton_dispatch, "PLAN_MAX_EXPERTS", plan_max_experts)
+    calls = spy_on_dispatch(monkeypatch)
     torch.manual_seed(0)
-    layer = MoELayer(config).to(DEVICE)
+    router = DynamicMoERouter(config, implementation="reference").to(DEVICE)
+    layer = MoELayer(config, router=router, implementation="triton").to(DEVICE)
+    reference = MoELayer(config, router=router, implementation="reference").to(DEVICE)
+    reference.load_state_dict(layer.state_dict())
     x = torch.randn(3, 37, config.hidden_size, device=DEVICE)
     x[0, 5, 0] = float("nan")  # a non-finite token: routed nowhere, NaN output
     with torch.no_grad():
-        routing = layer.router(x)
-        flat = x.reshape(-1, config.hidden_size)
-        matmul = triton_grouped.grouped_mm  # the interpreter's or the GPU's
-        fused = layer._forward_active(flat, routing, matmul)
-    with torch.enable_grad():  # autograd on: the PyTorch path
-        expected = layer(x).hidden_states.reshape(-1, config.hidden_size)
+        fused = layer(x)
+        assert calls == [config.num_experts]
+        expected = reference(x)
+        assert calls == [config.num_experts]
+    routing = fused.routing
     assert int(routing.active.sum()) < routing.active.numel()  # some slots are inactive
-    torch.testing.assert_close(fused, expected.detach(), rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(
+        fused.hidden_states, expected.hidden_states, rtol=1e-5, atol=1e-5, equal_nan=True
+    )
+
+
+def spy_on_dispatch(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the number of experts of every call of the layer's Triton dispatch."""
+    calls: list[int] = []
+    original = moe_layer.dispatch
+
+    def spy(*args: object) -> moe_layer.ActivePairs:
+        calls.append(int(args[-1]))  # type: ignore[call-overload]
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(moe_layer, "dispatch", spy)
+    return calls
 
 
 @pytest.mark.gpu
 def test_no_grad_forward_on_cuda_takes_the_active_pair_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls: list[int] = []
-    original = MoELayer._forward_active
-
-    def spy(self: MoELayer, *args: object) -> torch.Tensor:
-        calls.append(1)
-        return original(self, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(MoELayer, "_forward_active", spy)
+    calls = spy_on_dispatch(monkeypatch)
     config = RouterConfig(hidden_size=8, num_experts=4, max_k=2, expert_hidden_size=8)
-    layer = MoELayer(config, router=StaticTopKRouter(config)).cuda()
+    layer = MoELayer(config, router=StaticTopKRouter(config)).cuda()  # implementation "auto"
     x = torch.randn(5, 8, device="cuda")
     with torch.no_grad():
         layer(x)
     layer(x)  # autograd on: the PyTorch path
-    assert calls == [1]
+    assert calls == [4]
 
 
 @pytest.mark.gpu

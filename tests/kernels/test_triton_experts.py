@@ -18,7 +18,7 @@ from triton_support import (  # sets TRITON_INTERPRET first
 )
 
 from moe_devkit.config import RouterConfig
-from moe_devkit.kernels import triton_experts
+from moe_devkit.kernels import moe_layer, triton_experts
 from moe_devkit.routers.torch_router import MoELayer, StaticTopKRouter
 
 pytestmark = [
@@ -145,10 +145,8 @@ def test_no_grad_layer_uses_the_kernel_without_syncing(monkeypatch: pytest.Monke
 
 
 def test_expert_matmul_uses_the_kernel_only_where_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``forward_active``'s matmul: the TMA kernel for tile-aligned 16-bit operands, else the
-    grouped matmul it was given (e.g. float32, or sizes off the tiles)."""
-    from moe_devkit.routers import torch_router
-
+    """The Triton forward's expert matmul: the TMA kernel for tile-aligned 16-bit operands,
+    else the grouped matmul it was given (e.g. float32, or sizes off the tiles)."""
     used: list[str] = []
 
     def fallback(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -161,8 +159,8 @@ def test_expert_matmul_uses_the_kernel_only_where_it_fits(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(triton_experts, "grouped_mm", kernel)
     a, b, offsets = make_inputs([3, 5], 256, 256, torch.float16)  # fits the default tiles
-    torch_router._expert_matmul(a, b, offsets, fallback)
-    torch_router._expert_matmul(a.float(), b.float(), offsets, fallback)
+    moe_layer.expert_matmul(a, b, offsets, fallback)
+    moe_layer.expert_matmul(a.float(), b.float(), offsets, fallback)
     small_a, small_b, _ = make_inputs([3, 5], 32, 64, torch.float16)  # N = 64 < 256
-    torch_router._expert_matmul(small_a, small_b, offsets, fallback)
+    moe_layer.expert_matmul(small_a, small_b, offsets, fallback)
     assert used == ["kernel", "fallback", "fallback"]

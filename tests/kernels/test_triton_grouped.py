@@ -126,27 +126,28 @@ def test_contiguous_b_and_default_blocks() -> None:
 
 
 @needs_triton
-def test_experts_match_looped_fallback() -> None:
+def test_triton_experts_match_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SwiGLUExperts' forward and gradients, implementation "triton" (this grouped matmul)
+    against "reference" (``torch._grouped_mm`` or the loop over experts)."""
+    monkeypatch.setattr(triton_grouped, "_default_blocks", lambda dtype: BLOCKS[0])
     torch.manual_seed(7)
-    experts = torch_router.SwiGLUExperts(num_experts=4, hidden_size=8, inner_size=6).to(DEVICE)
+    sizes = dict(num_experts=4, hidden_size=8, inner_size=6)
+    experts = torch_router.SwiGLUExperts(**sizes, implementation="triton").to(DEVICE)
+    reference = torch_router.SwiGLUExperts(**sizes, implementation="reference").to(DEVICE)
+    reference.load_state_dict(experts.state_dict())
     offsets = torch.tensor([2, 2, 9, 13], dtype=torch.int32, device=DEVICE)
-    rows = torch.randn(16, 8, device=DEVICE, requires_grad=True)
     weights = torch.rand(16, device=DEVICE)
-    blocks = BLOCKS[0]
-
-    def matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        return grouped_mm(a, b, offs, blocks=blocks)
-
-    got = experts._grouped(rows, offsets, weights, matmul)
-    got[:13].square().sum().backward()
-    grads = [t.grad.clone() for t in (rows, experts.w_gate_up, experts.w_down)]  # type: ignore[union-attr]
-    for t in (rows, experts.w_gate_up, experts.w_down):
-        t.grad = None
-    want = experts._looped(rows, offsets, weights)
-    want[:13].square().sum().backward()
-    torch.testing.assert_close(got[:13], want[:13], rtol=1e-5, atol=1e-5)
-    for g, t in zip(grads, (rows, experts.w_gate_up, experts.w_down), strict=True):
-        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
+    x = torch.randn(16, 8, device=DEVICE)
+    outputs, grads = [], []
+    for module in (experts, reference):
+        rows = x.clone().requires_grad_()
+        out = module(rows, offsets, weights)
+        out[:13].square().sum().backward()
+        outputs.append(out[:13].detach())
+        grads.append([t.grad for t in (rows, module.w_gate_up, module.w_down)])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @needs_triton
@@ -159,21 +160,6 @@ def test_interpreter_works_when_triton_was_imported_first() -> None:
         "out = grouped_mm(a, b, offs, blocks=BlockSizes(2, 2, 2, num_warps=1))\n"
         "assert out.tolist() == [[3.0] * 4] * 4 + [[0.0] * 4], out\n"
     )
-
-
-def test_cuda_dispatch_picks_cutlass_only_for_bf16_on_sm90_and_sm100(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    x32, x16 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bfloat16)
-    monkeypatch.setattr(triton_grouped, "is_available", lambda device=None: True)
-    for major in (9, 10):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, m=major: (m, 0))
-        assert torch_router.cuda_grouped_matmul(x16) is torch._grouped_mm
-        assert torch_router.cuda_grouped_matmul(x32) is triton_grouped.grouped_mm
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
-    assert torch_router.cuda_grouped_matmul(x16) is triton_grouped.grouped_mm
-    monkeypatch.setattr(triton_grouped, "is_available", lambda device=None: False)
-    assert torch_router.cuda_grouped_matmul(x16) is None  # the looped fallback
 
 
 def test_unavailable_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import pytest
@@ -413,6 +414,46 @@ def test_looped_experts_equal_grouped() -> None:
         layer.experts._looped(rows, offsets, weights)[:n],
         layer.experts._grouped(rows, offsets, weights)[:n],
     )
+
+
+@pytest.mark.parametrize("implementation", ["fast", "Reference", None])
+def test_implementation_must_be_auto_reference_or_triton(implementation: object) -> None:
+    expected = "implementation must be 'auto', 'reference' or 'triton'; "
+    expected += f"got implementation={implementation!r}"
+    config = tiny_config()
+    for make in (
+        lambda: MoELayer(config, implementation=implementation),  # type: ignore[arg-type]
+        lambda: MoEModel(config, implementation=implementation),  # type: ignore[arg-type]
+        lambda: DynamicMoERouter(config, implementation=implementation),  # type: ignore[arg-type]
+        lambda: StaticTopKRouter(config, implementation=implementation),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            make()
+
+
+def test_auto_is_the_reference_on_the_cpu() -> None:
+    torch.manual_seed(13)
+    config = tiny_config(mode="top_p", top_p=0.6)
+    auto = MoELayer(config)
+    reference = MoELayer(config, implementation="reference")
+    reference.load_state_dict(auto.state_dict())
+    assert (auto.implementation, reference.implementation) == ("auto", "reference")
+    assert reference.router.implementation == reference.experts.implementation == "reference"
+    x = torch.randn(2, 9, 16)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            got, expected = auto(x), reference(x)
+        assert torch.equal(got.hidden_states, expected.hidden_states)
+        assert torch.equal(got.routing.expert_weights, expected.routing.expert_weights)
+
+
+def test_triton_raises_where_triton_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors: no kernel runs them
+    layer = MoELayer(tiny_config(), implementation="triton")
+    match = r"implementation='triton' needs Triton and a CUDA device .*got device=cpu"
+    for grad in (True, False):
+        with pytest.raises(RuntimeError, match=match), torch.set_grad_enabled(grad):
+            layer(torch.randn(4, 16))
 
 
 class _PoisonPadding(torch.autograd.Function):
