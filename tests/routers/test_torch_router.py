@@ -457,21 +457,24 @@ def test_triton_raises_where_triton_cannot_run(monkeypatch: pytest.MonkeyPatch) 
 
 
 class _PoisonPadding(torch.autograd.Function):
-    """Sets rows past offsets[-1] to NaN in the forward output and in the backward gradient."""
+    """Sets rows past offsets[-1] to NaN in the forward output and in the backward gradient,
+    and appends (direction, number of rows poisoned) to ``log``."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, out: torch.Tensor, offsets: torch.Tensor, log: list) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(offsets)
-        return _poison(out, offsets)
+        ctx.log = log
+        return _poison(out, offsets, log, "forward")
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         (offsets,) = ctx.saved_tensors
-        return _poison(grad, offsets), None
+        return _poison(grad, offsets, ctx.log, "backward"), None, None
 
 
-def _poison(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _poison(t: torch.Tensor, offsets: torch.Tensor, log: list, direction: str) -> torch.Tensor:
     pad = torch.arange(t.shape[0]).unsqueeze(-1) >= offsets[-1]
+    log.append((direction, int(pad.sum())))
     return torch.where(pad, torch.nan, t)
 
 
@@ -479,17 +482,22 @@ def test_padding_rows_never_poison_outputs_or_gradients(monkeypatch: pytest.Monk
     # The grouped matmul leaves rows past the last group undefined, forward and backward:
     # make them NaN both ways and check that no real output or gradient sees them.
     real = torch._grouped_mm
+    poisoned: list[tuple[str, int]] = []
 
     def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        return _PoisonPadding.apply(real(a, b, offs=offs), offs)
+        return _PoisonPadding.apply(real(a, b, offs=offs), offs, poisoned)
 
     monkeypatch.setattr(torch, "_grouped_mm", grouped_mm)
     torch.manual_seed(12)
-    layer = MoELayer(tiny_config(min_k=1, max_k=3, capacity_factor=1.0))
+    layer = MoELayer(tiny_config(min_k=1, max_k=3, capacity_factor=1.0), implementation="reference")
     x = torch.randn(40, 16, requires_grad=True)
     out = layer(x)
     assert int((out.routing.k_per_token < 3).sum()) > 0
+    dead = x.shape[0] * out.routing.max_k - int(out.routing.active.sum())
+    # the grouped path ran (not the loop over experts), both projections, and poisoned rows
+    assert poisoned == [("forward", dead)] * 2 and dead > 0
     (out.hidden_states.square().sum() + out.routing.aux_loss).backward()
+    assert poisoned[2:] == [("backward", dead)] * 2
     assert bool(torch.isfinite(out.hidden_states).all())
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
     for name, param in layer.named_parameters():
