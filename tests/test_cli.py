@@ -14,7 +14,7 @@ import pytest
 import torch
 from cli_support import assert_one_line_usage_error, moe_devkit
 
-import moe_devkit.commands
+import moe_devkit.commands as commands_package
 from moe_devkit.cli import COMMANDS, main
 
 HEAVY = ("torch", "jax", "numpy", "rich", "matplotlib")
@@ -109,7 +109,7 @@ def test_every_command_module_is_listed() -> None:
     the CLI lists, under its own name; check-debug is listed by the CLI itself."""
     modules = [
         info.name
-        for info in pkgutil.iter_modules(moe_devkit.commands.__path__)
+        for info in pkgutil.iter_modules(commands_package.__path__)
         if not info.name.startswith("_") and info.name != "common"
     ]
     assert sorted(COMMANDS) == sorted(modules)
