@@ -24,8 +24,9 @@ Accumulation stays on the device between windows: each ``record`` folds the step
 statistics into device accumulators with one jitted call (asynchronous, no host read). At
 each window end (``InspectorConfig.window`` steps) the accumulators are read to the host
 once and added to int64/float64 host totals, so int32 device counters never overflow and
-the window snapshots match ``RouterInspector``'s. ``summary()``/``report()`` reuse
-``moe_devkit.inspect.report`` unchanged (``host_state()`` has ``LayerState``'s keys).
+the window snapshots match ``RouterInspector``'s. ``summary()``/``report()`` go through
+``inspect.summary.summarize`` and ``inspect.report`` as the PyTorch inspector's do
+(``host_state()`` returns the same ``LayerRecord``).
 """
 
 from __future__ import annotations
@@ -33,17 +34,19 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
 
-from moe_devkit.inspect.inspector import InspectorConfig
+from moe_devkit.inspect.config import InspectorConfig
+from moe_devkit.inspect.report import ReportPaths, write_report
+from moe_devkit.inspect.state import LayerRecord, coactivation_steps
+from moe_devkit.inspect.summary import InspectorSummary, summarize
 from moe_devkit.routers.jax_router import RoutingDecision, expert_counts
-
-if TYPE_CHECKING:
-    from moe_devkit.inspect.report import InspectorSummary, ReportPaths
 
 
 class RoutingStats(NamedTuple):
@@ -316,41 +319,36 @@ class JaxLayerState:
         )
         self.snapshot_steps.append(self.steps)
 
-    def host_state(self) -> dict[str, Any]:
-        """The statistics on the host, with ``LayerState.host_state()``'s keys and types."""
-        import torch  # the report's metrics live in diagnostics.utilization (torch)
-
+    def host_state(self) -> LayerRecord:
+        """The statistics on the host, as ``LayerState.host_state()`` returns them."""
         self._flush()
         host, rows = self._host, len(self.snapshot_steps)
         sample = jax.device_get(self._device)
         valid = np.asarray(sample.sample_k) >= 0
+        return LayerRecord(
+            name=self.name,
+            num_experts=self.num_experts,
+            max_k=self.max_k,
+            steps=self.steps,
+            time_range=(self.first_time, self.last_time),
+            counts=_tensor(host["counts"]),
+            joint=_tensor(host["joint"]),
+            dropped=int(host["dropped"]),
+            loss_sums=_tensor(host["loss_sums"]),
+            moments=_tensor(host["moments"]),
+            extrema=_tensor(host["extrema"]),
+            coactivation=_tensor(host["coactivation"]),
+            coactivation_steps=coactivation_steps(self.steps, self.config.coactivation_every),
+            snapshots=_tensor(self.snapshots[:rows]),
+            snapshot_steps=tuple(self.snapshot_steps),
+            sample_complexity=_tensor(np.asarray(sample.sample_complexity)[valid]),
+            sample_k=_tensor(np.asarray(sample.sample_k)[valid].astype(np.int64)),
+        )
 
-        def tensor(array: Any) -> torch.Tensor:
-            return torch.from_numpy(np.array(array))
 
-        return {
-            "name": self.name,
-            "num_experts": self.num_experts,
-            "max_k": self.max_k,
-            "steps": self.steps,
-            "time_range": [self.first_time, self.last_time],
-            "counts": tensor(host["counts"]),
-            "joint": tensor(host["joint"]),
-            "dropped": int(host["dropped"]),
-            "loss_sums": tensor(host["loss_sums"]),
-            "moments": tensor(host["moments"]),
-            "extrema": tensor(host["extrema"]),
-            "coactivation": tensor(host["coactivation"]),
-            "coactivation_steps": (
-                0
-                if not self.config.coactivation_every
-                else -(-self.steps // self.config.coactivation_every)
-            ),
-            "snapshots": tensor(self.snapshots[:rows]),
-            "snapshot_steps": list(self.snapshot_steps),
-            "sample_complexity": tensor(np.asarray(sample.sample_complexity)[valid]),
-            "sample_k": tensor(np.asarray(sample.sample_k)[valid].astype(np.int64)),
-        }
+def _tensor(array: Any) -> torch.Tensor:
+    """A CPU tensor of a copy of ``array`` (the report's metrics are computed in torch)."""
+    return torch.from_numpy(np.array(array))
 
 
 _routing_stats_jit = jax.jit(routing_stats, static_argnames=("complexity_bins", "sample_size"))
@@ -400,14 +398,9 @@ class JaxRouterInspector:
         self.record_stats(stats, layer)
 
     def summary(self) -> InspectorSummary:
-        """Per-layer statistics and alarms (``inspect.report.summarize``)."""
-        from moe_devkit.inspect.report import summarize
+        """Per-layer statistics and alarms (``inspect.summary.summarize``)."""
+        return summarize([state.host_state() for state in self.layers.values()], self.config)
 
-        # summarize reads only .config and .layers[name].host_state(), which this class has.
-        return summarize(cast(Any, self))
-
-    def report(self, out_dir: str = "moe_devkit_report") -> ReportPaths:
+    def report(self, out_dir: str | Path = "moe_devkit_report") -> ReportPaths:
         """Writes report.json, routing_analysis.png and report.html into ``out_dir``."""
-        from moe_devkit.inspect.report import write_report
-
         return write_report(self.summary(), out_dir)

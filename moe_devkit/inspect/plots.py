@@ -1,6 +1,6 @@
 """Routing plots, drawn from the report's ``routing`` section alone (matplotlib, Agg).
 
-Panels: the seed's three (complexity vs k, complexity histogram, k histogram), then a
+Panels: complexity vs k, the complexity histogram and the k histogram, then a
 layers x experts utilization heatmap, utilization over time (max and min expert share per
 window) and mean k over time. A panel is never drawn empty: the two trends need two trend
 windows of some layer, and without them (a run shorter than two windows) each shows

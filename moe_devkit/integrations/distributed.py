@@ -30,6 +30,7 @@ with ``control_group()`` while every rank is alive (creating a group is itself c
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -39,8 +40,11 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import Store
 
 from moe_devkit._checks import require_float
-from moe_devkit.inspect.inspector import LayerState, RouterInspector, sums_from_moments
-from moe_devkit.inspect.report import InspectorSummary, ReportPaths, write_report
+from moe_devkit.inspect.config import InspectorConfig
+from moe_devkit.inspect.inspector import RouterInspector
+from moe_devkit.inspect.report import ReportPaths, write_report
+from moe_devkit.inspect.state import LayerRecord, LayerState, coactivation_steps
+from moe_devkit.inspect.summary import InspectorSummary, summarize
 
 DEFAULT_TIMEOUT_S = 60.0
 _STORE_PREFIX = "moe_devkit/distributed_summary"
@@ -102,20 +106,22 @@ def distributed_summary(
         )
     _check_in(group, timeout)
     control = control_group(group, timeout=timeout)
+    config = inspector.config
     local = {name: _local_layer(state) for name, state in inspector.layers.items()}
-    metas = _all_gather_object({n: v["meta"] for n, v in local.items()}, control, timeout)
+    metas = _all_gather_object({n: v.meta for n, v in local.items()}, control, timeout)
     layout = _layout(metas)
     world = len(metas)
-    gathered = _all_gather_tensor(_pack(local, layout, inspector), group, world)
-    merged = RouterInspector(config=inspector.config)
+    gathered = _all_gather_tensor(_pack(local, layout, config), group, world)
+    records: list[LayerRecord] = []
     per_rank: dict[str, dict[str, Any]] = {}
     offset = 0
     for name, (num_experts, max_k) in layout.items():
-        size = _packed_size(num_experts, max_k, inspector)
+        size = _packed_size(num_experts, max_k, config)
         rows = gathered[:, offset : offset + size]
         offset += size
-        merged.layers[name], per_rank[name] = _merge(name, rows, metas, num_experts, max_k, merged)
-    summary = merged.summary()
+        record, per_rank[name] = _merge(name, rows, metas, num_experts, max_k, config)
+        records.append(record)
+    summary = summarize(records, config)
     for name, extra in per_rank.items():
         summary.layers[name].update(extra)
     return InspectorSummary(
@@ -254,26 +260,46 @@ def _all_gather_tensor(packed: torch.Tensor, group: Any, world: int) -> torch.Te
 # ----------------------------------------------------------------------------- pack / merge
 
 
-def _local_layer(state: LayerState) -> dict[str, Any]:
-    host = state.host_state()  # synchronises this rank's device once
-    meta = {
-        "num_experts": state.num_experts,
-        "max_k": state.max_k,
-        "steps": host["steps"],
-        "snapshot_steps": host["snapshot_steps"],
-        "window": state.window,
-        "time_range": host["time_range"],
-    }
-    reservoir = (state.res_keys.cpu(), state.res_complexity.cpu(), state.res_k.cpu())
-    return {"meta": meta, "host": host, "reservoir": reservoir}
+@dataclass(frozen=True)
+class _LayerMeta:
+    """What the ranks tell each other of one layer, beside its packed statistics."""
+
+    num_experts: int
+    max_k: int
+    steps: int
+    snapshot_steps: tuple[int, ...]
+    time_range: tuple[float | None, float | None]
 
 
-def _layout(metas: list[dict[str, dict[str, Any]]]) -> dict[str, tuple[int, int]]:
+@dataclass(frozen=True)
+class _LocalLayer:
+    """One layer of this rank: its metadata, host statistics and raw reservoir."""
+
+    meta: _LayerMeta
+    record: LayerRecord
+    reservoir: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, complexity, k
+
+
+def _local_layer(state: LayerState) -> _LocalLayer:
+    record = state.host_state()  # synchronises this rank's device once
+    meta = _LayerMeta(
+        num_experts=state.num_experts,
+        max_k=state.max_k,
+        steps=record.steps,
+        snapshot_steps=record.snapshot_steps,
+        time_range=record.time_range,
+    )
+    stats = state.stats
+    reservoir = (stats.res_keys.cpu(), stats.res_complexity.cpu(), stats.res_k.cpu())
+    return _LocalLayer(meta=meta, record=record, reservoir=reservoir)
+
+
+def _layout(metas: list[dict[str, _LayerMeta]]) -> dict[str, tuple[int, int]]:
     """Layer name -> (E, K) over the union of all ranks' layers, sorted by name."""
     layout: dict[str, tuple[int, int]] = {}
     for rank, layers in enumerate(metas):
         for name, meta in layers.items():
-            shape = (meta["num_experts"], meta["max_k"])
+            shape = (meta.num_experts, meta.max_k)
             if layout.setdefault(name, shape) != shape:
                 raise ValueError(
                     f"layer {name!r} must have the same num_experts and max_k on every rank; "
@@ -283,34 +309,38 @@ def _layout(metas: list[dict[str, dict[str, Any]]]) -> dict[str, tuple[int, int]
     return dict(sorted(layout.items()))
 
 
-def _packed_size(num_experts: int, max_k: int, inspector: RouterInspector) -> int:
-    cfg = inspector.config
-    kk = max_k + 1
-    return (
-        num_experts  # counts
-        + (cfg.complexity_bins + 1) * kk  # joint
-        + 1 + 2 + 3 + 2  # dropped, loss sums, moments, extrema
-        + num_experts * num_experts  # co-activation
-        + cfg.max_windows * (num_experts + kk + 1)  # snapshots
-        + 3 * cfg.reservoir_size  # keys, complexity, k
-    )  # fmt: skip
+def _part_sizes(num_experts: int, max_k: int, config: InspectorConfig) -> list[int]:
+    """The sizes of the packed parts of one layer, in ``_pack``'s order."""
+    kk, reservoir = max_k + 1, config.reservoir_size
+    return [
+        num_experts,  # counts
+        (config.complexity_bins + 1) * kk,  # joint
+        1, 2, 3, 2,  # dropped, loss sums, moments, extrema
+        num_experts * num_experts,  # co-activation
+        config.max_windows * (num_experts + kk + 1),  # snapshots
+        reservoir, reservoir, reservoir,  # keys, complexity, k
+    ]  # fmt: skip
+
+
+def _packed_size(num_experts: int, max_k: int, config: InspectorConfig) -> int:
+    return sum(_part_sizes(num_experts, max_k, config))
 
 
 def _pack(
-    local: dict[str, Any], layout: dict[str, tuple[int, int]], ins: RouterInspector
+    local: dict[str, _LocalLayer], layout: dict[str, tuple[int, int]], config: InspectorConfig
 ) -> torch.Tensor:
-    cfg = ins.config
     chunks: list[torch.Tensor] = []
     for name, (num_experts, max_k) in layout.items():
         if name not in local:  # this rank never ran the layer: zeros, empty reservoir
-            empty = LayerState(name, num_experts, max_k, torch.device("cpu"), cfg)
+            empty = LayerState(name, num_experts, max_k, torch.device("cpu"), config)
             local = {**local, name: _local_layer(empty)}
-        host, (keys, comp, ks) = local[name]["host"], local[name]["reservoir"]
-        snapshots = torch.zeros(cfg.max_windows, num_experts + max_k + 2, dtype=torch.float64)
-        snapshots[: host["snapshots"].shape[0]] = host["snapshots"]
+        record, (keys, comp, ks) = local[name].record, local[name].reservoir
+        width = num_experts + max_k + 2
+        snapshots = torch.zeros(config.max_windows, width, dtype=torch.float64)
+        snapshots[: record.snapshots.shape[0]] = record.snapshots
         parts = [
-            host["counts"], host["joint"], torch.tensor([host["dropped"]]), host["loss_sums"],
-            host["moments"], host["extrema"], host["coactivation"], snapshots, keys, comp, ks,
+            record.counts, record.joint, torch.tensor([record.dropped]), record.loss_sums,
+            record.moments, record.extrema, record.coactivation, snapshots, keys, comp, ks,
         ]  # fmt: skip
         chunks.extend(p.reshape(-1).double() for p in parts)
     return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64)
@@ -319,38 +349,42 @@ def _pack(
 def _merge(
     name: str,
     rows: torch.Tensor,
-    metas: list[dict[str, dict[str, Any]]],
+    metas: list[dict[str, _LayerMeta]],
     num_experts: int,
     max_k: int,
-    merged: RouterInspector,
-) -> tuple[LayerState, dict[str, Any]]:
-    """One layer's [world, L] packed statistics -> a host LayerState and the per-rank load."""
-    cfg = merged.config
-    kk, bins, res = max_k + 1, cfg.complexity_bins, cfg.reservoir_size
-    sizes = [num_experts, (bins + 1) * kk, 1, 2, 3, 2, num_experts**2]
-    sizes += [cfg.max_windows * (num_experts + kk + 1), res, res, res]
-    parts = torch.split(rows, sizes, dim=1)
+    config: InspectorConfig,
+) -> tuple[LayerRecord, dict[str, Any]]:
+    """One layer's [world, L] packed statistics -> its merged record and the per-rank load."""
+    parts = torch.split(rows, _part_sizes(num_experts, max_k, config), dim=1)
     counts, joint, dropped, losses, moments, extrema, coact, snaps, keys, comp, ks = parts
-    state = LayerState(name, num_experts, max_k, torch.device("cpu"), cfg)
-    state.counts = counts.sum(0).round().long()
-    state.joint = joint.sum(0).round().long().reshape(bins + 1, kk)
-    state.dropped = dropped.sum().round().long()
-    state.loss_sums = losses.sum(0)
-    state.sums = sums_from_moments(_chan_merge(moments))
-    state.extrema = torch.stack([extrema[:, 0].min(), extrema[:, 1].max()])
-    state.coactivation = coact.sum(0).reshape(num_experts, num_experts)
-    metas_here = [m.get(name) for m in metas]
-    steps = [0 if m is None else int(m["steps"]) for m in metas_here]
-    state.steps = sum(steps)
-    windows = {None if m is None else tuple(m["snapshot_steps"]) for m in metas_here}
-    if len(windows) == 1 and None not in windows:  # every rank took the same steps
-        state.snapshots = snaps.sum(0).reshape(cfg.max_windows, -1)
-        state.snapshot_steps = list(metas_here[0]["snapshot_steps"])  # type: ignore[index]
-    keep = torch.topk(keys.reshape(-1), res, largest=False, sorted=False).indices
-    state.res_keys = keys.reshape(-1)[keep].float()
-    state.res_complexity = comp.reshape(-1)[keep].float()
-    state.res_k = ks.reshape(-1)[keep].long()
-    state.first_time, state.last_time = _time_range(metas_here)
+    here = [m.get(name) for m in metas]
+    steps = [0 if m is None else m.steps for m in here]
+    windows = {None if m is None else m.snapshot_steps for m in here}
+    first = here[0]  # trend windows are kept when every rank took the same steps
+    snapshot_steps = first.snapshot_steps if first is not None and len(windows) == 1 else ()
+    snapshots = snaps.sum(0).reshape(config.max_windows, -1)[: len(snapshot_steps)]
+    keep = torch.topk(keys.reshape(-1), config.reservoir_size, largest=False, sorted=False).indices
+    sample_k = ks.reshape(-1)[keep].long()
+    valid = sample_k >= 0
+    record = LayerRecord(
+        name=name,
+        num_experts=num_experts,
+        max_k=max_k,
+        steps=sum(steps),
+        time_range=_time_range(here),
+        counts=counts.sum(0).round().long(),
+        joint=joint.sum(0).round().long().reshape(config.complexity_bins + 1, max_k + 1),
+        dropped=int(dropped.sum().round().long()),
+        loss_sums=losses.sum(0),
+        moments=_chan_merge(moments),
+        extrema=torch.stack([extrema[:, 0].min(), extrema[:, 1].max()]),
+        coactivation=coact.sum(0).reshape(num_experts, num_experts),
+        coactivation_steps=coactivation_steps(sum(steps), config.coactivation_every),
+        snapshots=snapshots,
+        snapshot_steps=snapshot_steps,
+        sample_complexity=comp.reshape(-1)[keep].float()[valid],
+        sample_k=sample_k[valid],
+    )
     tokens = joint.sum(1).round().long().tolist()
     extra: dict[str, Any] = {
         "per_rank_counts": counts.round().long().tolist(),
@@ -358,7 +392,7 @@ def _merge(
         "per_rank_steps": steps,
         "rank_imbalance": rank_imbalance(tokens),
     }
-    return state, extra
+    return record, extra
 
 
 def _chan_merge(moments: torch.Tensor) -> torch.Tensor:
@@ -375,9 +409,9 @@ def _chan_merge(moments: torch.Tensor) -> torch.Tensor:
     return torch.tensor([n, mean, m2], dtype=torch.float64)
 
 
-def _time_range(metas: list[dict[str, Any] | None]) -> tuple[float | None, float | None]:
-    starts = [m["time_range"][0] for m in metas if m and m["time_range"][0] is not None]
-    ends = [m["time_range"][1] for m in metas if m and m["time_range"][1] is not None]
+def _time_range(metas: list[_LayerMeta | None]) -> tuple[float | None, float | None]:
+    starts = [m.time_range[0] for m in metas if m and m.time_range[0] is not None]
+    ends = [m.time_range[1] for m in metas if m and m.time_range[1] is not None]
     return (min(starts, default=None), max(ends, default=None))
 
 

@@ -1,32 +1,16 @@
-"""Router adapters: ``RouterInspector.attach`` records the routers of transformers MoE models.
+"""Router adapters for transformers MoE models: ``RouterInspector.attach`` records their routers.
 
 transformers 5.x runs each MoE layer's experts as one batched module, so nothing per expert
 can be hooked; the router (gate) module can. An adapter is a function
 ``(module, args, output) -> RoutingDecision | None`` that turns one router module's forward
 into a ``RoutingDecision``; the registry maps router class names to adapters, and ``attach``
-puts a forward hook on every module whose class (or a base class) has one.
+puts a forward hook on every module whose class (or a base class) has one. Mixtral,
+Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, DeepSeek-V3 and Switch Transformers are built in
+(docs/integrations.md lists them).
 
-Built in (transformers 5.24; each router returns ``(router_logits, weights, indices)``):
-
-=====================================  ================================================
-router class                           selection recorded
-=====================================  ================================================
-MixtralTopKRouter                      top-k of softmax(logits)
-Qwen2MoeTopKRouter, Qwen3MoeTopKRouter top-k of softmax(logits)
-OlmoeTopKRouter                        top-k of softmax(logits)
-GptOssTopKRouter                       top-k of logits (+ bias), softmax over the k
-DeepseekV3TopkRouter                   sigmoid + correction bias, group-limited top-k
-SwitchTransformersTop1Router           one-hot dispatch mask after the capacity limit
-=====================================  ================================================
-
-The indices recorded are the ones the router returned (what the experts run), never a
-top-k recomputed from the logits: DeepSeek-V3's grouped, biased choice differs from
-``softmax(logits).topk``. ``router_probs`` is softmax(logits), or for sigmoid routers the
-sigmoid scores normalised to sum 1 (DeepSeek-V3's sequence-wise balance loss does the same);
-the load-balancing loss and complexity (normalised entropy) are computed from it.
-
-Gradient checkpointing runs each layer's forward again inside the backward pass; the hooks
-skip that second call (``in_backward_recompute``), so each step is recorded once.
+This module is the documented home of the registry and the decision builders; they are
+defined in ``moe_devkit.inspect.adapters``, which the inspector reads. Importing either loads
+no transformers.
 
 Register an adapter for another architecture::
 
@@ -41,278 +25,28 @@ Register an adapter for another architecture::
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from typing import Any, Literal
-
-import torch
-from torch import nn
-
-from moe_devkit.inspect.inspector import Hook, RouterInspector, in_backward_recompute
-from moe_devkit.routers.torch_router import (
-    RoutingDecision,
-    load_balancing_loss,
-    normalized_entropy,
-    router_z_loss,
+from moe_devkit.inspect.adapters import (
+    RouterAdapter,
+    Scoring,
+    adapter_for,
+    decision_from_dense_scores,
+    decision_from_router_outputs,
+    register_adapter,
+    registered_adapters,
+    switch_top1_adapter,
+    topk_tuple_adapter,
+    unregister_adapter,
 )
 
-RouterAdapter = Callable[[nn.Module, tuple[Any, ...], Any], "RoutingDecision | None"]
-"""(module, forward args, forward output) -> the decision, or None to record nothing."""
-
-Scoring = Literal["softmax", "sigmoid"]
-
-_ADAPTERS: dict[str, RouterAdapter] = {}
-
-_MOE_CLASS_HINT = re.compile(r"Router|Gate|MoE|Moe|Experts")
-_MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-def register_adapter(
-    router_class: str | type[nn.Module], adapter: RouterAdapter, *, replace: bool = False
-) -> None:
-    """Registers ``adapter`` for modules of ``router_class`` (a class or its ``__name__``).
-
-    Subclasses match too. Call it before ``RouterInspector.attach``.
-
-    Raises:
-        ValueError: an adapter is already registered for that class and replace is False.
-        TypeError: adapter is not callable.
-    """
-    name = router_class if isinstance(router_class, str) else router_class.__name__
-    if not callable(adapter):
-        raise TypeError(f"adapter must be callable; got {type(adapter).__name__}")
-    if name in _ADAPTERS and not replace:
-        raise ValueError(
-            f"an adapter for {name!r} is already registered; pass replace=True to override it"
-        )
-    _ADAPTERS[name] = adapter
-
-
-def unregister_adapter(router_class: str | type[nn.Module]) -> None:
-    """Removes the adapter of ``router_class`` (no error if there is none)."""
-    name = router_class if isinstance(router_class, str) else router_class.__name__
-    _ADAPTERS.pop(name, None)
-
-
-def registered_adapters() -> dict[str, RouterAdapter]:
-    """A copy of the registry: router class name -> adapter."""
-    return dict(_ADAPTERS)
-
-
-def adapter_for(module: nn.Module) -> RouterAdapter | None:
-    """The adapter of ``module``'s class or of its nearest registered base class."""
-    for cls in type(module).__mro__:
-        if cls is nn.Module:
-            break
-        adapter = _ADAPTERS.get(cls.__name__)
-        if adapter is not None:
-            return adapter
-    return None
-
-
-def adapter_hooks(
-    inspector: RouterInspector, model: nn.Module, *, required: bool = True
-) -> list[tuple[nn.Module, Hook]]:
-    """One (module, forward hook) pair per router of ``model`` that has an adapter.
-
-    Args:
-        inspector: where the hooks record.
-        model: the model to search.
-        required: raise when the model looks like an MoE model but no adapter matches.
-
-    Raises:
-        ValueError: required, no adapter matched, and the model has MoE modules or an MoE
-            config; the message names the candidate router class and how to register it.
-    """
-    found = [(n, m, a) for n, m in model.named_modules() if (a := adapter_for(m)) is not None]
-    if not found and required:
-        _raise_unknown_moe(model)
-    return [(module, _hook(inspector, name or "router", a)) for name, module, a in found]
-
-
-def _hook(inspector: RouterInspector, layer: str, adapter: RouterAdapter) -> Hook:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:  # never returns a value
-        if in_backward_recompute():
-            return
-        decision = adapter(module, args, output)
-        if decision is not None:
-            inspector.record(decision, layer=layer, defer=True)  # built fresh each call
-
-    return hook
-
-
-def _raise_unknown_moe(model: nn.Module) -> None:
-    classes = sorted(
-        {type(m).__name__ for m in model.modules() if _MOE_CLASS_HINT.search(type(m).__name__)}
-    )
-    config = getattr(model, "config", None)
-    experts = {
-        k: getattr(config, k)
-        for k in _MOE_CONFIG_KEYS
-        if isinstance(getattr(config, k, None), int) and getattr(config, k) > 1
-    }
-    if not classes and not experts:
-        return
-    routers = [c for c in classes if "Router" in c or "Gate" in c]
-    candidate = routers[0] if routers else (classes[0] if classes else "TheRouterClass")
-    raise ValueError(
-        f"{type(model).__name__} looks like an MoE model (modules {classes[:6]}, config "
-        f"{experts}) but no router adapter is registered for it. Register one before attach: "
-        f"moe_devkit.integrations.hf.register_adapter({candidate!r}, adapter), where "
-        "adapter(module, args, output) returns a RoutingDecision, e.g. "
-        "decision_from_router_outputs(router_logits, expert_indices, expert_weights) "
-        "(see docs/integrations.md)"
-    )
-
-
-# ----------------------------------------------------------------------------- builders
-
-
-@torch.no_grad()
-def decision_from_router_outputs(
-    router_logits: torch.Tensor,
-    expert_indices: torch.Tensor,
-    expert_weights: torch.Tensor | None = None,
-    *,
-    scoring: Scoring = "softmax",
-    dropped: torch.Tensor | None = None,
-    batch_shape: tuple[int, ...] | None = None,
-) -> RoutingDecision:
-    """Builds a RoutingDecision from what a router returned (no recomputed selection).
-
-    Args:
-        router_logits: float[..., E], any float dtype (read in float32).
-        expert_indices: int[..., K], the experts the model selected, -1 padded.
-        expert_weights: float[..., K], the model's combine weights (default: router_probs
-            of the selected experts).
-        scoring: how router_probs follow from the logits: "softmax", or "sigmoid" (scores
-            normalised to sum 1, for sigmoid routers such as DeepSeek-V3's).
-        dropped: bool[..., K], selected pairs the model dropped (capacity); default none.
-        batch_shape: the input's leading shape (default: (N,)).
-
-    Raises:
-        ValueError: the token counts of logits and indices differ, or scoring is unknown.
-    """
-    num_experts = router_logits.shape[-1]
-    logits = router_logits.detach().reshape(-1, num_experts).float()  # [N, E]
-    num_tokens = logits.shape[0]
-    if expert_indices.numel() % max(num_tokens, 1) or expert_indices.numel() == 0:
-        raise ValueError(
-            f"expert_indices must hold K entries for each of the {num_tokens} tokens of "
-            f"router_logits {tuple(router_logits.shape)}; got shape {tuple(expert_indices.shape)}"
-        )
-    indices = expert_indices.detach().reshape(num_tokens, -1).long()  # [N, K]
-    probs = _router_probs(logits, scoring)
-    finite = torch.isfinite(logits).all(dim=-1)
-    selected = indices >= 0
-    if expert_weights is None:
-        weights = probs.gather(1, indices.clamp_min(0))
-    else:
-        weights = expert_weights.detach().reshape(indices.shape).float()  # [N, K]
-    weights = torch.where(selected, weights, 0.0)
-    k_per_token = torch.where(finite, selected.sum(dim=-1), 0)
-    zero = torch.zeros((), device=logits.device)
-    return RoutingDecision(
-        expert_indices=indices,
-        expert_weights=weights,
-        k_per_token=k_per_token,
-        complexity=normalized_entropy(probs),
-        router_logits=logits,
-        router_probs=probs,
-        dropped=torch.zeros_like(selected) if dropped is None else dropped.reshape(indices.shape),
-        nonfinite=~finite,
-        load_balancing_loss=load_balancing_loss(probs, indices, finite),
-        z_loss=router_z_loss(logits, finite),
-        compute_loss=k_per_token.float().mean() / indices.shape[1],
-        aux_loss=zero,
-        batch_shape=(num_tokens,) if batch_shape is None else batch_shape,
-    )
-
-
-def decision_from_dense_scores(
-    router_logits: torch.Tensor,
-    dense_scores: torch.Tensor,
-    *,
-    max_k: int | None = None,
-    scoring: Scoring = "softmax",
-) -> RoutingDecision:
-    """For routers returning dense per-expert weights, zero where an expert is not selected.
-
-    Also fits one-hot or multi-hot dispatch masks [..., E] (the weights are then 0/1).
-
-    Args:
-        router_logits: float[..., E].
-        dense_scores: float or int[..., E]; non-zero entries are the selected experts.
-        max_k: K, the most experts a token can select (default E).
-        scoring: see decision_from_router_outputs.
-    """
-    num_experts = dense_scores.shape[-1]
-    scores = dense_scores.detach().reshape(-1, num_experts)  # [N, E]
-    k = num_experts if max_k is None else max_k
-    chosen = scores != 0
-    # Selected experts first, larger |score| first among them; ties keep any order.
-    key = chosen.float() * (1.0 + scores.float().abs().nan_to_num(0.0))
-    top_key, top_idx = key.topk(k, dim=-1)  # [N, K]
-    indices = torch.where(top_key > 0, top_idx, -1)
-    weights = scores.float().gather(1, top_idx)
-    return decision_from_router_outputs(router_logits, indices, weights, scoring=scoring)
-
-
-def _router_probs(logits: torch.Tensor, scoring: Scoring) -> torch.Tensor:
-    if scoring == "softmax":
-        return torch.softmax(logits, dim=-1)
-    if scoring == "sigmoid":
-        scores = torch.sigmoid(logits)
-        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    raise ValueError(f"scoring must be 'softmax' or 'sigmoid'; got scoring={scoring!r}")
-
-
-# ----------------------------------------------------------------------------- adapters
-
-
-def topk_tuple_adapter(scoring: Scoring = "softmax") -> RouterAdapter:
-    """Adapter for routers returning ``(router_logits, expert_weights, expert_indices)``."""
-
-    def adapt(module: nn.Module, args: tuple[Any, ...], output: Any) -> RoutingDecision:
-        if not (isinstance(output, tuple) and len(output) == 3):
-            raise TypeError(
-                f"{type(module).__name__} must return (router_logits, weights, indices) for "
-                f"this adapter; got {type(output).__name__}. Register a matching adapter with "
-                "moe_devkit.integrations.hf.register_adapter(..., replace=True)"
-            )
-        logits, weights, indices = output
-        return decision_from_router_outputs(logits, indices, weights, scoring=scoring)
-
-    return adapt
-
-
-def switch_top1_adapter(module: nn.Module, args: tuple[Any, ...], output: Any) -> RoutingDecision:
-    """SwitchTransformersTop1Router: ``(dispatch_mask, max_prob, router_logits)``.
-
-    The mask is one-hot [B, S, E] with tokens over an expert's capacity zeroed. The choice
-    recorded is the mask's expert; for a zeroed row (dropped by capacity) it is the argmax of
-    the logits, the expert the router had picked, and the pair is marked dropped, as the
-    reference routers do (counts include dropped pairs; ``dropped_pairs`` counts them).
-    """
-    mask, _, logits = output
-    num_experts = logits.shape[-1]
-    flat_mask = mask.detach().reshape(-1, num_experts)  # [N, E]
-    executed = (flat_mask != 0).any(dim=-1, keepdim=True)  # [N, 1]
-    fallback = logits.detach().reshape(-1, num_experts).float().argmax(dim=-1, keepdim=True)
-    choice = torch.where(executed, flat_mask.argmax(dim=-1, keepdim=True), fallback)
-    return decision_from_router_outputs(logits, choice, executed.float(), dropped=~executed)
-
-
-for _name in (
-    "MixtralTopKRouter",
-    "Qwen2MoeTopKRouter",
-    "Qwen3MoeTopKRouter",
-    "OlmoeTopKRouter",
-    "GptOssTopKRouter",
-):
-    register_adapter(_name, topk_tuple_adapter("softmax"))
-register_adapter("DeepseekV3TopkRouter", topk_tuple_adapter("sigmoid"))
-register_adapter("SwitchTransformersTop1Router", switch_top1_adapter)
+__all__ = [
+    "RouterAdapter",
+    "Scoring",
+    "adapter_for",
+    "decision_from_dense_scores",
+    "decision_from_router_outputs",
+    "register_adapter",
+    "registered_adapters",
+    "switch_top1_adapter",
+    "topk_tuple_adapter",
+    "unregister_adapter",
+]

@@ -13,8 +13,9 @@ import torch
 from moe_devkit import MoEModel, RouterConfig
 from moe_devkit.cli import main
 from moe_devkit.inspect import InspectorConfig, RouterInspector
-from moe_devkit.inspect.inspector import decision_from_tensors
-from moe_devkit.inspect.report import InspectorSummary, render_report, write_report
+from moe_devkit.inspect.adapters import decision_from_tensors
+from moe_devkit.inspect.report import render_report, write_report
+from moe_devkit.inspect.summary import InspectorSummary
 from moe_devkit.reporting import SCHEMA_VERSION, load_report_json, write_report_json
 
 
