@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from moe_devkit.config import RouterConfig
     from moe_devkit.inspect import InspectorConfig
-    from moe_devkit.inspect.report import InspectorSummary
+    from moe_devkit.inspect.summary import InspectorSummary
 
 
 def require_jax() -> None:

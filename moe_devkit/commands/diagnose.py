@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
     from moe_devkit.config import RouterConfig
     from moe_devkit.inspect import InspectorConfig
-    from moe_devkit.inspect.report import InspectorSummary, ReportPaths
+    from moe_devkit.inspect.report import ReportPaths
+    from moe_devkit.inspect.summary import InspectorSummary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
