@@ -7,7 +7,8 @@ and replayed alternately with the other:
 * ``grouped_mm``: ``torch._grouped_mm`` (CUTLASS) for the two projections;
 * ``triton``: ``triton_experts.grouped_mm`` (persistent, TMA, 128-row tiles) for both;
 
-with the Triton SwiGLU kernel between the projections in both (``forward_active``).
+with the Triton SwiGLU kernel between the projections in both
+(``moe_devkit.kernels.moe_layer.swiglu_experts``).
 
 Reports both, their ratio, and the dynamic/static ratio of each next to the ratio of active
 token-expert pairs (the goal: time ratio close to the pair ratio). Needs a Hopper GPU.
@@ -64,7 +65,7 @@ def experts_path(
     offsets: torch.Tensor,
     weights: torch.Tensor,
 ) -> torch.Tensor:
-    """What ``SwiGLUExperts.forward_active`` runs, with the given grouped matmul."""
+    """What ``moe_layer.swiglu_experts`` runs, with the given grouped matmul."""
     gate_up = matmul(x, experts.w_gate_up.transpose(-2, -1), offs=offsets)
     hidden = triton_dispatch.swiglu_rows(gate_up, weights, offsets[-1:])
     return matmul(hidden, experts.w_down.transpose(-2, -1), offs=offsets)

@@ -1,4 +1,4 @@
-"""Gradient statistics: the design document's per-parameter ``.item()`` loop vs the fused path.
+"""Gradient statistics: the naive per-parameter ``.item()`` loop vs the fused path.
 
 Usage: python benchmarks/bench_gradients.py [--device cpu|cuda] [--repeats 20]
 

@@ -5,7 +5,7 @@ Default size: M=32768 rows, K=2048, N=2048, G=64 groups of random sizes (one gro
 For each dtype (bfloat16, float32) it times, with CUDA events (median of --iters runs after
 --warmup runs), the forward and the forward + backward of:
 
-* ``triton``: ``moe_devkit.routers.triton_grouped.grouped_mm`` (no host sync);
+* ``triton``: ``moe_devkit.kernels.triton_grouped.grouped_mm`` (no host sync);
 * ``torch._grouped_mm``: CUTLASS on sm90/sm100 for bfloat16; for float32 torch's fallback,
   which copies offs to the host (the sync this Triton kernel exists to avoid);
 * ``looped``: one matmul per group over ``offs.tolist()`` (one host sync), the experts'

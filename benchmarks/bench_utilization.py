@@ -1,4 +1,4 @@
-"""Benchmark utilization counting against the design document's per-token loop, in one run.
+"""Benchmark utilization counting against the naive per-token loop, in one run.
 
 Usage: python benchmarks/bench_utilization.py [--device cpu|cuda] [--threads N]
        [--seed-tokens N] [--repeat N] [--json PATH]
@@ -6,8 +6,9 @@ Usage: python benchmarks/bench_utilization.py [--device cpu|cuda] [--threads N]
 Workload: router logits [batch=8, seq=2048, experts=64] float32, k uniform in [1, 8] per
 token. Timed, each as the median (and min) of --repeat runs:
 
-* seed: the design document's ``debug_expert_selection`` loop (prints removed), on the first
-  --seed-tokens tokens and extrapolated linearly to all 16384 (the loop is linear in tokens);
+* seed: the naive per-token ``debug_expert_selection`` loop (benchmarks/naive_reference.py),
+  on the first --seed-tokens tokens and extrapolated linearly to all 16384 (the loop is
+  linear in tokens);
 * ours: ``moe_devkit.debug_expert_selection`` on all tokens (same Counter, checked);
 * from_logits: ``selection_counts_from_logits`` (topk(max_k), stays on the device);
 * from_indices: ``selection_counts`` of a RoutingDecision's int64[N, 8] indices (one scatter);

@@ -1,6 +1,6 @@
 """Probe: do 64-row tiles for the expert groups' last rows make the dynamic experts cheaper?
 
-Issue 6, item 5 asks the dynamic MoELayer's time to follow its work. What keeps the ratio
+The dynamic MoELayer's time should follow its work. What keeps the ratio
 above the goal is the expert GEMMs: with 128-row tiles a dynamic group (~514 rows) pads its
 last tile far more often than a static one (~1024 rows). This script tests the obvious fix
 with a kernel where it can be expressed: a persistent Hopper grouped GEMM written in Gluon

@@ -36,12 +36,3 @@ def require_float(
         interval = f"{left}{low}, {high}{right}"
         raise ValueError(f"{name} must be in {interval}; got {name}={value}")
     return fvalue
-
-
-def describe_value(value: object) -> str:
-    """A JSON-minded description of ``value`` for error messages: ``'x' (a string)``."""
-    kinds = {bool: "true/false", str: "a string", int: "an integer", float: "a number",
-             list: "an array", dict: "an object", type(None): "null"}  # fmt: skip
-    kind = kinds.get(type(value), type(value).__name__)
-    text = repr(value)
-    return f"{text[:40]}... ({kind})" if len(text) > 40 else f"{text} ({kind})"

@@ -60,9 +60,11 @@ def token_stats(
 
     Args:
         inputs: (expert_indices [N, K], complexity [N], nonfinite [N], k_per_token [N],
-            dropped [N, K], load_balancing_loss [], z_loss []) as ``LayerState`` reads them.
-        state: the ``LayerState`` tensors "counts", "joint", "dropped", "loss_sums", "sums"
-            and "extrema" (contiguous, on the inputs' device).
+            dropped [N, K], load_balancing_loss [], z_loss []), the fields of
+            ``moe_devkit.inspect.state.StepTensors``.
+        state: the ``RunningStats`` tensors (``LayerState.stats.tensors()``) "counts",
+            "joint", "dropped", "loss_sums", "sums" and "extrema" (contiguous, on the
+            inputs' device).
 
     Returns:
         False, with nothing done, when the inputs do not have the layout the kernel reads

@@ -14,7 +14,7 @@ matter for a dynamic router:
   into the K loop, so a tile's first loads overlap the previous tile's epilogue.
 
 ``benchmarks/bench_expert_gemm.py`` times it against ``torch._grouped_mm`` (figures in
-docs/benchmarks.md). It has no backward; training keeps ``torch._grouped_mm``.
+docs/performance.md). It has no backward; training keeps ``torch._grouped_mm``.
 
 Triton is imported at first use; with ``TRITON_INTERPRET=1`` set before that, the kernel runs
 in Triton's interpreter on CPU tensors (the tests use this, with small blocks).
