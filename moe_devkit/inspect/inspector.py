@@ -36,8 +36,9 @@ from torch import nn
 
 from moe_devkit.inspect.adapters import RouterAdapter, adapted_modules, decision_from_tensors
 from moe_devkit.inspect.config import InspectorConfig
+from moe_devkit.inspect.records import StepTensors
 from moe_devkit.inspect.report import ReportPaths, write_report
-from moe_devkit.inspect.state import LayerState, StepTensors
+from moe_devkit.inspect.state import LayerState
 from moe_devkit.inspect.summary import InspectorSummary, summarize
 from moe_devkit.routers.torch_router import DynamicMoERouter, RoutingDecision, StaticTopKRouter
 

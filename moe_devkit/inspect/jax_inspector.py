@@ -43,8 +43,9 @@ import numpy as np
 import torch
 
 from moe_devkit.inspect.config import InspectorConfig
+from moe_devkit.inspect.records import LayerRecord
 from moe_devkit.inspect.report import ReportPaths, write_report
-from moe_devkit.inspect.state import LayerRecord, coactivation_steps
+from moe_devkit.inspect.state import coactivation_steps
 from moe_devkit.inspect.summary import InspectorSummary, summarize
 from moe_devkit.routers.jax_router import RoutingDecision, expert_counts
 

@@ -21,7 +21,7 @@ from moe_devkit.reporting import make_report
 
 if TYPE_CHECKING:
     from moe_devkit.inspect.config import InspectorConfig
-    from moe_devkit.inspect.state import LayerRecord
+    from moe_devkit.inspect.records import LayerRecord
 
 SECTION = "routing"
 

@@ -20,7 +20,7 @@ import torch
 from moe_devkit.routers.torch_router import count_values
 
 if TYPE_CHECKING:
-    from moe_devkit.inspect.state import RunningStats, StepTensors
+    from moe_devkit.inspect.records import RunningStats, StepTensors
 
 _MASK32 = 0xFFFFFFFF
 

@@ -42,8 +42,9 @@ from torch.distributed.distributed_c10d import Store
 from moe_devkit._checks import require_float
 from moe_devkit.inspect.config import InspectorConfig
 from moe_devkit.inspect.inspector import RouterInspector
+from moe_devkit.inspect.records import LayerRecord
 from moe_devkit.inspect.report import ReportPaths, write_report
-from moe_devkit.inspect.state import LayerRecord, LayerState, coactivation_steps
+from moe_devkit.inspect.state import LayerState, coactivation_steps
 from moe_devkit.inspect.summary import InspectorSummary, summarize
 
 DEFAULT_TIMEOUT_S = 60.0

@@ -9,7 +9,8 @@ import torch
 
 from moe_devkit.inspect import InspectorConfig, RouterInspector
 from moe_devkit.inspect.adapters import decision_from_tensors
-from moe_devkit.inspect.state import LayerState, StepTensors
+from moe_devkit.inspect.records import StepTensors
+from moe_devkit.inspect.state import LayerState
 
 
 def test_memory_stays_bounded_over_100k_steps() -> None:

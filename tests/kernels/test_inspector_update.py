@@ -11,7 +11,8 @@ import torch
 from triton_support import DEVICE, needs_triton  # sets TRITON_INTERPRET first
 
 from moe_devkit.inspect import InspectorConfig
-from moe_devkit.inspect.state import LayerState, StepTensors
+from moe_devkit.inspect.records import StepTensors
+from moe_devkit.inspect.state import LayerState
 from moe_devkit.kernels import inspector_update
 
 pytestmark = needs_triton
