@@ -23,6 +23,7 @@ __all__ = [
     "check_device",
     "check_output_path",
     "check_range",
+    "cpu_model",
     "non_negative_int",
     "positive_float",
     "positive_int",
@@ -90,3 +91,16 @@ def check_output_path(
         check_output(path, directory=directory, flag=flag)
     except UsageError as exc:
         parser.error(str(exc))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), for a benchmark's header."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return cpu

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from _args import check_device, check_output_path, positive_int
+from _args import check_device, check_output_path, cpu_model, positive_int
 
 try:
     import jax
@@ -47,12 +46,7 @@ def machine_name(device: str) -> str:
     versions = f"torch {torch.__version__}, jax {jax.__version__}"
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} / JAX {jax_device.device_kind} ({versions})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if "model name" in line)
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     return f"{cpu}, torch {torch.get_num_threads()} threads ({versions})"
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _args import check_output_path, non_negative_int, positive_float, positive_int
+from _args import check_output_path, cpu_model, non_negative_int, positive_float, positive_int
 from rich.console import Console
 from rich.table import Table
 
@@ -161,12 +161,7 @@ def classify(condition: str, cases: list[CaseResult]) -> str:
 
 
 def machine_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if "model name" in line)
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     return (
         f"{cpu}, {os.cpu_count()} cpus, Python {platform.python_version()}, "
         f"torch {torch.__version__}"
