@@ -54,8 +54,10 @@ class RoutingStats(NamedTuple):
     """Routing statistics of one decision, fixed-size arrays (a pytree, jit-friendly).
 
     Attributes:
-        counts: int32[E], selections per expert (before capacity drops).
-        joint: int32[bins + 1, K + 1], tokens per (complexity bin, k); last row non-finite.
+        counts: int32[E], executed pairs per expert (capacity drops left out).
+        selected: int32[E], selections per expert (dropped pairs included).
+        joint: int32[bins + 1, K + 1], tokens per (complexity bin, executed k); last row
+            non-finite.
         dropped: int32[], pairs dropped by the capacity limit.
         loss_sums: float32[2], load-balancing loss and z-loss of this decision.
         moments: float32[3], (n, mean, M2) of the finite complexity scores.
@@ -67,6 +69,7 @@ class RoutingStats(NamedTuple):
     """
 
     counts: jax.Array
+    selected: jax.Array
     joint: jax.Array
     dropped: jax.Array
     loss_sums: jax.Array
@@ -96,13 +99,15 @@ def routing_stats(
             sample different tokens.
     """
     num_experts, max_k = decision.num_experts, decision.max_k
-    indices = decision.expert_indices
+    selected = expert_counts(decision.expert_indices, num_experts)
+    indices = jnp.where(decision.dropped, -1, decision.expert_indices)  # what the experts ran
     counts = expert_counts(indices, num_experts)
     complexity = decision.complexity.astype(jnp.float32)
     finite = ~decision.nonfinite & jnp.isfinite(complexity)
     cbin = (jnp.clip(jnp.nan_to_num(complexity), 0, 1) * complexity_bins).astype(jnp.int32)
     cbin = jnp.where(finite, jnp.minimum(cbin, complexity_bins - 1), complexity_bins)
-    k = jnp.clip(decision.k_per_token, 0, max_k).astype(jnp.int32)
+    executed_k = decision.k_per_token - decision.dropped.sum(axis=-1)
+    k = jnp.clip(executed_k, 0, max_k).astype(jnp.int32)
     joint = jnp.zeros((complexity_bins + 1) * (max_k + 1), jnp.int32)
     joint = joint.at[cbin * (max_k + 1) + k].add(1).reshape(complexity_bins + 1, max_k + 1)
     rows = jnp.arange(indices.shape[0])[:, None]  # [N, 1]
@@ -114,6 +119,7 @@ def routing_stats(
     keys, sample_c, sample_k = _sample(key, complexity, k, sample_size)
     return RoutingStats(
         counts=counts,
+        selected=selected,
         joint=joint,
         dropped=decision.dropped.sum(dtype=jnp.int32),
         loss_sums=jnp.stack([decision.load_balancing_loss, decision.z_loss]).astype(jnp.float32),
@@ -208,6 +214,7 @@ def _fold(acc: RoutingStats, step: RoutingStats, coactivation: bool, sample: boo
     high = jnp.maximum(acc.extrema[1], step.extrema[1])
     return RoutingStats(
         counts=acc.counts + step.counts,
+        selected=acc.selected + step.selected,
         joint=acc.joint + step.joint,
         dropped=acc.dropped + step.dropped,
         loss_sums=acc.loss_sums + step.loss_sums,
@@ -223,6 +230,7 @@ def _fold(acc: RoutingStats, step: RoutingStats, coactivation: bool, sample: boo
 def _empty(num_experts: int, max_k: int, bins: int, reservoir: int) -> RoutingStats:
     return RoutingStats(
         counts=jnp.zeros(num_experts, jnp.int32),
+        selected=jnp.zeros(num_experts, jnp.int32),
         joint=jnp.zeros((bins + 1, max_k + 1), jnp.int32),
         dropped=jnp.zeros((), jnp.int32),
         loss_sums=jnp.zeros(2, jnp.float32),
@@ -235,7 +243,7 @@ def _empty(num_experts: int, max_k: int, bins: int, reservoir: int) -> RoutingSt
     )
 
 
-_HOST_SUMS = ("counts", "joint", "dropped", "loss_sums", "coactivation")
+_HOST_SUMS = ("counts", "selected", "joint", "dropped", "loss_sums", "coactivation")
 
 
 class JaxLayerState:
@@ -247,6 +255,7 @@ class JaxLayerState:
         self._device = _empty(num_experts, max_k, bins, config.reservoir_size)
         self._host: dict[str, np.ndarray] = {
             "counts": np.zeros(num_experts, np.int64),
+            "selected": np.zeros(num_experts, np.int64),
             "joint": np.zeros((bins + 1, max_k + 1), np.int64),
             "dropped": np.zeros((), np.int64),
             "loss_sums": np.zeros(2, np.float64),
@@ -333,6 +342,7 @@ class JaxLayerState:
             steps=self.steps,
             time_range=(self.first_time, self.last_time),
             counts=_tensor(host["counts"]),
+            selected=_tensor(host["selected"]),
             joint=_tensor(host["joint"]),
             dropped=int(host["dropped"]),
             loss_sums=_tensor(host["loss_sums"]),

@@ -15,9 +15,25 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from moe_devkit.inspect.config import InspectorConfig
 from moe_devkit.routers.torch_router import RoutingDecision
+
+
+class RouterSite(NamedTuple):
+    """Where the inspector records one MoE layer of a model.
+
+    Attributes:
+        layer: the layer's name in the summary (a module path inside the MoE block).
+        block: the MoE block (the router's parent module, or the router itself).
+        router: the module whose forward gives the router logits (None when only the
+            experts' inputs are hooked).
+    """
+
+    layer: str
+    block: nn.Module
+    router: nn.Module | None
 
 
 class StepTensors(NamedTuple):
@@ -27,7 +43,8 @@ class StepTensors(NamedTuple):
         indices: int[N, K], the selected experts, -1 padded.
         complexity: float[N], the complexity score of each token.
         nonfinite: bool[N], tokens routed nowhere for a NaN/Inf input, logit or score.
-        k: int[N], experts per token.
+        k: int[N], experts selected per token; -1 for a token left out of every statistic
+            (padding: its indices are all -1).
         dropped: bool[N, K], pairs dropped by the capacity limit.
         lb_loss: float[], the load-balancing loss.
         z_loss: float[], the router z-loss.
@@ -104,8 +121,11 @@ class RunningStats:
     CUDA graph holds their addresses).
 
     Attributes:
-        counts: int64[E], selections per expert.
-        joint: int64[bins + 1, K + 1], tokens per (complexity bin, k); last row: non-finite.
+        counts: int64[E], executed token-expert pairs per expert (selections minus the
+            pairs dropped by capacity): what each expert ran.
+        selected: int64[E], selections per expert, dropped pairs included.
+        joint: int64[bins + 1, K + 1], tokens per (complexity bin, executed k); last row:
+            non-finite.
         dropped: int64[], pairs dropped by capacity.
         loss_sums: float64[2], sums of the load-balancing loss and the z-loss.
         sums: float64[3], n, sum and sum of squares of the finite complexity scores.
@@ -118,6 +138,7 @@ class RunningStats:
     """
 
     counts: torch.Tensor
+    selected: torch.Tensor
     joint: torch.Tensor
     dropped: torch.Tensor
     loss_sums: torch.Tensor
@@ -138,6 +159,7 @@ class RunningStats:
         i64, f64 = torch.int64, torch.float64
         return cls(
             counts=torch.zeros(num_experts, dtype=i64, device=device),
+            selected=torch.zeros(num_experts, dtype=i64, device=device),
             joint=torch.zeros(bins + 1, kk, dtype=i64, device=device),
             dropped=torch.zeros((), dtype=i64, device=device),
             loss_sums=torch.zeros(2, dtype=f64, device=device),
@@ -164,6 +186,7 @@ class LayerRecord:
         steps: decisions recorded.
         time_range: (first, last) record time in unix seconds (None when unknown).
         counts, joint, loss_sums, extrema, coactivation: as in ``RunningStats``.
+        selected: as in ``RunningStats`` (None: no pair was dropped, the same as counts).
         dropped: pairs dropped by capacity.
         moments: float64[3], (n, mean, M2) of the finite complexity scores.
         coactivation_steps: the steps that updated the co-activation matrix.
@@ -190,3 +213,4 @@ class LayerRecord:
     snapshot_steps: tuple[int, ...]
     sample_complexity: torch.Tensor
     sample_k: torch.Tensor
+    selected: torch.Tensor | None = None

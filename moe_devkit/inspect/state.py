@@ -32,10 +32,10 @@ from moe_devkit.inspect.records import (
     StepTensors,
     _layout,
 )
-from moe_devkit.inspect.update import fold_coactivation, fold_reservoir, fold_tokens
+from moe_devkit.inspect.update import executed, fold_coactivation, fold_reservoir, fold_tokens
 from moe_devkit.kernels.inspector_update import is_available as fused_update_available
 from moe_devkit.kernels.inspector_update import token_stats
-from moe_devkit.routers.torch_router import RoutingDecision
+from moe_devkit.routers.torch_router import RoutingDecision, count_values
 
 
 def coactivation_steps(steps: int, every: int) -> int:
@@ -175,6 +175,8 @@ class LayerState:
         sample_due: torch.Tensor | None = None,
     ) -> None:
         """The tensor work of one update, all in place (so a CUDA graph can replay it)."""
+        self.stats.selected += count_values(step.indices, self.num_experts)
+        step = executed(step)
         if not (
             self._fused
             and not torch.compiler.is_compiling()
@@ -195,7 +197,7 @@ class LayerState:
         if coactivation:
             fold_coactivation(self.stats, step.indices, self.num_experts, due)
         if sample:
-            k = step.k.clamp(0, self.max_k)
+            k = step.k.clamp_max(self.max_k)  # -1 stays: an excluded token is never sampled
             fold_reservoir(self.stats, step.complexity.float(), k, self.config.seed, sample_due)
 
     def _snapshot(self) -> None:
@@ -229,6 +231,7 @@ class LayerState:
             steps=steps,
             time_range=(self.first_time, self.last_time),
             counts=stats.counts.cpu(),
+            selected=stats.selected.cpu(),
             joint=stats.joint.cpu(),
             dropped=int(stats.dropped),
             loss_sums=stats.loss_sums.cpu(),

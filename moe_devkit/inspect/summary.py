@@ -1,10 +1,12 @@
 """``InspectorSummary``: the inspector's per-layer metrics and alarms, read from its records.
 
-``summarize(records, config)`` turns the host-side ``LayerRecord`` of each layer (from
-``LayerState.host_state``, ``JaxLayerState.host_state`` or the distributed merge) into the
-``routing`` section of a report (docs/report-schema.md): load-balance metrics, the k and
+``summarize(records, config, signals=...)`` turns the host-side ``LayerRecord`` of each layer
+(from ``LayerState.host_state``, ``JaxLayerState.host_state`` or the distributed merge) into
+the ``routing`` section of a report (docs/report-schema.md): load-balance metrics, the k and
 complexity statistics, trend windows, and the alarms (routing collapse, dead experts, k and
-complexity drift, non-finite tokens, capacity drops).
+complexity drift, non-finite tokens, capacity drops). With the model signals of a PyTorch
+inspector (``ModelSignals.host_state``) it adds the section's ``aux_loss``, each biased
+layer's ``selection_bias`` and their findings (docs/metrics.md, "Model signals").
 """
 
 from __future__ import annotations
@@ -33,21 +35,47 @@ class InspectorSummary:
     layers: dict[str, dict[str, Any]]
     findings: tuple[Finding, ...]
     config: dict[str, Any] = field(default_factory=dict)
+    aux_loss: dict[str, Any] | None = None
 
     def to_report(self) -> dict[str, Any]:
         """The JSON report envelope holding this summary as its ``routing`` section."""
         totals = _totals(self.layers)
         section = {"totals": totals, "config": self.config, "layers": self.layers}
+        if self.aux_loss is not None:
+            section["aux_loss"] = self.aux_loss
         return make_report({SECTION: section}, self.findings)
 
 
-def summarize(records: Iterable[LayerRecord], config: InspectorConfig) -> InspectorSummary:
-    """The metrics and alarms of each layer's statistics, layers keyed by their names."""
+def summarize(
+    records: Iterable[LayerRecord],
+    config: InspectorConfig,
+    signals: dict[str, Any] | None = None,
+) -> InspectorSummary:
+    """The metrics and alarms of each layer's statistics, layers keyed by their names.
+
+    Args:
+        records: one host-side record per layer.
+        config: the inspector's settings (thresholds of the alarms).
+        signals: ``ModelSignals.host_state()`` (default: none, as for the JAX inspector and
+            the distributed merge): adds the aux-loss and selection-bias entries and findings.
+    """
     layers = {record.name: _layer_summary(record, config.complexity_bins) for record in records}
-    findings = tuple(f for layer in layers.values() for f in alarms(layer, config))
+    findings = [f for layer in layers.values() for f in alarms(layer, config)]
+    aux_loss = None
+    if signals:
+        biases = signals.get("selection_bias") or {}
+        for name, bias in biases.items():
+            if name in layers:
+                layers[name]["selection_bias"] = _bias_summary(bias)
+                findings.extend(bias_alarms(name, layers[name]["selection_bias"], signals))
+        if signals.get("aux_loss") is not None:
+            aux_loss = _aux_summary(signals["aux_loss"])
+            findings.extend(aux_loss_alarms(aux_loss, sorted(n for n in biases if n in layers)))
     order = {"error": 0, "warning": 1, "info": 2}
-    findings = tuple(sorted(findings, key=lambda f: order[f.severity]))
-    return InspectorSummary(layers=layers, findings=findings, config=asdict(config))
+    ordered = tuple(sorted(findings, key=lambda f: order[f.severity]))
+    return InspectorSummary(
+        layers=layers, findings=ordered, config=asdict(config), aux_loss=aux_loss
+    )
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -91,7 +119,8 @@ def binned_spearman(joint: np.ndarray) -> float:
 
 
 def _layer_summary(record: LayerRecord, bins: int) -> dict[str, Any]:
-    counts = record.counts.numpy().astype(np.int64)
+    counts = record.counts.numpy().astype(np.int64)  # executed pairs per expert
+    selected = counts if record.selected is None else record.selected.numpy().astype(np.int64)
     joint = record.joint.numpy().astype(np.int64)
     finite_joint = joint[:bins]
     k_hist = joint.sum(axis=0)
@@ -103,9 +132,14 @@ def _layer_summary(record: LayerRecord, bins: int) -> dict[str, Any]:
         "max_k": max_k,
         "steps": steps,
         "tokens": tokens,
-        "selections": int(counts.sum()),
+        "selections": int(selected.sum()),
+        "executed_pairs": int(counts.sum()),
         "time_range": list(record.time_range),
-        "utilization": {"counts": counts.tolist(), **balance_metrics(counts)},
+        "utilization": {
+            "counts": counts.tolist(),
+            "selected_counts": selected.tolist(),
+            **balance_metrics(counts),
+        },
         "k": _k_summary(k_hist, max_k, tokens),
         "complexity": _complexity_summary(record, finite_joint),
         "losses": {
@@ -307,4 +341,257 @@ def _drift(layer: dict[str, Any], config: InspectorConfig) -> list[Finding]:
                     details={"first": first[key], "last": last[key], "limit": limit},
                 )
             )
+    return out
+
+
+# ----------------------------------------------------------------------------- model signals
+
+AUX_LOSS_RTOL = 0.02
+"""The model's aux loss and the inspector's disagree beyond this relative difference."""
+
+AUX_LOSS_CONSTANT_STEPS = 3
+"""Forwards with an aux loss needed before it can be called constant."""
+
+BIAS_FLIP_LIMIT = 0.25
+"""Mean share of bias entries flipping sign per recorded step that counts as oscillation."""
+
+BIAS_GROWTH_LIMIT = 0.10
+"""Growth of the bias abs max over the last quarter of its history (relative to its last
+value) that counts as still growing."""
+
+BIAS_SATURATION = 1.0
+"""Bias abs max at which the bias outweighs scores in [0, 1] (sigmoid or softmax)."""
+
+BIAS_TREND_STEPS = 8
+"""Recorded steps of a bias needed before its trend findings are read."""
+
+
+def _finite(values: Iterable[Any]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def _aux_summary(aux: dict[str, Any]) -> dict[str, Any]:
+    """The model signals' aux-loss state with the means and the ratio of the two losses."""
+    history = aux["history"]
+    pairs = [
+        (m, i)
+        for m, i in zip(history["model"], history["inspector"], strict=True)
+        if m is not None and i is not None and i > 0
+    ]
+    model, mine = _finite(history["model"]), _finite(history["inspector"])
+    return {
+        **aux,
+        "model_mean": float(np.mean(model)) if model else None,
+        "inspector_mean": float(np.mean(mine)) if mine else None,
+        "model_last": model[-1] if model else None,
+        "inspector_last": mine[-1] if mine else None,
+        "compared_steps": len(pairs),
+        "compared_model_mean": float(np.mean([m for m, _ in pairs])) if pairs else None,
+        "compared_inspector_mean": float(np.mean([i for _, i in pairs])) if pairs else None,
+        "ratio": float(np.median([m / i for m, i in pairs])) if pairs else None,
+    }
+
+
+def aux_loss_alarms(aux: dict[str, Any], biased_layers: list[str]) -> list[Finding]:
+    """Aux-loss liveness: missing, constant, or unlike the inspector's value (docs/metrics.md)."""
+    model, status = aux["model_type"], aux["status"]
+    out: list[Finding] = []
+    if not status["value"]:
+        missing = _aux_missing(aux, biased_layers)
+        return [missing] if missing is not None else []
+    (low, high), (ilow, ihigh) = aux["min_max"]["model"], aux["min_max"]["inspector"]
+    if (
+        status["value"] >= AUX_LOSS_CONSTANT_STEPS
+        and low is not None
+        and high is not None
+        and high - low <= 1e-6 * max(abs(high), 1e-12)
+        and ilow is not None
+        and ihigh is not None
+        and ihigh - ilow > 1e-4 * max(abs(ihigh), 1e-12)
+    ):
+        out.append(
+            Finding(
+                "aux-loss-constant",
+                "warning",
+                f"{model}: aux_loss stayed {high:.6g} over {status['value']} forwards while the "
+                f"routing changed (the inspector's load-balancing loss ranged {ilow:.4g} to "
+                f"{ihigh:.4g}): the loss is not computed from each step's routing (a cached or "
+                "detached value, or fixed logits), so it does not balance the routers",
+                details={"value": high, "steps": status["value"], "inspector": [ilow, ihigh]},
+            )
+        )
+    ratio = aux["ratio"]
+    if (
+        aux["definition"] == "transformers"
+        and ratio is not None
+        and abs(ratio - 1.0) > AUX_LOSS_RTOL
+    ):
+        m, i = aux["compared_model_mean"], aux["compared_inspector_mean"]
+        out.append(
+            Finding(
+                "aux-loss-mismatch",
+                "warning",
+                f"{model}: its aux_loss {m:.6g} and the inspector's load-balancing loss {i:.6g} "
+                f"from the same routing differ (ratio {ratio:.4g}, median over "
+                f"{aux['compared_steps']} forwards; tolerance {AUX_LOSS_RTOL:.0%}). Likely: "
+                + "; ".join(_mismatch_causes(ratio, aux["moe_layers"])),
+                details={
+                    "model": m,
+                    "inspector": i,
+                    "ratio": ratio,
+                    "steps": aux["compared_steps"],
+                    "tolerance": AUX_LOSS_RTOL,
+                },
+            )
+        )
+    return out
+
+
+def _aux_missing(aux: dict[str, Any], biased_layers: list[str]) -> Finding | None:
+    model, steps, status = aux["model_type"], aux["steps"], aux["status"]
+    if biased_layers:
+        return Finding(
+            "aux-loss-free",
+            "info",
+            f"{model}: no auxiliary loss on any of {steps} forwards; the model balances its "
+            f"experts with a selection bias instead ({len(biased_layers)} layer(s), e.g. "
+            f"{biased_layers[0]}): see each layer's selection_bias",
+            details={"layers": biased_layers},
+        )
+    if not aux["moe_layers"]:
+        return None
+    what = (
+        "aux_loss=None"
+        if status["none"]
+        else f"no aux_loss (its {aux['output_type']} output has none)"
+    )
+    reasons = []
+    if aux["training_steps"]:
+        reasons.append(f"{aux['training_steps']} of them ran in training mode")
+    if aux["output_router_logits"]:
+        reasons.append("config.output_router_logits is True")
+    coef = aux["router_aux_loss_coef"]
+    fix = (
+        "Set output_router_logits=True (in the config or the forward call) so it returns "
+        "aux_loss, and pass labels so router_aux_loss_coef x aux_loss is added to loss"
+        if status["none"]
+        else "Add the routers' load-balancing loss to the training loss"
+    )
+    details = {"steps": steps, "status": status, "router_aux_loss_coef": coef}
+    if reasons:
+        return Finding(
+            "aux-loss-missing",
+            "warning",
+            f"{model}: the model returned {what} on all {steps} forwards, though "
+            f"{' and '.join(reasons)}: its routers get no load-balancing gradient. {fix}.",
+            details=details,
+        )
+    if coef:
+        return Finding(
+            "aux-loss-missing",
+            "info",
+            f"{model}: the model returned {what} on all {steps} forwards (eval mode); to "
+            f"train it, set output_router_logits=True, or router_aux_loss_coef={coef:g} is "
+            "never applied",
+            details=details,
+        )
+    return None
+
+
+def _mismatch_causes(ratio: float, layers: int) -> list[str]:
+    causes = []
+    factor = ratio if ratio >= 1 else 1.0 / ratio
+    n = round(factor)
+    if n >= 2 and abs(factor / n - 1.0) <= AUX_LOSS_RTOL:
+        verb = "multiplied" if ratio > 1 else "divided"
+        causes.append(
+            f"{verb} by {n}: the world size, or the number of layers ({n} ranks or layers "
+            f"summed instead of averaged; the model has {layers} MoE layer(s))"
+        )
+    causes += [
+        "computed over pad tokens (an attention_mask its loss ignores)",
+        "computed from a top-k recomputed from the logits rather than the experts the "
+        "router executed (selection bias, group-limited routing, capacity)",
+        "softmax probabilities of a router that scores with sigmoid",
+    ]
+    return causes
+
+
+def _bias_summary(bias: dict[str, Any]) -> dict[str, Any]:
+    """The model signals' record of one layer's selection bias, with its last values."""
+    history = bias["history"]
+    flips = _finite(history["flip_fraction"])
+    last = {name: history[name][-1] if history[name] else None for name in _BIAS_STATS}
+    return {
+        **bias,
+        "last": last,
+        "mean_flip_fraction": float(np.mean(flips)) if flips else None,
+    }
+
+
+_BIAS_STATS = ("abs_max", "mean", "std", "range", "flip_fraction")
+
+
+def bias_alarms(name: str, bias: dict[str, Any], signals: dict[str, Any]) -> list[Finding]:
+    """Selection-bias findings of one layer: saturated, oscillating, still growing, frozen."""
+    history, out = bias["history"], []
+    steps, abs_max = history["steps"], history["abs_max"]
+    last = bias["last"]["abs_max"]
+    if last is not None and last >= BIAS_SATURATION:
+        out.append(
+            Finding(
+                "selection-bias-saturated",
+                "warning",
+                f"{name}: the selection bias reaches |b| = {last:.3g}, at or above "
+                f"{BIAS_SATURATION:g} (the range of the scores it is added to): the bias, not "
+                "the router's scores, decides the selection; lower the bias update rate",
+                location=name,
+                details={"abs_max": last, "limit": BIAS_SATURATION},
+            )
+        )
+    tail = max(len(steps) // 4, 3)
+    flips = _finite(history["flip_fraction"][-tail:])
+    if len(flips) >= 3 and float(np.mean(flips)) > BIAS_FLIP_LIMIT:
+        share = float(np.mean(flips))
+        out.append(
+            Finding(
+                "selection-bias-oscillating",
+                "warning",
+                f"{name}: {100 * share:.0f}% of the selection bias's entries flip sign per "
+                f"recorded step (mean over steps {steps[-len(flips)]}-{steps[-1]}; limit "
+                f"{100 * BIAS_FLIP_LIMIT:.0f}%): the bias update rate is too high for the load "
+                "it corrects; lower it",
+                location=name,
+                details={"flip_fraction": share, "limit": BIAS_FLIP_LIMIT},
+            )
+        )
+    if len(steps) >= BIAS_TREND_STEPS:
+        start = len(steps) - max(len(steps) // 4, 2)
+        first, end = abs_max[start], abs_max[-1]
+        if first is not None and end is not None and end - first > BIAS_GROWTH_LIMIT * end > 0:
+            out.append(
+                Finding(
+                    "selection-bias-growing",
+                    "warning",
+                    f"{name}: the selection bias's abs max still grew from {first:.3g} to "
+                    f"{end:.3g} over steps {steps[start]}-{steps[-1]} (more than "
+                    f"{100 * BIAS_GROWTH_LIMIT:.0f}% of its last value): the bias has not "
+                    "settled, the load is not balanced yet",
+                    location=name,
+                    details={"from": first, "to": end, "limit": BIAS_GROWTH_LIMIT},
+                )
+            )
+    aux = signals.get("aux_loss") or {}
+    if aux.get("training_steps") and bias["steps"] >= 2 and bias["max_step_change"] == 0:
+        out.append(
+            Finding(
+                "selection-bias-frozen",
+                "warning",
+                f"{name}: the selection bias {bias['tensor']} did not change over "
+                f"{bias['steps']} recorded steps while the model trained: nothing updates it "
+                "(transformers does not; the training loop must, from the expert loads)",
+                location=name,
+                details={"steps": bias["steps"]},
+            )
+        )
     return out

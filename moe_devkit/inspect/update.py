@@ -4,6 +4,7 @@ Each function folds one step's tensors (``state.StepTensors``) into a layer's
 ``state.RunningStats``, in place and with device ops only: no ``.item()``, no ``nonzero``, no
 ``bincount``, hence no host synchronisation, so a CUDA graph can capture and replay it.
 
+* ``executed``: the step's pairs the experts ran (capacity drops removed);
 * ``fold_tokens``: counts per expert, the (complexity bin, k) histogram, drops, loss sums and
   the complexity's float64 sums and extrema (on CUDA with Triton,
   ``kernels.inspector_update.token_stats`` does the same in two launches);
@@ -28,18 +29,32 @@ _MASK32 = 0xFFFFFFFF
 def fold_tokens(
     stats: RunningStats, step: StepTensors, *, num_experts: int, max_k: int, bins: int
 ) -> None:
-    """Counts, the (complexity bin, k) histogram, drops, losses, complexity moments."""
+    """Counts, the (complexity bin, k) histogram, drops, losses, complexity moments.
+
+    ``step`` is already in executed form (``executed``): its indices and k leave out the
+    pairs dropped by capacity, and excluded tokens (padding) have k = -1.
+    """
     kk = max_k + 1
     stats.counts += count_values(step.indices, num_experts)  # histc: no atomics, no sync
     complexity = step.complexity.to(torch.float64)
-    finite = ~step.nonfinite & torch.isfinite(complexity)
+    included = step.k >= 0
+    finite = ~step.nonfinite & torch.isfinite(complexity) & included
     cbin = (complexity.nan_to_num(0.0).clamp(0, 1) * bins).long().clamp_max(bins - 1)
     cbin = torch.where(finite, cbin, bins)
     k = step.k.clamp(0, max_k)
-    stats.joint.view(-1).add_(count_values(cbin * kk + k, stats.joint.numel()))
+    code = torch.where(included, cbin * kk + k, -1)  # -1: outside the histogram, not counted
+    stats.joint.view(-1).add_(count_values(code, stats.joint.numel()))
     stats.dropped += step.dropped.sum()
     stats.loss_sums += torch.stack([step.lb_loss, step.z_loss]).double()
     _fold_moments(stats, complexity, finite)
+
+
+def executed(step: StepTensors) -> StepTensors:
+    """The step with only the pairs the experts ran: dropped pairs become -1 in the
+    indices and leave each token's k (excluded tokens keep k = -1)."""
+    indices = torch.where(step.dropped, -1, step.indices)
+    k = torch.where(step.k >= 0, step.k - step.dropped.sum(dim=-1), step.k)
+    return step._replace(indices=indices, k=k)
 
 
 def _fold_moments(stats: RunningStats, complexity: torch.Tensor, finite: torch.Tensor) -> None:
@@ -87,7 +102,7 @@ def fold_reservoir(
     not offers no token: infinite keys, k = -1).
     """
     index = stats.tokens_seen + torch.arange(k.shape[0], device=k.device)
-    keys = uniform_keys(index, seed)
+    keys = torch.where(k >= 0, uniform_keys(index, seed), float("inf"))  # k < 0: excluded
     if due is None:
         stats.tokens_seen += k.shape[0]
     else:

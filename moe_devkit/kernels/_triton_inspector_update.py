@@ -62,13 +62,14 @@ def token_stats_kernel(
             dropped += d.to(tl.int64)
         c = tl.load(cplx_ptr + rows, mask=live, other=0.0).to(tl.float64)
         bad = tl.load(nonfinite_ptr + rows, mask=live, other=1).to(tl.int1)
-        finite = live & (bad == 0) & (c == c) & (tl.abs(c) < float("inf"))
+        kk = tl.load(k_ptr + rows, mask=live, other=0)
+        included = live & (kk >= 0)  # k = -1: a token left out of every statistic
+        finite = included & (bad == 0) & (c == c) & (tl.abs(c) < float("inf"))
         scaled = tl.minimum(tl.maximum(c, 0.0), 1.0) * BINS
         cbin = tl.minimum(scaled.to(tl.int32), BINS - 1)  # truncation: scaled >= 0
         cbin = tl.where(finite, cbin, BINS)
-        kk = tl.load(k_ptr + rows, mask=live, other=0)
         kk = tl.minimum(tl.maximum(kk, 0), KK - 1).to(tl.int32)
-        code = tl.where(live, cbin * KK + kk, J_BINS - 1)
+        code = tl.where(included, cbin * KK + kk, J_BINS - 1)
         joint += tl.histogram(code, J_BINS)
         value = tl.where(finite, c, 0.0)
         n_sum += finite.to(tl.float64)

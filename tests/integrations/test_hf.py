@@ -253,8 +253,12 @@ def test_switch_transformers_one_hot_mask_with_capacity_drops() -> None:
         layer = summary.layers[name]
         executed = mask.reshape(-1, 4).sum(0)
         assert layer["dropped_pairs"] == 16 - int(executed.sum())
-        counts = torch.tensor(layer["utilization"]["counts"])
-        assert (counts >= executed).all() and int(counts.sum()) == 16
+        # Headline counts are what each expert ran; the selections keep the dropped pairs.
+        assert layer["utilization"]["counts"] == executed.tolist()
+        selected = torch.tensor(layer["utilization"]["selected_counts"])
+        assert (selected >= executed).all() and int(selected.sum()) == layer["selections"] == 16
+        k_hist = layer["k"]["histogram"]
+        assert k_hist == [16 - int(executed.sum()), int(executed.sum())] and layer["tokens"] == 16
 
 
 def test_dense_scores_builder() -> None:
