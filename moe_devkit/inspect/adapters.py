@@ -61,7 +61,7 @@ Scoring = Literal["softmax", "sigmoid"]
 
 _ADAPTERS: dict[str, RouterAdapter] = {}
 
-_MOE_CLASS_HINT = re.compile(r"Router|Gate|MoE|Moe|Experts")
+_ROUTER_CLASS_HINT = re.compile(r"Router|Gate|Gating")
 _MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -126,28 +126,56 @@ def adapted_modules(
     """
     found = [(n, m, a) for n, m in model.named_modules() if (a := adapter_for(m)) is not None]
     if not found and required:
-        _raise_unknown_moe(model)
+        raise_unknown_moe(model)
     return found
 
 
-def _raise_unknown_moe(model: nn.Module) -> None:
-    classes = sorted(
-        {type(m).__name__ for m in model.modules() if _MOE_CLASS_HINT.search(type(m).__name__)}
-    )
+def raise_unknown_moe(model: nn.Module) -> None:
+    """Raises, naming the router, when ``model`` looks like an MoE model; returns otherwise.
+
+    The router named is the module holding a linear layer with one output per expert (the
+    number of experts read from the model's config), or, without a config, a module whose
+    class name says router or gate and that holds such a linear layer.
+
+    Raises:
+        ValueError: the model has an MoE config or router-like modules.
+    """
     config = getattr(model, "config", None)
-    experts = {
-        k: getattr(config, k)
-        for k in _MOE_CONFIG_KEYS
-        if isinstance(getattr(config, k, None), int) and getattr(config, k) > 1
-    }
-    if not classes and not experts:
+    experts = {}
+    for source in (config, getattr(config, "text_config", None)):
+        for key in _MOE_CONFIG_KEYS:
+            value = getattr(source, key, None) if source is not None else None
+            if isinstance(value, int) and value > 1:
+                experts[key] = value
+    counts = set(experts.values())
+    candidates: list[tuple[str, str]] = []  # (qualified name, class) of router modules
+    for name, module in model.named_modules():
+        outputs = [p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 2]
+        outputs += [c.out_features for c in module.children() if isinstance(c, nn.Linear)]
+        if isinstance(module, nn.Linear):
+            continue  # its owner is the router (or the linear is the gate: below)
+        named = bool(_ROUTER_CLASS_HINT.search(type(module).__name__))
+        fits = [o for o in outputs if (o in counts if counts else o > 1)]
+        if fits and (named or (counts and len(outputs) == 1)):
+            candidates.append((name, type(module).__name__))
+    if not candidates and counts:  # a bare nn.Linear gate, e.g. block.gate
+        candidates = [
+            (n, f"{type(m).__name__} (a plain linear gate)")
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m.out_features in counts
+        ][:1]
+    if not experts and not candidates:
         return
-    routers = [c for c in classes if "Router" in c or "Gate" in c]
-    candidate = routers[0] if routers else (classes[0] if classes else "TheRouterClass")
+    where, router_class = candidates[0] if candidates else ("?", "TheRouterClass")
+    found = (
+        f"its router looks like {router_class} at {where!r}"
+        if candidates
+        else ("no module with one output per expert was found")
+    )
     raise ValueError(
-        f"{type(model).__name__} looks like an MoE model (modules {classes[:6]}, config "
-        f"{experts}) but no router adapter is registered for it. Register one before attach: "
-        f"moe_devkit.integrations.hf.register_adapter({candidate!r}, adapter), where "
+        f"{type(model).__name__} looks like an MoE model (config {experts}) but no router "
+        f"could be read: {found}. Register an adapter before attach: "
+        f"moe_devkit.integrations.hf.register_adapter({router_class!r}, adapter), where "
         "adapter(module, args, output) returns a RoutingDecision, e.g. "
         "decision_from_router_outputs(router_logits, expert_indices, expert_weights) "
         "(see docs/integrations.md)"
@@ -190,6 +218,11 @@ def decision_from_router_outputs(
             f"expert_indices must hold K entries for each of the {num_tokens} tokens of "
             f"router_logits {tuple(router_logits.shape)}; got shape {tuple(expert_indices.shape)}"
         )
+    if expert_indices.is_floating_point() or expert_indices.dtype == torch.bool:
+        raise TypeError(
+            f"expert_indices must be an integer tensor; got dtype={expert_indices.dtype} "
+            f"(shape {tuple(expert_indices.shape)})"
+        )
     indices = expert_indices.detach().reshape(num_tokens, -1).long()  # [N, K]
     probs = _router_probs(logits, scoring)
     finite = torch.isfinite(logits).all(dim=-1)
@@ -216,6 +249,88 @@ def decision_from_router_outputs(
         aux_loss=zero,
         batch_shape=(num_tokens,) if batch_shape is None else batch_shape,
     )
+
+
+def exclude_tokens(decision: RoutingDecision, keep: torch.Tensor) -> RoutingDecision:
+    """The decision with the tokens where ``keep`` is False left out of every statistic.
+
+    Those tokens (padding) get k = -1 and no selected expert, so the inspector does not count
+    them; the losses are recomputed over the kept tokens, as transformers' masked
+    ``load_balancing_loss_func`` does. Device ops only (no host synchronisation).
+
+    Args:
+        decision: any decision of N tokens.
+        keep: bool[N], the tokens to keep.
+    """
+    keep = keep.reshape(-1).to(device=decision.expert_indices.device, dtype=torch.bool)
+    pairs = keep.unsqueeze(-1)
+    finite = ~decision.nonfinite & keep
+    indices = torch.where(pairs, decision.expert_indices, -1)
+    return RoutingDecision(
+        expert_indices=indices,
+        expert_weights=torch.where(pairs, decision.expert_weights, 0.0),
+        k_per_token=torch.where(keep, decision.k_per_token, -1),
+        complexity=torch.where(keep, decision.complexity, 0.0),
+        router_logits=decision.router_logits,
+        router_probs=decision.router_probs,
+        dropped=decision.dropped & pairs,
+        nonfinite=decision.nonfinite & keep,
+        load_balancing_loss=load_balancing_loss(decision.router_probs, indices, finite),
+        z_loss=router_z_loss(decision.router_logits, finite),
+        compute_loss=decision.compute_loss,
+        aux_loss=decision.aux_loss,
+        batch_shape=decision.batch_shape,
+    )
+
+
+def check_decision(decision: object, source: str, *, values: bool = True) -> None:
+    """Raises a clear error when what an adapter returned cannot be counted.
+
+    Checks the type, the dtypes and the shapes (host metadata, no synchronisation) and, with
+    ``values``, that every index is in [-1, num_experts) (one host read: the inspector does
+    it at a layer's first step only, and not while CUDA sync-debug mode is on).
+
+    Args:
+        decision: what the adapter returned.
+        source: the adapter or module, for the message.
+
+    Raises:
+        TypeError: not a RoutingDecision, or indices that are not integers.
+        ValueError: shapes that disagree, or indices out of range.
+    """
+    if not isinstance(decision, RoutingDecision):
+        raise TypeError(
+            f"{source} must return a RoutingDecision or None; got {type(decision).__name__}"
+        )
+    indices = decision.expert_indices
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(
+            f"{source} returned expert_indices of dtype {indices.dtype}; expected an integer "
+            "tensor (build the decision with decision_from_router_outputs, which checks this)"
+        )
+    num_tokens, num_experts = decision.router_logits.shape[0], decision.num_experts
+    if indices.dim() != 2 or indices.shape[0] != num_tokens or indices.shape[1] == 0:
+        raise ValueError(
+            f"{source} returned expert_indices of shape {tuple(indices.shape)}; expected "
+            f"[N, K] with N = {num_tokens}, the tokens of router_logits "
+            f"{tuple(decision.router_logits.shape)}"
+        )
+    for name in ("k_per_token", "complexity", "nonfinite"):
+        shape = tuple(getattr(decision, name).shape)
+        if shape != (num_tokens,):
+            raise ValueError(f"{source} returned {name} of shape {shape}; expected ({num_tokens},)")
+    if decision.dropped.shape != indices.shape:
+        raise ValueError(
+            f"{source} returned dropped of shape {tuple(decision.dropped.shape)}; expected "
+            f"the shape of expert_indices {tuple(indices.shape)}"
+        )
+    if values and indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if low < -1 or high >= num_experts:
+            raise ValueError(
+                f"{source} returned expert_indices in [{low}, {high}]; expected values in "
+                f"[-1, num_experts={num_experts}) (-1: no expert)"
+            )
 
 
 def decision_from_dense_scores(

@@ -26,7 +26,7 @@ Hooks skip the second forward that activation checkpointing runs during the back
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,15 +34,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_devkit.inspect.adapters import RouterAdapter, adapted_modules, decision_from_tensors
+from moe_devkit.inspect.adapters import (
+    check_decision,
+    decision_from_tensors,
+    exclude_tokens,
+    raise_unknown_moe,
+)
 from moe_devkit.inspect.config import InspectorConfig
-from moe_devkit.inspect.records import StepTensors
+from moe_devkit.inspect.discovery import Probe, find_probes
+from moe_devkit.inspect.padding import TokenMasks
+from moe_devkit.inspect.records import RouterSite, StepTensors
 from moe_devkit.inspect.report import ReportPaths, write_report
+from moe_devkit.inspect.signals import ModelSignals
 from moe_devkit.inspect.state import LayerState
 from moe_devkit.inspect.summary import InspectorSummary, summarize
-from moe_devkit.routers.torch_router import DynamicMoERouter, RoutingDecision, StaticTopKRouter
-
-Hook = Callable[[nn.Module, Any, Any], None]
+from moe_devkit.routers.torch_router import RoutingDecision
 
 
 def in_backward_recompute() -> bool:
@@ -57,8 +63,12 @@ def in_backward_recompute() -> bool:
     return bool(torch._C._current_graph_task_id() != -1)
 
 
-def _is_router(module: nn.Module) -> bool:
-    return isinstance(module, DynamicMoERouter | StaticTopKRouter)
+def _may_sync() -> bool:
+    """False under torch.compile and while CUDA sync-debug mode is on: the first-step value
+    check (one host read) is then skipped."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.cuda.is_available() or torch.cuda.get_sync_debug_mode() == 0
 
 
 class RouterInspector:
@@ -79,6 +89,10 @@ class RouterInspector:
         self.layers: dict[str, LayerState] = {}
         self._model = model
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._masks = TokenMasks()
+        self._checked: set[str] = set()
+        self.signals = ModelSignals(self.config)
+        self.probes: list[Probe] = []
         self.routing_history_size = 0
 
     # ------------------------------------------------------------------ attach / detach
@@ -86,13 +100,15 @@ class RouterInspector:
     def attach(self, model: nn.Module | None = None) -> RouterInspector:
         """Registers forward hooks on every router of ``model``; returns self.
 
-        Routers are the reference routers and any module a registered adapter converts
-        (transformers MoE models: see moe_devkit.integrations.hf).
+        Routers are found by the model's structure (``inspect.discovery``): moe-devkit's
+        routers, modules with a registered adapter, the router classes a transformers model
+        declares for its router outputs, and experts modules that receive expert indices.
+        ``probes`` lists what was found and how each is read.
 
         Raises:
             TypeError: model is not an nn.Module.
-            ValueError: the model holds no router it knows (for an MoE model of an unknown
-                architecture, the message says how to register an adapter), or the
+            ValueError: the model holds no router that can be found (for an MoE model, the
+                message names its router class and how to register an adapter), or the
                 inspector is already attached.
         """
         model = model if model is not None else self._model
@@ -100,19 +116,19 @@ class RouterInspector:
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if self._handles:
             raise ValueError("the inspector is already attached; call detach() first")
-        routers = [(name or "router", m) for name, m in model.named_modules() if _is_router(m)]
-        hooks = [(m, self._hook_for(name)) for name, m in routers]
-        hooks += [
-            (m, self._adapter_hook(name or "router", adapter))
-            for name, m, adapter in adapted_modules(model, required=not routers)
-        ]
-        if not hooks:
+        probes = find_probes(model)
+        if not probes:
+            raise_unknown_moe(model)
             raise ValueError(
                 f"model must contain a moe_devkit router (DynamicMoERouter or StaticTopKRouter) "
-                f"or a router with a registered adapter; found none in {type(model).__name__}"
+                f"or an MoE layer; found none in {type(model).__name__}"
             )
-        for module, hook in hooks:
-            self._handles.append(module.register_forward_hook(hook))
+        sites = [probe.site for probe in probes]
+        for probe in probes:
+            self._handles += probe.install(self._emit)
+        self._handles += self._masks.attach(model, sites)
+        self._handles += self.signals.attach(model, sites)
+        self.probes = probes
         self._model = model
         return self
 
@@ -139,22 +155,19 @@ class RouterInspector:
     ) -> None:
         self.detach()
 
-    def _hook_for(self, name: str) -> Hook:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, RoutingDecision) and not in_backward_recompute():
-                self.record(output, layer=name, defer=True)  # a fresh router output
-
-        return hook
-
-    def _adapter_hook(self, name: str, adapter: RouterAdapter) -> Hook:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:  # never returns a value
-            if in_backward_recompute():
-                return
-            decision = adapter(module, args, output)
-            if decision is not None:
-                self.record(decision, layer=name, defer=True)  # built fresh each call
-
-        return hook
+    def _emit(self, site: RouterSite, decision: RoutingDecision) -> None:
+        """Records one decision from a probe's hook (never during a checkpoint recompute)."""
+        if in_backward_recompute():
+            return
+        first = site.layer not in self._checked
+        if first:  # what an adapter returned is checked once per layer, before any count
+            check_decision(decision, f"the router of layer {site.layer!r}", values=_may_sync())
+            self._checked.add(site.layer)
+        keep = self._masks.valid_tokens(site, decision.num_tokens)
+        if keep is not None:
+            decision = exclude_tokens(decision, keep)
+        self.record(decision, layer=site.layer, defer=True)  # built fresh each call
+        self.signals.on_decision(site, decision)
 
     # ------------------------------------------------------------------ recording
 
@@ -238,7 +251,8 @@ class RouterInspector:
 
     def summary(self) -> InspectorSummary:
         """Per-layer statistics and alarms, read to the host (see inspect.summary)."""
-        return summarize([state.host_state() for state in self.layers.values()], self.config)
+        records = [state.host_state() for state in self.layers.values()]
+        return summarize(records, self.config, signals=self.signals.host_state())
 
     def report(self, out_dir: str | Path = "moe_devkit_report") -> ReportPaths:
         """Writes report.json, routing_analysis.png and report.html into ``out_dir``."""
