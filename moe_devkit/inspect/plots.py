@@ -5,6 +5,10 @@ layers x experts utilization heatmap, utilization over time (max and min expert 
 window) and mean k over time. A panel is never drawn empty: the two trends need two trend
 windows of some layer, and without them (a run shorter than two windows) each shows
 ``trend_note`` instead; any other panel without data says so.
+
+A second figure, ``signals_figure`` (embedded in report.html), shows the model signals when
+the section has them: the model's aux loss beside the inspector's load-balancing loss per step,
+and each selection bias's abs max, standard deviation and sign flips per recorded step.
 """
 
 from __future__ import annotations
@@ -169,3 +173,95 @@ def _mean_k_over_time(ax: Any, layers: list[dict[str, Any]]) -> None:
     ax.set(xlabel="step", ylabel="mean k per window", title=TREND_TITLES[1])
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
+
+
+SIGNAL_TITLES = (
+    "Aux loss per step",
+    "Selection bias: |b| max and std",
+    "Selection bias: sign flips",
+)
+
+
+def has_signals(section: dict[str, Any]) -> bool:
+    """True when the section holds model signals to plot (an aux loss or a selection bias)."""
+    aux = section.get("aux_loss") or {}
+    history = aux.get("history") or {}
+    values = [v for key in ("model", "inspector") for v in history.get(key, [])]
+    return any(v is not None for v in values) or any(
+        "selection_bias" in layer for layer in section["layers"].values()
+    )
+
+
+def signals_figure_png(section: dict[str, Any], dpi: int = 110) -> bytes | None:
+    """Renders the model-signals figure (``signals_figure``) as PNG bytes; None without
+    signals."""
+    if not has_signals(section):
+        return None
+    buffer = io.BytesIO()
+    signals_figure(section, dpi).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def signals_figure(section: dict[str, Any], dpi: int = 110) -> Any:
+    """The model-signals figure (1 x 3 panels): the model's aux loss and the inspector's
+    load-balancing loss per step, then per layer with a selection bias its abs max (solid)
+    and standard deviation (dashed), and the fraction of its entries that flipped sign."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(16, 4.5), dpi=dpi, layout="constrained")
+    aux_ax, bias_ax, flip_ax = fig.subplots(1, 3)
+    _aux_loss_over_steps(aux_ax, section.get("aux_loss") or {})
+    biased = [layer for layer in section["layers"].values() if "selection_bias" in layer]
+    _bias_over_steps(bias_ax, flip_ax, biased)
+    for ax in (aux_ax, bias_ax, flip_ax):
+        if not ax.has_data():
+            _note(ax, "No data: the report records no value for this plot.")
+    fig.suptitle("moe-devkit model signals")
+    return fig
+
+
+def _series(steps: list[int], values: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) without the missing (None) entries."""
+    pairs = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
+    return np.asarray([p[0] for p in pairs]), np.asarray([p[1] for p in pairs], dtype=float)
+
+
+def _aux_loss_over_steps(ax: Any, aux: dict[str, Any]) -> None:
+    ax.set_title(SIGNAL_TITLES[0])
+    history = aux.get("history")
+    if not history:
+        return
+    for key, label, style in (
+        ("model", "model's aux_loss", "-"),
+        ("inspector", "inspector's load-balancing loss", "--"),
+    ):
+        steps, values = _series(history["steps"], history[key])
+        if len(steps):
+            ax.plot(steps, values, linestyle=style, marker=".", label=label)
+    ax.set(xlabel="forward", ylabel="loss")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if ax.get_lines():
+        ax.legend(fontsize=7)
+
+
+def _bias_over_steps(bias_ax: Any, flip_ax: Any, layers: list[dict[str, Any]]) -> None:
+    bias_ax.set_title(SIGNAL_TITLES[1])
+    flip_ax.set_title(SIGNAL_TITLES[2])
+    for layer in layers:
+        history = layer["selection_bias"]["history"]
+        steps, abs_max = _series(history["steps"], history["abs_max"])
+        (line,) = bias_ax.plot(steps, abs_max, marker=".", label=_label(layer))
+        steps, std = _series(history["steps"], history["std"])
+        bias_ax.plot(steps, std, linestyle="--", color=line.get_color())
+        steps, flips = _series(history["steps"], history["flip_fraction"])
+        if len(steps):
+            flip_ax.plot(steps, flips, marker=".", color=line.get_color(), label=_label(layer))
+    bias_ax.set(xlabel="recorded step", ylabel="|b| max (solid), std (dashed)")
+    flip_ax.set(xlabel="recorded step", ylabel="share of entries flipping sign", ylim=(-0.02, 1.02))
+    for ax in (bias_ax, flip_ax):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.get_lines():
+            ax.legend(fontsize=7)

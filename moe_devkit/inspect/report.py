@@ -2,9 +2,9 @@
 
 ``write_report`` renders ``report.json`` (versioned envelope, see docs/report-schema.md) from
 an ``InspectorSummary``, then ``routing_analysis.png`` and ``report.html`` from that JSON
-alone, so ``render_report`` can re-render a stored report (``moe-devkit report
-report.json``). The files of a set are all rendered, then written to temporaries and renamed
-into place together.
+alone (the model signals' figure, when the report has any, is embedded in the page), so
+``render_report`` can re-render a stored report (``moe-devkit report report.json``). The
+files of a set are all rendered, then written to temporaries and renamed into place together.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def render_report(report_json: str | Path, out_dir: str | Path | None = None) ->
 def _rendered(report: dict[str, Any], out: Path) -> dict[Path, str | bytes]:
     """routing_analysis.png and report.html of a report envelope, in memory."""
     from moe_devkit.inspect.html import render_html
-    from moe_devkit.inspect.plots import routing_figure_png
+    from moe_devkit.inspect.plots import routing_figure_png, signals_figure_png
 
-    png = routing_figure_png(report["sections"][SECTION])
-    return {out / "routing_analysis.png": png, out / "report.html": render_html(report, png)}
+    section = report["sections"][SECTION]
+    png = routing_figure_png(section)
+    page = render_html(report, png, signals_figure_png(section))
+    return {out / "routing_analysis.png": png, out / "report.html": page}

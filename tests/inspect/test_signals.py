@@ -1,0 +1,425 @@
+"""Model signals: the model's aux loss against the inspector's, and selection biases.
+
+Tiny transformers models built offline from their config classes (Mixtral with
+``output_router_logits``, DeepSeek-V3 with ``e_score_correction_bias``).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from moe_devkit.inspect import InspectorConfig, RouterInspector
+from moe_devkit.inspect.records import RouterSite
+from moe_devkit.inspect.signals import (
+    HISTORY,
+    ModelSignals,
+    model_aux_loss,
+    selection_bias_candidates,
+)
+from moe_devkit.inspect.summary import InspectorSummary
+from moe_devkit.routers.torch_router import RoutingDecision
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+def _mixtral(**overrides: Any) -> nn.Module:
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        **overrides,
+    )
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(config)
+
+
+def _deepseek() -> nn.Module:
+    config = transformers.DeepseekV3Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=0,
+        n_shared_experts=1,
+        kv_lora_rank=8,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=4,
+    )
+    torch.manual_seed(0)
+    return transformers.DeepseekV3ForCausalLM(config)
+
+
+def _tokens(step: int, batch: int = 2, seq: int = 8) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(step)
+    return torch.randint(0, VOCAB, (batch, seq), generator=generator)
+
+
+def _codes(summary: InspectorSummary) -> dict[str, Any]:
+    return {f.code: f for f in summary.findings}
+
+
+# ----------------------------------------------------------------------------- aux loss
+
+
+def test_mixtral_aux_loss_is_found_and_equals_the_inspectors() -> None:
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    model = _mixtral(output_router_logits=True).train()
+    inspector = RouterInspector().attach(model)
+    expected = []
+    for step in range(4):
+        out = model(_tokens(step))
+        expected.append(float(load_balancing_loss_func(out.router_logits, 4, 2).detach()))
+        assert float(out.aux_loss.detach()) == pytest.approx(expected[-1], rel=1e-6)
+    summary = inspector.summary()
+    aux = summary.aux_loss
+    assert aux is not None
+    assert aux["status"] == {"value": 4, "none": 0, "absent": 0}
+    assert aux["definition"] == "transformers"
+    assert aux["history"]["steps"] == [0, 1, 2, 3]
+    assert aux["history"]["model"] == pytest.approx(expected, rel=1e-6)
+    assert aux["history"]["inspector"] == pytest.approx(expected, rel=1e-5)
+    assert aux["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert not [f for f in summary.findings if f.code.startswith("aux-loss")]
+    assert summary.to_report()["sections"]["routing"]["aux_loss"]["compared_steps"] == 4
+
+
+def test_mixtral_masked_aux_loss_equals_transformers_masked_loss() -> None:
+    """With padding, the inspector leaves pad tokens out as transformers' loss does."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    model = _mixtral(output_router_logits=True).eval()
+    inspector = RouterInspector().attach(model)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[1, 6:] = 0  # right padding
+    with torch.no_grad():
+        out = model(_tokens(0), attention_mask=mask)
+    masked = float(load_balancing_loss_func(out.router_logits, 4, 2, mask))
+    unmasked = float(load_balancing_loss_func(out.router_logits, 4, 2))
+    assert masked != pytest.approx(unmasked, rel=1e-4)  # the padding matters here
+    aux = inspector.summary().aux_loss
+    assert aux is not None
+    assert aux["history"]["model"] == pytest.approx([masked], rel=1e-6)
+    assert aux["history"]["inspector"] == pytest.approx([masked], rel=1e-5)
+
+
+class _Scaled(nn.Module):
+    """A Mixtral whose aux_loss is multiplied by ``factor`` (as if summed over 4 ranks)."""
+
+    def __init__(self, model: nn.Module, factor: float) -> None:
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        out = self.model(input_ids)
+        out.aux_loss = out.aux_loss * self.factor
+        return out
+
+
+def test_a_scaled_aux_loss_is_reported_with_both_values() -> None:
+    model = _Scaled(_mixtral(output_router_logits=True), 4.0).train()
+    inspector = RouterInspector().attach(model)
+    for step in range(3):
+        model(_tokens(step))
+    summary = inspector.summary()
+    finding = _codes(summary)["aux-loss-mismatch"]
+    assert finding.severity == "warning"
+    details = finding.details
+    assert details["ratio"] == pytest.approx(4.0, rel=1e-5)
+    assert details["model"] == pytest.approx(4.0 * details["inspector"], rel=1e-5)
+    assert 1.9 < details["inspector"] < 2.2  # top-2 routing, nearly balanced: about k
+    assert f"{details['model']:.6g}" in finding.message
+    assert f"{details['inspector']:.6g}" in finding.message
+    assert "multiplied by 4" in finding.message and "world size" in finding.message
+
+
+class _Constant(nn.Module):
+    """A Mixtral whose aux_loss is a fixed number (a cached, detached value)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        out = self.model(input_ids)
+        out.aux_loss = torch.tensor(1.5)
+        return out
+
+
+def test_a_constant_aux_loss_is_reported() -> None:
+    model = _Constant(_mixtral(output_router_logits=True)).train()
+    inspector = RouterInspector().attach(model)
+    for step in range(4):
+        model(_tokens(step))
+    codes = _codes(inspector.summary())
+    finding = codes["aux-loss-constant"]
+    assert finding.details["value"] == 1.5 and finding.details["steps"] == 4
+    low, high = finding.details["inspector"]
+    assert low < high
+    assert "1.5" in finding.message
+    # The same constant with unchanging routing is not an alarm.
+    model = _Constant(_mixtral(output_router_logits=True)).eval()
+    inspector = RouterInspector().attach(model)
+    with torch.no_grad():
+        for _ in range(4):
+            model(_tokens(0))
+    assert "aux-loss-constant" not in _codes(inspector.summary())
+
+
+def test_a_missing_aux_loss_says_what_to_set() -> None:
+    model = _mixtral(output_router_logits=False).train()
+    inspector = RouterInspector().attach(model)
+    for step in range(2):
+        assert model(_tokens(step)).aux_loss is None
+    summary = inspector.summary()
+    finding = _codes(summary)["aux-loss-missing"]
+    assert finding.severity == "warning"
+    assert "aux_loss=None on all 2 forwards" in finding.message
+    assert "output_router_logits=True" in finding.message
+    assert summary.aux_loss is not None and summary.aux_loss["status"]["none"] == 2
+    # In eval mode the coefficient alone makes it an info, not a warning.
+    model = _mixtral(output_router_logits=False).eval()
+    inspector = RouterInspector().attach(model)
+    with torch.no_grad():
+        model(_tokens(0))
+    finding = _codes(inspector.summary())["aux-loss-missing"]
+    assert finding.severity == "info" and "router_aux_loss_coef=0.001" in finding.message
+
+
+def test_aux_loss_free_models_get_an_info_not_a_missing_alarm() -> None:
+    model = _deepseek().train()
+    inspector = RouterInspector().attach(model)
+    for step in range(2):
+        model(_tokens(step))
+    codes = _codes(inspector.summary())
+    assert "aux-loss-missing" not in codes
+    finding = codes["aux-loss-free"]
+    assert finding.severity == "info"
+    assert finding.details["layers"] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+
+
+def test_model_aux_loss_reads_outputs() -> None:
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    value = torch.tensor(2.0)
+    assert model_aux_loss(MoeCausalLMOutputWithPast(aux_loss=value)) == ("value", value)
+    assert model_aux_loss(MoeCausalLMOutputWithPast(logits=value)) == ("none", None)
+    assert model_aux_loss({"aux_loss": 0}) == ("value", 0.0)
+    assert model_aux_loss({"logits": value}) == ("absent", None)
+    assert model_aux_loss((value, value)) == ("absent", None)
+
+
+# ----------------------------------------------------------------------------- bias
+
+
+BIASES = [
+    [0.1, -0.1, 0.2, -0.2, 0.05, -0.05, 0.0, 0.3],
+    [-0.1, -0.1, 0.2, 0.2, 0.05, 0.05, 0.1, 0.3],  # entries 0, 3, 5 flip: 3 of 8
+    [-0.1, -0.1, 0.2, 0.2, 0.05, 0.05, 0.0, 0.3],  # 0.1 -> 0 is no flip
+    [0.1, 0.1, -0.2, -0.2, -0.05, -0.05, 0.0, -0.3],  # 7 of 8 flip
+]
+FLIPS = [None, 3 / 8, 0.0, 7 / 8]
+
+
+def _biased_run(steps: int = 4) -> tuple[RouterInspector, nn.Module]:
+    model = _deepseek().eval()
+    inspector = RouterInspector().attach(model)
+    gates = [layer.mlp.gate for layer in model.model.layers]
+    with torch.no_grad():
+        for step in range(steps):
+            for i, gate in enumerate(gates):
+                sign = 1.0 if i == 0 else 2.0  # layer 1 holds twice the values
+                gate.e_score_correction_bias.copy_(sign * torch.tensor(BIASES[step % 4]))
+            model(_tokens(step))
+    return inspector, model
+
+
+def test_selection_bias_stats_per_layer_are_exact() -> None:
+    inspector, _ = _biased_run()
+    summary = inspector.summary()
+    for name, scale in (("model.layers.0.mlp.gate", 1.0), ("model.layers.1.mlp.gate", 2.0)):
+        bias = summary.layers[name]["selection_bias"]
+        assert bias["tensor"] == "gate.e_score_correction_bias"
+        assert bias["num_experts"] == 8 and bias["steps"] == 4
+        history = bias["history"]
+        assert history["steps"] == [0, 1, 2, 3]
+        values = [scale * torch.tensor(b, dtype=torch.float32).double() for b in BIASES]
+        assert history["abs_max"] == pytest.approx([float(v.abs().max()) for v in values])
+        assert history["mean"] == pytest.approx([float(v.mean()) for v in values])
+        assert history["std"] == pytest.approx([float(v.std(correction=0)) for v in values])
+        assert history["range"] == pytest.approx([float(v.max() - v.min()) for v in values])
+        assert history["flip_fraction"] == FLIPS  # exact
+        assert bias["max_flip_fraction"] == 7 / 8
+        assert bias["last"]["abs_max"] == pytest.approx(scale * 0.3)
+        assert bias["mean_flip_fraction"] == pytest.approx((3 / 8 + 0 + 7 / 8) / 3)
+
+
+def test_selection_bias_is_in_the_json_html_and_plot(tmp_path: Path) -> None:
+    from moe_devkit.inspect.plots import SIGNAL_TITLES, signals_figure
+
+    inspector, _ = _biased_run()
+    paths = inspector.report(tmp_path)
+    report = json.loads(paths.json.read_text())
+    section = report["sections"]["routing"]
+    bias = section["layers"]["model.layers.1.mlp.gate"]["selection_bias"]
+    assert bias["history"]["flip_fraction"] == FLIPS
+    assert section["aux_loss"]["status"]["none"] == 4
+    page = paths.html.read_text()
+    assert "<h3>Selection bias</h3>" in page and "gate.e_score_correction_bias" in page
+    image = re.search(r'alt="model signals" src="data:image/png;base64,([^"]+)"', page)
+    assert image is not None and base64.b64decode(image.group(1))[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "report.html",
+        "report.json",
+        "routing_analysis.png",
+    ]
+    fig = signals_figure(section)
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert set(SIGNAL_TITLES) <= set(panels)
+    bias_lines = panels[SIGNAL_TITLES[1]].get_lines()
+    assert len(bias_lines) == 4  # abs max and std of two layers
+    flips = panels[SIGNAL_TITLES[2]].get_lines()
+    assert [list(line.get_ydata()) for line in flips] == [[3 / 8, 0.0, 7 / 8]] * 2
+    inspector_loss = panels[SIGNAL_TITLES[0]].get_lines()
+    assert len(inspector_loss) == 1 and len(inspector_loss[0].get_xdata()) == 4
+
+
+def test_oscillating_and_saturated_biases_are_reported() -> None:
+    inspector, _ = _biased_run(steps=8)  # steps 3 -> 4 and 7 flip 7 of 8 entries
+    summary = inspector.summary()
+    codes = {(f.code, f.location) for f in summary.findings}
+    assert ("selection-bias-oscillating", "model.layers.0.mlp.gate") in codes
+    model = _deepseek().eval()
+    inspector = RouterInspector().attach(model)
+    gate = model.model.layers[0].mlp.gate
+    with torch.no_grad():
+        for step in range(BIAS_STEPS := 12):
+            gate.e_score_correction_bias.fill_(0.2 * (step + 1))  # grows, never flips
+            model(_tokens(step))
+    found = {f.code: f for f in inspector.summary().findings if f.location == gate_name(model)}
+    assert "selection-bias-growing" in found and "selection-bias-saturated" in found
+    assert "selection-bias-oscillating" not in found
+    assert found["selection-bias-saturated"].details["abs_max"] == pytest.approx(0.2 * BIAS_STEPS)
+
+
+def gate_name(model: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is model.model.layers[0].mlp.gate)
+
+
+def test_a_bias_that_never_changes_in_training_is_reported() -> None:
+    model = _deepseek().train()
+    inspector = RouterInspector().attach(model)
+    for step in range(3):
+        model(_tokens(step))
+    found = {(f.code, f.location) for f in inspector.summary().findings}
+    assert ("selection-bias-frozen", "model.layers.0.mlp.gate") in found
+
+
+def test_bias_candidates_follow_the_rule() -> None:
+    block = nn.Module()
+    block.gate = nn.Linear(4, 8)  # its bias is a Linear's: not a selection bias
+    block.expert_bias = nn.Parameter(torch.zeros(8), requires_grad=False)
+    block.register_buffer("bias_counts", torch.zeros(8, dtype=torch.long))  # not float
+    block.register_buffer("score_bias", torch.zeros(2, 8))  # 2-D
+    block.statics = nn.Module()
+    block.statics.register_buffer("e_score_correction_bias", torch.zeros(1, 8))
+    found = [name for name, _, _ in selection_bias_candidates(RouterSite("x", block, block.gate))]
+    assert found == ["expert_bias", "statics.e_score_correction_bias"]
+
+
+def test_history_is_bounded() -> None:
+    signals = ModelSignals(InspectorConfig())
+    block = nn.Module()
+    block.register_buffer("expert_bias", torch.zeros(4))
+    site = RouterSite("layer", block, None)
+    signals.attach(nn.Identity(), [site])
+    decision = _decision(4)
+    for step in range(HISTORY + 10):
+        block.expert_bias.fill_(float(step))
+        signals.on_decision(site, decision)
+    bias = signals.host_state()["selection_bias"]["layer"]
+    assert bias["steps"] == HISTORY + 10
+    assert bias["history"]["steps"] == list(range(10, HISTORY + 10))
+    assert bias["history"]["abs_max"][-1] == HISTORY + 9
+    assert bias["max_abs_max"] == HISTORY + 9
+
+
+def _decision(num_experts: int) -> RoutingDecision:
+    from moe_devkit.inspect.adapters import decision_from_router_outputs
+
+    logits = torch.randn(6, num_experts, generator=torch.Generator().manual_seed(0))
+    return decision_from_router_outputs(logits, logits.topk(2).indices)
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+
+@contextlib.contextmanager
+def _no_host_reads() -> Iterator[None]:
+    """Any read of a tensor's value on the host raises inside this block."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a tensor value was read on the host")
+
+    names = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, refuse)
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_the_signal_hooks_read_no_value_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ModelSignals' hooks run with every host read of a tensor value made to raise."""
+    calls = {"on_decision": 0, "_begin_step": 0, "_end_step": 0}
+    for name in calls:
+        original = getattr(ModelSignals, name)
+
+        def guarded(
+            self: ModelSignals, *args: Any, _original: Any = original, _name: str = name
+        ) -> Any:
+            calls[_name] += 1
+            with _no_host_reads():
+                return _original(self, *args)
+
+        monkeypatch.setattr(ModelSignals, name, guarded)
+    with _no_host_reads(), pytest.raises(AssertionError, match="read on the host"):
+        bool(torch.ones(()))  # the guard works
+    model = _mixtral(output_router_logits=True).train()
+    inspector = RouterInspector().attach(model)
+    for step in range(2):
+        model(_tokens(step))
+    assert calls == {"on_decision": 4, "_begin_step": 2, "_end_step": 2}
+    aux = inspector.summary().aux_loss
+    assert aux is not None and aux["compared_steps"] == 2
+    assert aux["ratio"] == pytest.approx(1.0, abs=1e-5)
