@@ -97,8 +97,9 @@ def _notes_html(section: dict[str, Any]) -> str:
 _AUX_ROWS = (
     ("model", "model_type"),
     ("forwards", "steps"),
+    ("definition of the model's aux_loss", "definition"),
     ("forwards in training mode", "training_steps"),
-    ("aux_loss returned / None / absent", None),
+    ("aux_loss returned / None / absent / unreadable", None),
     ("model aux_loss, mean", "model_mean"),
     ("inspector load-balancing loss, mean", "inspector_mean"),
     ("model aux_loss, last", "model_last"),
@@ -107,6 +108,8 @@ _AUX_ROWS = (
     ("router_aux_loss_coef", "router_aux_loss_coef"),
     ("output_router_logits", "output_router_logits"),
 )
+
+_STATUSES = ("value", "none", "absent", "unreadable")
 
 _BIAS_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
     ("layer", lambda b: b["layer"]),
@@ -131,7 +134,7 @@ def _signals_html(section: dict[str, Any], signals_png: bytes | None) -> str:
         for label, key in _AUX_ROWS:
             if key is None:
                 status = aux.get("status", {})
-                value = " / ".join(str(status.get(s, 0)) for s in ("value", "none", "absent"))
+                value = " / ".join(str(status.get(s, 0)) for s in _STATUSES)
             else:
                 value = _fmt(aux.get(key), 4) if aux.get(key) is not None else "n/a"
             rows.append(f'<tr><td class="name">{html.escape(label)}</td><td>{value}</td></tr>')

@@ -9,7 +9,8 @@ its routers' selection biases (aux-loss-free balancing).
 **Aux-loss liveness.** A forward pre-hook and a forward hook on the model passed to
 ``attach`` delimit one step (one forward of the model). The hook reads the model's own
 auxiliary loss from its output: the ``aux_loss`` attribute or key of a ``ModelOutput``, a
-dict or a named tuple (a plain tuple has no identifiable entry and counts as "absent").
+dict or a named tuple (a plain tuple or list, as ``return_dict=False`` gives, has no entry that
+can be identified: "unreadable").
 During the step, every recorded decision adds to the inspector's own load-balancing loss,
 computed over all MoE layers' tokens together as transformers' ``load_balancing_loss_func``
 defines it::
@@ -30,8 +31,9 @@ mean, population standard deviation, range (max - min) and the fraction of its e
 sign flipped (strictly opposite signs) since the layer's previous recorded decision.
 
 Everything stays on the device in bounded buffers (the last ``HISTORY`` steps and running
-extrema); no hook reads a value on the host. Under ``torch.compile`` the signals are not
-recorded (their host-side step bookkeeping would break the graph).
+extrema); no hook reads a value on the host. Under ``torch.compile`` and while a CUDA graph
+is captured the signals are not recorded (their host-side step bookkeeping would be baked
+into the graph).
 """
 
 from __future__ import annotations
@@ -88,16 +90,22 @@ def _is_bias_like(attr: str, tensor: torch.Tensor) -> bool:
 
 
 def model_aux_loss(output: Any) -> tuple[str, torch.Tensor | float | None]:
-    """("value", the loss), ("none", None) or ("absent", None) for a model's output.
+    """The status of a model output's aux loss, and the loss: ("value", the loss),
+    ("none", None), ("absent", None) or ("unreadable", None).
 
     "value": the output has an ``aux_loss`` (attribute of a ``ModelOutput`` or named tuple,
-    or key of a mapping) holding a tensor or a number; "none": it holds None; "absent": the
-    output has no ``aux_loss`` entry (a plain tuple has none that can be identified).
+    or key of a mapping) holding a tensor or a number; "none": it holds None (or an empty
+    tensor); "absent": the output has no ``aux_loss`` entry; "unreadable": a plain tuple or
+    list, whose entries have no names.
     """
     if hasattr(output, "aux_loss"):  # a ModelOutput field is an attribute, even when None
         value = output.aux_loss
-    elif isinstance(output, Mapping) and "aux_loss" in output:
+    elif isinstance(output, Mapping):
+        if "aux_loss" not in output:
+            return "absent", None
         value = output["aux_loss"]
+    elif isinstance(output, tuple | list):
+        return "unreadable", None
     else:
         return "absent", None
     if value is None:
@@ -199,7 +207,7 @@ class _AuxTrack:
 
     def __init__(self) -> None:
         self.step = 0  # forwards seen
-        self.status = {"value": 0, "none": 0, "absent": 0}
+        self.status = {"value": 0, "none": 0, "absent": 0, "unreadable": 0}
         self.training_steps = 0
         self.transformers_steps = 0
         self.output_type: str | None = None
@@ -297,6 +305,14 @@ class _BiasTrack:
 # ----------------------------------------------------------------------------- signals
 
 
+def _tracing() -> bool:
+    """True under torch.compile or while a CUDA graph is captured: the host-side step
+    bookkeeping would be baked into the graph, so nothing is recorded."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class ModelSignals:
     """Aux-loss liveness and selection-bias monitoring of one model."""
 
@@ -331,16 +347,16 @@ class ModelSignals:
         ]
 
     def _begin_step(self, module: nn.Module, args: Any) -> None:
-        if not torch.compiler.is_compiling():
+        if not _tracing():
             self._aux.begin()
 
     def _end_step(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not torch.compiler.is_compiling():
+        if not _tracing():
             self._aux.end(output, module.training)
 
     def on_decision(self, site: RouterSite, decision: RoutingDecision) -> None:
         """Called for each decision the inspector records (no host synchronisation)."""
-        if torch.compiler.is_compiling():
+        if _tracing():
             return
         if self._aux.current is not None:
             self._aux.current.add(decision)

@@ -460,6 +460,15 @@ def _aux_missing(aux: dict[str, Any], biased_layers: list[str]) -> Finding | Non
         )
     if not aux["moe_layers"]:
         return None
+    if status.get("unreadable") and not (status["none"] or status["absent"]):
+        return Finding(
+            "aux-loss-unreadable",
+            "info",
+            f"{model}: its output is a plain tuple on all {steps} forwards, so its aux loss "
+            "cannot be identified and is not checked; call it with return_dict=True (or "
+            "return a ModelOutput, dict or named tuple with an aux_loss entry)",
+            details={"steps": steps},
+        )
     what = (
         "aux_loss=None"
         if status["none"]

@@ -103,3 +103,52 @@ def test_an_inspector_with_the_default_window_names_it_in_the_note(tmp_path: Pat
         "at least 100 steps, or lower InspectorConfig.window."
     )
     assert all(_is_note(_panels(section)[title]) for title in TREND_PANELS)
+
+
+def _signals_section() -> dict[str, Any]:
+    """A routing section with an aux loss of 3 forwards and one biased layer of 3 steps."""
+    bias = {
+        "tensor": "gate.e_score_correction_bias",
+        "history": {
+            "steps": [0, 1, 2],
+            "abs_max": [0.1, 0.2, 0.3],
+            "mean": [0.0, 0.0, 0.0],
+            "std": [0.05, 0.1, 0.15],
+            "range": [0.2, 0.4, 0.6],
+            "flip_fraction": [None, 0.25, 0.5],
+        },
+    }
+    aux = {"history": {"steps": [0, 1, 2], "model": [2.0, 2.1, None], "inspector": [2.0, 2.1, 2.2]}}
+    return {"layers": {"gate": {"name": "gate", "selection_bias": bias}}, "aux_loss": aux}
+
+
+def test_the_signals_figure_plots_each_signal() -> None:
+    from moe_devkit.inspect.plots import SIGNAL_TITLES, has_signals, signals_figure
+
+    section = _signals_section()
+    assert has_signals(section)
+    panels = {ax.get_title(): ax for ax in signals_figure(section).axes}
+    aux_lines = panels[SIGNAL_TITLES[0]].get_lines()
+    assert [list(line.get_ydata()) for line in aux_lines] == [[2.0, 2.1], [2.0, 2.1, 2.2]]
+    bias_lines = panels[SIGNAL_TITLES[1]].get_lines()
+    assert [list(line.get_ydata()) for line in bias_lines] == [[0.1, 0.2, 0.3], [0.05, 0.1, 0.15]]
+    (flips,) = panels[SIGNAL_TITLES[2]].get_lines()
+    assert list(flips.get_xdata()) == [1, 2] and list(flips.get_ydata()) == [0.25, 0.5]
+
+
+def test_without_signals_there_is_no_signals_figure_and_empty_panels_say_so() -> None:
+    from moe_devkit.inspect.plots import (
+        SIGNAL_TITLES,
+        has_signals,
+        signals_figure,
+        signals_figure_png,
+    )
+
+    section = _signals_section()
+    del section["layers"]["gate"]["selection_bias"]
+    panels = {ax.get_title(): ax for ax in signals_figure(section).axes}
+    for title in SIGNAL_TITLES[1:]:
+        assert not panels[title].axison
+        assert any(t.get_text().startswith("No data") for t in panels[title].texts)
+    del section["aux_loss"]
+    assert not has_signals(section) and signals_figure_png(section) is None

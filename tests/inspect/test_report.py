@@ -221,3 +221,27 @@ def test_a_failed_file_write_leaves_the_previous_report_set_whole(
         write_report(summary, tmp_path)
     assert len(calls) == 3
     assert _snapshot(tmp_path) == before
+
+
+def test_the_page_shows_the_model_signals_and_rerenders_them(tmp_path: Path) -> None:
+    """The reference model returns an aux loss: the page has its table and figure, and
+    `moe-devkit report` renders them again from report.json alone."""
+    torch.manual_seed(0)
+    model = MoEModel(RouterConfig(hidden_size=16, num_experts=4, max_k=2, expert_hidden_size=16))
+    with torch.no_grad(), RouterInspector(model) as inspector:
+        for _ in range(3):
+            model(torch.randn(2, 8, 16))
+    paths = inspector.report(tmp_path / "a")
+    aux = load_report_json(paths.json)["sections"]["routing"]["aux_loss"]
+    assert aux["status"]["value"] == 3 and aux["definition"] == "model"
+    page = paths.html.read_text()
+    assert "<h3>Aux loss</h3>" in page and 'alt="model signals"' in page
+    assert "<h3>Selection bias</h3>" not in page  # the reference router has none
+    again = render_report(paths.json, tmp_path / "b")
+    assert again.html.read_text() == page
+    # A report without signals (the JAX inspector's, a distributed merge) has no such section.
+    report = load_report_json(paths.json)
+    del report["sections"]["routing"]["aux_loss"]
+    write_report_json(tmp_path / "c" / "report.json", report)
+    plain = render_report(tmp_path / "c" / "report.json").html.read_text()
+    assert "Model signals" not in plain and 'alt="model signals"' not in plain

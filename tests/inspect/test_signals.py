@@ -34,7 +34,7 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 64
 
 
-def _mixtral(**overrides: Any) -> nn.Module:
+def _mixtral(**overrides: Any) -> Any:
     config = transformers.MixtralConfig(
         vocab_size=VOCAB,
         hidden_size=16,
@@ -50,7 +50,7 @@ def _mixtral(**overrides: Any) -> nn.Module:
     return transformers.MixtralForCausalLM(config)
 
 
-def _deepseek() -> nn.Module:
+def _deepseek() -> Any:
     config = transformers.DeepseekV3Config(
         vocab_size=VOCAB,
         hidden_size=16,
@@ -100,7 +100,7 @@ def test_mixtral_aux_loss_is_found_and_equals_the_inspectors() -> None:
     summary = inspector.summary()
     aux = summary.aux_loss
     assert aux is not None
-    assert aux["status"] == {"value": 4, "none": 0, "absent": 0}
+    assert aux["status"] == {"value": 4, "none": 0, "absent": 0, "unreadable": 0}
     assert aux["definition"] == "transformers"
     assert aux["history"]["steps"] == [0, 1, 2, 3]
     assert aux["history"]["model"] == pytest.approx(expected, rel=1e-6)
@@ -233,7 +233,19 @@ def test_model_aux_loss_reads_outputs() -> None:
     assert model_aux_loss(MoeCausalLMOutputWithPast(logits=value)) == ("none", None)
     assert model_aux_loss({"aux_loss": 0}) == ("value", 0.0)
     assert model_aux_loss({"logits": value}) == ("absent", None)
-    assert model_aux_loss((value, value)) == ("absent", None)
+    assert model_aux_loss((value, value)) == ("unreadable", None)
+    assert model_aux_loss(value) == ("absent", None)
+
+
+def test_a_tuple_output_is_not_a_missing_aux_loss() -> None:
+    model = _mixtral(output_router_logits=True).train()
+    inspector = RouterInspector().attach(model)
+    out = model(_tokens(0), return_dict=False)
+    assert isinstance(out, tuple) and not hasattr(out, "aux_loss")
+    codes = _codes(inspector.summary())
+    assert "aux-loss-missing" not in codes
+    assert codes["aux-loss-unreadable"].severity == "info"
+    assert "return_dict=True" in codes["aux-loss-unreadable"].message
 
 
 # ----------------------------------------------------------------------------- bias
@@ -248,7 +260,7 @@ BIASES = [
 FLIPS = [None, 3 / 8, 0.0, 7 / 8]
 
 
-def _biased_run(steps: int = 4) -> tuple[RouterInspector, nn.Module]:
+def _biased_run(steps: int = 4) -> tuple[RouterInspector, Any]:
     model = _deepseek().eval()
     inspector = RouterInspector().attach(model)
     gates = [layer.mlp.gate for layer in model.model.layers]
@@ -329,7 +341,7 @@ def test_oscillating_and_saturated_biases_are_reported() -> None:
     assert found["selection-bias-saturated"].details["abs_max"] == pytest.approx(0.2 * BIAS_STEPS)
 
 
-def gate_name(model: nn.Module) -> str:
+def gate_name(model: Any) -> str:
     return next(n for n, m in model.named_modules() if m is model.model.layers[0].mlp.gate)
 
 

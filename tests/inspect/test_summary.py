@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -98,3 +99,109 @@ def test_clean_balanced_run_raises_no_alarm() -> None:
         for _ in range(10):
             model(torch.randn(4, 32, 16))
     assert inspector.summary().findings == ()
+
+
+# ----------------------------------------------------------------------------- model signals
+
+
+def _aux_state(model: list[Any], inspector: list[Any], **over: Any) -> Any:
+    """A ModelSignals aux-loss state (host_state()["aux_loss"]) over len(model) forwards."""
+    values = [v for v in model if v is not None]
+    mine = [v for v in inspector if v is not None]
+    state = {
+        "model_type": "Tiny",
+        "router_aux_loss_coef": 0.01,
+        "output_router_logits": True,
+        "moe_layers": 2,
+        "steps": len(model),
+        "training_steps": len(model),
+        "status": {"value": len(values), "none": len(model) - len(values), "absent": 0},
+        "definition": "transformers",
+        "output_type": "MoeCausalLMOutputWithPast",
+        "min_max": {
+            "model": [min(values, default=None), max(values, default=None)],
+            "inspector": [min(mine, default=None), max(mine, default=None)],
+        },
+        "history": {"steps": list(range(len(model))), "model": model, "inspector": inspector},
+    }
+    state.update(over)
+    return state
+
+
+def _codes_of(signals: dict[str, Any]) -> dict[str, Any]:
+    from moe_devkit.inspect.summary import summarize
+
+    summary = summarize([], InspectorConfig(), signals=signals)
+    return {f.code: f for f in summary.findings}
+
+
+def test_aux_loss_mismatch_fires_beyond_the_tolerance_only() -> None:
+    from moe_devkit.inspect.summary import AUX_LOSS_RTOL
+
+    inspector = [2.0, 2.1, 2.2]
+    close = [v * (1 + AUX_LOSS_RTOL / 2) for v in inspector]
+    far = [v * (1 + 2 * AUX_LOSS_RTOL) for v in inspector]
+    assert "aux-loss-mismatch" not in _codes_of({"aux_loss": _aux_state(close, inspector)})
+    finding = _codes_of({"aux_loss": _aux_state(far, inspector)})["aux-loss-mismatch"]
+    assert finding.details["ratio"] == pytest.approx(1 + 2 * AUX_LOSS_RTOL)
+    assert finding.details["model"] == pytest.approx(sum(far) / 3)
+    assert "multiplied by" not in finding.message  # 1.04 is no whole factor
+    halved = _codes_of({"aux_loss": _aux_state([v / 2 for v in inspector], inspector)})
+    assert "divided by 2" in halved["aux-loss-mismatch"].message
+    # A loss of the model's own definition (not a transformers output) is not compared.
+    own = _aux_state(far, inspector, definition="model")
+    assert "aux-loss-mismatch" not in _codes_of({"aux_loss": own})
+
+
+def test_summary_without_signals_has_no_signal_entries() -> None:
+    from moe_devkit.inspect.summary import summarize
+
+    cases: list[dict[str, Any] | None] = [None, {}, {"aux_loss": None, "selection_bias": {}}]
+    for signals in cases:
+        summary = summarize([], InspectorConfig(), signals=signals)
+        assert summary.aux_loss is None and summary.findings == ()
+        assert "aux_loss" not in summary.to_report()["sections"]["routing"]
+
+
+def _bias_state(abs_max: list[Any], flips: list[Any], change: float = 0.1) -> Any:
+    steps = list(range(len(abs_max)))
+    return {
+        "tensor": "gate.e_score_correction_bias",
+        "num_experts": 8,
+        "steps": len(steps),
+        "first": {"abs_max": abs_max[0]},
+        "max_abs_max": max(abs_max),
+        "max_flip_fraction": max((f for f in flips if f is not None), default=None),
+        "max_step_change": change,
+        "history": {
+            "steps": steps,
+            "abs_max": abs_max,
+            "mean": [0.0] * len(steps),
+            "std": [0.0] * len(steps),
+            "range": [0.0] * len(steps),
+            "flip_fraction": flips,
+        },
+    }
+
+
+def _bias_codes(bias: dict[str, Any], training: bool = True) -> set[str]:
+    from moe_devkit.inspect.summary import _bias_summary, bias_alarms
+
+    aux = {"training_steps": 3 if training else 0}
+    return {f.code for f in bias_alarms("layer", _bias_summary(bias), {"aux_loss": aux})}
+
+
+def test_bias_alarm_thresholds() -> None:
+    from moe_devkit.inspect.summary import BIAS_FLIP_LIMIT, BIAS_SATURATION
+
+    flat = [0.5] * 12
+    assert _bias_codes(_bias_state(flat, [None] + [BIAS_FLIP_LIMIT - 0.05] * 11)) == set()
+    oscillating = _bias_state(flat, [None] + [BIAS_FLIP_LIMIT + 0.05] * 11)
+    assert _bias_codes(oscillating) == {"selection-bias-oscillating"}
+    growing = _bias_state([0.1 * i for i in range(1, 13)], [None] + [0.0] * 11)
+    assert _bias_codes(growing) == {"selection-bias-saturated", "selection-bias-growing"}
+    below = _bias_state([BIAS_SATURATION * 0.99] * 12, [None] + [0.0] * 11)
+    assert _bias_codes(below) == set()
+    frozen = _bias_state(flat, [None] + [0.0] * 11, change=0.0)
+    assert _bias_codes(frozen) == {"selection-bias-frozen"}
+    assert _bias_codes(frozen, training=False) == set()  # an eval run never updates it
