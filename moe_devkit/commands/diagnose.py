@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moe_devkit.commands._torch import (
@@ -364,10 +365,8 @@ def _run_workload(
     console: Console,
 ) -> int:
     """Attaches the inspector, runs ``args.steps`` steps (AdamW steps with ``--train``),
-    writes the report and prints the verdict."""
-    import torch
-
-    from moe_devkit.commands._model_source import one_line
+    writes the report and prints the verdict. A run that fails removes the folders of
+    ``--out`` it created, when they are still empty."""
     from moe_devkit.inspect import RouterInspector
 
     dtype = resolve_dtype(args.dtype)
@@ -383,43 +382,85 @@ def _run_workload(
             f"{workload.flag}: found no router to record in {type(model).__name__}{of}: "
             f"{' '.join(str(exc).split())}"
         ) from None
-    check_output(args.out, directory=True)
-    for note in workload.notes:
-        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+    created = _missing_folders(args.out)
+    try:
+        check_output(args.out, directory=True)
+        for note in workload.notes:
+            console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+        try:
+            losses = _steps(workload, model, args, device, dtype, console)
+            summary = inspector.summary()
+        finally:
+            inspector.detach()
+        summary = with_run(summary, {**workload.record, **_workload_record(args, losses)})
+        ran = f"{workload.describe}; {workload.inputs}; {_workload_words(args)}"
+        if losses:
+            ran += f"; trained with AdamW (lr {args.lr:g}), loss {losses[0]:.4g} -> "
+            ran += f"{losses[-1]:.4g}"
+        ran += f"; device {device_name(device)}; {args.dtype}"
+        return _finish(summary, args, ran, console)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _steps(
+    workload: _Workload,
+    model: nn.Module,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    console: Console,
+) -> list[float]:
+    """Runs the steps under a progress bar; returns the losses of the training steps. A
+    step that raises is a UsageError naming the step and its inputs."""
+    import torch
+
+    from moe_devkit.commands._model_source import one_line
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr) if args.train else None
     losses: list[float] = []
-    try:
-        with step_progress(console, "training" if args.train else "routing", args.steps) as advance:
-            for step in range(args.steps):
-                inputs = workload.batch_of(step).to(device)
-                if inputs.is_floating_point():
-                    inputs = inputs.to(dtype)
-                try:
-                    if optimizer is None:
-                        with torch.no_grad():
-                            workload.call(model, inputs, False)
-                    else:
-                        optimizer.zero_grad(set_to_none=True)
-                        loss = workload.loss(workload.call(model, inputs, True), inputs)
-                        loss.backward()  # type: ignore[no-untyped-call]
-                        optimizer.step()
-                        losses.append(float(loss.detach()))
-                except Exception as exc:
-                    shape = "x".join(str(n) for n in inputs.shape)
-                    raise UsageError(
-                        f"{workload.flag}: step {step + 1} failed on {inputs.dtype} inputs "
-                        f"[{shape}]: {one_line(exc)}"
-                    ) from None
-                advance()
-        summary = inspector.summary()
-    finally:
-        inspector.detach()
-    summary = with_run(summary, {**workload.record, **_workload_record(args, losses)})
-    ran = f"{workload.describe}; {workload.inputs}; {_workload_words(args)}"
-    if losses:
-        ran += f"; trained with AdamW (lr {args.lr:g}), loss {losses[0]:.4g} -> {losses[-1]:.4g}"
-    ran += f"; device {device_name(device)}; {args.dtype}"
-    return _finish(summary, args, ran, console)
+    with step_progress(console, "training" if args.train else "routing", args.steps) as advance:
+        for step in range(args.steps):
+            inputs = workload.batch_of(step).to(device)
+            if inputs.is_floating_point():
+                inputs = inputs.to(dtype)
+            try:
+                if optimizer is None:
+                    with torch.no_grad():
+                        workload.call(model, inputs, False)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = workload.loss(workload.call(model, inputs, True), inputs)
+                    loss.backward()  # type: ignore[no-untyped-call]
+                    optimizer.step()
+                    losses.append(float(loss.detach()))
+            except Exception as exc:
+                shape = "x".join(str(n) for n in inputs.shape)
+                raise UsageError(
+                    f"{workload.flag}: step {step + 1} failed on {inputs.dtype} inputs "
+                    f"[{shape}]: {one_line(exc)}"
+                ) from None
+            advance()
+    return losses
+
+
+def _missing_folders(out: str) -> list[Path]:
+    """The folders of ``out`` that do not exist yet, deepest first."""
+    missing, path = [], Path(out).absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Removes the folders, deepest first, stopping at the first one that is not empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def write_report_files(summary: InspectorSummary, out: str) -> ReportPaths:

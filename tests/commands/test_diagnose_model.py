@@ -10,7 +10,9 @@ other command tests run it.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moe_devkit.cli import main  # noqa: E402
+from moe_devkit.commands._model_source import model_inputs, parse_source  # noqa: E402
 
 STEPS, BATCH, SEQ, TOP_K, EXPERTS = 4, 2, 8, 2, 8
 WORKLOAD = ["--steps", str(STEPS), "--batch-size", str(BATCH), "--seq-len", str(SEQ)]
@@ -33,6 +36,16 @@ COMMON: dict[str, Any] = dict(
 )
 TEXT = "the router sends each token to two experts of the eight , one token at a time . " * 8
 WORDS = sorted(set(TEXT.split()))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine spinning
+    OpenMP threads slow each small kernel down by orders of magnitude."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(arch: str) -> Any:
@@ -129,14 +142,16 @@ def assert_full_report(routing: dict[str, Any], *, layers: int, steps: int = STE
         assert layer["k"]["histogram"][TOP_K] == tokens, name
 
 
-def assert_one_line_error(code: int, out: str, err: str, *fragments: str) -> None:
+def assert_one_line_error(code: int, out: str, err: str, *fragments: str, stdout: str = "") -> None:
+    """Exit 2, one line on stderr naming the fragments, and on stdout nothing (or, for a
+    run that started, ``stdout``: its first progress line)."""
     assert code == 2, err
     assert "Traceback" not in err
     assert err.count("\n") == 1 and err.endswith("\n"), err
     assert err.startswith("moe-devkit diagnose: error: "), err
     for fragment in fragments:
         assert fragment in err, (fragment, err)
-    assert out == "", out
+    assert out == stdout, out
 
 
 # ----------------------------------------------------------------------------- --model DIR
@@ -269,6 +284,23 @@ def raises():
 
 def no_module():
     return {"model": None}
+
+
+def featureless():
+    return torch.nn.Sequential(torch.nn.ReLU())
+
+
+class Broken(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = reference()
+
+    def forward(self, x):
+        raise ValueError("this model wants a dict")
+
+
+def broken():
+    return Broken()
 """
 
 
@@ -398,6 +430,11 @@ def test_a_config_that_is_not_moe_is_a_one_line_error(
         ("NOT_CALLABLE", "{m}.NOT_CALLABLE is not callable (got int)"),
         ("raises", "{m}.raises() raised RuntimeError: the factory failed"),
         ("no_module", "{m}.no_module() must return a torch.nn.Module; got dict"),
+        ("featureless", "cannot tell what to feed Sequential: it has no config.vocab_size"),
+        (
+            "broken",
+            "step 1 failed on torch.float32 inputs [8x128x16]: ValueError: this model wants a dict",
+        ),
     ],
 )
 def test_a_factory_that_gives_no_module_is_a_one_line_error(
@@ -405,7 +442,9 @@ def test_a_factory_that_gives_no_module_is_a_one_line_error(
 ) -> None:
     out = tmp_path / "report"
     result = diagnose(capsys, "--model", f"{factories}:{attr}", "--out", out)
-    assert_one_line_error(*result, f"--model '{factories}:{attr}': " + message.format(m=factories))
+    started = "routing: 0/20 steps\n" if attr == "broken" else ""
+    message = f"--model '{factories}:{attr}': " + message.format(m=factories)
+    assert_one_line_error(*result, message, stdout=started)
     assert not out.exists()
 
 
@@ -458,3 +497,57 @@ def test_a_missing_or_empty_text_file_is_a_one_line_error(
     expected = "no such file" if content is None else "is empty"
     assert_one_line_error(*result, f"--text {str(text)!r}", expected)
     assert not out.exists()
+
+
+def test_a_directory_without_transformers_installed_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers is imported only for a model directory; without it the error names the
+    extra to install."""
+    out, model_dir = tmp_path / "report", tmp_path / "model"
+    tiny_config("olmoe").save_pretrained(model_dir)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an install without it sees
+    result = diagnose(capsys, "--model", model_dir, "--out", out)
+    assert_one_line_error(
+        *result,
+        f"--model {str(model_dir)!r}: a model directory needs transformers, not installed "
+        """here: `pip install "moe-devkit[hf]"`""",
+    )
+    assert not out.exists()
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, *children: torch.nn.Module, config: Any = None, hidden: Any = None):
+        super().__init__()
+        self.body = torch.nn.Sequential(*children)
+        if config is not None:
+            self.config = config
+        if hidden is not None:
+            self.hidden_size = hidden
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (
+            _Holder(torch.nn.Linear(4, 4), config=SimpleNamespace(vocab_size=10, hidden_size=4)),
+            ("tokens", 10, "config.vocab_size"),
+        ),
+        (
+            _Holder(torch.nn.Linear(4, 4), torch.nn.Embedding(12, 4)),
+            ("tokens", 12, "nn.Embedding body.1"),
+        ),
+        (
+            _Holder(torch.nn.Linear(4, 4), config=SimpleNamespace(d_model=6)),
+            ("hidden", 6, "config.d_model"),
+        ),
+        (_Holder(torch.nn.Linear(4, 4), hidden=7), ("hidden", 7, "hidden_size")),
+        (_Holder(torch.nn.ReLU(), torch.nn.Linear(5, 3)), ("hidden", 5, "nn.Linear body.1")),
+    ],
+    ids=["config.vocab_size", "embedding", "config.d_model", "hidden_size", "first-linear"],
+)
+def test_the_inputs_rule_reads_the_vocabulary_then_the_hidden_size(
+    model: torch.nn.Module, expected: tuple[str, int, str]
+) -> None:
+    inputs = model_inputs(model, parse_source("reference"))
+    assert (inputs.kind, inputs.size, inputs.rule) == expected
