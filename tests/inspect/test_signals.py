@@ -354,6 +354,57 @@ def test_a_bias_that_never_changes_in_training_is_reported() -> None:
     assert ("selection-bias-frozen", "model.layers.0.mlp.gate") in found
 
 
+def _biased_architectures() -> list[str]:
+    """The MoE model types of the installed transformers whose modeling code declares a
+    selection bias (``e_score_correction_bias`` or ``expert_bias``)."""
+    from hf_zoo import _modeling_sources, moe_architectures
+
+    pattern = re.compile(r"self\.(e_score_correction_bias|expert_bias) = ")
+    return [a for a in moe_architectures() if pattern.search(_modeling_sources(a))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", _biased_architectures())
+def test_every_biased_architecture_has_its_bias_tracked(model_type: str) -> None:
+    """Every layer of a tiny model that holds a selection bias reports it, with the values
+    the bias holds (each set to its own pattern before the forward)."""
+    from hf_zoo import build_tiny
+
+    vocab = 120
+    tokens = torch.randint(3, vocab, (1, 6), generator=torch.Generator().manual_seed(0))
+    try:
+        model = build_tiny(model_type)
+        with torch.no_grad():
+            model(tokens)  # the tiny model runs without the inspector
+    except Exception as error:  # the skip reports the reason
+        pytest.skip(f"tiny {model_type} cannot be built or run: {type(error).__name__}: {error}")
+    biases = {
+        name: tensor
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]
+        if name.rsplit(".", 1)[-1] in ("e_score_correction_bias", "expert_bias")
+    }
+    assert biases, f"{model_type}: no bias tensor in the built model"
+    with torch.no_grad():
+        for i, tensor in enumerate(biases.values()):
+            pattern = torch.linspace(-1.0, 1.0, tensor.numel()) * 0.01 * (i + 1)
+            tensor.copy_(pattern.reshape(tensor.shape))
+    inspector = RouterInspector().attach(model)
+    with torch.no_grad():
+        model(tokens)
+    summary = inspector.summary()
+    tracked = {
+        name: layer["selection_bias"]
+        for name, layer in summary.layers.items()
+        if "selection_bias" in layer
+    }
+    assert len(tracked) == len(biases), (model_type, sorted(tracked), sorted(biases))
+    expected = sorted(round(float(t.abs().max()), 6) for t in biases.values())
+    assert sorted(round(b["last"]["abs_max"], 6) for b in tracked.values()) == expected
+    assert all(
+        b["tensor"].endswith(("e_score_correction_bias", "expert_bias")) for b in tracked.values()
+    )
+
+
 def test_bias_candidates_follow_the_rule() -> None:
     block = nn.Module()
     block.gate = nn.Linear(4, 8)  # its bias is a Linear's: not a selection bias
