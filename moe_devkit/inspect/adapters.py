@@ -500,13 +500,4 @@ def switch_top1_adapter(module: nn.Module, args: tuple[Any, ...], output: Any) -
     return decision_from_router_outputs(logits, choice, executed.float(), dropped=~executed)
 
 
-for _name in (
-    "MixtralTopKRouter",
-    "Qwen2MoeTopKRouter",
-    "Qwen3MoeTopKRouter",
-    "OlmoeTopKRouter",
-    "GptOssTopKRouter",
-):
-    register_adapter(_name, topk_tuple_adapter("softmax"))
-register_adapter("DeepseekV3TopkRouter", topk_tuple_adapter("sigmoid"))
 register_adapter("SwitchTransformersTop1Router", switch_top1_adapter)

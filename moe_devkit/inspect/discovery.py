@@ -27,6 +27,7 @@ padding (``padding.TokenMasks``). This module imports no transformers.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,10 +37,12 @@ from torch import nn
 
 from moe_devkit.inspect.adapters import (
     RouterAdapter,
+    Scoring,
     adapter_for,
     decision_from_dense_scores,
     decision_from_router_outputs,
 )
+from moe_devkit.inspect.layouts import is_product_key_layer, product_key_decision
 from moe_devkit.inspect.records import RouterSite
 from moe_devkit.routers.torch_router import DynamicMoERouter, RoutingDecision, StaticTopKRouter
 
@@ -65,6 +68,9 @@ WEIGHT_ARGUMENTS = (
     "expert_weights",
     "router_scores",
 )
+
+
+_ROUTER_NAME = re.compile(r"Router|Gate|Gating")
 
 
 @dataclass
@@ -99,6 +105,10 @@ def find_probes(model: nn.Module) -> list[Probe]:
             block = parents.get(id(module), module)
             probes.append(_adapter_probe(name or "router", module, block, adapter))
             covered.update({id(module), id(block)})
+    for name, module in model.named_modules():
+        if is_product_key_layer(module) and id(module) not in covered:
+            probes.append(_product_key_probe(name, module))
+            covered.add(id(module))
     for module, index in _recorded_routers(model):
         if id(module) in covered:
             continue
@@ -187,6 +197,8 @@ def _linear_gate(block: nn.Module, experts: nn.Module) -> nn.Module | None:
     for child in block.children():
         if child is experts:
             continue
+        if _ROUTER_NAME.search(type(child).__name__) and not _is_experts(child):
+            return child
         linear = child if isinstance(child, nn.Linear) else None
         if linear is None:
             inner = [m for m in child.children() if isinstance(m, nn.Linear)]
@@ -242,6 +254,7 @@ def _router_probe(
     """A router declared for transformers' router outputs; its output read at each call."""
     site = RouterSite(name, block, router)
     max_k = _configured_top_k(router, block)
+    scoring = _scoring(router, block)
 
     def install(emit: Emit) -> list[Handle]:
         pending: list[torch.Tensor] = []  # logits waiting for the experts' inputs
@@ -251,11 +264,12 @@ def _router_probe(
             parts = _topk_parts(output, logits)
             if parts is not None:
                 weights, indices = parts
-                emit(site, decision_from_router_outputs(logits, indices, weights))
+                emit(site, decision_from_router_outputs(logits, indices, weights, scoring=scoring))
                 return
             dense = _dense_scores(output, logits)
             if dense is not None:
-                emit(site, decision_from_dense_scores(logits, dense, max_k=max_k))
+                decision = decision_from_dense_scores(logits, dense, max_k=max_k, scoring=scoring)
+                emit(site, decision)
                 return
             if experts is None:
                 raise _unreadable(router, output)
@@ -267,7 +281,7 @@ def _router_probe(
             logits = pending.pop()
             indices = _argument(args, kwargs, INDEX_ARGUMENTS, 1)
             weights = _argument(args, kwargs, WEIGHT_ARGUMENTS, 2)
-            emit(site, _decision_from_experts(mod, logits, indices, weights))
+            emit(site, _decision_from_experts(mod, logits, indices, weights, scoring))
 
         handles = [router.register_forward_hook(router_hook)]
         if experts is not None:
@@ -288,9 +302,11 @@ def _experts_probe(
         pending: list[torch.Tensor] = []
 
         def gate_hook(mod: nn.Module, args: Any, output: Any) -> None:
-            logits = _pick(output, 0)
-            if isinstance(logits, torch.Tensor) and logits.is_floating_point():
-                pending[:] = [logits]
+            width = getattr(experts, "num_experts", None)
+            for logits in _tensors(output):  # the first float tensor of one value per expert
+                if logits.is_floating_point() and width in (None, logits.shape[-1]):
+                    pending[:] = [logits]
+                    return
 
         def experts_hook(mod: nn.Module, args: Any, kwargs: Any) -> None:
             logits = pending.pop() if pending else None
@@ -304,6 +320,30 @@ def _experts_probe(
         return handles
 
     return Probe(site, "experts' inputs" + (" + gate logits" if gate is not None else ""), install)
+
+
+def _product_key_probe(name: str, block: nn.Module) -> Probe:
+    """Product-key experts: indices from the expert embedding lookup, logits from the
+    block's output (``layouts.product_key_decision``)."""
+    site = RouterSite(name, block, block.router_gate)
+
+    def install(emit: Emit) -> list[Handle]:
+        pending: list[torch.Tensor] = []
+
+        def lookup_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            pending[:] = [args[0]]
+
+        def block_hook(mod: nn.Module, args: Any, output: Any) -> None:
+            logits = _pick(output, 1)
+            if pending and isinstance(logits, torch.Tensor):
+                emit(site, product_key_decision(mod, pending.pop(), logits))
+
+        return [
+            block.down_embed.register_forward_pre_hook(lookup_hook),
+            block.register_forward_hook(block_hook),
+        ]
+
+    return Probe(site, "product-key lookup indices + sub-key logits", install)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -376,7 +416,7 @@ def _num_experts(experts: nn.Module, logits: torch.Tensor | None) -> int:
 
 
 def _decision_from_experts(
-    experts: nn.Module, logits: Any, indices: Any, weights: Any
+    experts: nn.Module, logits: Any, indices: Any, weights: Any, scoring: Scoring = "softmax"
 ) -> RoutingDecision:
     if not isinstance(indices, torch.Tensor):
         raise TypeError(
@@ -389,7 +429,22 @@ def _decision_from_experts(
         logits = torch.zeros(tokens, num_experts, device=indices.device)  # unknown: uniform
     if not isinstance(weights, torch.Tensor) or weights.numel() != indices.numel():
         weights = None
-    return decision_from_router_outputs(logits, indices, weights)
+    return decision_from_router_outputs(logits, indices, weights, scoring=scoring)
+
+
+def _scoring(router: nn.Module, block: nn.Module) -> Scoring:
+    """How the router turns logits into probabilities: its config's ``scoring_func`` when
+    there is one, else "sigmoid" when its forward applies one (DeepSeek-V3-style routers),
+    else "softmax"."""
+    for module in (router, block):
+        func = getattr(getattr(module, "config", None), "scoring_func", None)
+        if func in ("sigmoid", "softmax"):
+            return func  # type: ignore[return-value]
+    try:
+        source = inspect.getsource(type(router).forward)
+    except (OSError, TypeError):
+        return "softmax"
+    return "sigmoid" if "sigmoid(" in source and "softmax(" not in source else "softmax"
 
 
 def _unreadable(router: nn.Module, output: Any) -> ValueError:
