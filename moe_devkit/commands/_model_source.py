@@ -482,17 +482,23 @@ def forward_kwargs(model: nn.Module, *, train: bool) -> dict[str, bool]:
 
 
 def call_model(model: nn.Module, inputs: torch.Tensor, *, lm_head: bool, train: bool) -> Any:
-    """One forward pass. A transformers model gets ``input_ids`` (and ``decoder_input_ids``
-    when it is an encoder-decoder; ``labels`` too when training an LM); any other module is
-    called with the tensor alone."""
+    """One forward pass. A transformers model gets ``input_ids``, and when training an LM
+    ``labels`` = the inputs; an encoder-decoder also gets ``decoder_input_ids``: the inputs
+    shifted right by one behind its decoder start token (0 when its config names none).
+    Any other module is called with the tensor alone."""
+    import torch
+
     if not is_transformers_model(model):
         return model(inputs)
     kwargs: dict[str, Any] = {"input_ids": inputs, **forward_kwargs(model, train=train)}
     config = getattr(model, "config", None)
     if train and lm_head:
         kwargs["labels"] = inputs
-    elif getattr(config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = inputs
+    if getattr(config, "is_encoder_decoder", False):
+        start = getattr(config, "decoder_start_token_id", None)
+        start = start if isinstance(start, int) else 0
+        first = torch.full_like(inputs[:, :1], start)
+        kwargs["decoder_input_ids"] = torch.cat([first, inputs[:, :-1]], dim=1)
     return model(**kwargs)
 
 

@@ -59,9 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--layers", type=positive_int, default=2)
     work = parser.add_argument_group("workload")
-    work.add_argument("--steps", type=positive_int, default=20, help="forward passes to record")
-    work.add_argument("--batch-size", "--batch", dest="batch", type=positive_int, default=8)
-    work.add_argument("--seq-len", "--seq", dest="seq", type=positive_int, default=128)
+    work.add_argument(
+        "--steps", type=positive_int, default=20, help="forward passes (steps with --train)"
+    )
+    work.add_argument(
+        "--batch-size", "--batch", dest="batch", metavar="N", type=positive_int, default=8
+    )
+    work.add_argument("--seq-len", "--seq", dest="seq", metavar="N", type=positive_int, default=128)
     work.add_argument(
         "--text",
         default=None,
@@ -217,7 +221,12 @@ def reference_run(
         "config_class": "RouterConfig",
         "parameters": parameters,
         "weights": "random",
-        "inputs": {"kind": "hidden", "size": config.hidden_size, "rule": "mixed_difficulty"},
+        "inputs": {
+            "kind": "hidden",
+            "size": config.hidden_size,
+            "rule": "mixed_difficulty_batch",
+            "text_tokens": None,
+        },
         **_workload_record(args),
     }
 

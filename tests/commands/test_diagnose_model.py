@@ -92,8 +92,8 @@ def save_model_dir(
     config = tiny_config(arch)
     torch.manual_seed(1234)  # not the command's seed: loaded weights differ from its random ones
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    if weights:
-        model.save_pretrained(path)
+    if weights:  # DeepSeek-V2 in shards, as large checkpoints come
+        model.save_pretrained(path, max_shard_size="100KB" if arch == "deepseek_v2" else "1GB")
     else:
         config.save_pretrained(path)
     if tokenizer:
@@ -164,6 +164,8 @@ def test_model_directory_writes_a_full_report(
 ) -> None:
     model_dir, out = tmp_path / "model", tmp_path / "report"
     model = save_model_dir(model_dir, arch, weights=weights)
+    sharded = (model_dir / "model.safetensors.index.json").exists()
+    assert sharded == (weights and arch == "deepseek_v2")
     code, stdout, err = diagnose(capsys, "--model", model_dir, *WORKLOAD, "--out", out)
     assert code in (0, 1), err
     routing = read_report(out)
@@ -387,6 +389,31 @@ def test_train_changes_the_routing_and_lowers_the_loss(
     assert "training: 8/8 steps (100%)" in stdout
     ran = next(line for line in stdout.splitlines() if line.startswith("ran: "))
     assert f"trained with AdamW (lr 0.01), loss {losses[0]:.4g} -> {losses[-1]:.4g}" in ran
+
+
+def test_the_reference_trains_too_and_its_run_is_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--model reference (the default) with --train: AdamW steps on the reference loss (the
+    output's mean square plus its aux loss); the report records the reference run."""
+    out = tmp_path / "report"
+    small = ["--hidden-size", "16", "--layers", "1", "--num-experts", "8", "--min-k", "2"]
+    small += ["--max-k", "2", *WORKLOAD, "--train", "--lr", "0.01"]
+    code, stdout, err = diagnose(capsys, *small, "--out", out)
+    assert code in (0, 1), err
+    routing = read_report(out)
+    assert_full_report(routing, layers=1)
+    run = routing["config"]["run"]
+    assert (run["kind"], run["class"], run["weights"], run["train"]) == (
+        "reference",
+        "MoEModel",
+        "random",
+        True,
+    )
+    assert len(run["losses"]) == STEPS and run["losses"][-1] < run["losses"][0], run["losses"]
+    ran = next(line for line in stdout.splitlines() if line.startswith("ran: "))
+    assert ran.startswith("ran: torch reference model, 1 layer x 8 experts, hidden 16, k 2-2")
+    assert "trained with AdamW (lr 0.01)" in ran
 
 
 # ----------------------------------------------------------------------------- errors
