@@ -209,13 +209,15 @@ class _AuxTrack:
         self.step = 0  # forwards seen
         self.status = {"value": 0, "none": 0, "absent": 0, "unreadable": 0}
         self.training_steps = 0
+        self.requested_steps = 0  # forwards called with output_router_logits=True
         self.transformers_steps = 0
         self.output_type: str | None = None
         self.ring: _Ring | None = None  # columns: model value, inspector value
         self.current: _StepAccumulator | None = None
 
-    def begin(self) -> None:
+    def begin(self, requested: bool) -> None:
         self.current = _StepAccumulator()
+        self.requested_steps += int(requested)
 
     def end(self, output: Any, training: bool) -> None:
         accumulator, self.current = self.current, None
@@ -342,13 +344,13 @@ class ModelSignals:
             if found:
                 self._candidates[site.layer] = found
         return [
-            model.register_forward_pre_hook(self._begin_step),
+            model.register_forward_pre_hook(self._begin_step, with_kwargs=True),
             model.register_forward_hook(self._end_step),
         ]
 
-    def _begin_step(self, module: nn.Module, args: Any) -> None:
+    def _begin_step(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if not _tracing():
-            self._aux.begin()
+            self._aux.begin(kwargs.get("output_router_logits") is True)
 
     def _end_step(self, module: nn.Module, args: Any, output: Any) -> None:
         if not _tracing():
@@ -407,6 +409,7 @@ class ModelSignals:
             "moe_layers": self._layers,
             "steps": aux.step,
             "training_steps": aux.training_steps,
+            "router_logits_requested_steps": aux.requested_steps,
             "status": dict(aux.status),
             "definition": "transformers" if aux.transformers_steps else "model",
             "output_type": aux.output_type,

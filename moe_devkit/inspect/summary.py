@@ -477,14 +477,17 @@ def _aux_missing(aux: dict[str, Any], biased_layers: list[str]) -> Finding | Non
     reasons = []
     if aux["training_steps"]:
         reasons.append(f"{aux['training_steps']} of them ran in training mode")
+    requested = aux.get("router_logits_requested_steps", 0)
     if aux["output_router_logits"]:
         reasons.append("config.output_router_logits is True")
+    elif requested:
+        reasons.append(f"{requested} of them passed output_router_logits=True")
     coef = aux["router_aux_loss_coef"]
     fix = (
         "Set output_router_logits=True (in the config or the forward call) so it returns "
         "aux_loss, and pass labels so router_aux_loss_coef x aux_loss is added to loss"
-        if status["none"]
-        else "Add the routers' load-balancing loss to the training loss"
+        if status["none"] and not (aux["output_router_logits"] or requested)
+        else "It computes none itself: add the routers' load-balancing loss to the training loss"
     )
     details = {"steps": steps, "status": status, "router_aux_loss_coef": coef}
     if reasons:

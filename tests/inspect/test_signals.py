@@ -213,6 +213,30 @@ def test_a_missing_aux_loss_says_what_to_set() -> None:
     assert finding.severity == "info" and "router_aux_loss_coef=0.001" in finding.message
 
 
+class _NoAuxLoss(nn.Module):
+    """A model that computes no aux loss even when asked for router logits (as Llama-4)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, output_router_logits: bool = False) -> Any:
+        out = self.model(input_ids, output_router_logits=output_router_logits)
+        out.aux_loss = None
+        return out
+
+
+def test_a_model_asked_for_router_logits_without_aux_loss_gets_the_other_fix() -> None:
+    model = _NoAuxLoss(_mixtral(output_router_logits=False)).eval()
+    inspector = RouterInspector().attach(model)
+    with torch.no_grad():
+        model(_tokens(0), output_router_logits=True)
+    finding = _codes(inspector.summary())["aux-loss-missing"]
+    assert finding.severity == "warning"
+    assert "1 of them passed output_router_logits=True" in finding.message
+    assert "add the routers' load-balancing loss to the training loss" in finding.message
+
+
 def test_aux_loss_free_models_get_an_info_not_a_missing_alarm() -> None:
     model = _deepseek().train()
     inspector = RouterInspector().attach(model)
