@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -269,3 +270,85 @@ def test_dense_scores_builder() -> None:
     assert d.k_per_token.tolist() == [2, 1, 0]
     want = torch.tensor([[0.7, 0.3], [1.0, 0.0], [0.0, 0.0]])
     assert torch.allclose(d.expert_weights, want)
+
+
+class _Config:
+    num_local_experts = 4
+    hidden_size = 8
+
+
+class _OddRouter(nn.Module):
+    """A router whose output discovery cannot read (a dict), beside a norm and a forget gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"scores": self.proj(x)}
+
+
+class _ForgetGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.linear(x)) * x
+
+
+class _OddMoeModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = _Config()
+        self.norm = nn.LayerNorm(8)
+        self.forget = _ForgetGate()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.router = _OddRouter()
+        self.experts = nn.Parameter(torch.randn(4, 8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.router(self.forget(self.norm(x)))["scores"]
+        top = scores.topk(1).indices[:, 0]
+        return torch.einsum("nd,nde->ne", x, self.experts[top])
+
+
+def test_unknown_moe_error_names_the_real_router_class() -> None:
+    with pytest.raises(ValueError) as error:
+        RouterInspector().attach(_OddMoeModel())
+    message = str(error.value)
+    assert "_OddRouter at 'router'" in message
+    assert "register_adapter('_OddRouter', adapter)" in message
+    for wrong in ("LayerNorm", "_ForgetGate", "MultiheadAttention"):
+        assert wrong not in message
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        ("float", TypeError, "expert_indices must be an integer tensor; got dtype=torch.float32"),
+        ("shape", ValueError, r"expert_indices of shape \(3, 1\); expected \[N, K\] with N = 5"),
+        ("range", ValueError, r"returned expert_indices in \[3, 6\]; expected values in \[-1, num_experts=4\)"),
+    ],
+)
+def test_a_wrong_adapter_fails_at_the_first_step(bad: str, error: type, match: str) -> None:
+    model = _OddMoeModel()
+
+    def adapter(module: nn.Module, args: Any, output: Any) -> Any:
+        logits = output["scores"]
+        indices = logits.topk(2).indices
+        if bad == "float":
+            return hf.decision_from_router_outputs(logits, indices.float())
+        decision = hf.decision_from_router_outputs(logits, indices)
+        if bad == "shape":
+            return dataclasses.replace(decision, expert_indices=indices[:3, :1])
+        return dataclasses.replace(decision, expert_indices=indices + 3)
+
+    hf.register_adapter(_OddRouter, adapter)
+    try:
+        inspector = RouterInspector().attach(model)
+        with pytest.raises(error, match=match):
+            model(torch.randn(5, 8))
+        assert inspector.layers == {}  # nothing counted
+    finally:
+        hf.unregister_adapter(_OddRouter)
