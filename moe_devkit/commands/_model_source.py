@@ -8,9 +8,11 @@ SOURCE is one of:
   random weights from the config (seeded by ``--seed``). The class is the one
   ``config.architectures`` names, else the config's causal-LM class, else its
   sequence-to-sequence LM class, else its base model class. transformers is needed only here;
-* ``pkg.module:factory``: a Python path; ``factory()`` is called with no arguments and must
-  return a ``torch.nn.Module``. The current directory is put first on ``sys.path`` for the
-  import, as ``python -m`` does.
+* ``pkg.module:factory``: a Python path; ``factory()`` is called with no arguments, after
+  ``torch.manual_seed(--seed)``, and must return a ``torch.nn.Module``. The current directory
+  is put first on ``sys.path`` for the import and the call, as ``python -m`` does.
+
+Whatever its source, the model is then moved to ``--device`` and ``--dtype``.
 
 Inputs (``ModelInputs``): token ids when the model has a vocabulary, read in this order:
 ``model.config.vocab_size``, the module ``model.get_input_embeddings()`` returns (an
@@ -112,7 +114,8 @@ class LoadedModel:
     weights: Literal["loaded", "random", "factory"]
     inputs: ModelInputs
     config_class: str | None = None
-    tokenizer: Any = None
+    tokenizer_dir: Path | None = None  # the directory holds a tokenizer
+    missing_weights: list[str] = field(default_factory=list)  # not in the checkpoint: random
     lm_head: bool = False  # a transformers LM: called with labels=input_ids to train
     notes: list[str] = field(default_factory=list)
 
@@ -133,6 +136,7 @@ class LoadedModel:
             "config_class": self.config_class,
             "parameters": self.parameters,
             "weights": self.weights,
+            "missing_weights": self.missing_weights,
             "inputs": {
                 "kind": self.inputs.kind,
                 "size": self.inputs.size,
@@ -218,9 +222,12 @@ def _load_directory(source: ModelSource, seed: int) -> LoadedModel:
         cls, lm_head = _model_class(transformers, config, source)
         weights = weight_files(directory)
         torch.manual_seed(seed)
+        info: dict[str, Any] = {}
         try:
             if weights:
-                model = cls.from_pretrained(directory, config=config, local_files_only=True)
+                model, info = cls.from_pretrained(
+                    directory, config=config, local_files_only=True, output_loading_info=True
+                )
             else:
                 model = cls(config)
         except Exception as exc:
@@ -233,15 +240,35 @@ def _load_directory(source: ModelSource, seed: int) -> LoadedModel:
         inputs=model_inputs(model, source),
         config_class=type(config).__name__,
         lm_head=lm_head,
+        missing_weights=sorted(info.get("missing_keys", ())),
     )
+    _loading_notes(loaded, info)
     if not weights:
         loaded.notes.append(
             f"{directory} has no weights (*.safetensors, pytorch_model*.bin): random weights "
             f"from config.json (seed {seed})"
         )
     if any((directory / name).is_file() for name in _TOKENIZER_FILES):
-        loaded.tokenizer = directory  # loaded by token_windows, only when --text asks for it
+        loaded.tokenizer_dir = directory  # loaded only when --text asks for it
     return loaded
+
+
+def _loading_notes(loaded: LoadedModel, info: dict[str, Any]) -> None:
+    """Notes on what from_pretrained did not load: weights the checkpoint lacks (left at
+    random values), weights it holds that the model has no place for, and shape mismatches."""
+    kinds = (
+        ("missing_keys", "weight", "missing from the checkpoint, left random"),
+        ("mismatched_keys", "weight", "of another shape in the checkpoint, left random"),
+        ("unexpected_keys", "checkpoint weight", "the model has no place for, ignored"),
+    )
+    for key, noun, words in kinds:
+        names = sorted(str(n[0] if isinstance(n, tuple) else n) for n in info.get(key, ()))
+        if names:
+            more = f" (+{len(names) - 4} more)" if len(names) > 4 else ""
+            plural = "s" if len(names) != 1 else ""
+            loaded.notes.append(
+                f"{len(names)} {noun}{plural} {words}: {', '.join(names[:4])}{more}"
+            )
 
 
 def _model_class(transformers: Any, config: Any, source: ModelSource) -> tuple[type[Any], bool]:
@@ -277,19 +304,20 @@ def _load_factory(source: ModelSource, seed: int) -> LoadedModel:
     from torch import nn
 
     assert source.module is not None and source.attr is not None
-    factory = _import_factory(source)
-    if not callable(factory):
-        raise UsageError(
-            f"{source.flag}: {source.module}.{source.attr} is not callable "
-            f"(got {type(factory).__name__})"
-        )
-    torch.manual_seed(seed)
-    try:
-        model = factory()
-    except Exception as exc:
-        raise UsageError(
-            f"{source.flag}: {source.module}.{source.attr}() raised {one_line(exc)}"
-        ) from None
+    with _cwd_on_path():
+        factory = _import_factory(source)
+        if not callable(factory):
+            raise UsageError(
+                f"{source.flag}: {source.module}.{source.attr} is not callable "
+                f"(got {type(factory).__name__})"
+            )
+        torch.manual_seed(seed)
+        try:
+            model = factory()
+        except Exception as exc:
+            raise UsageError(
+                f"{source.flag}: {source.module}.{source.attr}() raised {one_line(exc)}"
+            ) from None
     if not isinstance(model, nn.Module):
         raise UsageError(
             f"{source.flag}: {source.module}.{source.attr}() must return a torch.nn.Module; "
@@ -306,20 +334,28 @@ def _load_factory(source: ModelSource, seed: int) -> LoadedModel:
     )
 
 
-def _import_factory(source: ModelSource) -> Any:
-    assert source.module is not None and source.attr is not None
+@contextlib.contextmanager
+def _cwd_on_path() -> Iterator[None]:
+    """The current directory first on ``sys.path`` (as ``python -m`` puts it), unless it is
+    there already."""
     cwd = os.getcwd()
     added = cwd not in sys.path and "" not in sys.path
     if added:
-        sys.path.insert(0, cwd)  # as `python -m` does
+        sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(source.module)
-    except Exception as exc:
-        raise UsageError(f"{source.flag}: cannot import {source.module}: {one_line(exc)}") from None
+        yield
     finally:
         if added:
             with contextlib.suppress(ValueError):
                 sys.path.remove(cwd)
+
+
+def _import_factory(source: ModelSource) -> Any:
+    assert source.module is not None and source.attr is not None
+    try:
+        module = importlib.import_module(source.module)
+    except Exception as exc:
+        raise UsageError(f"{source.flag}: cannot import {source.module}: {one_line(exc)}") from None
     value: Any = module
     for part in source.attr.split("."):
         if not hasattr(value, part):
@@ -407,7 +443,7 @@ def text_token_ids(loaded: LoadedModel, path: str) -> list[int]:
     none, it fails, yields no token, or yields ids outside the model's vocabulary)."""
     source = loaded.source
     text = read_text(path)
-    if loaded.tokenizer is None:
+    if loaded.tokenizer_dir is None:
         where = "its directory has" if source.kind == "directory" else "only a model directory has"
         raise UsageError(
             f"--text needs the model's tokenizer, and {where} none "
@@ -420,7 +456,7 @@ def text_token_ids(loaded: LoadedModel, path: str) -> list[int]:
     with quiet_transformers():
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(
-                loaded.tokenizer, local_files_only=True
+                loaded.tokenizer_dir, local_files_only=True
             )
             ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         except Exception as exc:

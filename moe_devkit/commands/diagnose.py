@@ -323,6 +323,8 @@ def _source_workload(loaded: LoadedModel, args: argparse.Namespace) -> _Workload
         "random": "random weights from config.json",
         "factory": "built by the factory",
     }[loaded.weights]
+    if loaded.missing_weights:
+        weights += f", {len(loaded.missing_weights)} missing"
     record = loaded.describe()
     record["inputs"]["text_tokens"] = len(token_ids) if token_ids is not None else None
     return _Workload(

@@ -249,6 +249,32 @@ def test_text_is_tokenized_with_the_directory_tokenizer_and_the_weights_are_load
     assert f"text {text} ({len(ids)} tokens)" in stdout
 
 
+def test_weights_missing_from_the_checkpoint_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint without one router's weight: the run says so and the report lists it."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir, out = tmp_path / "model", tmp_path / "report"
+    save_model_dir(model_dir, "olmoe", weights=True)
+    weights = load_file(model_dir / "model.safetensors")
+    del weights["model.layers.1.mlp.gate.weight"]
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    argv = ["--steps", "2", "--batch-size", "2", "--seq-len", "8", "--out", out]
+    code, stdout, err = diagnose(capsys, "--model", model_dir, *argv)
+    assert code in (0, 1), err
+    run = read_report(out)["config"]["run"]
+    assert (run["weights"], run["missing_weights"]) == (
+        "loaded",
+        ["model.layers.1.mlp.gate.weight"],
+    )
+    lines = stdout.splitlines()
+    assert [line for line in lines if line.startswith("note: ")] == [
+        "note: 1 weight missing from the checkpoint, left random: model.layers.1.mlp.gate.weight"
+    ]
+    assert f"ran: OlmoeForCausalLM from {model_dir} (weights loaded, 1 missing)" in stdout
+
+
 # ----------------------------------------------------------------------------- factory
 
 
