@@ -221,6 +221,7 @@ def reference_run(
         "config_class": "RouterConfig",
         "parameters": parameters,
         "weights": "random",
+        "missing_weights": [],
         "inputs": {
             "kind": "hidden",
             "size": config.hidden_size,
