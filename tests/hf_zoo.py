@@ -47,6 +47,7 @@ TOP_K_KEYS = (
     "num_selected_experts",
     "experts_per_token",
     "router_top_k",
+    "top_k_experts",
 )
 
 # Generic sizes, applied to every config field of that name (and to sub-configs).
@@ -67,6 +68,7 @@ GENERIC: dict[str, Any] = {
     "vocab_size": 128,
     "max_position_embeddings": 64,
     "n_group": 2,
+    "num_expert_group": 2,
     "topk_group": 1,
     "first_k_dense_replace": 1,
     "kv_lora_rank": 16,
@@ -97,6 +99,32 @@ GENERIC: dict[str, Any] = {
     "max_seq_len": 64,
     "kv_n_heads": 2,
     "text_hidden_size": 32,
+    "index_topk": 16,
+    "index_head_dim": 8,
+    "index_n_heads": 2,
+    "linear_head_dim": 8,
+    "linear_num_heads": 4,
+    "swa_head_dim": 8,
+    "o_lora_rank": 16,
+    "kv_channels": 8,
+    "hc_lowrank": 16,
+    "router_hidden_size": 16,
+    "shared_intermediate_size": 16,
+    "share_expert_dim": 16,
+    "expert_ffn_hidden_size": 16,
+    "first_dense_intermediate_size": 64,
+    "dense_intermediate_size": 64,
+    "mlp_only_intermediate_size": 64,
+    "intermediate_size_mlp": 64,
+    "hidden_size_per_layer_input": 8,
+    "vocab_size_per_layer_input": 128,
+    "ngram_vocab_size_base": 1024,
+    "unpadded_vocab_size": 128,
+    "ssm_state_size": 16,
+    "mamba_num_heads": 4,
+    "mamba_head_dim": 16,
+    "n_groups": 2,
+    "index_pool_size": 64,
     "pad_token_id": 0,
     "bos_token_id": 1,
     "eos_token_id": 2,
@@ -110,8 +138,27 @@ for _key in TOP_K_KEYS:
 OVERRIDES: dict[str, dict[str, Any]] = {
     "dbrx": {"attn_config": {"clip_qkv": 8.0}},  # its attention clamps with no default bound
     "ernie4_5_vl_moe": {
-        "text_config": {"moe_intermediate_size": [16, 16]}
-    },  # text and vision experts
+        "text_config": {
+            "moe_intermediate_size": [16, 16],  # text and vision experts
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 500000.0,
+                "mrope_section": [1, 1, 2],
+            },
+        }
+    },
+    "gemma4": {"text_config": {"enable_moe_block": True, "global_head_dim": 16}},  # MoE is opt-in
+    "diffusion_gemma": {"text_config": {"enable_moe_block": True, "global_head_dim": 16}},
+    "dots3_note": {  # experts per layer: none, 8, 4
+        "text_config": {
+            "head_dim": 16,  # sliding-window attention: qk_nope_head_dim + qk_rope_head_dim
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "per_layer_config": {
+                1: {"num_local_experts": 8, "num_experts_per_tok": 2},
+                2: {"num_local_experts": 4, "num_experts_per_tok": 2},
+            },
+        }
+    },
     "glm4v_moe": {
         "text_config": {
             "head_dim": 16,
@@ -126,12 +173,16 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "kolibri1_1": {"head_dim": 16, "index_num_heads": 2},  # NVFP4 rounding: head_dim % 16 == 0
     "nemotron_h_omni": {"vision_config": {"video_temporal_patch_size": 2}},
     "qwen4_exp": {
-        "indexer_n_heads": 2,
-        "indexer_kv_heads": 1,
-        "indexer_head_dim": 8,
-        "indexer_budget": 8,
-        "indexer_compress_ratio": 2,
+        "text_config": {
+            "indexer_n_heads": 2,
+            "indexer_kv_heads": 1,
+            "indexer_head_dim": 8,
+            "indexer_budget": 8,
+            "indexer_compress_ratio": 2,
+        }
     },
+    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse", "sparse"]}},
+    "dots1": {"n_shared_experts": 1},
     "doge": {"is_moe": True, "num_experts": 16},  # product-key experts: a square count
     "glm5_next": {"text_config": {"qk_rope_head_dim": 0}},  # its DSA attention layers use no RoPE
     "granitemoehybrid": {
@@ -194,15 +245,16 @@ def _module_name(model_type: str) -> str:
     return str(model_type_to_module_name(model_type))
 
 
-def _modeling_sources(model_type: str) -> str:
-    """The text of the architecture's modeling files, read from the installed package."""
+def _modeling_sources(model_type: str, prefix: str = "modeling_") -> str:
+    """The text of the architecture's modeling (or configuration) files, read from the
+    installed package."""
     transformers = _transformers()
     folder = os.path.join(os.path.dirname(transformers.models.__file__), _module_name(model_type))
     if not os.path.isdir(folder):
         return ""
     text = []
     for name in sorted(os.listdir(folder)):
-        if name.startswith("modeling_") and name.endswith(".py"):
+        if name.startswith(prefix) and name.endswith(".py"):
             with open(os.path.join(folder, name), encoding="utf-8") as f:
                 text.append(f.read())
     return "\n".join(text)
@@ -227,7 +279,12 @@ def moe_architectures() -> list[str]:
         if _module_name(model_type) != model_type.replace("-", "_"):
             continue
         text = _modeling_sources(model_type)
-        if text and (_MOE_SOURCE.search(text) or _config_counts_experts(model_type)):
+        if not text:
+            continue
+        config_text = _modeling_sources(model_type, "configuration_")
+        if _MOE_SOURCE.search(text) or (
+            re.search(r"expert|sub_configs", config_text) and _config_counts_experts(model_type)
+        ):
             found.append(model_type)
     return sorted(found)
 
@@ -266,7 +323,8 @@ def _fields(cls: type) -> set[str]:
 def _field(config: Any, key: str) -> Any:
     """A config's own value of ``key`` (None when unset), without the lookups some
     configs make for per-layer attributes."""
-    return vars(config).get(key)
+    own = vars(config)
+    return own.get(key, own.get(getattr(config, "attribute_map", {}).get(key, key)))
 
 
 def _is_config(value: Any) -> bool:
@@ -284,7 +342,8 @@ def _small(cls: type, extra: dict[str, Any]) -> dict[str, Any]:
         if _is_config(value):
             kwargs[key] = _small(type(value), extra.pop(key, {}))
         elif (key in GENERIC and isinstance(value, int) and not isinstance(value, bool)) or (
-            key in EXPERT_COUNT_KEYS + TOP_K_KEYS + ("head_dim",) and value is None
+            key in (*EXPERT_COUNT_KEYS, *TOP_K_KEYS, "head_dim", "moe_intermediate_size")
+            and value is None
         ):
             kwargs[key] = GENERIC[key]
         elif "dropout" in key and isinstance(value, float):
@@ -457,17 +516,22 @@ def _pairs_from_indices(index: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def _match_rows(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The token index of each row of ``rows``, each an exact copy of a different row of
-    ``tokens`` (identical tokens are routed alike, so which copy a row takes is moot)."""
+    """The token index of each row of ``rows``, an exact copy of a row of ``tokens``.
+
+    Identical tokens are routed alike, so rows equal to several tokens take them in
+    turn; a row that repeats a token already taken (an expert handed the same token
+    twice) maps to that token again."""
     equal = (rows[:, None, :] == tokens[None, :, :]).all(dim=-1).cpu()
     taken = torch.zeros(tokens.shape[0], dtype=torch.bool)
     out = []
     for row in equal:
-        free = (row & ~taken).nonzero()
-        if not len(free):
+        matches = row.nonzero()[:, 0]
+        if not len(matches):
             raise AssertionError("an expert received a row that is no token of its block's input")
-        taken[free[0, 0]] = True
-        out.append(int(free[0, 0]))
+        free = matches[~taken[matches]]
+        token = int(free[0]) if len(free) else int(matches[0])
+        taken[token] = True
+        out.append(token)
     return torch.tensor(out, dtype=torch.long)
 
 

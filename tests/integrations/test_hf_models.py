@@ -1,0 +1,150 @@
+"""Every MoE architecture of the installed transformers: the inspector counts what the
+experts received.
+
+For a tiny model of each architecture (``hf_zoo``), the inspector's per-layer expert
+counts, k histogram and token count must equal what hooks on the experts themselves
+recorded in the same forward (``hf_zoo.record_expert_inputs``, which does not use the
+inspector's adapters), and the model's outputs must not change when the inspector is
+attached: in a forward, in ``generate`` and in a training step with gradient
+checkpointing.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from hf_zoo import (  # noqa: E402
+    SKIPPED,
+    ExpertInputs,
+    build_tiny,
+    moe_architectures,
+    record_expert_inputs,
+    tiny_config,
+)
+
+from moe_devkit.inspect import RouterInspector  # noqa: E402
+
+ARCHITECTURES = moe_architectures()
+INPUT_IDS = torch.randint(3, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _params(archs: list[str]) -> list[Any]:
+    return [
+        pytest.param(a, marks=pytest.mark.skip(reason=SKIPPED[a])) if a in SKIPPED else a
+        for a in archs
+    ]
+
+
+@functools.cache
+def _built(arch: str) -> nn.Module:
+    return build_tiny(arch)
+
+
+def _model(arch: str) -> nn.Module:
+    """A fresh copy of the tiny model (tests change its mode and weights)."""
+    return copy.deepcopy(_built(arch))
+
+
+def _can_generate(arch: str) -> bool:
+    from hf_zoo import _model_class
+
+    try:
+        return bool(_model_class(tiny_config(arch)).can_generate())
+    except Exception:  # a model that cannot be built fails in the forward test
+        return False
+
+
+def _inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    inputs = {"input_ids": INPUT_IDS}
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = INPUT_IDS
+    return inputs
+
+
+def _output(out: Any) -> torch.Tensor:
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise AssertionError(f"no logits or last_hidden_state in {type(out).__name__}")
+
+
+def _trim(histogram: list[int]) -> list[int]:
+    out = list(histogram)
+    while out and out[-1] == 0:
+        out.pop()
+    return out
+
+
+def assert_counts_match(summary: Any, truth: dict[str, ExpertInputs]) -> None:
+    """Each MoE block has exactly one inspector layer, inside the block, and that layer's
+    counts, k histogram and tokens are what the block's experts received."""
+    assert truth, "the experts of no MoE block ran"
+    layers = summary.layers
+    owner: dict[str, str] = {}
+    for name in layers:
+        blocks = [b for b in truth if name.startswith(b + ".")]
+        assert blocks, f"inspector layer {name} is in no MoE block of {sorted(truth)}"
+        owner[name] = max(blocks, key=len)
+    for block, expected in truth.items():
+        mine = [name for name, b in owner.items() if b == block]
+        assert len(mine) == 1, f"MoE block {block}: inspector layers {mine}, expected one"
+        layer = layers[mine[0]]
+        got = (layer["utilization"]["counts"], _trim(layer["k"]["histogram"]), layer["tokens"])
+        want = (expected.counts.tolist(), _trim(expected.k_histogram), expected.tokens)
+        assert got == want, (
+            f"{mine[0]}: (counts, k histogram, tokens) {got}, experts received {want}"
+        )
+
+
+@pytest.mark.parametrize("arch", _params(ARCHITECTURES))
+def test_forward_counts_what_the_experts_received(arch: str) -> None:
+    model = _model(arch)
+    inputs = _inputs(model)
+    with torch.no_grad():
+        reference = _output(model(**inputs))
+        with RouterInspector(model) as inspector, record_expert_inputs(model) as truth:
+            observed = _output(model(**inputs))
+    assert torch.equal(observed, reference), "the inspector changed the model's output"
+    assert_counts_match(inspector.summary(), truth)
+
+
+GENERATIVE = [a for a in ARCHITECTURES if a in SKIPPED or _can_generate(a)]
+
+
+@pytest.mark.parametrize("arch", _params(GENERATIVE))
+def test_generate_counts_what_the_experts_received(arch: str) -> None:
+    model = _model(arch)
+    settings = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        reference = model.generate(INPUT_IDS, **settings)
+        with RouterInspector(model) as inspector, record_expert_inputs(model) as truth:
+            observed = model.generate(INPUT_IDS, **settings)
+    assert torch.equal(observed, reference), "the inspector changed what generate() returns"
+    assert all(t.forwards >= 2 for t in truth.values()), "generate() ran fewer than two forwards"
+    assert_counts_match(inspector.summary(), truth)
+
+
+@pytest.mark.parametrize("arch", _params(ARCHITECTURES))
+def test_training_step_with_gradient_checkpointing_counts_each_forward_once(arch: str) -> None:
+    model = _model(arch)
+    inputs = _inputs(model)
+    with torch.no_grad(), record_expert_inputs(model) as plain:
+        model(**inputs)
+    model.gradient_checkpointing_enable()
+    model.train()
+    with RouterInspector(model) as inspector, record_expert_inputs(model) as truth:
+        _output(model(**inputs)).float().square().mean().backward()
+    forwards = {block: t.forwards for block, t in truth.items()}
+    assert forwards == {block: t.forwards for block, t in plain.items()}, "recomputes recorded"
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert_counts_match(inspector.summary(), truth)
