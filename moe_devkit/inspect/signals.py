@@ -152,9 +152,9 @@ class _StepAccumulator:
             return
         device = previous[0].device
         self.sums[num_experts] = (
-            previous[0] + counts[1:].to(device, non_blocking=True),
-            previous[1] + probs.to(device, non_blocking=True),
-            previous[2] + rows.to(device, non_blocking=True),
+            previous[0] + _moved(counts[1:], device),
+            previous[1] + _moved(probs, device),
+            previous[2] + _moved(rows, device),
         )
 
     def loss(self) -> torch.Tensor | None:
@@ -173,16 +173,15 @@ class _Ring:
 
     def __init__(self, width: int, device: torch.device) -> None:
         self.rows = torch.full((HISTORY, width), math.nan, dtype=torch.float64, device=device)
-        self.extrema = torch.tensor(
-            [[math.inf] * width, [-math.inf] * width], dtype=torch.float64, device=device
-        )
+        self.extrema = torch.full((2, width), math.inf, dtype=torch.float64, device=device)
+        self.extrema[1].neg_()  # row 0: running min, row 1: running max (no host copy)
         self.device = device
         self.steps: list[int] = []  # the step of each slot
         self.count = 0
 
     def put(self, step: int, values: torch.Tensor) -> None:
         slot = self.count % HISTORY
-        row = values.detach().to(self.device, torch.float64, non_blocking=True)
+        row = _moved(values.detach().double(), self.device)
         self.rows[slot].copy_(row)
         low, high = self.extrema.unbind()
         finite = torch.isfinite(row)
@@ -228,34 +227,29 @@ class _AuxTrack:
         if status == "value" and follows_transformers(output):
             self.transformers_steps += 1
         inspector = accumulator.loss() if accumulator is not None else None
-        device = _device_of(value, inspector)
-        if device is not None:
+        if value is not None or inspector is not None:
             if self.ring is None:
-                self.ring = _Ring(2, device)
-            nan = torch.full((), math.nan, dtype=torch.float64, device=self.ring.device)
-            model = _scalar(value, self.ring.device) if value is not None else nan
-            mine = (
-                inspector.to(self.ring.device, non_blocking=True) if inspector is not None else nan
-            )
+                # An accelerator's values stay there: never copied to the host during a step.
+                devices = [t.device for t in (inspector, value) if isinstance(t, torch.Tensor)]
+                accelerators = [d for d in devices if d.type != "cpu"]
+                self.ring = _Ring(2, (accelerators or devices or [torch.device("cpu")])[0])
+            device = self.ring.device
+            nan = torch.full((), math.nan, dtype=torch.float64, device=device)
+            model = _scalar(value, device) if value is not None else nan
+            mine = _moved(inspector, device) if inspector is not None else nan
             self.ring.put(self.step, torch.stack([model, mine]))
         self.step += 1
 
 
-def _device_of(
-    value: torch.Tensor | float | None, other: torch.Tensor | None
-) -> torch.device | None:
-    if isinstance(value, torch.Tensor):
-        return value.device
-    if other is not None:
-        return other.device
-    if value is not None:
-        return torch.device("cpu")
-    return None
+def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; asynchronous unless copied to the host (a non-blocking copy
+    to the host could be read before it lands)."""
+    return tensor.to(device, non_blocking=device.type != "cpu")
 
 
 def _scalar(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
-        return value.detach().double().mean().to(device, non_blocking=True)
+        return _moved(value.detach().double().mean(), device)
     return torch.full((), value, dtype=torch.float64, device=device)
 
 

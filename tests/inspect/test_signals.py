@@ -469,8 +469,9 @@ def _decision(num_experts: int) -> RoutingDecision:
 
 
 @contextlib.contextmanager
-def _no_host_reads() -> Iterator[None]:
-    """Any read of a tensor's value on the host raises inside this block."""
+def _no_host_reads(device: str = "cpu") -> Iterator[None]:
+    """Any read of a tensor's value on the host raises inside this block (on CUDA, any
+    synchronisation with the device too: ``torch.cuda.set_sync_debug_mode("error")``)."""
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a tensor value was read on the host")
@@ -480,14 +481,31 @@ def _no_host_reads() -> Iterator[None]:
     try:
         for name in names:
             setattr(torch.Tensor, name, refuse)
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
         yield
     finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
 
 
-def test_the_signal_hooks_read_no_value_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ModelSignals' hooks run with every host read of a tensor value made to raise."""
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_signal_hooks_read_no_value_on_the_host(
+    device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ModelSignals' hooks run with every host read of a tensor value made to raise (and on
+    CUDA under the sync debug mode that raises on any synchronisation)."""
     calls = {"on_decision": 0, "_begin_step": 0, "_end_step": 0}
     for name in calls:
         original = getattr(ModelSignals, name)
@@ -496,17 +514,29 @@ def test_the_signal_hooks_read_no_value_on_the_host(monkeypatch: pytest.MonkeyPa
             self: ModelSignals, *args: Any, _original: Any = original, _name: str = name
         ) -> Any:
             calls[_name] += 1
-            with _no_host_reads():
+            with _no_host_reads(device):
                 return _original(self, *args)
 
         monkeypatch.setattr(ModelSignals, name, guarded)
-    with _no_host_reads(), pytest.raises(AssertionError, match="read on the host"):
+    with _no_host_reads(device), pytest.raises(AssertionError, match="read on the host"):
         bool(torch.ones(()))  # the guard works
-    model = _mixtral(output_router_logits=True).train()
+    model = _mixtral(output_router_logits=True).to(device).train()
     inspector = RouterInspector().attach(model)
     for step in range(2):
-        model(_tokens(step))
+        model(_tokens(step).to(device))
     assert calls == {"on_decision": 4, "_begin_step": 2, "_end_step": 2}
     aux = inspector.summary().aux_loss
     assert aux is not None and aux["compared_steps"] == 2
     assert aux["ratio"] == pytest.approx(1.0, abs=1e-5)
+    # A selection bias, changed between the steps.
+    model = _deepseek().to(device).train()
+    inspector = RouterInspector().attach(model)
+    gates = [layer.mlp.gate for layer in model.model.layers]
+    for step in range(3):
+        with torch.no_grad():
+            for gate in gates:
+                gate.e_score_correction_bias.add_(0.01 * (step + 1))
+        model(_tokens(step).to(device))
+    bias = inspector.summary().layers["model.layers.0.mlp.gate"]["selection_bias"]
+    assert bias["history"]["abs_max"] == pytest.approx([0.01, 0.03, 0.06])
+    assert calls["on_decision"] == 4 + 6
