@@ -7,7 +7,8 @@ a rank that failed, exited or never calls it gives ``RankTimeoutError`` on the o
 ``timeout`` seconds whatever the process group's own timeout, instead of a hang; then it
 gathers every rank's statistics in one ``all_gather`` and merges them on the host:
 
-* counts, k/complexity histogram, drops, loss sums, co-activation and steps are summed;
+* counts (executed and selected), k/complexity histogram, drops, loss sums, co-activation
+  and steps are summed;
 * complexity mean and variance are merged with Chan et al.'s parallel formula, extrema by
   min/max; trend windows are summed when all ranks took the same steps (else omitted);
 * the reservoir keeps the smallest keys of all ranks' samples.
@@ -315,6 +316,7 @@ def _part_sizes(num_experts: int, max_k: int, config: InspectorConfig) -> list[i
     kk, reservoir = max_k + 1, config.reservoir_size
     return [
         num_experts,  # counts
+        num_experts,  # selected
         (config.complexity_bins + 1) * kk,  # joint
         1, 2, 3, 2,  # dropped, loss sums, moments, extrema
         num_experts * num_experts,  # co-activation
@@ -339,8 +341,9 @@ def _pack(
         width = num_experts + max_k + 2
         snapshots = torch.zeros(config.max_windows, width, dtype=torch.float64)
         snapshots[: record.snapshots.shape[0]] = record.snapshots
+        selected = record.counts if record.selected is None else record.selected
         parts = [
-            record.counts, record.joint, torch.tensor([record.dropped]), record.loss_sums,
+            record.counts, selected, record.joint, torch.tensor([record.dropped]), record.loss_sums,
             record.moments, record.extrema, record.coactivation, snapshots, keys, comp, ks,
         ]  # fmt: skip
         chunks.extend(p.reshape(-1).double() for p in parts)
@@ -357,7 +360,7 @@ def _merge(
 ) -> tuple[LayerRecord, dict[str, Any]]:
     """One layer's [world, L] packed statistics -> its merged record and the per-rank load."""
     parts = torch.split(rows, _part_sizes(num_experts, max_k, config), dim=1)
-    counts, joint, dropped, losses, moments, extrema, coact, snaps, keys, comp, ks = parts
+    counts, selected, joint, dropped, losses, moments, extrema, coact, snaps, keys, comp, ks = parts
     here = [m.get(name) for m in metas]
     steps = [0 if m is None else m.steps for m in here]
     windows = {None if m is None else m.snapshot_steps for m in here}
@@ -374,6 +377,7 @@ def _merge(
         steps=sum(steps),
         time_range=_time_range(here),
         counts=counts.sum(0).round().long(),
+        selected=selected.sum(0).round().long(),
         joint=joint.sum(0).round().long().reshape(config.complexity_bins + 1, max_k + 1),
         dropped=int(dropped.sum().round().long()),
         loss_sums=losses.sum(0),
