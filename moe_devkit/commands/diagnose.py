@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     train, text = getattr(args, "train", False), getattr(args, "text", None)
     framework = getattr(args, "framework", "torch")
     if framework == "jax" and (source.kind != "reference" or train):
-        what = f"--model {source.text}" if source.kind != "reference" else "--train"
+        what = source.flag if source.kind != "reference" else "--train"
         raise UsageError(f"--framework jax runs the reference model only, untrained; got {what}")
     if source.kind == "reference" and text is not None:
         raise UsageError(

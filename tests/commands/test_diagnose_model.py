@@ -604,3 +604,29 @@ def test_the_inputs_rule_reads_the_vocabulary_then_the_hidden_size(
 ) -> None:
     inputs = model_inputs(model, parse_source("reference"))
     assert (inputs.kind, inputs.size, inputs.rule) == expected
+
+
+def test_options_the_model_cannot_take_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --seq-len beyond the model's positions, --text without a tokenizer, and a model
+    directory under --framework jax (which runs the reference only)."""
+    model_dir, out, text = tmp_path / "model", tmp_path / "report", tmp_path / "text.txt"
+    tiny_config("olmoe").save_pretrained(model_dir)
+    text.write_text(TEXT)
+    result = diagnose(capsys, "--model", model_dir, "--seq-len", "65", "--out", out)
+    assert_one_line_error(
+        *result, "--seq-len must be <= the model's max_position_embeddings (64); got 65"
+    )
+    result = diagnose(capsys, "--model", model_dir, "--text", text, "--out", out)
+    assert_one_line_error(
+        *result,
+        "--text needs the model's tokenizer, and its directory has none",
+        f"got --model {str(model_dir)!r}",
+    )
+    result = diagnose(capsys, "--model", model_dir, "--framework", "jax", "--out", out)
+    assert_one_line_error(
+        *result,
+        f"--framework jax runs the reference model only, untrained; got --model {str(model_dir)!r}",
+    )
+    assert not out.exists()
