@@ -10,6 +10,8 @@ other command tests run it.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -369,6 +371,31 @@ def test_factory_without_a_vocabulary_gets_float_inputs_of_its_hidden_size(
     inputs = routing["config"]["run"]["inputs"]
     assert (inputs["kind"], inputs["size"], inputs["rule"]) == ("hidden", 16, "config.hidden_size")
     assert "random float inputs [batch, seq, 16] (config.hidden_size)" in stdout
+
+
+def test_the_installed_command_imports_a_factory_from_the_current_directory(
+    tmp_path: Path,
+) -> None:
+    """The ``moe-devkit`` script, whose own folder is first on sys.path, finds a factory
+    module in the directory it runs in, as ``python -m`` would."""
+    script = Path(sys.executable).with_name("moe-devkit")
+    assert script.exists(), "the dev install provides the moe-devkit script"
+    (tmp_path / "my_moe.py").write_text(
+        "from moe_devkit.config import RouterConfig\n"
+        "from moe_devkit.routers.torch_router import MoEModel\n\n\n"
+        "def build():\n"
+        "    config = RouterConfig(hidden_size=16, expert_hidden_size=32,\n"
+        "                          complexity_hidden_size=4, num_experts=8, min_k=2, max_k=2)\n"
+        "    return MoEModel(config, num_layers=1)\n"
+    )
+    argv = ["diagnose", "--model", "my_moe:build", *WORKLOAD, "--device", "cpu", "--out", "r"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(script), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode in (0, 1), proc.stderr
+    assert_full_report(read_report(tmp_path / "r"), layers=1)
+    assert "ran: MoEModel from my_moe:build (built by the factory)" in proc.stdout
 
 
 # ----------------------------------------------------------------------------- --train
