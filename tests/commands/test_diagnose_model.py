@@ -358,26 +358,12 @@ def test_factory_of_a_transformers_model_writes_a_full_report(
     assert f"ran: OlmoeForCausalLM from {factories}:olmoe (built by the factory)" in stdout
 
 
-def test_factory_without_a_vocabulary_gets_float_inputs_of_its_hidden_size(
-    factories: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "report"
-    code, stdout, err = diagnose(
-        capsys, "--model", f"{factories}:reference", *WORKLOAD, "--out", out
-    )
-    assert code in (0, 1), err
-    routing = read_report(out)
-    assert_full_report(routing, layers=1)
-    inputs = routing["config"]["run"]["inputs"]
-    assert (inputs["kind"], inputs["size"], inputs["rule"]) == ("hidden", 16, "config.hidden_size")
-    assert "random float inputs [batch, seq, 16] (config.hidden_size)" in stdout
-
-
 def test_the_installed_command_imports_a_factory_from_the_current_directory(
     tmp_path: Path,
 ) -> None:
     """The ``moe-devkit`` script, whose own folder is first on sys.path, finds a factory
-    module in the directory it runs in, as ``python -m`` would."""
+    module in the directory it runs in, as ``python -m`` would; a model without a
+    vocabulary gets float inputs of its config's hidden size."""
     script = Path(sys.executable).with_name("moe-devkit")
     assert script.exists(), "the dev install provides the moe-devkit script"
     (tmp_path / "my_moe.py").write_text(
@@ -394,8 +380,12 @@ def test_the_installed_command_imports_a_factory_from_the_current_directory(
         [str(script), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
     )
     assert proc.returncode in (0, 1), proc.stderr
-    assert_full_report(read_report(tmp_path / "r"), layers=1)
+    routing = read_report(tmp_path / "r")
+    assert_full_report(routing, layers=1)
+    inputs = routing["config"]["run"]["inputs"]
+    assert (inputs["kind"], inputs["size"], inputs["rule"]) == ("hidden", 16, "config.hidden_size")
     assert "ran: MoEModel from my_moe:build (built by the factory)" in proc.stdout
+    assert "random float inputs [batch, seq, 16] (config.hidden_size)" in proc.stdout
 
 
 # ----------------------------------------------------------------------------- --train
