@@ -236,6 +236,7 @@ def test_the_page_shows_the_model_signals_and_rerenders_them(tmp_path: Path) -> 
     assert aux["status"]["value"] == 3 and aux["definition"] == "model"
     page = paths.html.read_text()
     assert "<h3>Aux loss</h3>" in page and 'alt="model signals"' in page
+    assert "not compared: the model's aux loss has its own definition" in page
     assert "<h3>Selection bias</h3>" not in page  # the reference router has none
     again = render_report(paths.json, tmp_path / "b")
     assert again.html.read_text() == page
