@@ -325,7 +325,9 @@ def _experts_probe(
 def _product_key_probe(name: str, block: nn.Module) -> Probe:
     """Product-key experts: indices from the expert embedding lookup, logits from the
     block's output (``layouts.product_key_decision``)."""
-    site = RouterSite(name, block, block.router_gate)
+    gate: nn.Module = getattr(block, "router_gate")  # noqa: B009
+    lookup: nn.Module = getattr(block, "down_embed")  # noqa: B009
+    site = RouterSite(name, block, gate)
 
     def install(emit: Emit) -> list[Handle]:
         pending: list[torch.Tensor] = []
@@ -339,7 +341,7 @@ def _product_key_probe(name: str, block: nn.Module) -> Probe:
                 emit(site, product_key_decision(mod, pending.pop(), logits))
 
         return [
-            block.down_embed.register_forward_pre_hook(lookup_hook),
+            lookup.register_forward_pre_hook(lookup_hook),
             block.register_forward_hook(block_hook),
         ]
 
@@ -438,8 +440,10 @@ def _scoring(router: nn.Module, block: nn.Module) -> Scoring:
     else "softmax"."""
     for module in (router, block):
         func = getattr(getattr(module, "config", None), "scoring_func", None)
-        if func in ("sigmoid", "softmax"):
-            return func  # type: ignore[return-value]
+        if func == "sigmoid":
+            return "sigmoid"
+        if func == "softmax":
+            return "softmax"
     try:
         source = inspect.getsource(type(router).forward)
     except (OSError, TypeError):

@@ -108,8 +108,9 @@ def product_key_decision(
         indices: int[N, K], the experts retrieved (the embedding lookup's input).
         router_logits: float[2, N, num_keys], the two sub-key scores of each token.
     """
-    keys = int(module.num_keys)
-    num_experts = int(module.down_embed.num_embeddings)
+    keys = getattr(module, "num_keys")  # noqa: B009 (an attribute of the model's class)
+    embed = getattr(module, "down_embed")  # noqa: B009
+    num_experts = int(embed.num_embeddings)
     flat = indices.detach().reshape(-1, indices.shape[-1])
     scores = router_logits.detach().float().reshape(2, flat.shape[0], keys)
     logits = (scores[0].unsqueeze(-1) + scores[1].unsqueeze(-2)).reshape(flat.shape[0], -1)
