@@ -130,51 +130,52 @@ def follows_transformers(output: Any) -> bool:
 
 @dataclass
 class _StepAccumulator:
-    """One step's load-balancing sums, per E: (selections f64[E], probs f64[E], rows f64[])."""
+    """One step's load-balancing sums, per E: f64[2E + 2] = (pairs not counted, selections
+    of each expert [E], router_probs summed over the tokens [E], tokens)."""
 
-    sums: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def add(self, decision: RoutingDecision) -> None:
         num_experts = decision.num_experts
-        k = decision.k_per_token.reshape(-1)
-        valid = (k >= 0) & ~decision.nonfinite.reshape(-1)  # [N]
         indices = decision.expert_indices
-        selected = (indices >= 0) & valid.unsqueeze(-1)  # [N, K]
-        buckets = torch.where(selected, indices + 1, 0).reshape(-1)  # 0: not counted
-        counts = torch.zeros(num_experts + 1, dtype=torch.float64, device=indices.device)
-        counts.index_add_(0, buckets, torch.ones_like(buckets, dtype=torch.float64))
-        probs = decision.router_probs.reshape(-1, num_experts)
-        probs = torch.where(valid.unsqueeze(-1), probs.double(), 0.0).sum(dim=0)
-        rows = valid.sum(dtype=torch.float64)
-        previous = self.sums.get(num_experts)
-        if previous is None:
-            self.sums[num_experts] = (counts[1:], probs, rows)
-            return
-        device = previous[0].device
-        self.sums[num_experts] = (
-            previous[0] + _moved(counts[1:], device),
-            previous[1] + _moved(probs, device),
-            previous[2] + _moved(rows, device),
+        valid = (decision.k_per_token.reshape(-1) >= 0) & ~decision.nonfinite.reshape(-1)  # [N]
+        sums = self.sums.get(num_experts)
+        if sums is None:
+            sums = torch.zeros(2 * num_experts + 2, dtype=torch.float64, device=indices.device)
+            self.sums[num_experts] = sums
+        target = (
+            sums if sums.device == indices.device else torch.zeros_like(sums, device=indices.device)
         )
+        # Bucket 0 takes the empty slots (index -1) and every slot of an excluded token.
+        buckets = ((indices + 1) * valid.unsqueeze(-1)).reshape(-1)
+        ones = torch.ones((), dtype=torch.float64, device=indices.device).expand(buckets.numel())
+        target[: num_experts + 1].index_add_(0, buckets, ones)
+        probs = decision.router_probs.reshape(-1, num_experts)
+        probs = torch.where(valid.unsqueeze(-1), probs, 0.0).sum(dim=0, dtype=torch.float64)
+        target[num_experts + 1 : 2 * num_experts + 1].add_(probs)
+        target[-1:].add_(valid.sum(dtype=torch.float64))
+        if target is not sums:
+            sums.add_(_moved(target, sums.device))
 
     def loss(self) -> torch.Tensor | None:
         """E * sum_e f_e P_e over the step's decisions (None without decisions, or when the
         layers have different numbers of experts)."""
         if len(self.sums) != 1:
             return None
-        ((num_experts, (counts, probs, rows)),) = self.sums.items()
-        total = rows.clamp_min(1.0)
+        ((num_experts, sums),) = self.sums.items()
+        counts, probs = sums[1 : num_experts + 1], sums[num_experts + 1 : 2 * num_experts + 1]
+        total = sums[-1].clamp_min(1.0)
         return num_experts * ((counts / total) * (probs / total)).sum()
 
 
 class _Ring:
     """The last ``HISTORY`` rows of per-step values on one device, the step of each row,
-    and the running min and max of each column over every row ever put."""
+    and the running min and max of each column over every row ever put (NaN left out)."""
 
     def __init__(self, width: int, device: torch.device) -> None:
         self.rows = torch.full((HISTORY, width), math.nan, dtype=torch.float64, device=device)
-        self.extrema = torch.full((2, width), math.inf, dtype=torch.float64, device=device)
-        self.extrema[1].neg_()  # row 0: running min, row 1: running max (no host copy)
+        self.low = torch.full((width,), math.inf, dtype=torch.float64, device=device)
+        self.high = torch.full((width,), -math.inf, dtype=torch.float64, device=device)
         self.device = device
         self.steps: list[int] = []  # the step of each slot
         self.count = 0
@@ -183,10 +184,8 @@ class _Ring:
         slot = self.count % HISTORY
         row = _moved(values.detach().double(), self.device)
         self.rows[slot].copy_(row)
-        low, high = self.extrema.unbind()
-        finite = torch.isfinite(row)
-        low.copy_(torch.where(finite, torch.minimum(low, row), low))
-        high.copy_(torch.where(finite, torch.maximum(high, row), high))
+        self.low = torch.fmin(self.low, row)  # fmin and fmax ignore NaN
+        self.high = torch.fmax(self.high, row)
         if slot < len(self.steps):
             self.steps[slot] = step
         else:
@@ -196,7 +195,7 @@ class _Ring:
     def host(self) -> tuple[list[int], list[list[float]], list[list[float]]]:
         """(steps, rows, [min row, max row]) in step order, read in one transfer."""
         size = len(self.steps)
-        data = torch.cat([self.rows[:size], self.extrema]).cpu().tolist()
+        data = torch.cat([self.rows[:size], self.low[None], self.high[None]]).cpu().tolist()
         order = sorted(range(size), key=self.steps.__getitem__)
         return [self.steps[i] for i in order], [data[i] for i in order], data[size:]
 
@@ -271,30 +270,24 @@ class _BiasTrack:
         tensor = getattr(self.owner, self.attr, None)
         if not isinstance(tensor, torch.Tensor) or tensor.numel() != self.num_experts:
             return
-        bias = tensor.detach().reshape(-1).double()
+        bias = tensor.detach().reshape(-1).to(torch.float64, copy=True)  # never the live tensor
         if self.ring is None:
             self.ring = _Ring(len(BIAS_STATS), bias.device)
             self.max_change = torch.zeros((), dtype=torch.float64, device=bias.device)
         assert self.max_change is not None
         if self.previous is None:
             flips = torch.full((), math.nan, dtype=torch.float64, device=bias.device)
-        else:
-            flips = ((torch.sign(bias) * torch.sign(self.previous)) < 0).double().mean()
-            change = (bias - self.previous).abs().max()
-            self.max_change.copy_(torch.maximum(self.max_change, change))
-        stats = torch.stack(
-            [
-                bias.abs().max(),
-                bias.mean(),
-                bias.std(correction=0),
-                bias.max() - bias.min(),
-                flips,
-            ]
-        )
+        else:  # strictly opposite signs: a product below 0
+            flips = (bias * self.previous < 0).sum(dtype=torch.float64) / self.num_experts
+            change = (bias - self.previous).abs().amax()
+            self.max_change = torch.maximum(self.max_change, change)
+        low, high = torch.aminmax(bias)
+        std, mean = torch.std_mean(bias, correction=0)
+        stats = torch.stack([torch.maximum(high, -low), mean, std, high - low, flips])
         self.ring.put(self.step, stats)
         if self.first is None:
             self.first = stats.clone()
-        self.previous = bias.clone()
+        self.previous = bias
         self.step += 1
 
 
