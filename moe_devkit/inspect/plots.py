@@ -247,21 +247,44 @@ def _aux_loss_over_steps(ax: Any, aux: dict[str, Any]) -> None:
         ax.legend(fontsize=7)
 
 
+BIAS_LINES = 8
+"""Biased layers drawn one line each; with more, the panels draw their max and median."""
+
+
 def _bias_over_steps(bias_ax: Any, flip_ax: Any, layers: list[dict[str, Any]]) -> None:
     bias_ax.set_title(SIGNAL_TITLES[1])
     flip_ax.set_title(SIGNAL_TITLES[2])
-    for layer in layers:
-        history = layer["selection_bias"]["history"]
+    series = [(_label(layer), layer["selection_bias"]["history"]) for layer in layers]
+    if len(series) > BIAS_LINES:
+        series = _across_layers([history for _, history in series])
+    for label, history in series:
         steps, abs_max = _series(history["steps"], history["abs_max"])
-        (line,) = bias_ax.plot(steps, abs_max, marker=".", label=_label(layer))
+        (line,) = bias_ax.plot(steps, abs_max, marker=".", label=label)
         steps, std = _series(history["steps"], history["std"])
         bias_ax.plot(steps, std, linestyle="--", color=line.get_color())
         steps, flips = _series(history["steps"], history["flip_fraction"])
         if len(steps):
-            flip_ax.plot(steps, flips, marker=".", color=line.get_color(), label=_label(layer))
+            flip_ax.plot(steps, flips, marker=".", color=line.get_color(), label=label)
     bias_ax.set(xlabel="recorded step", ylabel="|b| max (solid), std (dashed)")
     flip_ax.set(xlabel="recorded step", ylabel="share of entries flipping sign", ylim=(-0.02, 1.02))
     for ax in (bias_ax, flip_ax):
         ax.xaxis.get_major_locator().set_params(integer=True)
         if ax.get_lines():
             ax.legend(fontsize=7)
+
+
+def _across_layers(histories: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The max and the median over the layers of each statistic, per recorded step."""
+    steps = sorted({step for history in histories for step in history["steps"]})
+    out = []
+    for label, reduce in ((f"max of {len(histories)} layers", np.max), ("median", np.median)):
+        columns: dict[str, Any] = {"steps": steps}
+        for key in ("abs_max", "std", "flip_fraction"):
+            at: dict[int, list[float]] = {}
+            for history in histories:
+                for step, value in zip(history["steps"], history[key], strict=True):
+                    if value is not None:
+                        at.setdefault(step, []).append(float(value))
+            columns[key] = [float(reduce(at[s])) if s in at else None for s in steps]
+        out.append((label, columns))
+    return out

@@ -152,3 +152,23 @@ def test_without_signals_there_is_no_signals_figure_and_empty_panels_say_so() ->
         assert any(t.get_text().startswith("No data") for t in panels[title].texts)
     del section["aux_loss"]
     assert not has_signals(section) and signals_figure_png(section) is None
+
+
+def test_many_biased_layers_are_drawn_as_their_max_and_median() -> None:
+    from moe_devkit.inspect.plots import BIAS_LINES, SIGNAL_TITLES, signals_figure
+
+    layers = {}
+    for i in range(BIAS_LINES + 1):
+        bias = _signals_section()["layers"]["gate"]["selection_bias"]
+        bias["history"]["abs_max"] = [0.1 * i, 0.2 * i, 0.3 * i]
+        layers[f"layer{i}"] = {"name": f"layer{i}", "selection_bias": bias}
+    panels = {ax.get_title(): ax for ax in signals_figure({"layers": layers}).axes}
+    lines = panels[SIGNAL_TITLES[1]].get_lines()
+    assert len(lines) == 4  # max and median, abs max and std each
+    top, _, median, _ = (list(line.get_ydata()) for line in lines)
+    assert top == pytest.approx([0.1 * BIAS_LINES, 0.2 * BIAS_LINES, 0.3 * BIAS_LINES])
+    assert median == pytest.approx(
+        [0.1 * BIAS_LINES / 2, 0.2 * BIAS_LINES / 2, 0.3 * BIAS_LINES / 2]
+    )
+    labels = [t.get_text() for t in panels[SIGNAL_TITLES[2]].get_legend().get_texts()]
+    assert labels == [f"max of {BIAS_LINES + 1} layers", "median"]
