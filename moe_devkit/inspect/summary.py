@@ -30,7 +30,11 @@ SECTION = "routing"
 
 @dataclass(frozen=True)
 class InspectorSummary:
-    """What the inspector recorded: one entry per layer, and the alarms raised."""
+    """What the inspector recorded: one entry per layer, and the alarms raised.
+
+    ``aux_loss``: the model's aux loss beside the inspector's load-balancing loss, per
+    forward (docs/metrics.md, "Model signals"); None without model signals.
+    """
 
     layers: dict[str, dict[str, Any]]
     findings: tuple[Finding, ...]
