@@ -160,6 +160,37 @@ def test_a_scaled_aux_loss_is_reported_with_both_values() -> None:
     assert "multiplied by 4" in finding.message and "world size" in finding.message
 
 
+def test_a_loss_from_a_recomputed_top_k_disagrees_with_the_biased_routing() -> None:
+    """Ernie-4.5-MoE's aux_loss takes the top-k of softmax(logits) again, without the
+    selection bias its router executes: with a strong bias the two losses differ."""
+    from hf_zoo import build_tiny
+
+    ratios = []
+    for bias_value in (0.0, 5.0):
+        model = build_tiny("ernie4_5_moe")
+        with torch.no_grad():
+            for layer in model.model.layers:
+                if not hasattr(layer.mlp, "gate"):
+                    continue  # a dense layer
+                layer.mlp.gate.weight.mul_(30.0)  # peaked router probabilities
+                bias = layer.mlp.gate.moe_statics.e_score_correction_bias
+                bias.zero_()
+                bias[..., -2:] = bias_value  # the executed choice: the last two experts
+        inspector = RouterInspector().attach(model)
+        with torch.no_grad():
+            model(_tokens(0), output_router_logits=True)
+        summary = inspector.summary()
+        assert summary.aux_loss is not None
+        ratios.append(summary.aux_loss["ratio"])
+    assert ratios[0] == pytest.approx(1.0, abs=1e-5)
+    assert ratios[1] > 1.2
+    finding = _codes(summary)["aux-loss-mismatch"]
+    assert finding.details["ratio"] == ratios[1]
+    assert "recomputed from the logits rather than the experts the router executed" in (
+        finding.message
+    )
+
+
 class _Constant(nn.Module):
     """A Mixtral whose aux_loss is a fixed number (a cached, detached value)."""
 
