@@ -270,6 +270,8 @@ class _BiasTrack:
         tensor = getattr(self.owner, self.attr, None)
         if not isinstance(tensor, torch.Tensor) or tensor.numel() != self.num_experts:
             return
+        if tensor.device.type == "meta":  # offloaded weights: nothing to read
+            return
         bias = tensor.detach().reshape(-1).to(torch.float64, copy=True)  # never the live tensor
         if self.ring is None:
             self.ring = _Ring(len(BIAS_STATS), bias.device)
