@@ -43,7 +43,7 @@ from moe_devkit.inspect.adapters import (
 from moe_devkit.inspect.config import InspectorConfig
 from moe_devkit.inspect.discovery import Probe, find_probes
 from moe_devkit.inspect.padding import TokenMasks
-from moe_devkit.inspect.records import RouterSite, StepTensors
+from moe_devkit.inspect.records import RouterSite, Selection, StepTensors
 from moe_devkit.inspect.report import ReportPaths, write_report
 from moe_devkit.inspect.signals import ModelSignals
 from moe_devkit.inspect.state import LayerState
@@ -155,7 +155,9 @@ class RouterInspector:
     ) -> None:
         self.detach()
 
-    def _emit(self, site: RouterSite, decision: RoutingDecision) -> None:
+    def _emit(
+        self, site: RouterSite, decision: RoutingDecision, selection: Selection | None = None
+    ) -> None:
         """Records one decision from a probe's hook (never during a checkpoint recompute)."""
         if in_backward_recompute():
             return
@@ -166,30 +168,42 @@ class RouterInspector:
         keep = self._masks.valid_tokens(site, decision.num_tokens)
         if keep is not None:
             decision = exclude_tokens(decision, keep)
-        self.record(decision, layer=site.layer, defer=True)  # built fresh each call
+            if selection is not None:
+                pairs = keep.unsqueeze(-1)
+                selection = Selection(
+                    torch.where(pairs, selection.indices, -1), selection.dropped & pairs
+                )
+        self.record(decision, layer=site.layer, defer=True, selection=selection)
         self.signals.on_decision(site, decision)
 
     # ------------------------------------------------------------------ recording
 
     def record(
-        self, decision: RoutingDecision, layer: str = "router", *, defer: bool = False
+        self,
+        decision: RoutingDecision,
+        layer: str = "router",
+        *,
+        defer: bool = False,
+        selection: Selection | None = None,
     ) -> None:
         """Folds one decision into the statistics of ``layer`` (no host synchronisation).
 
         ``defer=True`` (what the forward hooks pass) lets a CUDA layer fold several steps'
         decisions at once; pass it only if nothing modifies the decision's tensors later.
+        ``selection``: what the router selected, when the decision holds the pairs its
+        experts actually ran and those differ (counted in ``selected_counts``).
         """
         state = self._layer(layer, decision)
         if state.stream is None:
-            state.update(decision, defer=defer)
+            state.update(decision, defer=defer, selection=selection)
             return
         # On CUDA the update runs on a side stream, after the decision is computed, so its
         # small kernels overlap the model's next ones instead of lengthening the forward.
         main = torch.cuda.current_stream(state.stream.device)
         state.stream.wait_stream(main)
         with torch.cuda.stream(state.stream):
-            state.update(decision)  # not deferred: the side stream already hides the work
-        for tensor in StepTensors.of(decision):
+            state.update(decision, selection=selection)  # the side stream hides the work
+        for tensor in StepTensors.of(decision, selection):
             tensor.record_stream(state.stream)  # keep its memory until the update has run
 
     def _layer(self, layer: str, decision: RoutingDecision) -> LayerState:

@@ -36,6 +36,18 @@ class RouterSite(NamedTuple):
     router: nn.Module | None
 
 
+class Selection(NamedTuple):
+    """What a router selected, when its experts ran other (token, expert) pairs.
+
+    Attributes:
+        indices: int[N, S], the selected experts, -1 padded.
+        dropped: bool[N, S], the selected pairs dropped by the capacity limit.
+    """
+
+    indices: torch.Tensor
+    dropped: torch.Tensor
+
+
 class StepTensors(NamedTuple):
     """The tensors of one decision that an update reads (references, never copies).
 
@@ -45,9 +57,14 @@ class StepTensors(NamedTuple):
         nonfinite: bool[N], tokens routed nowhere for a NaN/Inf input, logit or score.
         k: int[N], experts selected per token; -1 for a token left out of every statistic
             (padding: its indices are all -1).
-        dropped: bool[N, K], pairs dropped by the capacity limit.
+        dropped: bool[N, K], pairs of ``indices`` dropped by the capacity limit.
         lb_loss: float[], the load-balancing loss.
         z_loss: float[], the router z-loss.
+        selected: int[N, S], the experts the router selected, -1 padded: ``indices``
+            itself, unless the experts ran other pairs than the router selected (a
+            ``Selection``).
+        selected_dropped: bool[N, S], the selected pairs dropped by capacity (``dropped``
+            itself, unless a ``Selection`` was given).
     """
 
     indices: torch.Tensor
@@ -57,10 +74,15 @@ class StepTensors(NamedTuple):
     dropped: torch.Tensor
     lb_loss: torch.Tensor
     z_loss: torch.Tensor
+    selected: torch.Tensor
+    selected_dropped: torch.Tensor
 
     @classmethod
-    def of(cls, decision: RoutingDecision) -> StepTensors:
+    def of(cls, decision: RoutingDecision, selection: Selection | None = None) -> StepTensors:
         """The tensors of ``decision`` that ``LayerState.update`` reads."""
+        selected, selected_dropped = (
+            (decision.expert_indices, decision.dropped) if selection is None else selection
+        )
         return cls(
             decision.expert_indices,
             decision.complexity,
@@ -69,6 +91,8 @@ class StepTensors(NamedTuple):
             decision.dropped,
             decision.load_balancing_loss,
             decision.z_loss,
+            selected,
+            selected_dropped,
         )
 
 
@@ -81,6 +105,8 @@ class MergedSteps(NamedTuple):
     nonfinite: torch.Tensor
     k: torch.Tensor
     dropped: torch.Tensor
+    selected: torch.Tensor
+    selected_dropped: torch.Tensor
     losses: torch.Tensor
 
     @classmethod
@@ -100,11 +126,19 @@ class MergedSteps(NamedTuple):
         """One step's tensors, with the losses summed over the steps."""
         lb_loss, z_loss = self.losses.view(2, -1).sum(dim=1).unbind()
         return StepTensors(
-            self.indices, self.complexity, self.nonfinite, self.k, self.dropped, lb_loss, z_loss
+            self.indices,
+            self.complexity,
+            self.nonfinite,
+            self.k,
+            self.dropped,
+            lb_loss,
+            z_loss,
+            self.selected,
+            self.selected_dropped,
         )
 
 
-_PER_TOKEN = ("indices", "complexity", "nonfinite", "k", "dropped")
+_PER_TOKEN = ("indices", "complexity", "nonfinite", "k", "dropped", "selected", "selected_dropped")
 
 
 def _losses(steps: Sequence[StepTensors]) -> list[torch.Tensor]:

@@ -29,6 +29,7 @@ from moe_devkit.inspect.records import (
     LayerRecord,
     MergedSteps,
     RunningStats,
+    Selection,
     StepTensors,
     _layout,
 )
@@ -79,7 +80,9 @@ class LayerState:
         self.first_time: float | None = None
         self.last_time: float | None = None
 
-    def update(self, d: RoutingDecision, *, defer: bool = False) -> None:
+    def update(
+        self, d: RoutingDecision, *, defer: bool = False, selection: Selection | None = None
+    ) -> None:
         """Folds one decision into the statistics (device ops only, no host sync).
 
         On CUDA the tensor work is captured once per input shape into a CUDA graph and
@@ -95,9 +98,9 @@ class LayerState:
         # LayerState created inside the compiled region (on the first step).
         if torch.is_grad_enabled():
             with torch.no_grad():
-                self._update(StepTensors.of(d), defer)
+                self._update(StepTensors.of(d, selection), defer)
         else:
-            self._update(StepTensors.of(d), defer)
+            self._update(StepTensors.of(d, selection), defer)
 
     def _update(self, step: StepTensors, defer: bool) -> None:
         if torch.compiler.is_compiling():
@@ -175,13 +178,13 @@ class LayerState:
         sample_due: torch.Tensor | None = None,
     ) -> None:
         """The tensor work of one update, all in place (so a CUDA graph can replay it)."""
-        self.stats.selected += count_values(step.indices, self.num_experts)
+        self.stats.selected += count_values(step.selected, self.num_experts)
         step = executed(step)
         if not (
             self._fused
             and not torch.compiler.is_compiling()
             and token_stats(
-                step,
+                (*step[:4], step.selected_dropped, step.lb_loss, step.z_loss),
                 self.stats.tensors(),
                 complexity_bins=self.config.complexity_bins,
                 max_k=self.max_k,

@@ -516,7 +516,7 @@ def _aux_missing(aux: dict[str, Any], biased_layers: list[str]) -> Finding | Non
 
 def _mismatch_causes(ratio: float, layers: int) -> list[str]:
     causes = []
-    factor = ratio if ratio >= 1 else 1.0 / ratio
+    factor = ratio if ratio >= 1 else (1.0 / ratio if ratio > 0 else 0.0)  # 0: the model's is 0
     n = round(factor)
     if n >= 2 and abs(factor / n - 1.0) <= AUX_LOSS_RTOL:
         verb = "multiplied" if ratio > 1 else "divided"

@@ -44,7 +44,7 @@ def fold_tokens(
     k = step.k.clamp(0, max_k)
     code = torch.where(included, cbin * kk + k, -1)  # -1: outside the histogram, not counted
     stats.joint.view(-1).add_(count_values(code, stats.joint.numel()))
-    stats.dropped += step.dropped.sum()
+    stats.dropped += step.selected_dropped.sum()
     stats.loss_sums += torch.stack([step.lb_loss, step.z_loss]).double()
     _fold_moments(stats, complexity, finite)
 
