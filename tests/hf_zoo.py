@@ -99,6 +99,7 @@ GENERIC: dict[str, Any] = {
     "max_seq_len": 64,
     "kv_n_heads": 2,
     "text_hidden_size": 32,
+    "out_hidden_size": 32,
     "index_topk": 16,
     "index_head_dim": 8,
     "index_n_heads": 2,
@@ -112,6 +113,7 @@ GENERIC: dict[str, Any] = {
     "shared_intermediate_size": 16,
     "share_expert_dim": 16,
     "expert_ffn_hidden_size": 16,
+    "moe_hidden_size": 32,
     "first_dense_intermediate_size": 64,
     "dense_intermediate_size": 64,
     "mlp_only_intermediate_size": 64,
@@ -149,7 +151,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     "gemma4": {"text_config": {"enable_moe_block": True, "global_head_dim": 16}},  # MoE is opt-in
     "diffusion_gemma": {"text_config": {"enable_moe_block": True, "global_head_dim": 16}},
-    "dots3_note": {  # experts per layer: none, 8, 4
+    "dots3_note": {  # a dense first layer (the vision encoder too)
+        "vision_config": {
+            "pyramid_num_routed": [-1, 8, 8],
+            "adapter_in_dim": 32,
+            "adapter_out_dim": 32,
+        },
+        "audio_config": {"adapter_input_size": 32, "adapter_out_dim": 32},
         "text_config": {
             "head_dim": 16,  # sliding-window attention: qk_nope_head_dim + qk_rope_head_dim
             "mlp_layer_types": ["dense", "sparse", "sparse"],
@@ -157,7 +165,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                 1: {"num_local_experts": 8, "num_experts_per_tok": 2},
                 2: {"num_local_experts": 4, "num_experts_per_tok": 2},
             },
-        }
+        },
     },
     "glm4v_moe": {
         "text_config": {
@@ -341,6 +349,8 @@ def _small(cls: type, extra: dict[str, Any]) -> dict[str, Any]:
         value = _field(defaults, key)
         if _is_config(value):
             kwargs[key] = _small(type(value), extra.pop(key, {}))
+        elif key in ("num_hidden_layers", "num_layers") and _has_per_layer_lists(cls, value):
+            continue  # per-layer lists with no derived default fix the number of layers
         elif (key in GENERIC and isinstance(value, int) and not isinstance(value, bool)) or (
             key in (*EXPERT_COUNT_KEYS, *TOP_K_KEYS, "head_dim", "moe_intermediate_size")
             and value is None
@@ -364,6 +374,15 @@ def _small(cls: type, extra: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _has_per_layer_lists(cls: type, layers: Any) -> bool:
+    if not dataclasses.is_dataclass(cls) or not isinstance(layers, int) or layers < 2:
+        return False
+    return any(
+        isinstance(f.default, (list, tuple)) and len(f.default) == layers
+        for f in dataclasses.fields(cls)
+    )
+
+
 def _layer_pattern(default: Any, tiny: Any) -> list[Any] | None:
     """A layer-type list for the tiny model that keeps every kind of layer of the full
     model's list: the first layer as there, the other kinds over the remaining layers
@@ -379,14 +398,16 @@ def _layer_pattern(default: Any, tiny: Any) -> list[Any] | None:
 
 
 def _moe_part(config: Any) -> Any:
-    """The part of ``config`` that carries the experts: a multimodal model's text
-    config when the experts are there, else the whole config."""
+    """The part of ``config`` that carries the experts: a multimodal model's language
+    model config (searched depth first) when the experts are there, else the whole config."""
     if _num_experts(config) > 1:
         return config
     for name in SUB_CONFIGS:
         sub = _field(config, name)
-        if _is_config(sub) and _num_experts(sub) > 1:
-            return sub
+        if _is_config(sub):
+            part = _moe_part(sub)
+            if _num_experts(part) > 1:
+                return part
     return config
 
 
@@ -405,6 +426,11 @@ def tiny_config(model_type: str) -> Any:
         for parent in parents:
             target = getattr(target, parent)
         setattr(target, name, value)
+    if (
+        getattr(config, "is_encoder_decoder", False)
+        and getattr(config, "decoder_start_token_id", None) is None
+    ):
+        config.decoder_start_token_id = config.pad_token_id  # generate() starts the decoder there
     config = _moe_part(config)
     for sub in _configs(config):
         sub._attn_implementation = "eager"
@@ -452,6 +478,11 @@ def build_tiny(model_type: str, seed: int = 0) -> nn.Module:
     config = tiny_config(model_type)
     torch.manual_seed(seed)
     model = _model_class(config)(config)
+    for name, buffer in model.named_buffers():
+        if name.endswith("tid2eid"):  # hash routing (DeepSeek-V4): the checkpoint's table is
+            # token -> k distinct experts; initialisation leaves it all zeros
+            experts = torch.rand(buffer.shape[0], _num_experts(config)).argsort(dim=1)
+            buffer.copy_(experts[:, : buffer.shape[1]])
     return model.float().eval()
 
 
@@ -489,7 +520,7 @@ class ExpertInputs:
     forwards: int = 0
 
     def add(self, pairs: torch.Tensor, tokens: int) -> None:
-        """One forward: ``pairs`` is a (tokens, experts) 0/1 matrix of what ran."""
+        """One forward: ``pairs[t, e]`` is how many times expert e ran token t."""
         pairs = pairs.to(torch.int64)
         self.counts += pairs.sum(dim=0).cpu()
         per_token = pairs.sum(dim=1).cpu()
@@ -507,12 +538,13 @@ def _recomputing() -> bool:
 
 
 def _pairs_from_indices(index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(tokens, k) expert indices (values outside [0, E) ran nowhere) -> (tokens, E)."""
+    """(tokens, k) expert indices (values outside [0, E) ran nowhere) -> (tokens, E)
+    counts of the pairs (a token sent twice to one expert runs there twice)."""
     index = index.reshape(index.shape[0], -1).long()
     valid = (index >= 0) & (index < num_experts)
     pairs = torch.zeros(index.shape[0], num_experts + 1, dtype=torch.int64, device=index.device)
     pairs.scatter_add_(1, torch.where(valid, index, num_experts), valid.long())
-    return pairs[:, :num_experts].clamp_max(1)
+    return pairs[:, :num_experts]
 
 
 def _match_rows(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -533,6 +565,10 @@ def _match_rows(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         taken[token] = True
         out.append(token)
     return torch.tensor(out, dtype=torch.long)
+
+
+def _add_pairs(pairs: torch.Tensor, tokens: torch.Tensor, expert: int) -> None:
+    pairs[:, expert].index_add_(0, tokens, torch.ones_like(tokens))
 
 
 def _num_experts_of(experts: nn.Module) -> int:
@@ -570,6 +606,7 @@ class _Recorder:
         """``experts(hidden_states, <indices>, <weights>)``: the indices it is given."""
         num_experts = _num_experts_of(experts)
         position = _param_names(experts).index(name)
+        self.layer(path, num_experts)
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if _recomputing():
@@ -593,6 +630,7 @@ class _Recorder:
         children = list(experts.children())
         modules = [m for m in children if not isinstance(m, nn.Dropout)]
         num_experts = len(modules)
+        self.layer(path, num_experts)
         state: dict[str, Any] = {}
 
         def enter(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -616,7 +654,7 @@ class _Recorder:
                 rows = (args[0] if args else next(iter(kwargs.values()))).reshape(
                     -1, state["tokens"].shape[-1]
                 )
-                state["pairs"][_match_rows(rows, state["tokens"]).cpu(), e] = 1
+                _add_pairs(state["pairs"], _match_rows(rows, state["tokens"]), e)
 
             return hook
 
@@ -629,6 +667,7 @@ class _Recorder:
         """``experts(inputs, expert_size)`` (JetMoE): rows sorted by expert, ``expert_size``
         of each, matched to the tokens the block was given."""
         num_experts = _num_experts_of(experts)
+        self.layer(path, num_experts)
         state: dict[str, Any] = {}
 
         def enter(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -646,7 +685,7 @@ class _Recorder:
             inputs, sizes = args[0], (args[1] if len(args) > 1 else kwargs["expert_size"])
             pairs = torch.zeros(tokens.shape[0], num_experts, dtype=torch.int64)
             for e, rows in enumerate(inputs.split(list(sizes), dim=0)):
-                pairs[_match_rows(rows, tokens).cpu(), e] = 1
+                _add_pairs(pairs, _match_rows(rows, tokens), e)
             self.layer(path, num_experts).add(pairs, tokens.shape[0])
 
         self.pre(experts, hook)
@@ -655,6 +694,7 @@ class _Recorder:
         """``experts(routed_in)`` with every token repeated once per expert and scaled by
         its dense router score (Llama-4): an expert receives the tokens of non-zero rows."""
         num_experts = _num_experts_of(experts)
+        self.layer(path, num_experts)
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if _recomputing():
@@ -669,6 +709,7 @@ class _Recorder:
     def embedded_experts(self, path: str, embedding: nn.Embedding) -> None:
         """Product-key experts looked up as embeddings (Doge): the looked-up indices."""
         num_experts = embedding.num_embeddings
+        self.layer(path, num_experts)
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if _recomputing():
@@ -682,6 +723,7 @@ class _Recorder:
         """Routed plus zero-compute (identity) experts (LongCat-Flash): the router's
         indices, where indices from ``n_routed_experts`` on are the identity experts; the
         experts module is handed placeholder indices for those, so it cannot tell."""
+        self.layer(path, num_experts)
 
         def hook(_m: nn.Module, _args: Any, out: Any) -> None:
             if _recomputing():
@@ -730,7 +772,9 @@ class _Recorder:
 @contextmanager
 def record_expert_inputs(model: nn.Module) -> Iterator[dict[str, ExpertInputs]]:
     """Records, per MoE block (keyed by its module path), what its experts received in
-    each forward; forwards recomputed by gradient checkpointing are not recorded twice."""
+    each forward; forwards recomputed by gradient checkpointing are not recorded twice.
+    Every MoE block of the model has an entry, with ``forwards == 0`` where it never ran
+    (a multimodal model's vision experts under text input)."""
     recorder = _Recorder()
     recorder.attach(model)
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,6 +35,15 @@ from moe_devkit.inspect import RouterInspector  # noqa: E402
 
 ARCHITECTURES = moe_architectures()
 INPUT_IDS = torch.randint(3, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; more only spin on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _params(archs: list[str]) -> list[Any]:
@@ -85,17 +95,20 @@ def _trim(histogram: list[int]) -> list[int]:
 
 
 def assert_counts_match(summary: Any, truth: dict[str, ExpertInputs]) -> None:
-    """Each MoE block has exactly one inspector layer, inside the block, and that layer's
-    counts, k histogram and tokens are what the block's experts received."""
-    assert truth, "the experts of no MoE block ran"
+    """Each MoE block that ran has exactly one inspector layer, the block or inside it,
+    and that layer's counts, k histogram and tokens are what the block's experts received;
+    every inspector layer is in a MoE block (one that never ran may have a layer, empty)."""
+    assert any(t.forwards for t in truth.values()), "the experts of no MoE block ran"
     layers = summary.layers
     owner: dict[str, str] = {}
     for name in layers:
-        blocks = [b for b in truth if name.startswith(b + ".")]
+        blocks = [b for b in truth if name == b or name.startswith(b + ".")]
         assert blocks, f"inspector layer {name} is in no MoE block of {sorted(truth)}"
         owner[name] = max(blocks, key=len)
     for block, expected in truth.items():
         mine = [name for name, b in owner.items() if b == block]
+        if not expected.forwards and not mine:
+            continue
         assert len(mine) == 1, f"MoE block {block}: inspector layers {mine}, expected one"
         layer = layers[mine[0]]
         got = (layer["utilization"]["counts"], _trim(layer["k"]["histogram"]), layer["tokens"])
@@ -123,13 +136,15 @@ GENERATIVE = [a for a in ARCHITECTURES if a in SKIPPED or _can_generate(a)]
 @pytest.mark.parametrize("arch", _params(GENERATIVE))
 def test_generate_counts_what_the_experts_received(arch: str) -> None:
     model = _model(arch)
-    settings = dict(max_new_tokens=3, do_sample=False)
+    settings = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
     with torch.no_grad():
         reference = model.generate(INPUT_IDS, **settings)
         with RouterInspector(model) as inspector, record_expert_inputs(model) as truth:
             observed = model.generate(INPUT_IDS, **settings)
     assert torch.equal(observed, reference), "the inspector changed what generate() returns"
-    assert all(t.forwards >= 2 for t in truth.values()), "generate() ran fewer than two forwards"
+    assert max(t.forwards for t in truth.values()) == 3, (
+        "generate() ran other than three decoder steps"
+    )
     assert_counts_match(inspector.summary(), truth)
 
 
@@ -139,12 +154,16 @@ def test_training_step_with_gradient_checkpointing_counts_each_forward_once(arch
     inputs = _inputs(model)
     with torch.no_grad(), record_expert_inputs(model) as plain:
         model(**inputs)
-    model.gradient_checkpointing_enable()
+    try:
+        model.gradient_checkpointing_enable()
+    except ValueError as error:  # an architecture without checkpointing: a plain training step
+        assert "checkpointing" in str(error)
     model.train()
     with RouterInspector(model) as inspector, record_expert_inputs(model) as truth:
         _output(model(**inputs)).float().square().mean().backward()
     forwards = {block: t.forwards for block, t in truth.items()}
     assert forwards == {block: t.forwards for block, t in plain.items()}, "recomputes recorded"
+    assert any(forwards.values())
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert_counts_match(inspector.summary(), truth)
