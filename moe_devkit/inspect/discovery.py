@@ -30,7 +30,7 @@ import inspect
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -42,11 +42,24 @@ from moe_devkit.inspect.adapters import (
     decision_from_dense_scores,
     decision_from_router_outputs,
 )
-from moe_devkit.inspect.layouts import is_product_key_layer, product_key_decision
-from moe_devkit.inspect.records import RouterSite
+from moe_devkit.inspect.layouts import (
+    is_product_key_layer,
+    product_key_decision,
+    selection_adapter_for,
+)
+from moe_devkit.inspect.records import RouterSite, Selection
 from moe_devkit.routers.torch_router import DynamicMoERouter, RoutingDecision, StaticTopKRouter
 
-Emit = Callable[[RouterSite, RoutingDecision], None]
+
+class Emit(Protocol):
+    """The inspector's callback: one decision of a site (and what its router selected,
+    when the experts ran other pairs)."""
+
+    def __call__(
+        self, site: RouterSite, decision: RoutingDecision, selection: Selection | None = None
+    ) -> None: ...
+
+
 Handle = torch.utils.hooks.RemovableHandle
 
 # How transformers' experts modules name the index and weight arguments of their forward.
@@ -59,6 +72,7 @@ INDEX_ARGUMENTS = (
     "router_indices",
     "selected_experts",
     "expert_indices",
+    "router_mask",
 )
 WEIGHT_ARGUMENTS = (
     "top_k_weights",
@@ -67,6 +81,7 @@ WEIGHT_ARGUMENTS = (
     "router_weights",
     "expert_weights",
     "router_scores",
+    "router_probs",
 )
 
 
@@ -99,6 +114,13 @@ def find_probes(model: nn.Module) -> list[Probe]:
         if isinstance(module, DynamicMoERouter | StaticTopKRouter):
             probes.append(_reference_probe(name or "router", module))
             covered.add(id(module))
+    for name, module in model.named_modules():
+        selection = selection_adapter_for(module)
+        block = parents.get(id(module), module)
+        experts = _experts_of(block, exclude=module) if selection is not None else None
+        if selection is not None and experts is not None and id(block) not in covered:
+            probes.append(_router_probe(name, module, block, -1, experts, selection))
+            covered.update({id(module), id(block)})
     for name, module in model.named_modules():
         adapter = adapter_for(module)
         if adapter is not None and id(module) not in covered:
@@ -249,18 +271,34 @@ def _adapter_probe(name: str, module: nn.Module, block: nn.Module, adapter: Rout
 
 
 def _router_probe(
-    name: str, router: nn.Module, block: nn.Module, index: int, experts: nn.Module | None
+    name: str,
+    router: nn.Module,
+    block: nn.Module,
+    index: int,
+    experts: nn.Module | None,
+    selection_adapter: RouterAdapter | None = None,
 ) -> Probe:
-    """A router declared for transformers' router outputs; its output read at each call."""
+    """A router declared for transformers' router outputs; its output read at each call.
+
+    With ``selection_adapter`` the router's output gives what it selected (a ``Selection``)
+    and the experts' inputs what ran.
+    """
     site = RouterSite(name, block, router)
     max_k = _configured_top_k(router, block)
     scoring = _scoring(router, block)
 
     def install(emit: Emit) -> list[Handle]:
         pending: list[torch.Tensor] = []  # logits waiting for the experts' inputs
+        selected: list[Selection] = []
 
         def router_hook(mod: nn.Module, args: Any, output: Any) -> None:
             logits = _pick(output, index)
+            if selection_adapter is not None:
+                chosen = selection_adapter(mod, args, output)
+                if chosen is not None:
+                    selected[:] = [Selection(chosen.expert_indices, chosen.dropped)]
+                    pending[:] = [logits]
+                return
             parts = _topk_parts(output, logits)
             if parts is not None:
                 weights, indices = parts
@@ -281,7 +319,8 @@ def _router_probe(
             logits = pending.pop()
             indices = _argument(args, kwargs, INDEX_ARGUMENTS, 1)
             weights = _argument(args, kwargs, WEIGHT_ARGUMENTS, 2)
-            emit(site, _decision_from_experts(mod, logits, indices, weights, scoring))
+            decision = _decision_from_experts(mod, logits, indices, weights, scoring)
+            emit(site, decision, selected.pop() if selected else None)
 
         handles = [router.register_forward_hook(router_hook)]
         if experts is not None:

@@ -8,7 +8,12 @@ logits beside an experts module, or dense scores. A few MoE layers route differe
   back in token order (``jetmoe_adapter``);
 * NLLB-MoE's ``NllbMoeTop2Router`` returns a top-1 mask and dense combine weights after the
   capacity limit: the two selected experts are its top-2 by probability, and a selected
-  pair whose combine weight is zero was dropped (``nllb_top2_adapter``);
+  pair whose combine weight is zero was dropped (``nllb_top2_adapter``). What its experts
+  module runs is read from that module's inputs, as for any experts module: the
+  selection and the executed pairs are recorded side by side (``selected_counts`` and
+  ``counts``). In transformers 5.x ``NllbMoeExperts`` reads the top-1 mask as expert
+  indices, so its experts 0 and 1 run every token whatever the router chose, and the
+  report shows that;
 * Switch Transformers' one-hot dispatch mask after the capacity limit
   (``adapters.switch_top1_adapter``);
 * product-key experts (Doge's ``DogeCDMoE``): each token retrieves K expert embeddings by
@@ -27,7 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_devkit.inspect.adapters import decision_from_router_outputs, register_adapter
+from moe_devkit.inspect.adapters import (
+    RouterAdapter,
+    decision_from_router_outputs,
+    register_adapter,
+)
 from moe_devkit.routers.torch_router import RoutingDecision
 
 
@@ -78,7 +87,19 @@ def nllb_top2_adapter(module: nn.Module, args: tuple[Any, ...], output: Any) -> 
 
 
 register_adapter("JetMoeTopKGating", jetmoe_adapter)
-register_adapter("NllbMoeTop2Router", nllb_top2_adapter)
+
+# Routers whose output says what they selected while their experts module receives the
+# pairs it runs in another form: the probe records both (``records.Selection``).
+SELECTION_ADAPTERS: dict[str, RouterAdapter] = {"NllbMoeTop2Router": nllb_top2_adapter}
+
+
+def selection_adapter_for(module: nn.Module) -> RouterAdapter | None:
+    """The selection adapter of ``module``'s class or of a base class (None: none)."""
+    for cls in type(module).__mro__:
+        adapter = SELECTION_ADAPTERS.get(cls.__name__)
+        if adapter is not None:
+            return adapter
+    return None
 
 
 # ----------------------------------------------------------------------------- product keys

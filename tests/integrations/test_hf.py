@@ -352,3 +352,35 @@ def test_a_wrong_adapter_fails_at_the_first_step(bad: str, error: type, match: s
         assert inspector.layers == {}  # nothing counted
     finally:
         hf.unregister_adapter(_OddRouter)
+
+
+def test_nllb_moe_records_the_selection_and_what_its_experts_ran() -> None:
+    config = transformers.NllbMoeConfig(
+        vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=1, encoder_ffn_dim=16,
+        decoder_ffn_dim=16, encoder_attention_heads=2, decoder_attention_heads=2,
+        num_experts=4, moe_eval_capacity_token_fraction=0.2, encoder_sparse_step=1,
+        decoder_sparse_step=0,
+        max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.NllbMoeModel(config).eval()
+    rows: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == "NllbMoeExperts":
+            for e in range(4):
+                module[f"expert_{e}"].register_forward_pre_hook(
+                    lambda m, a, key=(name, e): rows.__setitem__(key, a[0].shape[0])
+                )
+    inspector = RouterInspector().attach(model)
+    ids = torch.randint(3, 64, (1, 10))
+    with torch.no_grad():
+        model(input_ids=ids, decoder_input_ids=ids[:, :3])
+    layers = inspector.summary().layers
+    assert layers
+    for name, layer in layers.items():
+        block = name.rsplit(".", 1)[0]
+        ran = [rows.get((block + ".experts", e), 0) for e in range(4)]
+        assert layer["utilization"]["counts"] == ran  # what each expert module computed
+        # the router's own choice, the top-2 of the 10 tokens; capacity 2 keeps 8 pairs at most
+        assert layer["selections"] == 20 and sum(layer["utilization"]["selected_counts"]) == 20
+        assert layer["dropped_pairs"] >= 20 - 4 * 2
