@@ -135,7 +135,7 @@ def _signals_html(section: dict[str, Any], signals_png: bytes | None) -> str:
             if key is None:
                 status = aux.get("status", {})
                 value = " / ".join(str(status.get(s, 0)) for s in _STATUSES)
-            elif key == "ratio" and aux.get("definition") != "transformers":
+            elif key == "ratio" and aux.get("definition") == "model":
                 value = "not compared: the model's aux loss has its own definition"
             else:
                 value = _fmt(aux.get(key), 4) if aux.get(key) is not None else "n/a"

@@ -400,7 +400,13 @@ class ModelSignals:
             "training_steps": aux.training_steps,
             "router_logits_requested_steps": aux.requested_steps,
             "status": dict(aux.status),
-            "definition": "transformers" if aux.transformers_steps else "model",
+            "definition": (
+                "transformers"
+                if aux.transformers_steps
+                else "model"
+                if aux.status["value"]
+                else None
+            ),
             "output_type": aux.output_type,
             "min_max": extrema,
             "history": history,
