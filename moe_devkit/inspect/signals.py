@@ -159,13 +159,15 @@ class _StepAccumulator:
 
     def loss(self) -> torch.Tensor | None:
         """E * sum_e f_e P_e over the step's decisions (None without decisions, or when the
-        layers have different numbers of experts)."""
+        layers have different numbers of experts; NaN when the decisions carry no router
+        probabilities, as those built from expert indices alone)."""
         if len(self.sums) != 1:
             return None
         ((num_experts, sums),) = self.sums.items()
         counts, probs = sums[1 : num_experts + 1], sums[num_experts + 1 : 2 * num_experts + 1]
         total = sums[-1].clamp_min(1.0)
-        return num_experts * ((counts / total) * (probs / total)).sum()
+        loss = num_experts * ((counts / total) * (probs / total)).sum()
+        return torch.where(probs.sum() > 0, loss, math.nan)  # NaN: no router probabilities
 
 
 class _Ring:

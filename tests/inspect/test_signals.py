@@ -571,3 +571,24 @@ def test_the_signal_hooks_read_no_value_on_the_host(
     bias = inspector.summary().layers["model.layers.0.mlp.gate"]["selection_bias"]
     assert bias["history"]["abs_max"] == pytest.approx([0.01, 0.03, 0.06])
     assert calls["on_decision"] == 4 + 6
+
+
+def test_decisions_without_router_probabilities_give_no_inspector_loss() -> None:
+    """Decisions built from expert indices alone (no logits) have no load-balancing loss."""
+    from moe_devkit.inspect.adapters import decision_from_tensors
+
+    signals = ModelSignals(InspectorConfig())
+    model = nn.Linear(2, 2)
+    site = RouterSite("layer", model, None)
+
+    def route(module: nn.Module, args: Any, output: Any) -> None:
+        indices = torch.tensor([[0], [1], [2], [3]])
+        signals.on_decision(site, decision_from_tensors(torch.rand(4), torch.ones(4), indices, 4))
+
+    model.register_forward_hook(route)  # before the signals' hook, as a router's would be
+    signals.attach(model, [site])
+    for _ in range(2):
+        model(torch.randn(3, 2))
+    aux = signals.host_state()["aux_loss"]
+    assert aux["status"]["absent"] == 2
+    assert aux["history"] == {"steps": [0, 1], "model": [None, None], "inspector": [None, None]}
