@@ -179,7 +179,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         }
     },
     "kolibri1_1": {"head_dim": 16, "index_num_heads": 2},  # NVFP4 rounding: head_dim % 16 == 0
-    "nemotron_h_omni": {"vision_config": {"video_temporal_patch_size": 2}},
+    "nemotron_h": {"layers_block_type": ["linear_attention", "moe", "full_attention", "moe"]},
+    "nemotron_h_omni": {
+        "vision_config": {"video_temporal_patch_size": 2},
+        "text_config": {"layers_block_type": ["linear_attention", "moe", "full_attention", "moe"]},
+    },
     "qwen4_exp": {
         "text_config": {
             "indexer_n_heads": 2,
@@ -232,6 +236,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 # its config class does not define.
 PATCHES: dict[str, dict[str, Any]] = {
     "dbrx": {"attn_config.rope_theta": 10000.0},
+}
+
+# Multimodal models whose experts are in the language model are built as that language
+# model where it has a language-model head, else whole (text-only input), except these.
+TEXT_PART_ONLY: dict[str, str] = {
+    "muse_spark": "the whole model has 118M parameters (its audio and vision encoders fix widths)",
+    "diffusion_gemma": "the whole model is a block-diffusion generator: each forward draws new noise",
 }
 
 # Architectures that cannot be built or run offline on CPU, with the reason.
@@ -358,6 +369,8 @@ def _small(cls: type, extra: dict[str, Any]) -> dict[str, Any]:
             kwargs[key] = GENERIC[key]
         elif "dropout" in key and isinstance(value, float):
             kwargs[key] = 0.0
+        elif key == "mlp_only_layers" and isinstance(value, list) and value:
+            kwargs[key] = [0]  # one dense layer, the others MoE
     heads, kv_heads = (_field(defaults, k) for k in ("num_attention_heads", "num_key_value_heads"))
     if kv_heads is not None and kv_heads == heads:  # multi-head latent attention: kv heads = heads
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", heads)
@@ -415,7 +428,8 @@ def tiny_config(model_type: str) -> Any:
     """A tiny config of ``model_type``: hidden 32, 3 layers (2 of them MoE where the
     architecture has dense layers), 8 experts, top-2, vocabulary 128, no dropout, eager
     attention. For a multimodal model whose experts are in its language model, the
-    config of that language model (see ``built_part``)."""
+    config of that language model where it has a language-model head (else the whole
+    model's, run on text alone; see ``built_part`` and ``TEXT_PART_ONLY``)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
@@ -431,7 +445,18 @@ def tiny_config(model_type: str) -> Any:
         and getattr(config, "decoder_start_token_id", None) is None
     ):
         config.decoder_start_token_id = config.pad_token_id  # generate() starts the decoder there
-    config = _moe_part(config)
+    part = _moe_part(config)
+    if (
+        part is not config
+        and not _model_class(part).can_generate()
+        and model_type not in TEXT_PART_ONLY
+    ):
+        try:
+            _model_class(config)
+            part = config
+        except KeyError:  # no whole-model class with a forward (Qwen3-Omni only generates)
+            pass
+    config = part
     for sub in _configs(config):
         sub._attn_implementation = "eager"
     return config
@@ -446,15 +471,15 @@ def built_part(model_type: str) -> str:
 
 
 def _model_class(config: Any) -> Any:
-    """The model class for ``config``: the auto class's (causal LM first), else the
-    modeling module's own class for that config (a sub-config of a multimodal model)."""
+    """The model class for ``config``, one with a language-model head where there is one:
+    the auto classes' (causal LM, seq2seq LM, image-text-to-text), else the modeling
+    module's own ``...ForCausalLM`` / ``...ForConditionalGeneration`` for that config,
+    else the base model."""
     transformers = _transformers()
-    for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModel"):
-        mapping = getattr(transformers, auto)._model_mapping
-        try:
-            return mapping[type(config)]
-        except KeyError:
-            continue
+    for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForImageTextToText"):
+        found = getattr(transformers, auto)._model_mapping.get(type(config), None)
+        if found is not None:
+            return found
     module = importlib.import_module(
         type(config).__module__.replace(".configuration_", ".modeling_")
     )
@@ -466,10 +491,16 @@ def _model_class(config: Any) -> Any:
         and getattr(c, "config_class", None) is type(config)
         and c.forward is not nn.Module.forward
     ]
-    for suffix in ("ForCausalLM", "ForConditionalGeneration", "Model"):
+    for suffix in ("ForCausalLM", "ForConditionalGeneration"):
         for c in classes:
             if c.__name__.endswith(suffix):
                 return c
+    found = transformers.AutoModel._model_mapping.get(type(config), None)
+    if found is not None:
+        return found
+    for c in classes:
+        if c.__name__.endswith("Model"):
+            return c
     raise KeyError(f"no model class for {type(config).__name__}")
 
 
