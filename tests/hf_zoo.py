@@ -242,7 +242,7 @@ PATCHES: dict[str, dict[str, Any]] = {
 # model where it has a language-model head, else whole (text-only input), except these.
 TEXT_PART_ONLY: dict[str, str] = {
     "muse_spark": "the whole model has 118M parameters (its audio and vision encoders fix widths)",
-    "diffusion_gemma": "the whole model is a block-diffusion generator: each forward draws new noise",
+    "diffusion_gemma": "the whole model is a block-diffusion generator: each forward draws noise",
 }
 
 # Architectures that cannot be built or run offline on CPU, with the reason.
