@@ -230,21 +230,29 @@ def _series(steps: list[int], values: list[Any]) -> tuple[np.ndarray, np.ndarray
 
 
 def _aux_loss_over_steps(ax: Any, aux: dict[str, Any]) -> None:
+    """The two losses per forward; a loss of the model's own definition (not transformers')
+    gets its own y axis on the right, as its scale need not match."""
     ax.set_title(SIGNAL_TITLES[0])
     history = aux.get("history")
     if not history:
         return
-    for key, label, style in (
-        ("model", "model's aux_loss", "-"),
-        ("inspector", "inspector's load-balancing loss", "--"),
-    ):
-        steps, values = _series(history["steps"], history[key])
-        if len(steps):
-            ax.plot(steps, values, linestyle=style, marker=".", label=label)
+    model_steps, model = _series(history["steps"], history["model"])
+    steps, mine = _series(history["steps"], history["inspector"])
+    own = aux.get("definition") == "model" and len(steps) > 0 and len(model_steps) > 0
+    model_ax = ax.twinx() if own else ax
+    handles = []
+    if len(model_steps):
+        label = "model's aux_loss" + (" (right axis: its own definition)" if own else "")
+        handles += model_ax.plot(model_steps, model, marker=".", color="C0", label=label)
+    if len(steps):
+        label = "inspector's load-balancing loss"
+        handles += ax.plot(steps, mine, linestyle="--", marker=".", color="C1", label=label)
+    if own:
+        model_ax.set_ylabel("model's aux_loss")
     ax.set(xlabel="forward", ylabel="loss")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    if ax.get_lines():
-        ax.legend(fontsize=7)
+    if handles:
+        ax.legend(handles=handles, fontsize=7)
 
 
 BIAS_LINES = 8

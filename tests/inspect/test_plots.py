@@ -172,3 +172,20 @@ def test_many_biased_layers_are_drawn_as_their_max_and_median() -> None:
     )
     labels = [t.get_text() for t in panels[SIGNAL_TITLES[2]].get_legend().get_texts()]
     assert labels == [f"max of {BIAS_LINES + 1} layers", "median"]
+
+
+def test_an_aux_loss_of_the_models_own_definition_gets_its_own_axis() -> None:
+    from moe_devkit.inspect.plots import SIGNAL_TITLES, signals_figure
+
+    section = _signals_section()
+    section["aux_loss"]["definition"] = "model"
+    fig = signals_figure(section)
+    panel = next(ax for ax in fig.axes if ax.get_title() == SIGNAL_TITLES[0])
+    twins = [ax for ax in fig.axes if ax is not panel and ax.get_ylabel() == "model's aux_loss"]
+    assert [list(line.get_ydata()) for line in panel.get_lines()] == [[2.0, 2.1, 2.2]]
+    assert len(twins) == 1 and [list(x.get_ydata()) for x in twins[0].get_lines()] == [[2.0, 2.1]]
+    legend = [t.get_text() for t in panel.get_legend().get_texts()]
+    assert legend == [
+        "model's aux_loss (right axis: its own definition)",
+        "inspector's load-balancing loss",
+    ]
