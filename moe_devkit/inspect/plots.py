@@ -216,9 +216,11 @@ def signals_figure(section: dict[str, Any], dpi: int = 110) -> Any:
     _aux_loss_over_steps(aux_ax, section.get("aux_loss") or {})
     biased = [layer for layer in section["layers"].values() if "selection_bias" in layer]
     _bias_over_steps(bias_ax, flip_ax, biased)
-    for ax in (aux_ax, bias_ax, flip_ax):
+    if not aux_ax.has_data():
+        _note(aux_ax, "No data: no forward returned an aux loss or had router probabilities.")
+    for ax in (bias_ax, flip_ax):
         if not ax.has_data():
-            _note(ax, "No data: the report records no value for this plot.")
+            _note(ax, "No data: no router of this model has a selection bias.")
     fig.suptitle("moe-devkit model signals")
     return fig
 
@@ -249,7 +251,7 @@ def _aux_loss_over_steps(ax: Any, aux: dict[str, Any]) -> None:
         handles += ax.plot(steps, mine, linestyle="--", marker=".", color="C1", label=label)
     if own:
         model_ax.set_ylabel("model's aux_loss")
-    ax.set(xlabel="forward", ylabel="loss")
+    ax.set(xlabel="forward", ylabel="inspector's loss" if own else "loss")
     ax.xaxis.get_major_locator().set_params(integer=True)
     if handles:
         ax.legend(handles=handles, fontsize=7)
