@@ -448,11 +448,11 @@ def tiny_config(model_type: str) -> Any:
     part = _moe_part(config)
     if (
         part is not config
-        and not _model_class(part).can_generate()
+        and not model_class(part).can_generate()
         and model_type not in TEXT_PART_ONLY
     ):
         try:
-            _model_class(config)
+            model_class(config)
             part = config
         except KeyError:  # no whole-model class with a forward (Qwen3-Omni only generates)
             pass
@@ -466,11 +466,11 @@ def built_part(model_type: str) -> str:
     """Which model ``build_tiny(model_type)`` builds: the whole model or its MoE text part."""
     config = tiny_config(model_type)
     if config.model_type == model_type:
-        return f"whole model ({_model_class(config).__name__})"
-    return f"text part {config.model_type} ({_model_class(config).__name__})"
+        return f"whole model ({model_class(config).__name__})"
+    return f"text part {config.model_type} ({model_class(config).__name__})"
 
 
-def _model_class(config: Any) -> Any:
+def model_class(config: Any) -> Any:
     """The model class for ``config``, one with a language-model head where there is one:
     the auto classes' (causal LM, seq2seq LM, image-text-to-text), else the modeling
     module's own ``...ForCausalLM`` / ``...ForConditionalGeneration`` for that config,
@@ -508,7 +508,7 @@ def build_tiny(model_type: str, seed: int = 0) -> nn.Module:
     """A tiny random ``model_type`` model: eval mode, float32, the same weights for a seed."""
     config = tiny_config(model_type)
     torch.manual_seed(seed)
-    model = _model_class(config)(config)
+    model = model_class(config)(config)
     for name, buffer in model.named_buffers():
         if name.endswith("tid2eid"):  # hash routing (DeepSeek-V4): the checkpoint's table is
             # token -> k distinct experts; initialisation leaves it all zeros

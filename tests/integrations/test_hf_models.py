@@ -26,6 +26,7 @@ from hf_zoo import (  # noqa: E402
     SKIPPED,
     ExpertInputs,
     build_tiny,
+    model_class,
     moe_architectures,
     record_expert_inputs,
     tiny_config,
@@ -64,10 +65,8 @@ def _model(arch: str) -> nn.Module:
 
 
 def _can_generate(arch: str) -> bool:
-    from hf_zoo import _model_class
-
     try:
-        return bool(_model_class(tiny_config(arch)).can_generate())
+        return bool(model_class(tiny_config(arch)).can_generate())
     except Exception:  # a model that cannot be built fails in the forward test
         return False
 
@@ -167,3 +166,54 @@ def test_training_step_with_gradient_checkpointing_counts_each_forward_once(arch
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert_counts_match(inspector.summary(), truth)
+
+
+# The ground truth itself, against what it must be on models whose routing is known.
+
+
+def test_ground_truth_is_the_top_k_of_the_router_logits() -> None:
+    model = _model("mixtral")
+    logits: dict[str, torch.Tensor] = {}
+    handles = [
+        layer.mlp.gate.register_forward_hook(
+            lambda _m, _a, out, i=i: logits.__setitem__(f"model.layers.{i}.mlp", out[0])
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad(), record_expert_inputs(model) as truth:
+        model(input_ids=INPUT_IDS)
+    for handle in handles:
+        handle.remove()
+    assert sorted(truth) == sorted(logits) and len(truth) == 3
+    for block, expected in truth.items():
+        top = logits[block].topk(2, dim=-1).indices
+        assert expected.counts.tolist() == torch.bincount(top.flatten(), minlength=8).tolist()
+        assert _trim(expected.k_histogram) == [0, 0, INPUT_IDS.numel()]
+        assert (expected.tokens, expected.forwards) == (INPUT_IDS.numel(), 1)
+
+
+def test_ground_truth_leaves_out_what_capacity_dropped() -> None:
+    """Switch Transformers with an expert capacity of 2 per sequence: the experts get at
+    most 2 tokens of each of the 2 sequences, the other tokens none (k = 0)."""
+    model = _model("switch_transformers")
+    with torch.no_grad(), record_expert_inputs(model) as truth:
+        model(**_inputs(model))
+    assert len(truth) == 6
+    for expected in truth.values():
+        assert max(expected.counts.tolist()) <= 2 * INPUT_IDS.shape[0]
+        dropped, routed = expected.k_histogram
+        assert dropped > 0 and routed == sum(expected.counts.tolist())
+        assert dropped + routed == expected.tokens == INPUT_IDS.numel()
+
+
+def test_ground_truth_skips_the_checkpointed_recompute() -> None:
+    model = _model("olmoe")
+    model.gradient_checkpointing_enable()
+    model.train()
+    calls = []
+    handle = model.model.layers[0].mlp.experts.register_forward_pre_hook(lambda *_: calls.append(1))
+    with record_expert_inputs(model) as truth:
+        _output(model(input_ids=INPUT_IDS)).sum().backward()
+    handle.remove()
+    assert len(calls) == 2, "the experts ran once in the forward and once in the recompute"
+    assert {t.forwards for t in truth.values()} == {1}
