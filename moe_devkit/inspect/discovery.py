@@ -132,8 +132,8 @@ def find_probes(model: nn.Module) -> list[Probe]:
             probes.append(_product_key_probe(name, module))
             covered.add(id(module))
     for module, index in _recorded_routers(model):
-        if id(module) in covered:
-            continue
+        if id(module) in covered or any(_is_experts(m) for m in module.modules()):
+            continue  # a block declared as the router (its experts inside): step 4 reads it
         block = parents.get(id(module), module)
         if id(block) in covered:
             continue
