@@ -332,8 +332,12 @@ class ModelSignals:
         }
         for site in sites:
             found = selection_bias_candidates(site)
-            if found:
-                self._candidates[site.layer] = found
+            self._candidates[site.layer] = found
+            track = self._bias.get(site.layer)
+            if track is not None and not any(
+                owner is track.owner and attr == track.attr for _, owner, attr in found
+            ):  # attached to another model: its layer starts afresh
+                del self._bias[site.layer]
         return [
             model.register_forward_pre_hook(self._begin_step, with_kwargs=True),
             model.register_forward_hook(self._end_step),

@@ -592,3 +592,21 @@ def test_decisions_without_router_probabilities_give_no_inspector_loss() -> None
     aux = signals.host_state()["aux_loss"]
     assert aux["status"]["absent"] == 2
     assert aux["history"] == {"steps": [0, 1], "model": [None, None], "inspector": [None, None]}
+
+
+def test_reattaching_keeps_a_bias_history_and_another_model_starts_afresh() -> None:
+    inspector, model = _biased_run(steps=2)
+    inspector.detach()
+    inspector.attach(model)
+    with torch.no_grad():
+        model(_tokens(5))
+    bias = inspector.summary().layers["model.layers.0.mlp.gate"]["selection_bias"]
+    assert bias["steps"] == 3  # the same model: one history
+    other = _deepseek().eval()
+    inspector.detach()
+    inspector.attach(other)
+    with torch.no_grad():
+        other.model.layers[0].mlp.gate.e_score_correction_bias.fill_(0.5)
+        other(_tokens(6))
+    bias = inspector.summary().layers["model.layers.0.mlp.gate"]["selection_bias"]
+    assert bias["steps"] == 1 and bias["history"]["abs_max"] == [0.5]
