@@ -298,19 +298,23 @@ def _router_probe(
                 if chosen is not None:
                     selected[:] = [Selection(chosen.expert_indices, chosen.dropped)]
                     pending[:] = [logits]
+                    probe.how = "router output (selected) + experts' inputs (executed)"
                 return
             parts = _topk_parts(output, logits)
             if parts is not None:
                 weights, indices = parts
+                probe.how = "router output: logits, weights, indices"
                 emit(site, decision_from_router_outputs(logits, indices, weights, scoring=scoring))
                 return
             dense = _dense_scores(output, logits)
             if dense is not None:
                 decision = decision_from_dense_scores(logits, dense, max_k=max_k, scoring=scoring)
+                probe.how = "router output: logits, dense scores"
                 emit(site, decision)
                 return
             if experts is None:
                 raise _unreadable(router, output)
+            probe.how = "router logits + experts' inputs"
             pending[:] = [logits]
 
         def experts_hook(mod: nn.Module, args: Any, kwargs: Any) -> None:
@@ -327,8 +331,8 @@ def _router_probe(
             handles.append(experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
         return handles
 
-    how = "router output" if experts is None else "router logits + experts' inputs"
-    return Probe(site, how, install)
+    probe = Probe(site, "router output (read at its first call)", install)
+    return probe
 
 
 def _experts_probe(
