@@ -447,17 +447,24 @@ def test_every_biased_architecture_has_its_bias_tracked(model_type: str) -> None
     with torch.no_grad():
         model(tokens)
     summary = inspector.summary()
-    tracked = {
-        name: layer["selection_bias"]
-        for name, layer in summary.layers.items()
-        if "selection_bias" in layer
+    names = {id(module): name for name, module in model.named_modules()}
+    blocks = {probe.site.layer: names[id(probe.site.block)] for probe in inspector.probes}
+    # Each recorded layer (one that routed tokens in this forward) whose block holds a bias.
+    expected = {
+        layer: {n: t for n, t in biases.items() if n.startswith(f"{blocks[layer]}.")}
+        for layer in summary.layers
     }
-    assert len(tracked) == len(biases), (model_type, sorted(tracked), sorted(biases))
-    expected = sorted(round(float(t.abs().max()), 6) for t in biases.values())
-    assert sorted(round(b["last"]["abs_max"], 6) for b in tracked.values()) == expected
-    assert all(
-        b["tensor"].endswith(("e_score_correction_bias", "expert_bias")) for b in tracked.values()
-    )
+    expected = {layer: found for layer, found in expected.items() if found}
+    assert expected, f"{model_type}: no recorded layer holds a bias"
+    for layer, found in expected.items():
+        assert len(found) == 1, (layer, sorted(found))
+        ((full_name, tensor),) = found.items()
+        bias = summary.layers[layer].get("selection_bias")
+        assert bias is not None, (model_type, layer, full_name)
+        assert f"{blocks[layer]}.{bias['tensor']}" == full_name
+        assert bias["last"]["abs_max"] == pytest.approx(float(tensor.abs().max()), rel=1e-6)
+    tracked = [name for name, layer in summary.layers.items() if "selection_bias" in layer]
+    assert sorted(tracked) == sorted(expected)
 
 
 def test_bias_candidates_follow_the_rule() -> None:
