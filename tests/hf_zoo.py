@@ -236,6 +236,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 # its config class does not define.
 PATCHES: dict[str, dict[str, Any]] = {
     "dbrx": {"attn_config.rope_theta": 10000.0},
+    # the thinker's generate() reads it; only the talker's config defines it (same value)
+    "qwen3_omni_moe": {"thinker_config.vision_start_token_id": 151652},
 }
 
 # Multimodal models whose experts are in the language model are built as that language
@@ -254,7 +256,6 @@ SUB_CONFIGS = ("text_config", "language_config", "llm_config", "thinker_config",
 def _transformers() -> Any:
     import transformers
 
-    transformers.logging.set_verbosity_error()
     return transformers
 
 
@@ -410,26 +411,34 @@ def _layer_pattern(default: Any, tiny: Any) -> list[Any] | None:
     return [kinds[0]] + [rest[i % len(rest)] for i in range(len(tiny) - 1)]
 
 
-def _moe_part(config: Any) -> Any:
-    """The part of ``config`` that carries the experts: a multimodal model's language
-    model config (searched depth first) when the experts are there, else the whole config."""
+def _moe_path(config: Any) -> list[Any]:
+    """The configs from ``config`` down to the one that carries the experts (searched
+    depth first through language-model sub-configs); just ``[config]`` when it is that."""
     if _num_experts(config) > 1:
-        return config
+        return [config]
     for name in SUB_CONFIGS:
         sub = _field(config, name)
         if _is_config(sub):
-            part = _moe_part(sub)
-            if _num_experts(part) > 1:
-                return part
-    return config
+            path = _moe_path(sub)
+            if _num_experts(path[-1]) > 1:
+                return [config, *path]
+    return [config]
+
+
+def _generative(config: Any) -> bool:
+    try:
+        return bool(model_class(config).can_generate())
+    except KeyError:  # no model class with a forward (Qwen3-Omni's top level only generates)
+        return False
 
 
 def tiny_config(model_type: str) -> Any:
     """A tiny config of ``model_type``: hidden 32, 3 layers (2 of them MoE where the
     architecture has dense layers), 8 experts, top-2, vocabulary 128, no dropout, eager
     attention. For a multimodal model whose experts are in its language model, the
-    config of that language model where it has a language-model head (else the whole
-    model's, run on text alone; see ``built_part`` and ``TEXT_PART_ONLY``)."""
+    config of that language model where it has a language-model head, else of the
+    innermost model around it that has one, run on text alone (see ``built_part`` and
+    ``TEXT_PART_ONLY``)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
@@ -445,29 +454,22 @@ def tiny_config(model_type: str) -> Any:
         and getattr(config, "decoder_start_token_id", None) is None
     ):
         config.decoder_start_token_id = config.pad_token_id  # generate() starts the decoder there
-    part = _moe_part(config)
-    if (
-        part is not config
-        and not model_class(part).can_generate()
-        and model_type not in TEXT_PART_ONLY
-    ):
-        try:
-            model_class(config)
-            part = config
-        except KeyError:  # no whole-model class with a forward (Qwen3-Omni only generates)
-            pass
-    config = part
+    path = _moe_path(config)
+    if model_type in TEXT_PART_ONLY or _generative(path[-1]):
+        config = path[-1]
+    else:  # the innermost model with a language-model head, else the experts' part
+        config = next((c for c in reversed(path) if _generative(c)), path[-1])
     for sub in _configs(config):
         sub._attn_implementation = "eager"
     return config
 
 
 def built_part(model_type: str) -> str:
-    """Which model ``build_tiny(model_type)`` builds: the whole model or its MoE text part."""
+    """Which model ``build_tiny(model_type)`` builds: the whole model or a part of it."""
     config = tiny_config(model_type)
     if config.model_type == model_type:
         return f"whole model ({model_class(config).__name__})"
-    return f"text part {config.model_type} ({model_class(config).__name__})"
+    return f"part {config.model_type} ({model_class(config).__name__})"
 
 
 def model_class(config: Any) -> Any:
