@@ -515,6 +515,11 @@ def _aux_missing(aux: dict[str, Any], biased_layers: list[str]) -> Finding | Non
 
 
 def _mismatch_causes(ratio: float, layers: int) -> list[str]:
+    if ratio <= 0:
+        return [
+            "the model's loss is 0: it got no router logits (transformers' "
+            "load_balancing_loss_func returns 0 when they are not a tuple of the layers' logits)"
+        ]
     causes = []
     factor = ratio if ratio >= 1 else (1.0 / ratio if ratio > 0 else 0.0)  # 0: the model's is 0
     n = round(factor)

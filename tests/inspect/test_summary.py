@@ -148,6 +148,8 @@ def test_aux_loss_mismatch_fires_beyond_the_tolerance_only() -> None:
     assert "multiplied by" not in finding.message  # 1.04 is no whole factor
     halved = _codes_of({"aux_loss": _aux_state([v / 2 for v in inspector], inspector)})
     assert "divided by 2" in halved["aux-loss-mismatch"].message
+    zero = _codes_of({"aux_loss": _aux_state([0.0, 0.0, 0.0], inspector)})["aux-loss-mismatch"]
+    assert zero.details["ratio"] == 0.0 and "the model's loss is 0" in zero.message
     # A loss of the model's own definition (not a transformers output) is not compared.
     own = _aux_state(far, inspector, definition="model")
     assert "aux-loss-mismatch" not in _codes_of({"aux_loss": own})
