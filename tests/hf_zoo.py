@@ -292,7 +292,9 @@ def moe_architectures() -> list[str]:
     Sub-model types that share their parent's module (``llama4_text``, ...) are covered
     by the parent.
     """
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.configuration_auto import (  # type: ignore[attr-defined]
+        CONFIG_MAPPING_NAMES,
+    )
 
     found = []
     for model_type in CONFIG_MAPPING_NAMES:
@@ -454,11 +456,11 @@ def tiny_config(model_type: str) -> Any:
         and getattr(config, "decoder_start_token_id", None) is None
     ):
         config.decoder_start_token_id = config.pad_token_id  # generate() starts the decoder there
-    path = _moe_path(config)
-    if model_type in TEXT_PART_ONLY or _generative(path[-1]):
-        config = path[-1]
+    nested = _moe_path(config)
+    if model_type in TEXT_PART_ONLY or _generative(nested[-1]):
+        config = nested[-1]
     else:  # the innermost model with a language-model head, else the experts' part
-        config = next((c for c in reversed(path) if _generative(c)), path[-1])
+        config = next((c for c in reversed(nested) if _generative(c)), nested[-1])
     for sub in _configs(config):
         sub._attn_implementation = "eager"
     return config
@@ -516,7 +518,8 @@ def build_tiny(model_type: str, seed: int = 0) -> nn.Module:
             # token -> k distinct experts; initialisation leaves it all zeros
             experts = torch.rand(buffer.shape[0], _num_experts(config)).argsort(dim=1)
             buffer.copy_(experts[:, : buffer.shape[1]])
-    return model.float().eval()
+    module: nn.Module = model.float().eval()
+    return module
 
 
 def save_tiny_dir(model_type: str, path: str | os.PathLike[str], seed: int = 0) -> nn.Module:
@@ -667,7 +670,7 @@ class _Recorder:
         state: dict[str, Any] = {}
 
         def enter(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            hidden: torch.Tensor = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             state["tokens"] = None if _recomputing() else hidden.reshape(-1, hidden.shape[-1])
             state["pairs"] = torch.zeros(
                 state["tokens"].shape[0] if state["tokens"] is not None else 0,

@@ -59,8 +59,9 @@ def _built(arch: str) -> nn.Module:
     return build_tiny(arch)
 
 
-def _model(arch: str) -> nn.Module:
-    """A fresh copy of the tiny model (tests change its mode and weights)."""
+def _model(arch: str) -> Any:
+    """A fresh copy of the tiny model (tests change its mode and weights): a transformers
+    ``PreTrainedModel``."""
     return copy.deepcopy(_built(arch))
 
 
@@ -71,7 +72,7 @@ def _can_generate(arch: str) -> bool:
         return False
 
 
-def _inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+def _inputs(model: Any) -> dict[str, torch.Tensor]:
     inputs = {"input_ids": INPUT_IDS}
     if model.config.is_encoder_decoder:
         inputs["decoder_input_ids"] = INPUT_IDS
@@ -159,7 +160,7 @@ def test_training_step_with_gradient_checkpointing_counts_each_forward_once(arch
         assert "checkpointing" in str(error)
     model.train()
     with RouterInspector(model) as inspector, record_expert_inputs(model) as truth:
-        _output(model(**inputs)).float().square().mean().backward()
+        _output(model(**inputs)).float().square().mean().backward()  # type: ignore[no-untyped-call]
     forwards = {block: t.forwards for block, t in truth.items()}
     assert forwards == {block: t.forwards for block, t in plain.items()}, "recomputes recorded"
     assert any(forwards.values())
@@ -213,7 +214,7 @@ def test_ground_truth_skips_the_checkpointed_recompute() -> None:
     calls = []
     handle = model.model.layers[0].mlp.experts.register_forward_pre_hook(lambda *_: calls.append(1))
     with record_expert_inputs(model) as truth:
-        _output(model(input_ids=INPUT_IDS)).sum().backward()
+        _output(model(input_ids=INPUT_IDS)).sum().backward()  # type: ignore[no-untyped-call]
     handle.remove()
     assert len(calls) == 2, "the experts ran once in the forward and once in the recompute"
     assert {t.forwards for t in truth.values()} == {1}
