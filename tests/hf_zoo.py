@@ -59,6 +59,7 @@ GENERIC: dict[str, Any] = {
     "expert_intermediate_size": 16,
     "moe_ffn_hidden_size": 16,
     "shared_expert_intermediate_size": 16,
+    "shared_experts_intermediate_size": 16,
     "moe_shared_expert_intermediate_size": 16,
     "num_hidden_layers": 3,
     "num_layers": 3,
@@ -151,21 +152,17 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     "gemma4": {"text_config": {"enable_moe_block": True, "global_head_dim": 16}},  # MoE is opt-in
     "diffusion_gemma": {"text_config": {"enable_moe_block": True, "global_head_dim": 16}},
-    "dots3_note": {  # a dense first layer (the vision encoder too)
+    "dots3_note": {
+        # the vision encoder's experts per layer (its default lists 46 layers): none, 8, 8
         "vision_config": {
             "pyramid_num_routed": [-1, 8, 8],
             "adapter_in_dim": 32,
             "adapter_out_dim": 32,
         },
         "audio_config": {"adapter_input_size": 32, "adapter_out_dim": 32},
-        "text_config": {
-            "head_dim": 16,  # sliding-window attention: qk_nope_head_dim + qk_rope_head_dim
-            "mlp_layer_types": ["dense", "sparse", "sparse"],
-            "per_layer_config": {
-                1: {"num_local_experts": 8, "num_experts_per_tok": 2},
-                2: {"num_local_experts": 4, "num_experts_per_tok": 2},
-            },
-        },
+        # sliding-window attention needs head_dim = qk_nope_head_dim + qk_rope_head_dim
+        # and no per-layer overrides (the defaults are full size)
+        "text_config": {"head_dim": 16, "per_layer_config": {}},
     },
     "glm4v_moe": {
         "text_config": {
