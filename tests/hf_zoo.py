@@ -432,12 +432,18 @@ def _generative(config: Any) -> bool:
 
 
 def tiny_config(model_type: str) -> Any:
-    """A tiny config of ``model_type``: hidden 32, 3 layers (2 of them MoE where the
-    architecture has dense layers), 8 experts, top-2, vocabulary 128, no dropout, eager
-    attention. For a multimodal model whose experts are in its language model, the
-    config of that language model where it has a language-model head, else of the
-    innermost model around it that has one, run on text alone (see ``built_part`` and
-    ``TEXT_PART_ONLY``)."""
+    """A tiny config of ``model_type`` (a fresh copy each call): hidden 32, 3 layers (2
+    of them MoE where the architecture has dense layers), 8 experts, top-2, vocabulary
+    128, no dropout, eager attention. For a multimodal model whose experts are in its
+    language model, the config of that language model where it has a language-model
+    head, else of the innermost model around it that has one, run on text alone (see
+    ``built_part`` and ``TEXT_PART_ONLY``)."""
+    return copy.deepcopy(_tiny_config(model_type))
+
+
+@functools.cache
+def _tiny_config(model_type: str) -> Any:
+    """The tiny config ``tiny_config`` copies (built once per model type)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
