@@ -211,12 +211,18 @@ class _AuxTrack:
         self.training_steps = 0
         self.requested_steps = 0  # forwards called with output_router_logits=True
         self.transformers_steps = 0
+        self.model_outputs = 0  # forwards that returned a transformers ModelOutput
         self.output_type: str | None = None
         self.ring: _Ring | None = None  # columns: model value, inspector value
         self.current: _StepAccumulator | None = None
 
     def begin(self, requested: bool) -> None:
-        self.current = _StepAccumulator()
+        # The inspector's own per-forward value is kept for transformers-style models (their
+        # ModelOutput): once the first forward has shown another output type (moe-devkit's
+        # reference model, a custom model), the per-layer work (about 11 small ops per
+        # layer and step, on the model's stream) stops.
+        compared = self.step == 0 or self.model_outputs > 0
+        self.current = _StepAccumulator() if compared else None
         self.requested_steps += int(requested)
 
     def end(self, output: Any, training: bool) -> None:
@@ -225,10 +231,12 @@ class _AuxTrack:
         self.status[status] += 1
         self.training_steps += int(training)
         self.output_type = type(output).__name__
-        if status == "value" and follows_transformers(output):
+        transformers_output = follows_transformers(output)
+        self.model_outputs += int(transformers_output)
+        if status == "value" and transformers_output:
             self.transformers_steps += 1
         inspector = accumulator.loss() if accumulator is not None else None
-        if value is not None or inspector is not None:
+        if value is not None or inspector is not None or self.ring is not None:
             if self.ring is None:
                 # An accelerator's values stay there: never copied to the host during a step.
                 devices = [t.device for t in (inspector, value) if isinstance(t, torch.Tensor)]

@@ -617,3 +617,28 @@ def test_reattaching_keeps_a_bias_history_and_another_model_starts_afresh() -> N
         other(_tokens(6))
     bias = inspector.summary().layers["model.layers.0.mlp.gate"]["selection_bias"]
     assert bias["steps"] == 1 and bias["history"]["abs_max"] == [0.5]
+
+
+def test_the_reference_model_pays_for_the_aux_loss_comparison_only_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from moe_devkit.config import RouterConfig
+    from moe_devkit.inspect import signals as signals_module
+    from moe_devkit.routers.torch_router import MoEModel
+
+    calls: list[int] = []
+    add = signals_module._StepAccumulator.add
+
+    def counted(self: Any, decision: RoutingDecision) -> None:
+        calls.append(1)
+        add(self, decision)
+
+    monkeypatch.setattr(signals_module._StepAccumulator, "add", counted)
+    config = RouterConfig(hidden_size=16, num_experts=4, max_k=2, expert_hidden_size=16)
+    model = MoEModel(config, num_layers=2)
+    inspector = RouterInspector(model).attach()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(2, 5, 16))
+    assert len(calls) == 2  # the first forward's two layers; not a transformers output
+    assert inspector.summary().layers["layers.0.moe.router"]["steps"] == 4
