@@ -25,6 +25,7 @@ Hooks skip the second forward that activation checkpointing runs during the back
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_devkit.diagnostics.findings import SEVERITIES, Finding, Severity
 from moe_devkit.inspect.adapters import (
     check_decision,
     decision_from_tensors,
@@ -42,12 +44,22 @@ from moe_devkit.inspect.adapters import (
 )
 from moe_devkit.inspect.config import InspectorConfig
 from moe_devkit.inspect.discovery import Probe, find_probes
+from moe_devkit.inspect.live import (
+    DeadSpan,
+    Episodes,
+    LiveReader,
+    OnAlarm,
+    Window,
+    deliver,
+    window_findings,
+    window_metrics,
+)
 from moe_devkit.inspect.padding import TokenMasks
 from moe_devkit.inspect.records import RouterSite, Selection, StepTensors
 from moe_devkit.inspect.report import ReportPaths, write_report
 from moe_devkit.inspect.signals import ModelSignals
 from moe_devkit.inspect.state import LayerState
-from moe_devkit.inspect.summary import InspectorSummary, summarize
+from moe_devkit.inspect.summary import InspectorSummary, _aux_summary, aux_loss_alarms, summarize
 from moe_devkit.routers.torch_router import RoutingDecision
 
 
@@ -94,6 +106,11 @@ class RouterInspector:
         self.signals = ModelSignals(self.config)
         self.probes: list[Probe] = []
         self.routing_history_size = 0
+        self._live = LiveReader()  # the windows of metrics() and check_alarms()
+        self._window: Window | None = None
+        self._window_users: set[str] = set()
+        self._dead = DeadSpan()
+        self._episodes = Episodes()
 
     # ------------------------------------------------------------------ attach / detach
 
@@ -271,6 +288,74 @@ class RouterInspector:
     def report(self, out_dir: str | Path = "moe_devkit_report") -> ReportPaths:
         """Writes report.json, routing_analysis.png and report.html into ``out_dir``."""
         return write_report(self.summary(), out_dir)
+
+    def _window_for(self, user: str) -> Window:
+        """The last window read, if ``user`` has not used it yet; else a new read."""
+        if self._window is None or user in self._window_users:
+            self._window = self._live.read(self.layers.values())
+            self._window_users = set()
+        self._window_users.add(user)
+        return self._window
+
+    def metrics(
+        self, prefix: str = "moe/", *, per_layer: bool = False, top_experts: int = 0
+    ) -> dict[str, float]:
+        """Scalars of the steps since the previous read (a window; the first covers every
+        step so far), read in one host transfer (docs/metrics.md, "Live metrics and alarms").
+
+        The keys are ``prefix`` + each of ``live.METRIC_KEYS``, whatever the layers and
+        experts; values are Python floats, NaN where undefined (no token in the window).
+        ``check_alarms()`` right after uses the same window (no second read).
+
+        Args:
+            prefix: put before every key.
+            per_layer: add ``{prefix}layer/{name}/{key}`` for each of ``LAYER_METRIC_KEYS``.
+            top_experts: add the n most and n least loaded (layer, expert) by share of the
+                layer's executed pairs, ``{prefix}expert_share/{layer}/{expert}`` (at most 2n).
+        """
+        if isinstance(top_experts, bool) or not isinstance(top_experts, int) or top_experts < 0:
+            raise ValueError(f"top_experts must be an int >= 0; got top_experts={top_experts!r}")
+        window = self._window_for("metrics")
+        first_k = self._live.first_pooled_k
+        return window_metrics(
+            window,
+            math.nan if first_k is None else first_k,
+            prefix,
+            per_layer=per_layer,
+            top_experts=top_experts,
+        )
+
+    def check_alarms(
+        self, on_alarm: OnAlarm = "warn", *, min_severity: Severity = "warning"
+    ) -> list[Finding]:
+        """The summary's findings over the current window, each once per episode.
+
+        Evaluates routing collapse, non-finite tokens and dropped pairs over the window (the
+        one ``metrics()`` just read, else a new read), dead experts over the last
+        ``config.dead_window_steps`` steps, mean-k drift against each layer's first window,
+        and the aux-loss liveness findings of the model signals. A finding fires when its
+        condition becomes true, stays quiet while it stays true, and fires again after a
+        check where it was false. Findings below ``min_severity`` (default: the "info"
+        ones) are left out. Returns the new findings, after delivering them: ``"warn"``
+        issues a ``RoutingAlarm`` warning each, ``"raise"`` raises ``RoutingAlarmError``
+        holding them, a callable gets the list.
+        """
+        if not (on_alarm in ("warn", "raise") or callable(on_alarm)):
+            raise ValueError(f"on_alarm must be 'warn', 'raise' or a callable; got {on_alarm!r}")
+        window = self._window_for("alarms")
+        findings = window_findings(window, self._live, self._dead, self.config)
+        signals = self.signals.host_state()
+        if signals.get("aux_loss") is not None:
+            biases = sorted(n for n in signals.get("selection_bias") or {} if n in self.layers)
+            findings += aux_loss_alarms(_aux_summary(signals["aux_loss"]), biases)
+        if min_severity not in SEVERITIES:
+            raise ValueError(
+                f"min_severity must be one of {SEVERITIES}; got min_severity={min_severity!r}"
+            )
+        floor = SEVERITIES.index(min_severity)
+        fresh = self._episodes.new([f for f in findings if SEVERITIES.index(f.severity) >= floor])
+        deliver(fresh, on_alarm)
+        return fresh
 
     def __iter__(self) -> Iterator[LayerState]:
         return iter(self.layers.values())
