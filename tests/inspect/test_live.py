@@ -401,3 +401,47 @@ def test_drift_dead_experts_and_drops_are_checked_per_window() -> None:
     assert "dead-experts" in codes
     dead = next(f for f in found if f.code == "dead-experts")
     assert "the last" in dead.message and "steps" in dead.message
+
+
+def test_mean_k_drift_fires_against_the_first_window() -> None:
+    config = InspectorConfig(drift_k=0.3)
+    model = _reference(layers=1, experts=8)
+    estimator = model.layers[0].moe.router.complexity_estimator
+    assert estimator is not None
+    inspector = RouterInspector(config=config).attach(model)
+    with torch.no_grad():
+        for step in range(3):
+            model(_hidden(step))
+        first = inspector.metrics()
+        assert first["moe/k_drift"] == 0.0
+        assert "mean-k-drift" not in {
+            f.code for f in inspector.check_alarms(on_alarm=lambda found: None)
+        }
+        estimator.fc2.bias.fill_(30.0)  # complexity 1: every token takes max_k = 2 experts
+        for step in range(3, 6):
+            model(_hidden(step))
+        later = inspector.metrics()
+        found = inspector.check_alarms(on_alarm=lambda found: None)
+    inspector.detach()
+    assert later["moe/mean_k"] == 2.0
+    assert later["moe/k_drift"] == pytest.approx(2.0 - first["moe/mean_k"])
+    assert later["moe/k_drift"] > 0.3
+    drift = [f for f in found if f.code == "mean-k-drift"]
+    assert [f.location for f in drift] == ["layers.0.moe.router"]
+    assert drift[0].details["last"] == 2.0
+
+
+def test_the_aux_loss_liveness_check_fires_once() -> None:
+    """A transformers model trained without output_router_logits returns no aux loss: the
+    model-signal finding fires at the first check and stays quiet at the next ones."""
+    model = _tiny_mixtral(layers=2).train()
+    inspector = RouterInspector().attach(model)
+    fired: list[str] = []
+    with torch.no_grad():
+        for step in range(6):
+            model(_tokens(step))
+            if step % 2 == 1:
+                found = inspector.check_alarms(on_alarm=lambda found: None)
+                fired += [f.code for f in found if f.code.startswith("aux-loss")]
+    inspector.detach()
+    assert fired == ["aux-loss-missing"]
