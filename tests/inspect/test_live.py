@@ -73,6 +73,9 @@ def _hidden(seed: int) -> torch.Tensor:
 def test_the_key_set_is_fixed_whatever_the_layers_and_experts() -> None:
     small = _tiny_mixtral(layers=2)  # 2 layers x 8 experts
     big = _reference(layers=24, experts=64)  # 24 layers x 64 experts
+    before = RouterInspector().metrics()  # nothing recorded yet
+    assert list(before) == [f"moe/{key}" for key in METRIC_KEYS]
+    assert before["moe/steps"] == 0.0 and math.isnan(before["moe/tokens"])
     keys = []
     with torch.no_grad():
         with RouterInspector().attach(small) as inspector:
@@ -191,6 +194,7 @@ def test_values_equal_the_model_outputs_of_the_window_steps() -> None:
             first = _expected(windows[0])["mean_k"]
             want["k_drift"] = want["mean_k"] - first
             assert set(got) == set(want)
+            assert all(type(v) is float for v in got.values())
             for key, value in want.items():
                 assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     inspector.detach()
