@@ -85,6 +85,9 @@ CASES = [
     unwritable("bench_moe_layer"),
     positive("bench_inspector", "--window", "0"),
     unwritable("bench_inspector"),
+    positive("bench_training_overhead", "--blocks", "0"),
+    positive("bench_training_overhead", "--log-every", "0"),
+    unwritable("bench_training_overhead"),
     positive("bench_check_debug", "--repeat", "0"),
     usage(
         "bench_check_debug",

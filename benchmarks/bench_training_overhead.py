@@ -1,0 +1,162 @@
+"""Training-step cost of watching the routing live: the inspector attached, with
+``metrics()`` and ``check_alarms()`` every ``--log-every`` steps (what the Trainer callback
+does at each logging step), against the same training steps with no inspector.
+
+The two run in alternating blocks of ``--log-every`` optimizer steps on the same model (the
+inspector attached for one block, detached for the next), so machine load hits both alike;
+the ratio is the median of the paired block ratios, with a distribution-free 95% interval
+(order statistics of the paired ratios).
+
+    python benchmarks/bench_training_overhead.py                      # CPU, both models
+    python benchmarks/bench_training_overhead.py --device cuda --model hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from _args import check_device, check_output_path, positive_int  # type: ignore[import-not-found]
+from bench_moe_layer import machine_name  # type: ignore[import-not-found]
+from torch import nn
+
+from moe_devkit import RouterConfig
+from moe_devkit.inspect import RouterInspector
+from moe_devkit.reporting import write_atomic
+from moe_devkit.routers.torch_router import MoEModel
+
+
+def reference_model(device: torch.device) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    """moe-devkit's reference model (2 MoE layers, 16 experts, dynamic k) and its loss."""
+    config = RouterConfig(hidden_size=256, num_experts=16, max_k=4, expert_hidden_size=256)
+    model = MoEModel(config, num_layers=2).to(device)
+    x = torch.randn(8, 128, 256, device=device)
+
+    def loss() -> torch.Tensor:
+        out = model(x)
+        hidden = out[0] if isinstance(out, tuple) else getattr(out, "hidden_states", out)
+        aux = getattr(out, "aux_loss", None)
+        value = hidden.float().square().mean()
+        return value + aux if isinstance(aux, torch.Tensor) else value
+
+    return model, loss
+
+
+def transformers_model(device: torch.device) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    """A small Mixtral (4 layers, 8 experts, top-2) built from its config, LM loss + aux."""
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=256, output_router_logits=True,
+    )  # fmt: skip
+    model = transformers.MixtralForCausalLM(config).to(device)
+    ids = torch.randint(0, 512, (8, 128), device=device)
+
+    def loss() -> torch.Tensor:
+        return model(input_ids=ids, labels=ids).loss  # includes the router aux loss
+
+    return model, loss
+
+
+MODELS = {"reference": reference_model, "hf": transformers_model}
+
+
+def paired_interval(ratios: list[float]) -> tuple[float, float]:
+    """A distribution-free 95% interval of the median of ``ratios`` (order statistics)."""
+    values, n = sorted(ratios), len(ratios)
+    half = 1.96 * math.sqrt(n) / 2
+    low, high = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return values[low], values[high]
+
+
+def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    model, loss_fn = MODELS[name](device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    inspector = RouterInspector()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+
+    def block(watched: bool) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(log_every):
+            step()
+        if watched:
+            inspector.metrics()
+            inspector.check_alarms(on_alarm=lambda findings: None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / log_every * 1e3
+
+    for _ in range(3):  # warm-up, then one watched block (first-step checks, lazy set-up)
+        step()
+    inspector.attach(model)
+    block(True)
+    inspector.detach()
+    plain: list[float] = []
+    watched: list[float] = []
+    for i in range(blocks):
+        order = (False, True) if i % 2 == 0 else (True, False)  # flip the order each pair
+        for is_watched in order:
+            if is_watched:
+                inspector.attach(model)
+                watched.append(block(True))
+                inspector.detach()
+            else:
+                plain.append(block(False))
+    ratios = [w / p for w, p in zip(watched, plain, strict=True)]
+    low, high = paired_interval(ratios)
+    return {
+        "model": name,
+        "plain_ms_per_step": statistics.median(plain),
+        "watched_ms_per_step": statistics.median(watched),
+        "ratio": statistics.median(ratios),
+        "ratio_95": [low, high],
+        "blocks": blocks,
+        "steps_per_block": log_every,
+        "layers": len(inspector.layers),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=("reference", "hf", "both"), default="both")
+    parser.add_argument("--blocks", type=positive_int, default=12, help="block pairs")
+    parser.add_argument("--log-every", type=positive_int, default=10, help="steps per block")
+    parser.add_argument("--json", help="write the results here as JSON")
+    args = parser.parse_args()
+    check_device(parser, args.device)
+    check_output_path(parser, args.json, "--json")
+    device = torch.device(args.device)
+    names = ("reference", "hf") if args.model == "both" else (args.model,)
+    results = [measure(name, device, args.blocks, args.log_every) for name in names]
+    print(f"machine: {machine_name(device)}")
+    for r in results:
+        low, high = r["ratio_95"]  # type: ignore[misc]
+        print(
+            f"{r['model']}: plain {r['plain_ms_per_step']:.2f} ms/step, watched "
+            f"{r['watched_ms_per_step']:.2f} ms/step, ratio {r['ratio']:.4f} "
+            f"(95% {low:.4f}-{high:.4f}; {r['blocks']} block pairs of {r['steps_per_block']} "
+            f"steps, metrics() + check_alarms() once a block)"
+        )
+    if args.json:
+        payload = {"machine": machine_name(device), "results": results}
+        write_atomic(args.json, json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
