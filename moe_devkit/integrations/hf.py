@@ -10,7 +10,8 @@ Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, DeepSeek-V3 and Switch Transformers are bu
 
 This module is the documented home of the registry and the decision builders; they are
 defined in ``moe_devkit.inspect.adapters``, which the inspector reads. Importing either loads
-no transformers.
+no transformers. ``RouterInspectorCallback`` (for ``transformers.Trainer``,
+``moe_devkit.integrations.hf_trainer``) is loaded, with transformers, at its first use.
 
 Register an adapter for another architecture::
 
@@ -25,6 +26,8 @@ Register an adapter for another architecture::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from moe_devkit.inspect.adapters import (
     RouterAdapter,
     Scoring,
@@ -38,8 +41,12 @@ from moe_devkit.inspect.adapters import (
     unregister_adapter,
 )
 
+if TYPE_CHECKING:  # at run time, __getattr__ imports it (and transformers) when first used
+    from moe_devkit.integrations.hf_trainer import RouterInspectorCallback
+
 __all__ = [
     "RouterAdapter",
+    "RouterInspectorCallback",
     "Scoring",
     "adapter_for",
     "decision_from_dense_scores",
@@ -50,3 +57,12 @@ __all__ = [
     "topk_tuple_adapter",
     "unregister_adapter",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``RouterInspectorCallback``, imported (with transformers) only when asked for."""
+    if name == "RouterInspectorCallback":
+        from moe_devkit.integrations.hf_trainer import RouterInspectorCallback
+
+        return RouterInspectorCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,239 @@
+"""RouterInspectorCallback in a real transformers.Trainer run, read back from TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytest.importorskip("tensorboard")
+
+from hf_zoo import build_tiny  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
+    EventAccumulator,
+)
+
+from moe_devkit.inspect import RouterInspector  # noqa: E402
+from moe_devkit.inspect.live import METRIC_KEYS  # noqa: E402
+from moe_devkit.integrations.hf import RouterInspectorCallback  # noqa: E402
+from moe_devkit.integrations.sinks import JsonLinesSink  # noqa: E402
+
+SEQ = 8
+BATCH = 2
+LOGGING_STEPS = 5
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TokenIds(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """Random token ids, labels the same (a causal LM shifts them itself)."""
+
+    def __init__(self, n: int, vocab: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, SEQ), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+
+
+class Reference(transformers.TrainerCallback):  # type: ignore[misc]
+    """A second inspector's metrics, read at the same training logs (independent windows)."""
+
+    def __init__(self, inspector: RouterInspector, fired: list[Any] | None = None) -> None:
+        self.inspector = inspector
+        self.by_step: dict[int, dict[str, float]] = {}
+        self.fired = fired if fired is not None else []
+        self.fired_by_step: dict[int, int] = {}  # alarm deliveries so far, at each log
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if logs is not None and "loss" in logs:
+            self.by_step[state.global_step] = self.inspector.metrics(prefix="moe/")
+            self.fired_by_step[state.global_step] = len(self.fired)
+
+
+def train(
+    tmp_path: Path,
+    *,
+    accumulation: int = 1,
+    max_steps: int = 20,
+    router_logits: bool = True,
+    fired: list[Any] | None = None,
+    add_later: bool = False,
+    **callback_kw: Any,
+) -> tuple[Any, RouterInspectorCallback, Reference]:
+    model = build_tiny("mixtral")
+    model.config.output_router_logits = router_logits  # the aux loss reaches the loss
+    model.train()
+    reference = Reference(RouterInspector().attach(model), fired)
+    callback = RouterInspectorCallback(**callback_kw)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=max_steps,
+        logging_steps=LOGGING_STEPS,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=1e-3,
+        report_to=["tensorboard"],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    data = TokenIds(BATCH * accumulation * max_steps, model.config.vocab_size)
+    callbacks = [reference] if add_later else [callback, reference]
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    if add_later:  # behind the reporting callbacks and the reference: it must move ahead
+        trainer.add_callback(callback)
+    trainer.train()
+    reference.inspector.detach()
+    return trainer, callback, reference
+
+
+def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar tag of the event files under ``log_dir``: step -> value."""
+    out: dict[str, dict[int, float]] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def images_and_histograms(log_dir: Path) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """The steps of every image and histogram tag under ``log_dir``."""
+    images: dict[str, list[int]] = {}
+    histograms: dict[str, list[int]] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events.parent), size_guidance={"images": 0, "histograms": 0})
+        acc.Reload()
+        for tag in acc.Tags()["images"]:
+            images.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
+        for tag in acc.Tags()["histograms"]:
+            histograms.setdefault(tag, []).extend(e.step for e in acc.Histograms(tag))
+    return images, histograms
+
+
+def same_float32(a: float, b: float) -> bool:
+    """TensorBoard stores scalars as float32."""
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return bool(np.float32(a) == np.float32(b))
+
+
+def test_trainer_logs_every_key_at_every_logging_step_to_tensorboard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    jsonl = tmp_path / "moe.jsonl"
+    trainer, callback, reference = train(
+        tmp_path, sinks=[JsonLinesSink(jsonl)], on_alarm="raise", images_every=10
+    )
+
+    steps = list(range(LOGGING_STEPS, 21, LOGGING_STEPS))
+    assert sorted(reference.by_step) == steps
+    logged = scalars(tmp_path / "tb")
+    for key in METRIC_KEYS:
+        tag = f"train/moe/{key}"
+        assert tag in logged, f"{tag} not in TensorBoard: {sorted(logged)}"
+        assert sorted(logged[tag]) == steps, tag
+        for step in steps:
+            expected = reference.by_step[step][f"moe/{key}"]
+            assert same_float32(logged[tag][step], expected), (tag, step)
+    # each window holds the 5 optimizer steps since the previous log, BATCH x SEQ tokens each
+    for step in steps:
+        assert logged["train/moe/steps"][step] == LOGGING_STEPS
+        assert logged["train/moe/tokens"][step] == LOGGING_STEPS * BATCH * SEQ
+    # the Trainer's own history has them too
+    history = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    for step in steps:
+        assert {f"moe/{k}" for k in METRIC_KEYS} <= set(history[step])
+
+    lines = jsonl.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["step"] for line in lines] == steps
+    for line in lines:
+        record = json.loads(line)
+        assert set(record["metrics"]) == {f"moe/{k}" for k in METRIC_KEYS}
+        for key, value in record["metrics"].items():
+            expected = reference.by_step[record["step"]][key]
+            assert (value is None and math.isnan(expected)) or value == expected, key
+
+    # every 10 steps, the heatmap and the k histogram in the Trainer's own event files
+    images, histograms = images_and_histograms(tmp_path / "tb")
+    assert images == {"train/moe/utilization": [10, 20]}
+    assert histograms == {"train/moe/k": [10, 20]}
+
+    report = tmp_path / "out" / "moe_devkit_report" / "report.json"
+    assert report.is_file()
+    layers = json.loads(report.read_text())["sections"]["routing"]["layers"]
+    assert len(layers) == model_layers(trainer.model)
+    assert not callback.inspector or not callback.inspector.attached
+
+
+def model_layers(model: Any) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def test_window_covers_every_micro_batch_with_gradient_accumulation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    report_dir = tmp_path / "report"
+    _, _, reference = train(
+        tmp_path, accumulation=2, max_steps=10, add_later=True, report_dir=report_dir
+    )
+
+    logged = scalars(tmp_path / "tb")
+    assert sorted(logged["train/moe/steps"]) == [5, 10]
+    for step in (5, 10):
+        # 5 optimizer steps of 2 micro-batches each: 10 forwards of BATCH x SEQ tokens
+        assert logged["train/moe/steps"][step] == 2 * LOGGING_STEPS
+        assert logged["train/moe/tokens"][step] == 2 * LOGGING_STEPS * BATCH * SEQ
+        for key in METRIC_KEYS:
+            expected = reference.by_step[step][f"moe/{key}"]
+            assert same_float32(logged[f"train/moe/{key}"][step], expected), (key, step)
+    assert (report_dir / "report.json").is_file()
+
+
+def test_alarms_fire_at_the_first_logging_step_once_per_episode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without output_router_logits the model's aux loss is missing from the first window."""
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    fired: list[list[Any]] = []
+    _, _, reference = train(
+        tmp_path, max_steps=15, router_logits=False, fired=fired, on_alarm=fired.append
+    )
+
+    # delivered at the log of step 5 (the callback runs before the reference), then quiet
+    assert reference.fired_by_step == {5: 1, 10: 1, 15: 1}, [[f.code for f in b] for b in fired]
+    assert [f.code for f in fired[0]] == ["aux-loss-missing"]
+
+
+def test_importing_the_hf_integration_loads_no_transformers() -> None:
+    code = (
+        "import sys, moe_devkit.integrations.hf as hf; "
+        "assert 'transformers' not in sys.modules, 'loaded'; "
+        "hf.RouterInspectorCallback; assert 'transformers' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
