@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("tensorboard")
 
-from hf_zoo import build_tiny  # noqa: E402
+from hf_zoo import ExpertInputs, build_tiny, record_expert_inputs  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
     EventAccumulator,
 )
@@ -58,16 +58,67 @@ class TokenIds(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
 class Reference(transformers.TrainerCallback):  # type: ignore[misc]
     """A second inspector's metrics, read at the same training logs (independent windows)."""
 
-    def __init__(self, inspector: RouterInspector, fired: list[Any] | None = None) -> None:
+    def __init__(
+        self,
+        inspector: RouterInspector,
+        truth: dict[str, ExpertInputs],
+        fired: list[Any] | None = None,
+    ) -> None:
         self.inspector = inspector
         self.by_step: dict[int, dict[str, float]] = {}
+        self.truth = truth  # what the experts received, by hooks on the experts themselves
+        self.truth_by_step: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.fired = fired if fired is not None else []
         self.fired_by_step: dict[int, int] = {}  # alarm deliveries so far, at each log
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
         if logs is not None and "loss" in logs:
             self.by_step[state.global_step] = self.inspector.metrics(prefix="moe/")
+            self.truth_by_step[state.global_step] = {
+                path: (layer.counts.numpy().copy(), np.array(layer.k_histogram))
+                for path, layer in self.truth.items()
+            }
             self.fired_by_step[state.global_step] = len(self.fired)
+
+    def truth_windows(self) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
+        """Per log: each layer's expert counts and k histogram since the previous log."""
+        out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        before: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for step in sorted(self.truth_by_step):
+            now = self.truth_by_step[step]
+            out[step] = []
+            for path, (counts, hist) in now.items():
+                old_counts, old_hist = before.get(path, (0 * counts, np.zeros(0, np.int64)))
+                width = max(len(hist), len(old_hist))
+                h = np.pad(hist, (0, width - len(hist))) - np.pad(
+                    old_hist, (0, width - len(old_hist))
+                )
+                out[step].append((counts - old_counts, h))
+            before = now
+        return out
+
+
+def truth_metrics(layers: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """docs/metrics.md's definitions, from the experts' own inputs."""
+    entropies, top_shares, dead = [], [], 0
+    for counts, _ in layers:
+        share = counts / counts.sum()
+        nz = share[share > 0]
+        entropies.append(float(-(nz * np.log(nz)).sum() / math.log(len(counts))))
+        top_shares.append(float(share.max()))
+        dead += int((counts == 0).sum())
+    hist = sum(h for _, h in layers)
+    ks = np.arange(len(hist))
+    mean_k = float((hist * ks).sum() / hist.sum())
+    return {
+        "routing_entropy_mean": float(np.mean(entropies)),
+        "routing_entropy_min": min(entropies),
+        "max_expert_share_mean": float(np.mean(top_shares)),
+        "max_expert_share_max": max(top_shares),
+        "dead_expert_fraction": dead / sum(len(c) for c, _ in layers),
+        "mean_k": mean_k,
+        "k_std": float(math.sqrt(max((hist * ks**2).sum() / hist.sum() - mean_k**2, 0.0))),
+    }
 
 
 def train(
@@ -83,7 +134,6 @@ def train(
     model = build_tiny("mixtral")
     model.config.output_router_logits = router_logits  # the aux loss reaches the loss
     model.train()
-    reference = Reference(RouterInspector().attach(model), fired)
     callback = RouterInspectorCallback(**callback_kw)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -100,11 +150,15 @@ def train(
         seed=0,
     )
     data = TokenIds(BATCH * accumulation * max_steps, model.config.vocab_size)
-    callbacks = [reference] if add_later else [callback, reference]
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
-    if add_later:  # behind the reporting callbacks and the reference: it must move ahead
-        trainer.add_callback(callback)
-    trainer.train()
+    with record_expert_inputs(model) as truth:
+        reference = Reference(RouterInspector().attach(model), truth, fired)
+        callbacks = [reference] if add_later else [callback, reference]
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=data, callbacks=callbacks
+        )
+        if add_later:  # behind the reporting callbacks and the reference: it must move ahead
+            trainer.add_callback(callback)
+        trainer.train()
     reference.inspector.detach()
     return trainer, callback, reference
 
@@ -160,6 +214,12 @@ def test_trainer_logs_every_key_at_every_logging_step_to_tensorboard(
         for step in steps:
             expected = reference.by_step[step][f"moe/{key}"]
             assert same_float32(logged[tag][step], expected), (tag, step)
+    # and to the definitions, recomputed from what the experts themselves received
+    truth = reference.truth_windows()
+    for step in steps:
+        assert len(truth[step]) == model_layers(trainer.model)
+        for key, value in truth_metrics(truth[step]).items():
+            assert logged[f"train/moe/{key}"][step] == pytest.approx(value, rel=1e-6), (key, step)
     # each window holds the 5 optimizer steps since the previous log, BATCH x SEQ tokens each
     for step in steps:
         assert logged["train/moe/steps"][step] == LOGGING_STEPS
