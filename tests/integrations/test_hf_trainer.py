@@ -297,3 +297,39 @@ def test_importing_the_hf_integration_loads_no_transformers() -> None:
         "hf.RouterInspectorCallback; assert 'transformers' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_without_transformers_the_callback_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import moe_devkit.integrations.hf as hf\n"
+        "hf.RouterInspectorCallback\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last == (
+        "ModuleNotFoundError: RouterInspectorCallback needs transformers: "
+        'pip install "moe-devkit[hf]"'
+    ), run.stderr
+
+
+def test_only_the_main_process_logs_and_writes_the_report(tmp_path: Path) -> None:
+    """Another rank records, and adds no keys, raises no alarm and writes no report."""
+    model = build_tiny("mixtral")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True)
+    state = transformers.TrainerState(is_world_process_zero=False, global_step=5)
+    control = transformers.TrainerControl()
+    callback = RouterInspectorCallback(on_alarm="raise")
+    with pytest.warns(UserWarning, match="could not find its Trainer's callback list"):
+        callback.on_train_begin(args, state, control, model=model)  # called by no Trainer
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, model.config.vocab_size, (BATCH, SEQ)))
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, control, logs=logs)
+    callback.on_train_end(args, state, control, model=model)
+
+    assert logs == {"loss": 1.0}
+    assert not (tmp_path / "out").exists()
+    assert callback.inspector is not None and not callback.inspector.attached
+    assert callback.inspector.metrics()["moe/tokens"] == BATCH * SEQ  # it did record
