@@ -41,12 +41,12 @@ from moe_devkit.inspect.adapters import (
     unregister_adapter,
 )
 
-if TYPE_CHECKING:  # at run time, __getattr__ imports it (and transformers) when first used
-    from moe_devkit.integrations.hf_trainer import RouterInspectorCallback
+if TYPE_CHECKING:  # at run time, __getattr__ imports it (and transformers) when first used;
+    # it is left out of __all__, so that `import *` loads no transformers
+    from moe_devkit.integrations.hf_trainer import RouterInspectorCallback  # noqa: F401
 
 __all__ = [
     "RouterAdapter",
-    "RouterInspectorCallback",
     "Scoring",
     "adapter_for",
     "decision_from_dense_scores",

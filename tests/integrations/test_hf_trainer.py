@@ -293,6 +293,7 @@ def test_alarms_fire_at_the_first_logging_step_once_per_episode(
 def test_importing_the_hf_integration_loads_no_transformers() -> None:
     code = (
         "import sys, moe_devkit.integrations.hf as hf; "
+        "from moe_devkit.integrations.hf import *; "
         "assert 'transformers' not in sys.modules, 'loaded'; "
         "hf.RouterInspectorCallback; assert 'transformers' in sys.modules"
     )
