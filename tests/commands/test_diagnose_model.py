@@ -40,14 +40,7 @@ TEXT = "the router sends each token to two experts of the eight , one token at a
 WORDS = sorted(set(TEXT.split()))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine spinning
-    OpenMP threads slow each small kernel down by orders of magnitude."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(arch: str) -> Any:

@@ -27,13 +27,7 @@ from moe_devkit.inspect.live import (
 )
 from moe_devkit.routers.torch_router import RoutingDecision
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(layers: int = 2, experts: int = 8, **kwargs: Any) -> MoEModel:
