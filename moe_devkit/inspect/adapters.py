@@ -111,25 +111,6 @@ def adapter_for(module: nn.Module) -> RouterAdapter | None:
     return None
 
 
-def adapted_modules(
-    model: nn.Module, *, required: bool = True
-) -> list[tuple[str, nn.Module, RouterAdapter]]:
-    """(qualified name, module, adapter) of every module of ``model`` that has an adapter.
-
-    Args:
-        model: the model to search.
-        required: raise when the model looks like an MoE model but no adapter matches.
-
-    Raises:
-        ValueError: required, no adapter matched, and the model has MoE modules or an MoE
-            config; the message names the candidate router class and how to register it.
-    """
-    found = [(n, m, a) for n, m in model.named_modules() if (a := adapter_for(m)) is not None]
-    if not found and required:
-        raise_unknown_moe(model)
-    return found
-
-
 def raise_unknown_moe(model: nn.Module) -> None:
     """Raises, naming the router, when ``model`` looks like an MoE model; returns otherwise.
 

@@ -106,7 +106,7 @@ class Probe:
 def find_probes(model: nn.Module) -> list[Probe]:
     """The probes of every router of ``model`` (empty when it has none that can be found)."""
     names = {id(m): n for n, m in model.named_modules()}
-    parents = _parents(model)
+    parents = parent_modules(model)
     probes: list[Probe] = []
     covered: set[int] = set()  # ids of blocks whose routing a probe records
 
@@ -155,7 +155,8 @@ def find_probes(model: nn.Module) -> list[Probe]:
 # ----------------------------------------------------------------------------- structure
 
 
-def _parents(model: nn.Module) -> dict[int, nn.Module]:
+def parent_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """id(module) -> its parent, for every module below ``model``."""
     parents: dict[int, nn.Module] = {}
     for module in model.modules():
         for child in module.children():

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_devkit.inspect.discovery import parent_modules
 from moe_devkit.inspect.records import RouterSite
 
 Handle = torch.utils.hooks.RemovableHandle
@@ -47,10 +48,7 @@ class TokenMasks:
 
     def attach(self, model: nn.Module, sites: Sequence[RouterSite]) -> list[Handle]:
         """Hooks the model-level ancestors of the sites' blocks; returns the handles."""
-        parents: dict[int, nn.Module] = {}
-        for module in model.modules():
-            for child in module.children():
-                parents.setdefault(id(child), module)
+        parents = parent_modules(model)
         entries: dict[int, tuple[nn.Module, int]] = {}
         for site in sites:
             chain, node = [], parents.get(id(site.block))
