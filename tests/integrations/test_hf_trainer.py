@@ -18,8 +18,15 @@ pytest.importorskip("accelerate")
 pytest.importorskip("tensorboard")
 
 from hf_zoo import ExpertInputs, build_tiny, record_expert_inputs  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
-    EventAccumulator,
+from training_support import (  # noqa: E402
+    BATCH,
+    SEQ,
+    TokenIds,
+    images_and_histograms,
+    same_float32,
+    scalars,
+    truth_metrics,
+    truth_windows,
 )
 
 from moe_devkit.inspect import RouterInspector  # noqa: E402
@@ -27,26 +34,10 @@ from moe_devkit.inspect.live import METRIC_KEYS  # noqa: E402
 from moe_devkit.integrations.hf import RouterInspectorCallback  # noqa: E402
 from moe_devkit.integrations.sinks import JsonLinesSink  # noqa: E402
 
-SEQ = 8
-BATCH = 2
 LOGGING_STEPS = 5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class TokenIds(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
-    """Random token ids, labels the same (a causal LM shifts them itself)."""
-
-    def __init__(self, n: int, vocab: int, seed: int = 0) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, vocab, (n, SEQ), generator=gen)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
 
 
 class Reference(transformers.TrainerCallback):  # type: ignore[misc]
@@ -76,43 +67,7 @@ class Reference(transformers.TrainerCallback):  # type: ignore[misc]
 
     def truth_windows(self) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
         """Per log: each layer's expert counts and k histogram since the previous log."""
-        out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-        before: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for step in sorted(self.truth_by_step):
-            now = self.truth_by_step[step]
-            out[step] = []
-            for path, (counts, hist) in now.items():
-                old_counts, old_hist = before.get(path, (0 * counts, np.zeros(0, np.int64)))
-                width = max(len(hist), len(old_hist))
-                h = np.pad(hist, (0, width - len(hist))) - np.pad(
-                    old_hist, (0, width - len(old_hist))
-                )
-                out[step].append((counts - old_counts, h))
-            before = now
-        return out
-
-
-def truth_metrics(layers: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """docs/metrics.md's definitions, from the experts' own inputs."""
-    entropies, top_shares, dead = [], [], 0
-    for counts, _ in layers:
-        share = counts / counts.sum()
-        nz = share[share > 0]
-        entropies.append(float(-(nz * np.log(nz)).sum() / math.log(len(counts))))
-        top_shares.append(float(share.max()))
-        dead += int((counts == 0).sum())
-    hist = sum(h for _, h in layers)
-    ks = np.arange(len(hist))
-    mean_k = float((hist * ks).sum() / hist.sum())
-    return {
-        "routing_entropy_mean": float(np.mean(entropies)),
-        "routing_entropy_min": min(entropies),
-        "max_expert_share_mean": float(np.mean(top_shares)),
-        "max_expert_share_max": max(top_shares),
-        "dead_expert_fraction": dead / sum(len(c) for c, _ in layers),
-        "mean_k": mean_k,
-        "k_std": float(math.sqrt(max((hist * ks**2).sum() / hist.sum() - mean_k**2, 0.0))),
-    }
+        return truth_windows(self.truth_by_step)
 
 
 def train(
@@ -155,38 +110,6 @@ def train(
         trainer.train()
     reference.inspector.detach()
     return trainer, callback, reference
-
-
-def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    """Every scalar tag of the event files under ``log_dir``: step -> value."""
-    out: dict[str, dict[int, float]] = {}
-    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return out
-
-
-def images_and_histograms(log_dir: Path) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """The steps of every image and histogram tag under ``log_dir``."""
-    images: dict[str, list[int]] = {}
-    histograms: dict[str, list[int]] = {}
-    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events.parent), size_guidance={"images": 0, "histograms": 0})
-        acc.Reload()
-        for tag in acc.Tags()["images"]:
-            images.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
-        for tag in acc.Tags()["histograms"]:
-            histograms.setdefault(tag, []).extend(e.step for e in acc.Histograms(tag))
-    return images, histograms
-
-
-def same_float32(a: float, b: float) -> bool:
-    """TensorBoard stores scalars as float32."""
-    if math.isnan(a) or math.isnan(b):
-        return math.isnan(a) and math.isnan(b)
-    return bool(np.float32(a) == np.float32(b))
 
 
 def test_trainer_logs_every_key_at_every_logging_step_to_tensorboard(
