@@ -2,10 +2,12 @@
 ``metrics()`` and ``check_alarms()`` every ``--log-every`` steps (what the Trainer callback
 does at each logging step), against the same training steps with no inspector.
 
-The two run in alternating blocks of ``--log-every`` optimizer steps on the same model (the
-inspector attached for one block, detached for the next), so machine load hits both alike;
-the ratio is the median of the paired block ratios, with a distribution-free 95% interval
-(order statistics of the paired ratios).
+Two copies of the model, built from the same seed (same weights, same batch, so the same
+routing and the same work), train side by side: one with the inspector attached once for the
+whole run, as a training callback does, one without. They run in alternating blocks of
+``--log-every`` optimizer steps, so machine load hits both alike; the ratio is the median of
+the paired block ratios, with a distribution-free 95% interval (order statistics of the
+paired ratios).
 
     python benchmarks/bench_training_overhead.py                      # CPU, both models
     python benchmarks/bench_training_overhead.py --device cuda --model hf
@@ -77,46 +79,48 @@ def paired_interval(ratios: list[float]) -> tuple[float, float]:
 
 
 def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dict[str, object]:
-    torch.manual_seed(0)
-    model, loss_fn = MODELS[name](device)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     inspector = RouterInspector()
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn().backward()
-        optimizer.step()
-
-    def block(watched: bool) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(log_every):
-            step()
+    def trainer(watched: bool) -> Callable[[], float]:
+        torch.manual_seed(0)  # the same weights and batch for both copies
+        model, loss_fn = MODELS[name](device)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         if watched:
-            inspector.metrics()
-            inspector.check_alarms(on_alarm=lambda findings: None)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / log_every * 1e3
+            inspector.attach(model)
 
-    for _ in range(3):  # warm-up, then one watched block (first-step checks, lazy set-up)
-        step()
-    inspector.attach(model)
-    block(True)
-    inspector.detach()
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn().backward()
+            optimizer.step()
+
+        def block() -> float:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(log_every):
+                step()
+            if watched:
+                inspector.metrics()
+                inspector.check_alarms(on_alarm=lambda findings: None)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return (time.perf_counter() - start) / log_every * 1e3
+
+        return block
+
+    plain_block, watched_block = trainer(False), trainer(True)
+    plain_block(), watched_block()  # warm-up (first-step checks, lazy set-up)
     plain: list[float] = []
     watched: list[float] = []
     for i in range(blocks):
-        order = (False, True) if i % 2 == 0 else (True, False)  # flip the order each pair
-        for is_watched in order:
-            if is_watched:
-                inspector.attach(model)
-                watched.append(block(True))
-                inspector.detach()
-            else:
-                plain.append(block(False))
+        if i % 2 == 0:  # flip the order each pair
+            plain.append(plain_block())
+            watched.append(watched_block())
+        else:
+            watched.append(watched_block())
+            plain.append(plain_block())
+    inspector.detach()
     ratios = [w / p for w, p in zip(watched, plain, strict=True)]
     low, high = paired_interval(ratios)
     return {

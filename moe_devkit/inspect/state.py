@@ -38,6 +38,11 @@ from moe_devkit.kernels.inspector_update import is_available as fused_update_ava
 from moe_devkit.kernels.inspector_update import token_stats
 from moe_devkit.routers.torch_router import RoutingDecision, count_values
 
+HOST_FOLD_TOKENS = 8192
+"""Off CUDA, the forward hooks' decisions are folded together once this many tokens are
+pending: each fold is some 40 small ops whose per-op cost, not arithmetic, dominates below a
+few thousand tokens; the bound keeps the pending tensors to about 1 MB per layer."""
+
 
 def coactivation_steps(steps: int, every: int) -> int:
     """The steps among ``steps`` that update the co-activation matrix (every ``every``-th)."""
@@ -74,6 +79,8 @@ class LayerState:
         )
         self.graphs = UpdateGraphs(self.stats, device)
         self._deferred: list[StepTensors] = []  # decision tensors not folded yet
+        self._pending_tokens = 0
+        self._host_fold = device.type != "cuda"
         # One Triton kernel for the per-token statistics (CUDA only: the interpreter is slow)
         self._fused = config.triton and device.type == "cuda" and fused_update_available(device)
         self.steps = 0
@@ -88,11 +95,13 @@ class LayerState:
         On CUDA the tensor work is captured once per input shape into a CUDA graph and
         replayed: one launch instead of about fifty small kernels per step.
 
-        ``defer``: on CUDA, keep references to this step's decision tensors and fold up to
-        ``config.defer_steps`` steps at once (one concatenation and one pass), which divides the
-        per-step launch cost; for decisions whose tensors nobody modifies afterwards (the
-        hooks' fresh router outputs). Steps with a periodic update (co-activation,
-        reservoir) are folded at once, and ``drain`` folds what is pending.
+        ``defer``: keep references to this step's decision tensors and fold several steps
+        at once (one concatenation and one pass), which divides the per-step cost of the
+        fold's small ops: on CUDA with graphs up to ``config.defer_steps`` steps, elsewhere
+        until ``HOST_FOLD_TOKENS`` tokens are pending. Only for decisions whose tensors
+        nobody modifies afterwards (the hooks' fresh router outputs). Steps with a periodic
+        update (co-activation, reservoir) are folded at once; ``drain`` folds what is
+        pending, and every reader of the statistics calls it first.
         """
         # A context, not a decorator: torch.compile cannot call a decorated method of a
         # LayerState created inside the compiled region (on the first step).
@@ -111,6 +120,11 @@ class LayerState:
         if defer and self.graphed and not any(flags) and self.config.defer_steps > 1:
             self._deferred.append(step)
             if len(self._deferred) >= self.config.defer_steps:
+                self.drain()
+        elif defer and self._host_fold and not any(flags):
+            self._deferred.append(StepTensors(*(t.detach() for t in step)))
+            self._pending_tokens += step.k.shape[0]
+            if self._pending_tokens >= HOST_FOLD_TOKENS:
                 self.drain()
         elif self.graphed:
             self._replay(step, flags)
@@ -142,8 +156,12 @@ class LayerState:
         if not self._deferred:
             return
         pending, self._deferred = self._deferred, []
+        self._pending_tokens = 0
         if len(pending) == 1:
-            self._replay(pending[0], (False, False))
+            if self.graphed:
+                self._replay(pending[0], (False, False))
+            else:
+                self._update_tensors(pending[0], coactivation=False, sample=False)
             return
         if not (self.graphed and self.stats.counts.is_cuda):
             self._fold_merged(MergedSteps.concat(pending))

@@ -85,3 +85,39 @@ def test_deferred_steps_fold_to_the_same_statistics(monkeypatch: pytest.MonkeyPa
         assert a[key] == b[key], key
     assert a["complexity"]["mean"] == pytest.approx(b["complexity"]["mean"])
     assert a["losses"] == pytest.approx(b["losses"])
+
+
+def test_off_cuda_the_hooks_steps_fold_together_up_to_a_token_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Off CUDA, deferred decisions wait until HOST_FOLD_TOKENS tokens are pending (periodic
+    steps fold at once); every reader folds what waits, and the statistics equal
+    step-by-step folding."""
+    import moe_devkit.inspect.state as state_module
+
+    monkeypatch.setattr(state_module, "HOST_FOLD_TOKENS", 20)
+    config = InspectorConfig(window=7, coactivation_every=5, reservoir_every=4)
+    deferred, direct = RouterInspector(config=config), RouterInspector(config=config)
+    generator = torch.Generator().manual_seed(1)
+    pending_seen = []
+    for step in range(31):
+        n = 6 + step % 3
+        k = torch.randint(0, 3, (n,), generator=generator)
+        indices = torch.randint(0, 5, (n, 2), generator=generator)
+        indices = torch.where(torch.arange(2) < k[:, None], indices, -1)
+        decision = decision_from_tensors(torch.rand(n, generator=generator), k, indices, 5)
+        deferred.record(decision, layer="l", defer=True)
+        direct.record(decision, layer="l", defer=False)
+        state = deferred.layers["l"]
+        pending_seen.append(sum(s.k.shape[0] for s in state._deferred))
+        assert state._pending_tokens == pending_seen[-1] < 20
+        if step == 12:  # a live window in the middle reads the pending steps too
+            assert deferred.metrics() == direct.metrics()
+    assert max(pending_seen) >= 12  # steps did wait
+    a, b = deferred.summary().layers["l"], direct.summary().layers["l"]
+    assert deferred.layers["l"]._deferred == []
+    for key in ("utilization", "k", "coactivation", "windows", "sample", "tokens", "steps"):
+        assert a[key] == b[key], key
+    assert a["complexity"]["mean"] == pytest.approx(b["complexity"]["mean"])
+    assert a["losses"] == pytest.approx(b["losses"])
+    assert deferred.metrics() == direct.metrics()
