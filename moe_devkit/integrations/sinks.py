@@ -9,14 +9,21 @@ closed at the end (``close``):
   with ``add_image`` and the k histogram with ``add_histogram_raw``.
 - ``JsonLinesSink(path)``: one JSON object per logged step (``step``, ``time``, ``metrics``),
   each line written whole and flushed, so a reader never sees half a line.
+- ``MLflowSink(run_id=None, client=None, tracking_uri=None)``: an MLflow run (needs
+  ``pip install "moe-devkit[mlflow]"``). The scalars of a step in one ``log_batch`` call, the
+  heatmap with ``log_image`` (a PNG per step) and the k histogram as a JSON artifact.
+- ``WandbSink(run=None, step_metric="moe/global_step")``: a Weights & Biases run (needs
+  ``pip install "moe-devkit[wandb]"``). One ``run.log`` call per step; the heatmap as a
+  ``wandb.Image`` and the k histogram as a ``wandb.Histogram``.
 
-Neither imports anything beyond the standard library until it is created.
+None imports anything beyond the standard library until it is created.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +35,8 @@ if TYPE_CHECKING:
     from moe_devkit.inspect.summary import InspectorSummary
 
 TENSORBOARD_HINT = 'TensorBoardSink needs tensorboard: pip install "moe-devkit[tensorboard]"'
+MLFLOW_HINT = 'MLflowSink needs mlflow: pip install "moe-devkit[mlflow]"'
+WANDB_HINT = 'WandbSink needs wandb: pip install "moe-devkit[wandb]"'
 
 
 @runtime_checkable
@@ -180,12 +189,212 @@ class JsonLinesSink:
             self._file = None
 
 
+def k_histogram_record(summary: InspectorSummary, step: int) -> dict[str, Any]:
+    """The k histogram of ``summary`` as JSON: ``{"step", "k", "tokens"}``, where
+    ``tokens[i]`` tokens executed ``k[i]`` experts (summed over layers)."""
+    hist = k_histogram(summary)
+    return {"step": int(step), "k": list(range(len(hist))), "tokens": hist.tolist()}
+
+
+_MLFLOW_BAD_CHARACTER = re.compile(r"[^0-9A-Za-z_\-. :/]")
+
+
+def mlflow_metric_name(key: str) -> str:
+    """``key`` as an MLflow metric name: a character MLflow refuses becomes ``_`` (the rule of
+    transformers' ``MLflowCallback``, so both write the same names)."""
+    return _MLFLOW_BAD_CHARACTER.sub("_", key)
+
+
+class MLflowSink:
+    """Writes metrics to an MLflow run through ``mlflow.MlflowClient``.
+
+    - ``log``: every scalar of the step in one ``log_batch`` call (synchronous). Keys keep
+      their names (``moe/mean_k``); a character MLflow does not accept becomes ``_``. NaN
+      (``k_drift`` in the first window, for instance) is logged as NaN, which MLflow stores
+      and returns as NaN; MLflow stores +-inf as +-``sys.float_info.max``.
+    - ``log_images``: the utilization heatmap with ``log_image(key=<prefix>utilization,
+      step=step)`` (MLflow's step-tracked images: a PNG per step under ``images/``) and the
+      k histogram, which MLflow has no type for, as the JSON artifact
+      ``<prefix>k/step_<step, 8 digits>.json`` (``{"step", "k", "tokens"}``).
+    - ``close``: nothing to flush; the run is left open (it belongs to the caller).
+
+    Args:
+        run_id: the run to write to (default: the active run, ``mlflow.active_run()``, at each
+            call; a call with no active run raises ``ValueError``).
+        client: the ``MlflowClient`` to use (default: a new one for ``tracking_uri``).
+        tracking_uri: the tracking URI of a new client (default: MLflow's current one).
+        image_tag: the prefix of the heatmap key and of the k histogram's artifact folder.
+
+    Raises:
+        ModuleNotFoundError: mlflow is not installed (the message names the extra).
+    """
+
+    def __init__(
+        self,
+        run_id: str | None = None,
+        client: Any = None,
+        *,
+        tracking_uri: str | None = None,
+        image_tag: str = "moe/",
+    ) -> None:
+        if client is not None and tracking_uri is not None:
+            raise ValueError("MLflowSink: pass a client or a tracking_uri, not both")
+        try:
+            import mlflow
+        except ImportError as err:
+            raise ModuleNotFoundError(f"{MLFLOW_HINT} ({err})") from None
+        self._mlflow: Any = mlflow
+        self.client: Any = client if client is not None else mlflow.MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.image_tag = image_tag
+
+    def _run(self) -> str:
+        if self.run_id is not None:
+            return self.run_id
+        active = self._mlflow.active_run()
+        if active is None:
+            raise ValueError("MLflowSink: no run_id given and no active MLflow run")
+        return str(active.info.run_id)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """One ``log_batch`` call: every key at ``step``."""
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        batch = [
+            Metric(mlflow_metric_name(key), float(value), stamp, int(step))
+            for key, value in metrics.items()
+        ]
+        if batch:
+            self.client.log_batch(self._run(), metrics=batch, synchronous=True)
+
+    def log_images(self, summary: InspectorSummary, step: int) -> None:
+        """The utilization heatmap (rows: layers, columns: experts) and the k histogram."""
+        run_id = self._run()
+        matrix = utilization_matrix(summary)
+        if matrix.size:
+            self.client.log_image(
+                run_id,
+                heatmap_image(matrix),
+                key=mlflow_metric_name(f"{self.image_tag}utilization"),
+                step=int(step),
+                synchronous=True,
+            )
+        if int(k_histogram(summary).sum()):
+            self.client.log_dict(
+                run_id,
+                k_histogram_record(summary, step),
+                f"{self.image_tag}k/step_{int(step):08d}.json",
+            )
+
+    def close(self) -> None:
+        """Writes are synchronous: nothing is pending, and the run stays open."""
+
+
+class WandbSink:
+    """Writes metrics to a Weights & Biases run.
+
+    wandb's own step (``_step``) counts ``run.log`` calls that commit a row, and a
+    ``run.log(..., step=s)`` with ``s`` below it is dropped with a warning; a training loop
+    that logs its loss with ``run.log`` every step moves it past the step of a later call.
+    So by default each call logs the training step as a metric of its own,
+    ``step_metric`` (default ``moe/global_step``), declared with ``run.define_metric`` as the
+    x axis of every key this sink writes, and leaves ``_step`` to the run (the way
+    transformers' ``WandbCallback`` logs ``train/global_step``). With ``step_metric=None`` it
+    passes ``step=`` to ``run.log``, for a run whose ``_step`` is the training step.
+
+    - ``log``: one ``run.log`` call with every key of the step. NaN is logged as NaN
+      (wandb stores it; its charts leave the point out).
+    - ``log_images``: one ``run.log`` call: ``<prefix>utilization``, the heatmap as a
+      ``wandb.Image``, and ``<prefix>k``, the k histogram as a
+      ``wandb.Histogram(np_histogram=...)`` with one bin per k (edges k - 0.5, k + 0.5).
+    - ``close``: the run is left open (``run.finish()`` is the caller's).
+
+    Args:
+        run: the run to write to (default: ``wandb.run``, the current run, at each call; a
+            call with none raises ``ValueError``).
+        step_metric: the key that carries the training step, or ``None`` for ``step=``.
+        image_tag: the prefix of the heatmap and k histogram keys.
+
+    Raises:
+        ModuleNotFoundError: wandb is not installed (the message names the extra).
+    """
+
+    def __init__(
+        self,
+        run: Any = None,
+        *,
+        step_metric: str | None = "moe/global_step",
+        image_tag: str = "moe/",
+    ) -> None:
+        try:
+            import wandb
+        except ImportError as err:
+            raise ModuleNotFoundError(f"{WANDB_HINT} ({err})") from None
+        self._wandb: Any = wandb
+        self.run: Any = run
+        self.step_metric = step_metric
+        self.image_tag = image_tag
+        self._defined: dict[int, set[str]] = {}  # per run (by id): the keys given an x axis
+
+    def _current(self) -> Any:
+        run = self.run if self.run is not None else self._wandb.run
+        if run is None:
+            raise ValueError("WandbSink: no run given and no current wandb run (wandb.init)")
+        return run
+
+    def _write(self, data: dict[str, Any], step: int) -> None:
+        run = self._current()
+        if self.step_metric is None:
+            run.log(data, step=int(step))
+            return
+        defined = self._defined.setdefault(id(run), set())
+        if not defined:
+            run.define_metric(self.step_metric)
+        for key in data.keys() - defined:
+            run.define_metric(key, step_metric=self.step_metric)
+            defined.add(key)
+        run.log({**data, self.step_metric: int(step)})
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """One ``run.log`` call: every key at ``step``."""
+        self._write({key: float(value) for key, value in metrics.items()}, step)
+
+    def log_images(self, summary: InspectorSummary, step: int) -> None:
+        """The utilization heatmap (rows: layers, columns: experts) and the k histogram."""
+        import numpy as np
+
+        data: dict[str, Any] = {}
+        matrix = utilization_matrix(summary)
+        if matrix.size:
+            data[f"{self.image_tag}utilization"] = self._wandb.Image(
+                heatmap_image(matrix), caption="rows: layers, columns: experts"
+            )
+        hist = k_histogram(summary)
+        if int(hist.sum()):
+            edges = np.arange(len(hist) + 1, dtype=np.float64) - 0.5  # bin i holds k = i
+            data[f"{self.image_tag}k"] = self._wandb.Histogram(
+                np_histogram=(hist.tolist(), edges.tolist())
+            )
+        if data:
+            self._write(data, step)
+
+    def close(self) -> None:
+        """The run is the caller's to finish: nothing to do."""
+
+
 __all__ = [
+    "MLFLOW_HINT",
     "TENSORBOARD_HINT",
+    "WANDB_HINT",
     "JsonLinesSink",
+    "MLflowSink",
     "MetricSink",
     "TensorBoardSink",
+    "WandbSink",
     "heatmap_image",
     "k_histogram",
+    "k_histogram_record",
+    "mlflow_metric_name",
     "utilization_matrix",
 ]

@@ -24,6 +24,8 @@ from moe_devkit.integrations.sinks import (
     TensorBoardSink,
     heatmap_image,
     k_histogram,
+    k_histogram_record,
+    mlflow_metric_name,
     utilization_matrix,
 )
 from moe_devkit.routers.torch_router import MoEModel
@@ -159,3 +161,23 @@ def test_json_lines_sink_writes_one_whole_flushed_line_per_step(
 
     JsonLinesSink(path).close()  # reopening appends, never truncates
     assert path.read_text(encoding="utf-8") == text
+
+
+def test_mlflow_names_keep_valid_keys_and_replace_the_rest() -> None:
+    for key in METRIC_KEYS:
+        assert mlflow_metric_name(f"moe/{key}") == f"moe/{key}"
+    assert mlflow_metric_name("moe/layer/model.layers.0.mlp/mean_k") == (
+        "moe/layer/model.layers.0.mlp/mean_k"
+    )
+    assert mlflow_metric_name("moe/expert_share/a[0](b)/3") == "moe/expert_share/a_0__b_/3"
+
+
+def test_k_histogram_record_is_the_summed_histogram_as_json(
+    recorded: tuple[RouterInspector, list[dict[str, float]], InspectorSummary],
+) -> None:
+    _, _, summary = recorded
+    record = k_histogram_record(summary, 30)
+    hist = k_histogram(summary)
+    assert json.loads(json.dumps(record)) == record
+    assert record == {"step": 30, "k": list(range(len(hist))), "tokens": hist.tolist()}
+    assert record["tokens"][0] == 0 and sum(record["tokens"]) == 2 * 6 * 4 * 8
