@@ -696,7 +696,7 @@ class SwiGLUExperts(nn.Module):
 # ----------------------------------------------------------------------------- layer
 
 
-_SPARE_ROWS = 1024  # scratch rows that absorb the padding rows' outputs in the combine
+_SPARE_ROWS = 1024  # scratch rows that the padding rows read in the dispatch, write in the combine
 
 
 def _check_router_fits(router: object, config: RouterConfig) -> None:
@@ -779,11 +779,19 @@ class MoELayer(nn.Module):
         with record_function(span_name("dispatch")):
             sorted_key, order, offsets = _sort_pairs(routing, num_experts)
             active_sorted = sorted_key < num_experts
-            # Inactive rows (padding, drops) read and write a spare row N: the grouped matmul
-            # leaves rows past offsets[-1] undefined, forward and backward, and this keeps
-            # that garbage out of every real token's output and gradient.
-            token_of_pair = torch.where(active_sorted, order // routing.max_k, num_tokens)
-            x_sorted = F.pad(flat, (0, 0, 0, 1))[token_of_pair]  # [N*K, D]
+            num_pairs = num_tokens * routing.max_k
+            spare = min(num_pairs, _SPARE_ROWS)
+            rows = torch.arange(num_pairs, device=flat.device)
+            # Inactive rows (padding, drops) read spare zero rows past the N tokens: the
+            # grouped matmul leaves rows past offsets[-1] undefined, forward and backward,
+            # and this keeps that garbage out of every real token's output and gradient.
+            # They are spread over up to _SPARE_ROWS rows: the gather's backward accumulates
+            # rows that share an index one after another, so thousands of padding rows on
+            # one spare row would serialise it (most of a dynamic-k training step on a GPU).
+            token_of_pair = torch.where(
+                active_sorted, order // routing.max_k, num_tokens + rows % spare
+            )
+            x_sorted = F.pad(flat, (0, 0, 0, spare))[token_of_pair]  # [N*K, D]
             # where, not a product: it also stops the padding rows' undefined gradients.
             row_weights = torch.where(active_sorted, routing.expert_weights.reshape(-1)[order], 0.0)
         with record_function(span_name("experts")):
@@ -793,9 +801,6 @@ class MoELayer(nn.Module):
             # expert outputs, no float32 copy of them, no atomics.
             # Inactive rows go to spare rows past the N*K pairs, spread over up to
             # _SPARE_ROWS of them: thousands of writes to a single row would serialise.
-            num_pairs = num_tokens * routing.max_k
-            spare = min(num_pairs, _SPARE_ROWS)
-            rows = torch.arange(num_pairs, device=flat.device)
             pair_of_row = torch.where(active_sorted, order, num_pairs + rows % spare)
             by_pair = y_sorted.new_zeros(num_pairs + spare, flat.shape[-1])
             by_pair.index_copy_(0, pair_of_row, y_sorted)

@@ -149,6 +149,45 @@ def test_layer_equals_dense_per_token_loop(capacity_factor: float | None, mode: 
     torch.testing.assert_close(out.hidden_states.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+@pytest.mark.parametrize("mode", ["complexity", "top_p"])
+def test_layer_gradients_equal_the_per_token_loop(capacity_factor: float | None, mode: str) -> None:
+    """Gradients of the input, the router and the experts equal those of a differentiable
+    per-token loop over the same routing (float64 weights; the layer's combine sums in
+    float32, hence the tolerance; padded slots and drops included)."""
+    torch.manual_seed(5)
+    layer = MoELayer(tiny_config(capacity_factor=capacity_factor, mode=mode, top_p=0.5)).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(2, 9, 16, dtype=torch.float64)
+    out = layer(x)
+    assert bool((out.routing.k_per_token < layer.config.max_k).any())  # padded slots exist
+    (out.hidden_states * probe).sum().backward()
+    params = [p for p in layer.parameters() if p.grad is not None]
+    assert layer.experts.w_down.grad is not None and len(params) >= 3
+    got = [x.grad.clone(), *(p.grad.clone() for p in params)]
+    layer.zero_grad()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    decision = layer.router(x_ref)
+    assert torch.equal(decision.expert_indices, out.routing.expert_indices)
+    flat = x_ref.reshape(-1, 16)
+    w1, w2 = layer.experts.w_gate_up, layer.experts.w_down
+    rows = []
+    for n in range(flat.shape[0]):
+        row = torch.zeros(16, dtype=torch.float64)
+        for slot in range(decision.max_k):
+            e = int(decision.expert_indices[n, slot])
+            if e < 0 or bool(decision.dropped[n, slot]):
+                continue
+            gate, up = (w1[e] @ flat[n]).chunk(2)
+            row = row + decision.expert_weights[n, slot] * (w2[e] @ (F.silu(gate) * up))
+        rows.append(row)
+    (torch.stack(rows).reshape(x.shape) * probe).sum().backward()
+    expected = [x_ref.grad, *(p.grad for p in params)]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)  # the combine sums in float32
+
+
 def test_capacity_drops_are_counted_and_respect_the_limit() -> None:
     torch.manual_seed(4)
     cfg = tiny_config(capacity_factor=0.5, num_experts=4, max_k=3)
