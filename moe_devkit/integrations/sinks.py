@@ -224,6 +224,8 @@ class MLflowSink:
         client: the ``MlflowClient`` to use (default: a new one for ``tracking_uri``).
         tracking_uri: the tracking URI of a new client (default: MLflow's current one).
         image_tag: the prefix of the heatmap key and of the k histogram's artifact folder.
+        scalars: ``False`` makes ``log`` write nothing, for a run that gets the scalars
+            another way (a Trainer's ``report_to=["mlflow"]``) and only the images here.
 
     Raises:
         ModuleNotFoundError: mlflow is not installed (the message names the extra).
@@ -236,6 +238,7 @@ class MLflowSink:
         *,
         tracking_uri: str | None = None,
         image_tag: str = "moe/",
+        scalars: bool = True,
     ) -> None:
         if client is not None and tracking_uri is not None:
             raise ValueError("MLflowSink: pass a client or a tracking_uri, not both")
@@ -247,6 +250,7 @@ class MLflowSink:
         self.client: Any = client if client is not None else mlflow.MlflowClient(tracking_uri)
         self.run_id = run_id
         self.image_tag = image_tag
+        self.scalars = scalars
 
     def _run(self) -> str:
         if self.run_id is not None:
@@ -257,7 +261,9 @@ class MLflowSink:
         return str(active.info.run_id)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        """One ``log_batch`` call: every key at ``step``."""
+        """One ``log_batch`` call: every key at ``step`` (nothing if ``scalars`` is off)."""
+        if not self.scalars:
+            return
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
@@ -315,6 +321,8 @@ class WandbSink:
             call with none raises ``ValueError``).
         step_metric: the key that carries the training step, or ``None`` for ``step=``.
         image_tag: the prefix of the heatmap and k histogram keys.
+        scalars: ``False`` makes ``log`` write nothing, for a run that gets the scalars
+            another way (a Trainer's ``report_to=["wandb"]``) and only the images here.
 
     Raises:
         ModuleNotFoundError: wandb is not installed (the message names the extra).
@@ -326,6 +334,7 @@ class WandbSink:
         *,
         step_metric: str | None = "moe/global_step",
         image_tag: str = "moe/",
+        scalars: bool = True,
     ) -> None:
         try:
             import wandb
@@ -335,6 +344,7 @@ class WandbSink:
         self.run: Any = run
         self.step_metric = step_metric
         self.image_tag = image_tag
+        self.scalars = scalars
         self._defined: dict[int, set[str]] = {}  # per run (by id): the keys given an x axis
 
     def _current(self) -> Any:
@@ -357,7 +367,9 @@ class WandbSink:
         run.log({**data, self.step_metric: int(step)})
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        """One ``run.log`` call: every key at ``step``."""
+        """One ``run.log`` call: every key at ``step`` (nothing if ``scalars`` is off)."""
+        if not self.scalars:
+            return
         self._write({key: float(value) for key, value in metrics.items()}, step)
 
     def log_images(self, summary: InspectorSummary, step: int) -> None:

@@ -79,7 +79,14 @@ def test_trainer_reports_every_key_at_every_logging_step_to_mlflow(
     pytest.importorskip("accelerate")
     from reported_training import LOGGING_STEPS, train_reported
 
-    _, _, reference = train_reported(tmp_path, ["mlflow"], max_steps=20, on_alarm="raise")
+    _, _, reference = train_reported(
+        tmp_path,
+        ["mlflow"],
+        max_steps=20,
+        on_alarm="raise",
+        sinks=[MLflowSink(scalars=False)],  # the images, into the Trainer's active run
+        images_every=10,
+    )
 
     steps = list(range(LOGGING_STEPS, 21, LOGGING_STEPS))
     assert sorted(reference.by_step) == steps
@@ -95,6 +102,16 @@ def test_trainer_reports_every_key_at_every_logging_step_to_mlflow(
             assert same(logged[step], expected), (key, step, logged[step], expected)
     assert history(client, run.info.run_id, "moe/steps") == dict.fromkeys(steps, LOGGING_STEPS)
     assert set(history(client, run.info.run_id, "loss")) == set(steps)
+    # one value per step: the sink with scalars=False added none
+    assert len(client.get_metric_history(run.info.run_id, "moe/mean_k")) == len(steps)
+
+    files = artifacts(client, run.info.run_id)
+    pngs = [f for f in files if f.startswith("images/moe~utilization+") and f.endswith(".png")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in pngs) == [10, 20], files
+    assert sorted(f for f in files if f.startswith("moe/k/")) == [
+        "moe/k/step_00000010.json",
+        "moe/k/step_00000020.json",
+    ]
 
 
 @pytest.fixture
