@@ -309,8 +309,8 @@ class WandbSink:
     transformers' ``WandbCallback`` logs ``train/global_step``). With ``step_metric=None`` it
     passes ``step=`` to ``run.log``, for a run whose ``_step`` is the training step.
 
-    - ``log``: one ``run.log`` call with every key of the step. NaN is logged as NaN
-      (wandb stores it; its charts leave the point out).
+    - ``log``: one ``run.log`` call with every key of the step. NaN is logged as NaN, and
+      the run's history stores it as NaN.
     - ``log_images``: one ``run.log`` call: ``<prefix>utilization``, the heatmap as a
       ``wandb.Image``, and ``<prefix>k``, the k histogram as a
       ``wandb.Histogram(np_histogram=...)`` with one bin per k (edges k - 0.5, k + 0.5).
