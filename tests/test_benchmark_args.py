@@ -88,6 +88,22 @@ CASES = [
     positive("bench_training_overhead", "--blocks", "0"),
     positive("bench_training_overhead", "--log-every", "0"),
     unwritable("bench_training_overhead"),
+    positive("bench_training", "--reps", "0"),
+    usage("bench_training", ("--mean-k", "2,9"), "--mean-k must be in [1, 8]", "got 9.0"),
+    usage(
+        "bench_training",
+        ("--groups", "layers"),
+        "--groups: expected layer, model or layer,model",
+        "got 'layers'",
+    ),
+    usage(
+        "bench_training",
+        ("--check-sync",),
+        "--check-sync needs a CUDA --device",
+        "got --device 'cpu'",
+    ),
+    no_cuda("bench_training"),
+    unwritable("bench_training"),
     positive("bench_check_debug", "--repeat", "0"),
     usage(
         "bench_check_debug",
