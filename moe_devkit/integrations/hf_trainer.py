@@ -33,6 +33,7 @@ from typing import Any
 
 from moe_devkit.inspect.inspector import RouterInspector
 from moe_devkit.inspect.live import OnAlarm
+from moe_devkit.integrations._loop import ImageCadence
 from moe_devkit.integrations.sinks import MetricSink, TensorBoardSink
 
 try:
@@ -73,18 +74,15 @@ class RouterInspectorCallback(TrainerCallback):  # type: ignore[misc]
         images_every: int | None = None,
         sinks: Sequence[MetricSink] = (),
     ) -> None:
-        if images_every is not None and images_every < 1:
-            raise ValueError(f"images_every must be a positive integer or None; got {images_every}")
+        self._images = ImageCadence(images_every)
         self.inspector = inspector
         self.report_dir = None if report_dir is None else Path(report_dir)
         self.on_alarm = on_alarm
         self.prefix = prefix
-        self.images_every = images_every
         self.sinks = list(sinks)
         self._attached_here = False
         self._placed = False
         self._handler: Any = None
-        self._last_images: int | None = None
 
     # ------------------------------------------------------------------ placement
 
@@ -150,11 +148,11 @@ class RouterInspectorCallback(TrainerCallback):  # type: ignore[misc]
             history[-1].update(metrics)  # the Trainer stored a copy before calling on_log
         for sink in self.sinks:
             sink.log(metrics, step)
-        if self._images_due(step):
+        if self._images.due(step):
             summary = self.inspector.summary()
             for sink in [*self.sinks, *self._trainer_tensorboard()]:
                 sink.log_images(summary, step)
-            self._last_images = step
+            self._images.written(step)
         self.inspector.check_alarms(on_alarm=self.on_alarm)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -178,13 +176,6 @@ class RouterInspectorCallback(TrainerCallback):  # type: ignore[misc]
             for cb in callbacks
             if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None
         ]
-
-    def _images_due(self, step: int) -> bool:
-        if self.images_every is None:
-            return False
-        if self._last_images is None:
-            return step >= self.images_every
-        return step - self._last_images >= self.images_every
 
 
 def _calling_handler(callback: Any) -> Any:
