@@ -109,7 +109,8 @@ def _config(p: Preset) -> RouterConfig:
 def devkit_model(p: Preset, device: torch.device, dtype: torch.dtype) -> MoEModel:
     """The reference model with top_p routers whose weights are scaled ``ROUTER_SCALE``."""
     torch.manual_seed(0)
-    model = MoEModel(_config(p), num_layers=NUM_LAYERS).to(device, dtype)
+    with device:  # initialised where it runs (the h100 shape has 0.8 G parameters)
+        model = MoEModel(_config(p), num_layers=NUM_LAYERS).to(dtype)
     with torch.no_grad():
         for block in model.layers:
             block.moe.router.router_network.weight.mul_(ROUTER_SCALE)
@@ -118,19 +119,20 @@ def devkit_model(p: Preset, device: torch.device, dtype: torch.dtype) -> MoEMode
 
 def make_static(model: MoEModel, device: torch.device, dtype: torch.dtype) -> MoEModel:
     """A copy of ``model`` with a StaticTopKRouter (k = max_k, same router weights) per layer."""
-    static = MoEModel(model.config, num_layers=len(model.layers))
-    for block in static.layers:
-        block.moe.router = StaticTopKRouter(model.config)
+    with device:
+        static = MoEModel(model.config, num_layers=len(model.layers)).to(dtype)
+        for block in static.layers:
+            block.moe.router = StaticTopKRouter(model.config).to(dtype)
     static.load_state_dict(model.state_dict(), strict=False)  # norms, gates, experts
-    return static.to(device, dtype)
+    return static
 
 
 def make_dynamic(model: MoEModel, x: torch.Tensor, mean_k: float) -> tuple[MoEModel, list[float]]:
     """A copy of ``model`` whose layers' top_p are bisected to mean k ``mean_k`` on the input
     each layer sees when the model runs on ``x``; returns it and the thresholds."""
-    dynamic = MoEModel(model.config, num_layers=len(model.layers))
+    with x.device:
+        dynamic = MoEModel(model.config, num_layers=len(model.layers)).to(x.dtype)
     dynamic.load_state_dict(model.state_dict())
-    dynamic = dynamic.to(x.device, x.dtype)
     thresholds = []
     h = x.detach()
     with torch.no_grad():
