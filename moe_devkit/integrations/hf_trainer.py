@@ -34,11 +34,15 @@ from typing import Any
 from moe_devkit.inspect.inspector import RouterInspector
 from moe_devkit.inspect.live import OnAlarm
 from moe_devkit.integrations._loop import ImageCadence
-from moe_devkit.integrations.sinks import MetricSink, TensorBoardSink
+from moe_devkit.integrations.sinks import MetricSink, MLflowSink, TensorBoardSink, WandbSink
 
 try:
     from transformers import TrainerCallback
-    from transformers.integrations.integration_utils import TensorBoardCallback
+    from transformers.integrations.integration_utils import (
+        MLflowCallback,
+        TensorBoardCallback,
+        WandbCallback,
+    )
     from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 except ImportError:
     raise ModuleNotFoundError(
@@ -58,8 +62,8 @@ class RouterInspectorCallback(TrainerCallback):  # type: ignore[misc]
         on_alarm: ``"warn"``, ``"raise"`` or a callable, passed to ``check_alarms``.
         prefix: the prefix of every metric key.
         images_every: every this many optimizer steps (at a logging step), the sinks and
-            the Trainer's TensorBoard writer (``report_to`` tensorboard) get the utilization
-            heatmap and the k histogram (default: never).
+            the runs of the Trainer's ``report_to`` TensorBoard, MLflow and W&B callbacks get
+            the utilization heatmap and the k histogram (default: never).
         sinks: sinks written besides the Trainer's ``report_to`` backends (for instance a
             ``JsonLinesSink``); closed at the end of training.
     """
@@ -75,6 +79,7 @@ class RouterInspectorCallback(TrainerCallback):  # type: ignore[misc]
         sinks: Sequence[MetricSink] = (),
     ) -> None:
         self._images = ImageCadence(images_every)
+        self._run_sinks: dict[str, MetricSink] = {}  # image sinks of report_to runs
         self.inspector = inspector
         self.report_dir = None if report_dir is None else Path(report_dir)
         self.on_alarm = on_alarm
@@ -150,7 +155,7 @@ class RouterInspectorCallback(TrainerCallback):  # type: ignore[misc]
             sink.log(metrics, step)
         if self._images.due(step):
             summary = self.inspector.summary()
-            for sink in [*self.sinks, *self._trainer_tensorboard()]:
+            for sink in [*self.sinks, *self._report_to_sinks()]:
                 sink.log_images(summary, step)
             self._images.written(step)
         self.inspector.check_alarms(on_alarm=self.on_alarm)
@@ -167,15 +172,44 @@ class RouterInspectorCallback(TrainerCallback):  # type: ignore[misc]
             self.inspector.detach()
             self._attached_here = False
 
-    def _trainer_tensorboard(self) -> list[MetricSink]:
-        """The writers of the Trainer's ``report_to`` TensorBoard callbacks, as sinks whose
-        image tags sit beside its scalars (``train/<prefix>``)."""
+    def _report_to_sinks(self) -> list[MetricSink]:
+        """Image sinks into the runs of the Trainer's ``report_to`` callbacks, named as their
+        scalars are: TensorBoard's writer and W&B's run under ``train/<prefix>`` (W&B on the
+        ``train/global_step`` axis), MLflow's active run under ``<prefix>``."""
         callbacks = [] if self._handler is None else self._handler.callbacks
-        return [
-            TensorBoardSink(cb.tb_writer, image_tag=f"train/{self.prefix}")
-            for cb in callbacks
-            if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None
-        ]
+        out: list[MetricSink] = []
+        for cb in callbacks:
+            if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None:
+                out.append(TensorBoardSink(cb.tb_writer, image_tag=f"train/{self.prefix}"))
+            elif isinstance(cb, WandbCallback | MLflowCallback) and cb._initialized:
+                sink = self._run_sink(cb)
+                if sink is not None:
+                    out.append(sink)
+        return out
+
+    def _run_sink(self, callback: Any) -> MetricSink | None:
+        """The image sink of a W&B or MLflow callback's current run (one per run)."""
+        if isinstance(callback, WandbCallback):
+            run = callback._wandb.run
+            key = None if run is None else f"wandb:{id(run)}"
+        else:
+            active = callback._ml_flow.active_run()
+            run = None if active is None else active.info.run_id
+            key = None if run is None else f"mlflow:{run}"
+        if key is None:
+            return None
+        if key not in self._run_sinks:
+            self._run_sinks[key] = (
+                WandbSink(
+                    run,
+                    step_metric="train/global_step",
+                    image_tag=f"train/{self.prefix}",
+                    scalars=False,
+                )
+                if isinstance(callback, WandbCallback)
+                else MLflowSink(run, image_tag=self.prefix, scalars=False)
+            )
+        return self._run_sinks[key]
 
 
 def _calling_handler(callback: Any) -> Any:

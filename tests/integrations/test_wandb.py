@@ -129,10 +129,9 @@ def test_trainer_reports_every_key_at_every_logging_step_to_wandb(
     pytest.importorskip("accelerate")
     from reported_training import LOGGING_STEPS, train_reported
 
-    images = WandbSink(step_metric="train/global_step", image_tag="train/moe/", scalars=False)
     _, _, reference = train_reported(
-        tmp_path, ["wandb"], max_steps=20, on_alarm="raise", sinks=[images], images_every=10
-    )
+        tmp_path, ["wandb"], max_steps=20, on_alarm="raise", images_every=10
+    )  # the images go to the Trainer's own run, with no sink given
     assert wandb.run is not None and wandb.run.offline
     finish(wandb.run)  # transformers' WandbCallback leaves the run open
 
@@ -148,7 +147,7 @@ def test_trainer_reports_every_key_at_every_logging_step_to_wandb(
             value = row[f"train/moe/{key}"]
             assert value == expected or (math.isnan(value) and math.isnan(expected)), (key, step)
         assert row["train/moe/steps"] == LOGGING_STEPS
-    # the sink's images, in the Trainer's run on the Trainer's x axis (and no scalars)
+    # the images, in the Trainer's run on the Trainer's x axis (and no scalars)
     image_rows = [r for r in history_rows(offline) if "train/moe/utilization/_type" in r]
     assert [r["train/global_step"] for r in image_rows] == [10, 20]
     for row in image_rows:
