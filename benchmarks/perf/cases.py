@@ -207,7 +207,8 @@ class CaseBuilder:
                 hidden_size=s["hidden"], num_experts=s["experts"], min_k=1, max_k=s["max_k"],
                 expert_hidden_size=s["inner"], mode="top_p",
             )  # fmt: skip
-            model: Any = MoEModel(config, num_layers=2)
+            with self.device:  # initialised where it runs: 0.8 G parameters on CUDA
+                model: Any = MoEModel(config, num_layers=2)
         except (TypeError, ValueError) as exc:  # an older revision without top_p mode
             return f"the top_p reference model cannot be built in this revision ({exc})"
         blocks: list[Any] = list(model.layers)
@@ -219,9 +220,9 @@ class CaseBuilder:
         if static:
             for block in blocks:
                 weights = block.moe.router.state_dict()
-                block.moe.router = StaticTopKRouter(config)
+                block.moe.router = StaticTopKRouter(config).to(self.device)
                 block.moe.router.load_state_dict(weights, strict=False)
-        model = model.to(self.device, dtype)
+        model = model.to(dtype)
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(s["tokens"], s["hidden"], generator=gen).to(self.device, dtype)
         if not static:
