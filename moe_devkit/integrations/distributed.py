@@ -5,17 +5,27 @@ the other ranks while training. ``distributed_summary`` (a collective: every ran
 first checks in with every rank through the process group's store, with its own timeout, so
 a rank that failed, exited or never calls it gives ``RankTimeoutError`` on the others within
 ``timeout`` seconds whatever the process group's own timeout, instead of a hang; then it
-gathers every rank's statistics in one ``all_gather`` and merges them on the host:
+merges every statistic with the reduction that fits it, so the bytes a rank sends do not
+grow with the world size:
 
-* counts (executed and selected), k/complexity histogram, drops, loss sums, co-activation
-  and steps are summed;
-* complexity mean and variance are merged with Chan et al.'s parallel formula, extrema by
-  min/max; trend windows are summed when all ranks took the same steps (else omitted);
-* the reservoir keeps the smallest keys of all ranks' samples.
+* one ``all_reduce(MAX)`` of a hash of the layer layout (names, num_experts, max_k): when
+  the ranks disagree, the layouts are gathered (the only gather, and only then) and merged
+  over their union, a rank that never ran a layer adding zeros;
+* one ``all_reduce(SUM)`` of a flat int64 buffer: counts (executed and selected), the
+  (complexity bin, k) histogram, drops, steps, and co-activation when asked for;
+* one ``all_reduce(SUM)`` of a flat float64 buffer: loss sums, the moments' running sums
+  (n, sum, sum of squares, so mean and variance merge exactly) and the trend snapshots;
+* one ``all_reduce(MAX)`` of int64 (per-layer trend-window hashes, tokens) and one of
+  float64 (extrema as max and -min, time range, reservoir keys negated);
+* the reservoir as a bucketed bottom-1 sketch: each of the ``reservoir_size`` buckets keeps
+  the sample with the smallest key over all ranks (an ``all_reduce(MIN)`` of the keys, of
+  the winning rank, then a ``SUM`` of the winners' values): the merged sample holds only
+  samples of the ranks' reservoirs, at most ``reservoir_size``, and with ``w`` full
+  reservoirs about ``reservoir_size * (1 - exp(-w))`` of them.
 
-Each layer of the result carries ``per_rank_counts`` (E counts per rank), ``per_rank_tokens``,
-``per_rank_steps`` and ``rank_imbalance`` (max over mean tokens per rank): the per-rank load.
-A rank that recorded no decision for a layer contributes zeros to it.
+Each layer carries ``rank_imbalance`` (max over mean tokens per rank, from a MAX and a SUM).
+Per-rank detail (``per_rank_counts``, ``per_rank_tokens``, ``per_rank_steps``) is opt-in
+(``per_rank=True``) and gathered to rank ``dst`` only.
 
 The check-in is a rendezvous on the group's store, not a collective, so the ranks that give
 up leave their process group usable. Calls are matched by count (each rank's n-th call meets
@@ -23,17 +33,18 @@ the others' n-th), and each call has one decision that every rank reads (all arr
 rank gave up), so a rank that arrives after the others gave up raises at once instead of
 entering the collectives alone.
 
-With NCCL, the data goes through the NCCL group (tensors on the rank's current CUDA device)
-and the layer metadata through a gloo group created from it; create that group at start-up
+With NCCL, the reductions run on the NCCL group (tensors on the rank's current CUDA device)
+and the layout fallback through a gloo group created from it; create that group at start-up
 with ``control_group()`` while every rank is alive (creating a group is itself collective).
+A ``DeviceMesh`` and a dimension name may stand for the process group (``mesh_dim``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,11 +52,12 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import Store
 
 from moe_devkit._checks import require_float
+from moe_devkit.diagnostics.findings import Finding
 from moe_devkit.inspect.config import InspectorConfig
 from moe_devkit.inspect.inspector import RouterInspector
 from moe_devkit.inspect.records import LayerRecord
 from moe_devkit.inspect.report import ReportPaths, write_report
-from moe_devkit.inspect.state import LayerState, coactivation_steps
+from moe_devkit.inspect.state import LayerState, coactivation_steps, moments_from_sums
 from moe_devkit.inspect.summary import InspectorSummary, summarize
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -59,8 +71,40 @@ class RankTimeoutError(RuntimeError):
     """Some rank did not reach the inspector's reduction within the timeout."""
 
 
+class ExpertParallelReducer(Protocol):
+    """What ``distributed_summary(expert_parallel=...)`` takes: an ``ExpertParallelLoad``."""
+
+    def reduce(
+        self, *, group: Any = None, timeout: float = ...
+    ) -> tuple[dict[str, dict[str, Any]], list[Finding]]: ...
+
+
+def resolve_group(group: Any = None, mesh_dim: str | int | None = None) -> Any:
+    """The process group of ``group``: itself, or for a ``DeviceMesh`` its ``mesh_dim`` group.
+
+    Args:
+        group: a process group, None (the world) or a ``torch.distributed.DeviceMesh``.
+        mesh_dim: the mesh dimension (name or index); may be left out for a 1-D mesh.
+
+    Raises:
+        ValueError: ``mesh_dim`` given without a mesh, or left out for a mesh of 2+ dims.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(group, DeviceMesh):
+        if mesh_dim is not None:
+            raise ValueError(f"mesh_dim={mesh_dim!r} needs group to be a DeviceMesh")
+        return group
+    if mesh_dim is None:
+        if group.ndim != 1:
+            names = group.mesh_dim_names
+            raise ValueError(f"a DeviceMesh of {group.ndim} dims needs mesh_dim (one of {names})")
+        return group.get_group()
+    return group.get_group(mesh_dim)
+
+
 def control_group(group: Any = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> Any:
-    """The gloo group the layer metadata is gathered on: ``group`` itself when it is gloo.
+    """The gloo group the layout fallback runs on: ``group`` itself when it is gloo.
 
     Collective the first time for a non-gloo group: call it on every rank, at start-up.
 
@@ -80,17 +124,34 @@ def control_group(group: Any = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> A
 
 
 def distributed_summary(
-    inspector: RouterInspector, *, group: Any = None, timeout: float = DEFAULT_TIMEOUT_S
+    inspector: RouterInspector,
+    *,
+    group: Any = None,
+    mesh_dim: str | int | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    coactivation: bool = False,
+    per_rank: bool = False,
+    dst: int = 0,
+    expert_parallel: ExpertParallelReducer | None = None,
 ) -> InspectorSummary:
-    """The inspector's summary over all ranks of ``group``, with the per-rank load.
+    """The inspector's summary over all ranks of ``group``.
 
-    Collective: every rank calls it and gets the same summary.
+    Collective: every rank calls it and gets the same summary (the per-rank keys only on
+    ``dst``).
 
     Args:
         inspector: this rank's inspector.
-        group: the process group (default: the world).
+        group: the process group (default: the world), or a ``DeviceMesh``.
+        mesh_dim: with a ``DeviceMesh``, the dimension whose group is reduced.
         timeout: seconds to wait for every rank to arrive, whatever the process group's own
             timeout (a finite number > 0).
+        coactivation: merge the [E, E] co-activation matrices too (E*E int64 per layer);
+            otherwise a layer's ``coactivation`` has ``steps`` 0 and a zero matrix.
+        per_rank: gather ``per_rank_counts`` ([world][E]), ``per_rank_tokens`` and
+            ``per_rank_steps`` to rank ``dst`` (the only part that grows with the world).
+        dst: the global rank that receives the per-rank detail.
+        expert_parallel: an ``ExpertParallelLoad`` recorded on this rank: adds each layer's
+            ``expert_parallel`` entry and the hot-rank findings (see ``expert_parallel``).
 
     Raises:
         RuntimeError: torch.distributed is not initialised.
@@ -106,30 +167,32 @@ def distributed_summary(
             "distributed_summary needs torch.distributed initialised "
             "(dist.init_process_group); use inspector.summary() in a single process"
         )
+    group = resolve_group(group, mesh_dim)
     _check_in(group, timeout)
-    control = control_group(group, timeout=timeout)
     config = inspector.config
-    local = {name: _local_layer(state) for name, state in inspector.layers.items()}
-    metas = _all_gather_object({n: v.meta for n, v in local.items()}, control, timeout)
-    layout = _layout(metas)
-    world = len(metas)
-    gathered = _all_gather_tensor(_pack(local, layout, config), group, world)
-    records: list[LayerRecord] = []
-    per_rank: dict[str, dict[str, Any]] = {}
-    offset = 0
-    for name, (num_experts, max_k) in layout.items():
-        size = _packed_size(num_experts, max_k, config)
-        rows = gathered[:, offset : offset + size]
-        offset += size
-        record, per_rank[name] = _merge(name, rows, metas, num_experts, max_k, config)
-        records.append(record)
+    local_layout = {n: (s.num_experts, s.max_k) for n, s in inspector.layers.items()}
+    layout = _agreed_layout(local_layout, group, timeout)
+    states = {
+        name: inspector.layers.get(name)
+        or LayerState(name, num_experts, max_k, torch.device("cpu"), config)
+        for name, (num_experts, max_k) in layout.items()
+    }
+    records, extras = _reduce_layers(states, group, config, coactivation=coactivation)
+    if per_rank:
+        _gather_per_rank(states, extras, group, dst)
     summary = summarize(records, config)
-    for name, extra in per_rank.items():
+    for name, extra in extras.items():
         summary.layers[name].update(extra)
+    findings = summary.findings
+    if expert_parallel is not None:
+        ep_layers, ep_findings = expert_parallel.reduce(group=group, timeout=timeout)
+        for name, entry in ep_layers.items():
+            summary.layers.setdefault(name, {})["expert_parallel"] = entry
+        findings = (*findings, *ep_findings)
     return InspectorSummary(
         layers=summary.layers,
-        findings=summary.findings,
-        config={**summary.config, "world_size": world},
+        findings=findings,
+        config={**summary.config, "world_size": dist.get_world_size(group)},
     )
 
 
@@ -138,11 +201,24 @@ def distributed_report(
     out_dir: str = "moe_devkit_report",
     *,
     group: Any = None,
+    mesh_dim: str | int | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
     dst: int = 0,
+    coactivation: bool = False,
+    per_rank: bool = False,
+    expert_parallel: ExpertParallelReducer | None = None,
 ) -> ReportPaths | None:
     """Writes the global report on rank ``dst`` (collective; other ranks return None)."""
-    summary = distributed_summary(inspector, group=group, timeout=timeout)
+    summary = distributed_summary(
+        inspector,
+        group=group,
+        mesh_dim=mesh_dim,
+        timeout=timeout,
+        coactivation=coactivation,
+        per_rank=per_rank,
+        dst=dst,
+        expert_parallel=expert_parallel,
+    )
     if dist.get_rank() != dst:
         return None
     return write_report(summary, out_dir)
@@ -237,71 +313,43 @@ def _timeout_error(timeout: float, err: BaseException) -> RankTimeoutError:
     )
 
 
-def _all_gather_object(obj: Any, control: Any, timeout: float) -> list[Any]:
-    out: list[Any] = [None] * dist.get_world_size(control)
+def reduction_device(group: Any) -> torch.device:
+    """Where a collective's tensors live: the current CUDA device for NCCL, else the CPU."""
+    if _backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(tensor: torch.Tensor, op: Any, group: Any) -> torch.Tensor:
+    """``tensor`` reduced over ``group`` with ``op`` (a copy, back on the host)."""
+    out = tensor.to(reduction_device(group), copy=True)
+    dist.all_reduce(out, op=op, group=group)
+    return out.cpu()
+
+
+def _layout_hash(layout: dict[str, tuple[int, int]]) -> int:
+    digest = hashlib.blake2b(repr(sorted(layout.items())).encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "little")  # < 2**56: an int64, and its negation
+
+
+def _agreed_layout(
+    local: dict[str, tuple[int, int]], group: Any, timeout: float
+) -> dict[str, tuple[int, int]]:
+    """Layer name -> (E, K), sorted by name: this rank's when all agree (one 16-byte
+    all_reduce), else the union of the gathered layouts."""
+    mine = _layout_hash(local)
+    both = all_reduce(torch.tensor([mine, -mine], dtype=torch.int64), dist.ReduceOp.MAX, group)
+    if int(both[0]) == mine and -int(both[1]) == mine:
+        return dict(sorted(local.items()))
+    out: list[Any] = [None] * dist.get_world_size(group)
     try:
-        dist.all_gather_object(out, obj, group=control)
+        dist.all_gather_object(out, local, group=control_group(group, timeout=timeout))
     except RuntimeError as err:
         raise _timeout_error(timeout, err) from err
-    return out
-
-
-def _all_gather_tensor(packed: torch.Tensor, group: Any, world: int) -> torch.Tensor:
-    """[world, L] float64 on the host; on the current CUDA device in between for NCCL."""
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if _backend(group) == "nccl"
-        else torch.device("cpu")
-    )
-    packed = packed.to(device)
-    parts = [torch.empty_like(packed) for _ in range(world)]
-    dist.all_gather(parts, packed, group=group)
-    return torch.stack(parts).cpu()
-
-
-# ----------------------------------------------------------------------------- pack / merge
-
-
-@dataclass(frozen=True)
-class _LayerMeta:
-    """What the ranks tell each other of one layer, beside its packed statistics."""
-
-    num_experts: int
-    max_k: int
-    steps: int
-    snapshot_steps: tuple[int, ...]
-    time_range: tuple[float | None, float | None]
-
-
-@dataclass(frozen=True)
-class _LocalLayer:
-    """One layer of this rank: its metadata, host statistics and raw reservoir."""
-
-    meta: _LayerMeta
-    record: LayerRecord
-    reservoir: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, complexity, k
-
-
-def _local_layer(state: LayerState) -> _LocalLayer:
-    record = state.host_state()  # synchronises this rank's device once
-    meta = _LayerMeta(
-        num_experts=state.num_experts,
-        max_k=state.max_k,
-        steps=record.steps,
-        snapshot_steps=record.snapshot_steps,
-        time_range=record.time_range,
-    )
-    stats = state.stats
-    reservoir = (stats.res_keys.cpu(), stats.res_complexity.cpu(), stats.res_k.cpu())
-    return _LocalLayer(meta=meta, record=record, reservoir=reservoir)
-
-
-def _layout(metas: list[dict[str, _LayerMeta]]) -> dict[str, tuple[int, int]]:
-    """Layer name -> (E, K) over the union of all ranks' layers, sorted by name."""
     layout: dict[str, tuple[int, int]] = {}
-    for rank, layers in enumerate(metas):
-        for name, meta in layers.items():
-            shape = (meta.num_experts, meta.max_k)
+    for rank, layers in enumerate(out):
+        for name, shape in layers.items():
+            shape = tuple(shape)
             if layout.setdefault(name, shape) != shape:
                 raise ValueError(
                     f"layer {name!r} must have the same num_experts and max_k on every rank; "
@@ -311,113 +359,219 @@ def _layout(metas: list[dict[str, _LayerMeta]]) -> dict[str, tuple[int, int]]:
     return dict(sorted(layout.items()))
 
 
-def _part_sizes(num_experts: int, max_k: int, config: InspectorConfig) -> list[int]:
-    """The sizes of the packed parts of one layer, in ``_pack``'s order."""
-    kk, reservoir = max_k + 1, config.reservoir_size
-    return [
-        num_experts,  # counts
-        num_experts,  # selected
-        (config.complexity_bins + 1) * kk,  # joint
-        1, 2, 3, 2,  # dropped, loss sums, moments, extrema
-        num_experts * num_experts,  # co-activation
-        config.max_windows * (num_experts + kk + 1),  # snapshots
-        reservoir, reservoir, reservoir,  # keys, complexity, k
-    ]  # fmt: skip
+# ----------------------------------------------------------------------------- reductions
 
 
-def _packed_size(num_experts: int, max_k: int, config: InspectorConfig) -> int:
-    return sum(_part_sizes(num_experts, max_k, config))
+class _Buffer:
+    """Parts of many layers packed into one flat tensor for one reduction."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.parts: list[torch.Tensor] = []
+        self.keys: list[tuple[str, str]] = []
+        self.shapes: list[torch.Size] = []
+
+    def add(self, layer: str, key: str, value: torch.Tensor) -> None:
+        self.parts.append(value.detach().cpu().to(self.dtype).reshape(-1))
+        self.keys.append((layer, key))
+        self.shapes.append(value.shape)
+
+    def reduce(self, op: Any, group: Any) -> dict[tuple[str, str], torch.Tensor]:
+        flat = torch.cat(self.parts) if self.parts else torch.zeros(0, dtype=self.dtype)
+        out = all_reduce(flat, op, group)
+        sizes = [p.numel() for p in self.parts]
+        chunks = torch.split(out, sizes)
+        return {k: c.reshape(s) for k, c, s in zip(self.keys, chunks, self.shapes, strict=True)}
 
 
-def _pack(
-    local: dict[str, _LocalLayer], layout: dict[str, tuple[int, int]], config: InspectorConfig
-) -> torch.Tensor:
-    chunks: list[torch.Tensor] = []
-    for name, (num_experts, max_k) in layout.items():
-        if name not in local:  # this rank never ran the layer: zeros, empty reservoir
-            empty = LayerState(name, num_experts, max_k, torch.device("cpu"), config)
-            local = {**local, name: _local_layer(empty)}
-        record, (keys, comp, ks) = local[name].record, local[name].reservoir
-        width = num_experts + max_k + 2
-        snapshots = torch.zeros(config.max_windows, width, dtype=torch.float64)
-        snapshots[: record.snapshots.shape[0]] = record.snapshots
+_ABSENT = "absent"
+
+
+def _steps_hash(steps: tuple[int, ...] | str) -> int:
+    digest = hashlib.blake2b(repr(steps).encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _reduce_layers(
+    states: dict[str, LayerState], group: Any, config: InspectorConfig, *, coactivation: bool
+) -> tuple[list[LayerRecord], dict[str, dict[str, Any]]]:
+    """Merged records and the per-layer extras (``rank_imbalance``), by reductions only."""
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    sums_i, sums_f = _Buffer(torch.int64), _Buffer(torch.float64)
+    max_i, max_f = _Buffer(torch.int64), _Buffer(torch.float64)
+    local: dict[str, tuple[LayerRecord, _Sketch]] = {}
+    for name, state in states.items():
+        record = state.host_state()  # synchronises this rank's device once
+        ran = record.steps > 0 or bool(record.counts.sum())
+        sketch = _Sketch.of(state, config.reservoir_size)
+        local[name] = (record, sketch)
+        sums_i.add(name, "counts", record.counts)
         selected = record.counts if record.selected is None else record.selected
-        parts = [
-            record.counts, selected, record.joint, torch.tensor([record.dropped]), record.loss_sums,
-            record.moments, record.extrema, record.coactivation, snapshots, keys, comp, ks,
-        ]  # fmt: skip
-        chunks.extend(p.reshape(-1).double() for p in parts)
-    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64)
-
-
-def _merge(
-    name: str,
-    rows: torch.Tensor,
-    metas: list[dict[str, _LayerMeta]],
-    num_experts: int,
-    max_k: int,
-    config: InspectorConfig,
-) -> tuple[LayerRecord, dict[str, Any]]:
-    """One layer's [world, L] packed statistics -> its merged record and the per-rank load."""
-    parts = torch.split(rows, _part_sizes(num_experts, max_k, config), dim=1)
-    counts, selected, joint, dropped, losses, moments, extrema, coact, snaps, keys, comp, ks = parts
-    here = [m.get(name) for m in metas]
-    steps = [0 if m is None else m.steps for m in here]
-    windows = {None if m is None else m.snapshot_steps for m in here}
-    first = here[0]  # trend windows are kept when every rank took the same steps
-    snapshot_steps = first.snapshot_steps if first is not None and len(windows) == 1 else ()
-    snapshots = snaps.sum(0).reshape(config.max_windows, -1)[: len(snapshot_steps)]
-    keep = torch.topk(keys.reshape(-1), config.reservoir_size, largest=False, sorted=False).indices
-    sample_k = ks.reshape(-1)[keep].long()
-    valid = sample_k >= 0
-    record = LayerRecord(
-        name=name,
-        num_experts=num_experts,
-        max_k=max_k,
-        steps=sum(steps),
-        time_range=_time_range(here),
-        counts=counts.sum(0).round().long(),
-        selected=selected.sum(0).round().long(),
-        joint=joint.sum(0).round().long().reshape(config.complexity_bins + 1, max_k + 1),
-        dropped=int(dropped.sum().round().long()),
-        loss_sums=losses.sum(0),
-        moments=_chan_merge(moments),
-        extrema=torch.stack([extrema[:, 0].min(), extrema[:, 1].max()]),
-        coactivation=coact.sum(0).reshape(num_experts, num_experts),
-        coactivation_steps=coactivation_steps(sum(steps), config.coactivation_every),
-        snapshots=snapshots,
-        snapshot_steps=snapshot_steps,
-        sample_complexity=comp.reshape(-1)[keep].float()[valid],
-        sample_k=sample_k[valid],
-    )
-    tokens = joint.sum(1).round().long().tolist()
-    extra: dict[str, Any] = {
-        "per_rank_counts": counts.round().long().tolist(),
-        "per_rank_tokens": tokens,
-        "per_rank_steps": steps,
-        "rank_imbalance": rank_imbalance(tokens),
+        sums_i.add(name, "selected", selected)
+        sums_i.add(name, "joint", record.joint)
+        sums_i.add(name, "scalars", torch.tensor([record.dropped, record.steps]))
+        if coactivation:
+            sums_i.add(name, "coactivation", record.coactivation.round())
+        sums_f.add(name, "loss_sums", record.loss_sums)
+        sums_f.add(name, "sums", state.stats.sums)
+        snapshots = torch.zeros(config.max_windows, state.num_experts + state.max_k + 2)
+        snapshots[: record.snapshots.shape[0]] = record.snapshots
+        sums_f.add(name, "snapshots", snapshots)
+        h = _steps_hash(record.snapshot_steps if ran else _ABSENT)
+        tokens = int(record.joint.sum())
+        max_i.add(name, "windows", torch.tensor([h, -h, tokens]))
+        start, end = record.time_range
+        neg_inf = -math.inf
+        times = [neg_inf if start is None else -start, neg_inf if end is None else end]
+        max_f.add(name, "extrema", torch.tensor([-record.extrema[0], record.extrema[1], *times]))
+        max_f.add(name, "keys", -sketch.keys.double())
+    got = {
+        **sums_i.reduce(dist.ReduceOp.SUM, group),
+        **sums_f.reduce(dist.ReduceOp.SUM, group),
     }
-    return record, extra
+    peaks = {**max_i.reduce(dist.ReduceOp.MAX, group), **max_f.reduce(dist.ReduceOp.MAX, group)}
+    samples = _merge_sketches(
+        {n: s for n, (_, s) in local.items()},
+        {n: -peaks[n, "keys"] for n in local},
+        group,
+        me,
+        world,
+    )
+    records: list[LayerRecord] = []
+    extras: dict[str, dict[str, Any]] = {}
+    for name, (record, _) in local.items():
+        state = states[name]
+        num_experts, max_k = state.num_experts, state.max_k
+        dropped, steps = (int(v) for v in got[name, "scalars"])
+        h, neg_h, peak_tokens = (int(v) for v in peaks[name, "windows"])
+        ran = record.steps > 0 or bool(record.counts.sum())
+        same_windows = h == -neg_h and h == _steps_hash(record.snapshot_steps if ran else _ABSENT)
+        snapshot_steps = record.snapshot_steps if same_windows and ran else ()
+        snapshots = got[name, "snapshots"][: len(snapshot_steps)]
+        ext = peaks[name, "extrema"]
+        start, end = float(-ext[2]), float(ext[3])
+        comp, ks = samples[name]
+        every = config.coactivation_every if coactivation else 0
+        records.append(
+            LayerRecord(
+                name=name,
+                num_experts=num_experts,
+                max_k=max_k,
+                steps=steps,
+                time_range=(
+                    start if math.isfinite(start) else None,
+                    end if math.isfinite(end) else None,
+                ),
+                counts=got[name, "counts"],
+                selected=got[name, "selected"],
+                joint=got[name, "joint"],
+                dropped=dropped,
+                loss_sums=got[name, "loss_sums"],
+                moments=moments_from_sums(got[name, "sums"]),
+                extrema=torch.stack([-ext[0], ext[1]]),
+                coactivation=(
+                    got[name, "coactivation"].double()
+                    if coactivation
+                    else torch.zeros(num_experts, num_experts, dtype=torch.float64)
+                ),
+                coactivation_steps=coactivation_steps(steps, every),
+                snapshots=snapshots,
+                snapshot_steps=snapshot_steps,
+                sample_complexity=comp,
+                sample_k=ks,
+            )
+        )
+        total = int(got[name, "joint"].sum())
+        extras[name] = {"rank_imbalance": _imbalance(peak_tokens, total, world)}
+    return records, extras
 
 
-def _chan_merge(moments: torch.Tensor) -> torch.Tensor:
-    """Merges per-rank (n, mean, M2) rows into one (Chan, Golub and LeVeque 1979)."""
-    n, mean, m2 = 0.0, 0.0, 0.0
-    for n_b, mean_b, m2_b in moments.tolist():
-        if n_b <= 0:
-            continue
-        total = n + n_b
-        delta = mean_b - mean
-        mean += delta * n_b / total
-        m2 += m2_b + delta * delta * n * n_b / total
-        n = total
-    return torch.tensor([n, mean, m2], dtype=torch.float64)
+class _Sketch:
+    """One rank's reservoir, bucketed: per bucket the sample with the smallest key."""
+
+    def __init__(self, keys: torch.Tensor, complexity: torch.Tensor, k: torch.Tensor) -> None:
+        self.keys, self.complexity, self.k = keys, complexity, k
+
+    @classmethod
+    def of(cls, state: LayerState, buckets: int) -> _Sketch:
+        stats = state.stats
+        keys = stats.res_keys.detach().float().cpu()
+        comp = stats.res_complexity.detach().float().cpu()
+        k = stats.res_k.detach().cpu()
+        valid = (k >= 0) & torch.isfinite(keys)
+        keys, comp, k = keys[valid], comp[valid], k[valid]
+        # the key's low mantissa bits pick the bucket: independent of its size order
+        bucket = keys.view(torch.int32).long() % buckets
+        best = torch.full((buckets,), math.inf)
+        best = best.scatter_reduce(0, bucket, keys, reduce="amin")
+        win = keys == best[bucket]
+        out_comp = torch.zeros(buckets)
+        out_k = torch.full((buckets,), -1, dtype=torch.int64)
+        out_comp[bucket[win]] = comp[win]
+        out_k[bucket[win]] = k[win]
+        return cls(best, out_comp, out_k)
 
 
-def _time_range(metas: list[_LayerMeta | None]) -> tuple[float | None, float | None]:
-    starts = [m.time_range[0] for m in metas if m and m.time_range[0] is not None]
-    ends = [m.time_range[1] for m in metas if m and m.time_range[1] is not None]
-    return (min(starts, default=None), max(ends, default=None))
+def _merge_sketches(
+    sketches: dict[str, _Sketch],
+    minima: dict[str, torch.Tensor],
+    group: Any,
+    me: int,
+    world: int,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer the merged (complexity float32, k int64) sample: each bucket's winner."""
+    claim = _Buffer(torch.int64)
+    for name, sketch in sketches.items():
+        mine = (sketch.keys == minima[name]) & torch.isfinite(minima[name])
+        claim.add(name, "rank", torch.where(mine, -me, -world))  # MAX: the smallest rank
+    winners = claim.reduce(dist.ReduceOp.MAX, group)
+    values = _Buffer(torch.float64)
+    for name, sketch in sketches.items():
+        won = -winners[name, "rank"] == me
+        both = torch.stack([sketch.complexity.double(), sketch.k.double() + 1])
+        values.add(name, "values", torch.where(won, both, 0.0))
+    merged = values.reduce(dist.ReduceOp.SUM, group)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in sketches:
+        comp, k_plus = merged[name, "values"]
+        valid = (-winners[name, "rank"] < world) & (k_plus > 0)
+        out[name] = (comp[valid].float(), (k_plus[valid] - 1).round().long())
+    return out
+
+
+def _gather_per_rank(
+    states: dict[str, LayerState], extras: dict[str, dict[str, Any]], group: Any, dst: int
+) -> None:
+    """Adds ``per_rank_counts``, ``per_rank_tokens``, ``per_rank_steps`` on rank ``dst``."""
+    parts = []
+    for state in states.values():
+        record = state.host_state()
+        parts.append(record.counts.long())
+        parts.append(torch.tensor([int(record.joint.sum()), record.steps]))
+    device = reduction_device(group)
+    flat = (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)).to(device)
+    world = dist.get_world_size(group)
+    receiving = dist.get_rank() == dst
+    rows = [torch.empty_like(flat) for _ in range(world)] if receiving else None
+    dist.gather(flat, rows, dst=dst, group=group)
+    if rows is None:
+        return
+    table = torch.stack(rows).cpu()
+    offset = 0
+    for name, state in states.items():
+        width = state.num_experts
+        counts = table[:, offset : offset + width]
+        tokens, steps = table[:, offset + width], table[:, offset + width + 1]
+        offset += width + 2
+        extras[name].update(
+            per_rank_counts=counts.tolist(),
+            per_rank_tokens=tokens.tolist(),
+            per_rank_steps=steps.tolist(),
+        )
+
+
+def _imbalance(peak: int, total: int, world: int) -> float:
+    return float(peak * world / total) if total > 0 else math.nan
 
 
 def rank_imbalance(per_rank_tokens: list[int]) -> float:

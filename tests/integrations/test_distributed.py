@@ -57,7 +57,7 @@ def _ok_worker(rank: int, init_file: str, results: Any) -> None:
         for _ in range(3):  # rank r routes 4 + 2r tokens per step: uneven load
             model(torch.randn(4 + 2 * rank, 8, generator=data) * (1 + rank))
     local = inspector.summary().layers["router"]
-    merged = distributed_summary(inspector, timeout=30).layers["router"]
+    merged = distributed_summary(inspector, timeout=30, per_rank=True).layers["router"]
     results.put((rank, local, merged))
     dist.destroy_process_group()
 
@@ -105,7 +105,7 @@ def _late_rank_0_worker(
         outcome = str(err)
     results.put((rank, outcome, time.monotonic() - start))
     merged = distributed_summary(inspector, timeout=30)
-    results.put((rank, merged.layers["router"]["per_rank_tokens"], merged.config["world_size"]))
+    results.put((rank, merged.layers["router"]["tokens"], merged.config["world_size"]))
     dist.destroy_process_group()
 
 
@@ -149,7 +149,10 @@ def test_global_counts_are_the_sum_of_the_ranks(tmp_path: Path) -> None:
     got = sorted(_collect(results, WORLD, procs), key=lambda item: item[0])
     locals_ = [item[1] for item in got]
     merged = got[0][2]
-    assert json.dumps(got[1][2]) == json.dumps(merged)  # every rank: the same global view
+    per_rank_keys = ("per_rank_counts", "per_rank_tokens", "per_rank_steps")
+    global_view = {key: value for key, value in merged.items() if key not in per_rank_keys}
+    assert json.dumps(got[1][2]) == json.dumps(global_view)  # every rank: the same global view
+    assert not set(per_rank_keys) & set(got[1][2])  # the per-rank detail only on rank 0
     expected = [
         sum(c) for c in zip(*(lay["utilization"]["counts"] for lay in locals_), strict=True)
     ]
@@ -221,7 +224,7 @@ def test_a_rank_whose_peer_is_alive_but_never_calls_times_out_after_its_own_time
     assert late_waited < 10  # the late rank learns at once, instead of a lone collective
     merged = [item for item in rest if not isinstance(item[1], str)]
     assert sorted(rank for rank, _, _ in merged) == list(range(world))
-    assert all(item[1:] == ([4] * world, world) for item in merged)  # the group still works
+    assert all(item[1:] == (4 * world, world) for item in merged)  # the group still works
 
 
 def test_needs_an_initialised_process_group() -> None:
