@@ -17,11 +17,14 @@ grow with the world size:
   (n, sum, sum of squares, so mean and variance merge exactly) and the trend snapshots;
 * one ``all_reduce(MAX)`` of int64 (per-layer trend-window hashes, tokens) and one of
   float64 (extrema as max and -min, time range, reservoir keys negated);
-* the reservoir as a bucketed bottom-1 sketch: each of the ``reservoir_size`` buckets keeps
-  the sample with the smallest key over all ranks (an ``all_reduce(MIN)`` of the keys, of
-  the winning rank, then a ``SUM`` of the winners' values): the merged sample holds only
-  samples of the ranks' reservoirs, at most ``reservoir_size``, and with ``w`` full
-  reservoirs about ``reservoir_size * (1 - exp(-w))`` of them.
+* the reservoir as a bucketed sketch (``_Sketch``): each of the ``reservoir_size`` buckets
+  keeps, over all ranks, the sample that wins an exponential race weighted by the tokens it
+  stands for (an ``all_reduce(MAX)`` of the negated race keys, one of the winning rank, then
+  a ``SUM`` of the winners' values). The merged sample holds only samples of the ranks'
+  reservoirs, a bucket's winner comes from rank r with probability proportional to r's
+  tokens in that bucket, and it holds at most ``reservoir_size`` samples: about
+  ``reservoir_size * (1 - exp(-w))`` for ``w`` full reservoirs (0.63, 0.86, 0.98 of it for
+  1, 2, 4 ranks), where one process would keep ``reservoir_size``.
 
 Each layer carries ``rank_imbalance`` (max over mean tokens per rank, from a MAX and a SUM).
 Per-rank detail (``per_rank_counts``, ``per_rank_tokens``, ``per_rank_steps``) is opt-in
@@ -403,7 +406,7 @@ def _reduce_layers(
     for name, state in states.items():
         record = state.host_state()  # synchronises this rank's device once
         ran = record.steps > 0 or bool(record.counts.sum())
-        sketch = _Sketch.of(state, config.reservoir_size)
+        sketch = _Sketch.of(state, config.reservoir_size, me)
         local[name] = (record, sketch)
         sums_i.add(name, "counts", record.counts)
         selected = record.counts if record.selected is None else record.selected
@@ -424,7 +427,7 @@ def _reduce_layers(
         neg_inf = -math.inf
         times = [neg_inf if start is None else -start, neg_inf if end is None else end]
         max_f.add(name, "extrema", torch.tensor([-record.extrema[0], record.extrema[1], *times]))
-        max_f.add(name, "keys", -sketch.keys.double())
+        max_f.add(name, "keys", -sketch.keys)
     got = {
         **sums_i.reduce(dist.ReduceOp.SUM, group),
         **sums_f.reduce(dist.ReduceOp.SUM, group),
@@ -487,29 +490,51 @@ def _reduce_layers(
 
 
 class _Sketch:
-    """One rank's reservoir, bucketed: per bucket the sample with the smallest key."""
+    """One rank's reservoir as a bucketed sketch: per bucket the sample of smallest race key.
+
+    Each sample gets a fresh uniform ``u`` from a hash of its reservoir key and the rank (the
+    ranks' keys come from the same counter-based hash, so they repeat across ranks), a
+    bucket from the same hash, and the race key ``-log(u) / w`` with ``w`` the tokens the
+    sample stands for (tokens offered to this rank's reservoir over its samples): over the
+    ranks, a bucket's winner is a given sample with probability ``w / sum of w`` in the
+    bucket (exponential races), so each rank is represented in proportion to its tokens.
+    """
 
     def __init__(self, keys: torch.Tensor, complexity: torch.Tensor, k: torch.Tensor) -> None:
         self.keys, self.complexity, self.k = keys, complexity, k
 
     @classmethod
-    def of(cls, state: LayerState, buckets: int) -> _Sketch:
+    def of(cls, state: LayerState, buckets: int, rank: int) -> _Sketch:
         stats = state.stats
         keys = stats.res_keys.detach().float().cpu()
         comp = stats.res_complexity.detach().float().cpu()
         k = stats.res_k.detach().cpu()
         valid = (k >= 0) & torch.isfinite(keys)
         keys, comp, k = keys[valid], comp[valid], k[valid]
-        # the key's low mantissa bits pick the bucket: independent of its size order
-        bucket = keys.view(torch.int32).long() % buckets
-        best = torch.full((buckets,), math.inf)
-        best = best.scatter_reduce(0, bucket, keys, reduce="amin")
-        win = keys == best[bucket]
+        weight = float(stats.tokens_seen) / max(keys.numel(), 1)
+        bits = keys.numpy().view(np.uint32).astype(np.uint64) | (np.uint64(rank) << np.uint64(32))
+        mixed = _splitmix64(bits)
+        u = ((mixed >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
+        race = torch.from_numpy(-np.log(u) / max(weight, 1e-300))
+        bucket = torch.from_numpy((mixed % np.uint64(buckets)).astype(np.int64))
+        best = torch.full((buckets,), math.inf, dtype=torch.float64)
+        best = best.scatter_reduce(0, bucket, race, reduce="amin")
+        win = race == best[bucket]
         out_comp = torch.zeros(buckets)
         out_k = torch.full((buckets,), -1, dtype=torch.int64)
         out_comp[bucket[win]] = comp[win]
         out_k[bucket[win]] = k[win]
         return cls(best, out_comp, out_k)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """Steele, Lea and Flood's SplitMix64 finaliser (uint64, wrapping)."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        out: np.ndarray = z ^ (z >> np.uint64(31))
+        return out
 
 
 def _merge_sketches(
