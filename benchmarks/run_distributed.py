@@ -11,7 +11,9 @@ router with ``--model router``) on its own, unevenly sized batches; ``distribute
 must give global counts equal to the sum of the ranks' local counts, per-rank counts equal to
 each rank's own, and the same summary on every rank. ``--compile`` runs the same steps through
 ``torch.compile(fullgraph=True)`` on a second inspector and checks it recorded the eager
-statistics. Scenario ``missing-rank``: rank 1 never calls the reduction; rank 0 must raise
+statistics. The per-rank counts come with ``per_rank=True`` (gathered to rank 0 only), and an
+``ExpertParallelLoad`` over all ranks (contiguous placement) adds each layer's overload
+factors. Scenario ``missing-rank``: rank 1 never calls the reduction; rank 0 must raise
 ``RankTimeoutError`` within the timeout. Rank 0 prints one JSON line (and writes ``--json``).
 """
 
@@ -38,6 +40,7 @@ from moe_devkit.integrations.distributed import (
     control_group,
     distributed_summary,
 )
+from moe_devkit.integrations.expert_parallel import ExpertParallelLoad
 from moe_devkit.reporting import write_atomic
 from moe_devkit.routers.torch_router import DynamicMoERouter
 
@@ -87,31 +90,40 @@ def counts_of(summary: Any) -> dict[str, list[int]]:
 def scenario_ok(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     model, batch = build(args.model, device)
     inspector = RouterInspector().attach(model)
+    load = ExpertParallelLoad().attach(inspector)
     run_steps(model, batch, rank, args.steps)
     inspector.detach()
+    load.detach()
     local = counts_of(inspector.summary())
     start = time.perf_counter()
-    merged = distributed_summary(inspector, timeout=args.timeout)
+    merged = distributed_summary(inspector, timeout=args.timeout, per_rank=True)
     reduce_ms = 1e3 * (time.perf_counter() - start)
+    ep = distributed_summary(inspector, timeout=args.timeout, expert_parallel=load)
     every_local: list[Any] = [None] * world
     dist.all_gather_object(every_local, local)
     every_merged: list[Any] = [None] * world
-    dist.all_gather_object(every_merged, json.dumps(merged.layers, sort_keys=True, default=str))
+    global_view = {
+        n: {k: v for k, v in lay.items() if not k.startswith("per_rank_")}
+        for n, lay in merged.layers.items()
+    }
+    dist.all_gather_object(every_merged, json.dumps(global_view, sort_keys=True, default=str))
     checks = {
         "global_is_sum_of_ranks": all(
             lay["utilization"]["counts"]
             == [sum(c) for c in zip(*(r[n] for r in every_local), strict=True)]
             for n, lay in merged.layers.items()
         ),
-        "per_rank_counts_are_each_ranks_own": all(
+        "per_rank_counts_are_each_ranks_own": rank != 0  # only rank 0 has them
+        or all(
             lay["per_rank_counts"] == [r[n] for r in every_local]
             for n, lay in merged.layers.items()
         ),
         "same_summary_on_every_rank": len(set(every_merged)) == 1,
     }
     result: dict[str, Any] = {"checks": checks, "reduce_ms": round(reduce_ms, 2)}
+    keys = ("tokens", "per_rank_tokens", "per_rank_counts", "rank_imbalance")
     result["layers"] = {
-        n: {k: lay[k] for k in ("tokens", "per_rank_tokens", "per_rank_counts", "rank_imbalance")}
+        n: {k: lay.get(k) for k in keys} | {"expert_parallel": ep.layers[n]["expert_parallel"]}
         for n, lay in merged.layers.items()
     }
     if args.compile:
