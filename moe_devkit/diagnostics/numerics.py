@@ -580,9 +580,15 @@ def _write_max_abs(tensors: list[torch.Tensor], out: torch.Tensor) -> None:
     One multi-tensor reduction in the tensors' own dtype (its fast path; asking for a float32
     result makes CUDA fall back to one reduction per tensor), stacked, then written into the
     float32 ``out`` with one conversion. Max-abs is exact in any float dtype, and a low
-    precision dtype keeps NaN and Inf.
+    precision dtype keeps NaN and Inf. An empty tensor (an expert that received no rows)
+    has max-abs 0.
     """
-    norms = torch._foreach_norm(tensors, _INF)
+    if all(t.numel() for t in tensors):
+        norms = list(torch._foreach_norm(tensors, _INF))
+    else:
+        nonempty = [t for t in tensors if t.numel()]
+        filled = iter(torch._foreach_norm(nonempty, _INF) if nonempty else ())
+        norms = [next(filled) if t.numel() else t.new_zeros(()) for t in tensors]
     if norms[0].dtype == out.dtype and norms[0].device == out.device:
         torch.stack(norms, out=out)
     else:

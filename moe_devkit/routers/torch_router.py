@@ -696,6 +696,12 @@ class SwiGLUExperts(nn.Module):
 # ----------------------------------------------------------------------------- layer
 
 
+def _host_reads_are_free(device: torch.device) -> bool:
+    """Whether the layer may read a device value on the host: off CUDA, outside
+    torch.compile (a data-dependent shape would break its graph)."""
+    return device.type != "cuda" and not torch.compiler.is_compiling()
+
+
 _SPARE_ROWS = 1024  # scratch rows that the padding rows read in the dispatch, write in the combine
 
 
@@ -776,6 +782,9 @@ class MoELayer(nn.Module):
         if (matmul := fast_path.layer_matmul(flat, self.implementation)) is not None:
             out = self._forward_in_triton(flat, routing, matmul)
             return MoEOutput(out.reshape(hidden_states.shape), routing)
+        if _host_reads_are_free(flat.device):
+            out = self._forward_active_rows(flat, routing)
+            return MoEOutput(out.to(flat.dtype).reshape(hidden_states.shape), routing)
         with record_function(span_name("dispatch")):
             sorted_key, order, offsets = _sort_pairs(routing, num_experts)
             active_sorted = sorted_key < num_experts
@@ -808,6 +817,25 @@ class MoELayer(nn.Module):
             out = by_pair.sum(dim=1, dtype=torch.float32)  # [N, D]
             out = torch.where(routing.nonfinite.unsqueeze(-1), math.nan, out)
         return MoEOutput(out.to(flat.dtype).reshape(hidden_states.shape), routing)
+
+    def _forward_active_rows(self, flat: torch.Tensor, routing: RoutingDecision) -> torch.Tensor:
+        """Off CUDA, where reading the active-pair count costs no synchronisation: only the
+        active pairs are gathered, run through the experts and written back, forward and
+        backward, so the layer's time follows them. Same row order and the same float32
+        sum over the K slots as the padded path, hence the same values."""
+        num_tokens, max_k = flat.shape[0], routing.max_k
+        with record_function(span_name("dispatch")):
+            _, order, offsets = _sort_pairs(routing, self.config.num_experts)
+            order = order[: int(offsets[-1])]  # the active pairs, grouped by expert
+            x_sorted = flat.index_select(0, order // max_k)  # [A, D]
+            row_weights = routing.expert_weights.reshape(-1).index_select(0, order)
+        with record_function(span_name("experts")):
+            y_sorted = self.experts(x_sorted, offsets, row_weights)  # [A, D], weighted
+        with record_function(span_name("combine")):
+            by_pair = y_sorted.new_zeros(num_tokens * max_k, flat.shape[-1])
+            by_pair = by_pair.index_copy(0, order, y_sorted).view(num_tokens, max_k, -1)
+            out = by_pair.sum(dim=1, dtype=torch.float32)  # [N, D]
+            return torch.where(routing.nonfinite.unsqueeze(-1), math.nan, out)
 
     def _forward_in_triton(
         self, flat: torch.Tensor, routing: RoutingDecision, matmul: GroupedMatmul

@@ -253,3 +253,29 @@ def test_guard_does_not_synchronise_between_checks_on_cuda() -> None:
     (finding,) = guard.check()
     assert finding.location == "experts"
     guard.detach()
+
+
+class Sliced(nn.Module):
+    """Keeps the first ``rows`` rows: zero rows gives empty outputs and gradients (an
+    expert that receives no tokens)."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.rows = rows
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x[: self.rows])
+
+
+def test_empty_tensors_are_checked_as_finite() -> None:
+    model = Sliced(0)
+    x = torch.randn(3, 4, requires_grad=True)
+    with NumericsGuard(model) as guard:
+        (model(x).sum() + x.sum()).backward()
+        assert guard.check() == []
+        model.rows = 2
+        model.linear.bias.data[0] = math.nan
+        model(x).sum().backward()
+        (finding,) = guard.check()
+    assert finding.code == "nonfinite-output" and finding.location == "linear"

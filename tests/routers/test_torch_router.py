@@ -21,6 +21,7 @@ from moe_devkit import (
     RoutingDecision,
     StaticTopKRouter,
 )
+from moe_devkit.routers import torch_router
 from moe_devkit.routers.torch_router import STAGES, span_name
 
 
@@ -30,6 +31,20 @@ def tiny_config(**overrides: object) -> RouterConfig:
     )
     base.update(overrides)
     return RouterConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["active rows", "padded"])
+def layer_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test on both MoELayer paths: the CPU's (only the active pairs' rows) and the
+    padded one CUDA takes (every token x max_k row, no host read), forced on the CPU."""
+    if request.param == "padded":
+        force_padded_path(monkeypatch)
+    return str(request.param)
+
+
+def force_padded_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MoELayer takes its CUDA path (every token x max_k row, no host read) on the CPU too."""
+    monkeypatch.setattr(torch_router, "_host_reads_are_free", lambda device: False)
 
 
 # --------------------------------------------------------------------- per-token references
@@ -139,7 +154,9 @@ def test_static_router_equals_reference() -> None:
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.25])
 @pytest.mark.parametrize("mode", ["complexity", "top_p"])
-def test_layer_equals_dense_per_token_loop(capacity_factor: float | None, mode: str) -> None:
+def test_layer_equals_dense_per_token_loop(
+    capacity_factor: float | None, mode: str, layer_path: str
+) -> None:
     torch.manual_seed(3)
     layer = MoELayer(tiny_config(capacity_factor=capacity_factor, mode=mode, top_p=0.5))
     x = torch.randn(2, 9, 16)
@@ -151,7 +168,9 @@ def test_layer_equals_dense_per_token_loop(capacity_factor: float | None, mode: 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 @pytest.mark.parametrize("mode", ["complexity", "top_p"])
-def test_layer_gradients_equal_the_per_token_loop(capacity_factor: float | None, mode: str) -> None:
+def test_layer_gradients_equal_the_per_token_loop(
+    capacity_factor: float | None, mode: str, layer_path: str
+) -> None:
     """Gradients of the input, the router and the experts equal those of a differentiable
     per-token loop over the same routing (float64 weights; the layer's combine sums in
     float32, hence the tolerance; padded slots and drops included)."""
@@ -527,6 +546,7 @@ def test_padding_rows_never_poison_outputs_or_gradients(monkeypatch: pytest.Monk
         return _PoisonPadding.apply(real(a, b, offs=offs), offs, poisoned)
 
     monkeypatch.setattr(torch, "_grouped_mm", grouped_mm)
+    force_padded_path(monkeypatch)  # the path with rows past the last group
     torch.manual_seed(12)
     layer = MoELayer(tiny_config(min_k=1, max_k=3, capacity_factor=1.0), implementation="reference")
     x = torch.randn(40, 16, requires_grad=True)
@@ -572,9 +592,10 @@ def _experts_hand_on(layer: MoELayer, x: torch.Tensor) -> dict[str, torch.Tensor
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("mode", ["complexity", "top_p"])
 def test_experts_hand_on_no_uninitialised_rows(
-    poisoned_allocator: None, device: str, mode: str
+    poisoned_allocator: None, device: str, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Fresh buffers read as NaN: a row the grouped matmul leaves unwritten shows up.
+    force_padded_path(monkeypatch)  # CUDA's path, with rows past the last group, on the CPU too
     torch.manual_seed(13)
     layer = MoELayer(tiny_config(min_k=1, max_k=3, mode=mode, top_p=0.6)).to(device)
     x = torch.randn(48, 16, device=device, requires_grad=True)
