@@ -17,8 +17,12 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from moe_devkit import RouterConfig
 from moe_devkit.inspect import RouterInspector
-from moe_devkit.integrations.distributed import RankTimeoutError, distributed_summary
-from moe_devkit.integrations.expert_parallel import ExpertParallelLoad
+from moe_devkit.integrations.distributed import (
+    RankTimeoutError,
+    distributed_summary,
+    resolve_group,
+)
+from moe_devkit.integrations.expert_parallel import ExpertParallelLoad, contiguous_placement
 from moe_devkit.routers.torch_router import DynamicMoERouter
 
 WORLD, EP, EXPERTS, STEPS = 4, 2, 8, 6
@@ -149,3 +153,16 @@ def test_overload_factors_equal_a_direct_computation(tmp_path: Path) -> None:
     assert outcomes[0] == outcomes[1] == f"tokens {tokens[0] + tokens[1]}"
     assert "not every rank reached the inspector's reduction within 2 s" in outcomes[2]
     assert "missing: rank 3" in outcomes[2]
+
+
+def test_contiguous_placement_is_blocks_of_experts() -> None:
+    assert contiguous_placement(8, 2) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert contiguous_placement(8, 4) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert contiguous_placement(5, 2) == [0, 0, 0, 1, 1]
+
+
+def test_needs_an_initialised_process_group_and_a_mesh_for_mesh_dim() -> None:
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ExpertParallelLoad()
+    with pytest.raises(ValueError, match="mesh_dim='ep' needs group to be a DeviceMesh"):
+        resolve_group(None, "ep")
