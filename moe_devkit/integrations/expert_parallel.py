@@ -38,11 +38,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_devkit._checks import require_float
 from moe_devkit.diagnostics.findings import Finding
 from moe_devkit.inspect.discovery import find_probes
 from moe_devkit.inspect.inspector import RouterInspector, in_backward_recompute
 from moe_devkit.inspect.records import RouterSite, Selection
-from moe_devkit.integrations.distributed import _agreed_layout, all_reduce, resolve_group
+from moe_devkit.integrations.distributed import (
+    _agreed_layout,
+    _check_in,
+    all_reduce,
+    resolve_group,
+)
 from moe_devkit.routers.torch_router import RoutingDecision, count_values
 
 DEFAULT_CAPACITY = 1024
@@ -192,12 +198,18 @@ class ExpertParallelLoad:
         self, *, group: Any = None, timeout: float = 60.0
     ) -> tuple[dict[str, dict[str, Any]], list[Finding]]:
         """Per layer the merged EP load, and the hot-rank findings (collective over ``group``,
-        the summary's group, which holds whole EP groups).
+        the summary's group, which holds whole EP groups; ``distributed_summary`` calls it).
+
+        It first checks in through the group's store as ``distributed_summary`` does, so a
+        rank that never calls it gives ``RankTimeoutError`` within ``timeout`` seconds.
 
         Raises:
+            RankTimeoutError: a rank did not call it within ``timeout``.
             ValueError: the ranks of an EP group recorded a layer for different numbers of
                 steps (their per-step rows cannot be summed).
         """
+        timeout = require_float("timeout", timeout, 0.0, low_open=True)
+        _check_in(group, timeout)
         shapes = {n: (len(s.placement), s.ep_size) for n, s in self.layers.items()}
         layout = _agreed_layout(shapes, group, timeout)
         states: dict[str, _LayerLoad] = {}

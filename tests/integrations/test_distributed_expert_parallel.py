@@ -76,8 +76,17 @@ def _worker(rank: int, init_file: str, results: Any) -> None:
             outcome = f"tokens {part.layers['router']['tokens']}"
         except RankTimeoutError as err:
             outcome = str(err)
-    results.put((rank, assignments, entry, strided_entry, codes, outcome))
-    time.sleep(3)  # rank 2 is done waiting before its peer leaves the store
+    # and the load's own reduction over the world, which rank 3 never joins
+    alone = "skipped"
+    if rank != 3:
+        try:
+            load.reduce(timeout=2)
+            alone = "no error"
+        except RankTimeoutError as err:
+            alone = str(err)
+    results.put((rank, assignments, entry, strided_entry, codes, outcome, alone))
+    if rank == 3:
+        time.sleep(6)  # the others are done waiting before rank 3 leaves the store
     dist.destroy_process_group()
 
 
@@ -153,6 +162,8 @@ def test_overload_factors_equal_a_direct_computation(tmp_path: Path) -> None:
     assert outcomes[0] == outcomes[1] == f"tokens {tokens[0] + tokens[1]}"
     assert "not every rank reached the inspector's reduction within 2 s" in outcomes[2]
     assert "missing: rank 3" in outcomes[2]
+    for rank in range(3):
+        assert "not every rank reached the inspector's reduction within 2 s" in got[rank][6]
 
 
 def test_contiguous_placement_is_blocks_of_experts() -> None:
