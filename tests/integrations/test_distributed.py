@@ -104,8 +104,11 @@ def _late_rank_0_worker(
     except RankTimeoutError as err:
         outcome = str(err)
     results.put((rank, outcome, time.monotonic() - start))
-    merged = distributed_summary(inspector, timeout=30)
-    results.put((rank, merged.layers["router"]["tokens"], merged.config["world_size"]))
+    merged = distributed_summary(inspector, timeout=30, per_rank=True)
+    layer = merged.layers["router"]
+    results.put(
+        (rank, (layer["tokens"], layer.get("per_rank_tokens")), merged.config["world_size"])
+    )
     dist.destroy_process_group()
 
 
@@ -224,7 +227,9 @@ def test_a_rank_whose_peer_is_alive_but_never_calls_times_out_after_its_own_time
     assert late_waited < 10  # the late rank learns at once, instead of a lone collective
     merged = [item for item in rest if not isinstance(item[1], str)]
     assert sorted(rank for rank, _, _ in merged) == list(range(world))
-    assert all(item[1:] == (4 * world, world) for item in merged)  # the group still works
+    for rank, (tokens, per_rank_tokens), world_size in merged:  # the group still works
+        assert (tokens, world_size) == (4 * world, world)
+        assert per_rank_tokens == ([4] * world if rank == 0 else None)  # on rank 0 only
 
 
 def test_needs_an_initialised_process_group() -> None:
