@@ -67,6 +67,24 @@ def _worker(rank: int, init_file: str, results: Any) -> None:
     entry = summary.layers["router"]["expert_parallel"]
     strided_entry = strided.reduce(timeout=30)[0]["router"]
     codes = [f.code for f in summary.findings]
+    # layouts that differ: gathered once and merged over their union, or a ValueError
+    layouts = RouterInspector()
+    pairs = torch.tensor([[rank % EXPERTS, -1]] * 3)
+    ones, k = torch.full((3,), 0.5), torch.ones(3, dtype=torch.int64)
+    layouts.inspect_routing_decision(ones, ones, k, pairs, layer="everywhere", num_experts=8)
+    if rank == 0:
+        layouts.inspect_routing_decision(ones, ones, k, pairs, layer="rank0_only", num_experts=8)
+    union = distributed_summary(layouts, timeout=30).layers
+    union_counts = {n: lay["utilization"]["counts"] for n, lay in union.items()}
+    clash = RouterInspector()
+    clash.inspect_routing_decision(
+        ones, ones, k, pairs, layer="clash", num_experts=4 if rank == 1 else 8
+    )
+    try:
+        distributed_summary(clash, timeout=30)
+        clash_error = "no error"
+    except ValueError as err:
+        clash_error = str(err)
     # the EP dimension of the mesh as the reduced group; rank 3 never calls: its EP peer,
     # rank 2, gets a RankTimeoutError, the other EP group (ranks 0 and 1) merges
     outcome = "skipped"
@@ -84,7 +102,9 @@ def _worker(rank: int, init_file: str, results: Any) -> None:
             alone = "no error"
         except RankTimeoutError as err:
             alone = str(err)
-    results.put((rank, assignments, entry, strided_entry, codes, outcome, alone))
+    results.put(
+        (rank, assignments, entry, strided_entry, codes, outcome, alone, union_counts, clash_error)
+    )
     if rank == 3:
         time.sleep(6)  # the others are done waiting before rank 3 leaves the store
     dist.destroy_process_group()
@@ -164,6 +184,12 @@ def test_overload_factors_equal_a_direct_computation(tmp_path: Path) -> None:
     assert "missing: rank 3" in outcomes[2]
     for rank in range(3):
         assert "not every rank reached the inspector's reduction within 2 s" in got[rank][6]
+    expected_union = {
+        "everywhere": [3 if e < WORLD else 0 for e in range(EXPERTS)],
+        "rank0_only": [3] + [0] * (EXPERTS - 1),
+    }
+    assert all(item[7] == expected_union for item in got)
+    assert all("layer 'clash' must have the same num_experts" in item[8] for item in got)
 
 
 def test_contiguous_placement_is_blocks_of_experts() -> None:
