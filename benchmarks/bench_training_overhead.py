@@ -7,7 +7,9 @@ routing and the same work), train side by side: one with the inspector attached 
 whole run, as a training callback does, one without. They run in alternating blocks of
 ``--log-every`` optimizer steps, so machine load hits both alike; the ratio is the median of
 the paired block ratios, with a distribution-free 95% interval (order statistics of the
-paired ratios).
+paired ratios). Beside it, the time spent inside the inspector's own hooks and in
+``metrics()`` + ``check_alarms()``, as a share of the watched step time (a direct reading,
+far less sensitive to machine load than the ratio of two step times).
 
     python benchmarks/bench_training_overhead.py                      # CPU, both models
     python benchmarks/bench_training_overhead.py --device cuda --model hf
@@ -78,8 +80,28 @@ def paired_interval(ratios: list[float]) -> tuple[float, float]:
     return values[low], values[high]
 
 
+def time_hooks(inspector: RouterInspector, spent: dict[str, float]) -> None:
+    """Wraps each hook the attached ``inspector`` registered so that the time spent in it is
+    added to ``spent["hooks"]`` (host time: on CUDA, the time to issue its work)."""
+    for handle in inspector._handles:
+        hooks = handle.hooks_dict_ref()
+        if hooks is None or handle.id not in hooks:
+            continue
+        hook = hooks[handle.id]
+
+        def timed(*args: object, _hook: Callable[..., object] = hook, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return _hook(*args, **kwargs)
+            finally:
+                spent["hooks"] += time.perf_counter() - start
+
+        hooks[handle.id] = timed
+
+
 def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dict[str, object]:
     inspector = RouterInspector()
+    spent = {"hooks": 0.0, "metrics": 0.0}
 
     def trainer(watched: bool) -> Callable[[], float]:
         torch.manual_seed(0)  # the same weights and batch for both copies
@@ -88,6 +110,7 @@ def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dic
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         if watched:
             inspector.attach(model)
+            time_hooks(inspector, spent)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
@@ -101,8 +124,10 @@ def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dic
             for _ in range(log_every):
                 step()
             if watched:
+                read = time.perf_counter()
                 inspector.metrics()
                 inspector.check_alarms(on_alarm=lambda findings: None)
+                spent["metrics"] += time.perf_counter() - read
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return (time.perf_counter() - start) / log_every * 1e3
@@ -111,6 +136,7 @@ def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dic
 
     plain_block, watched_block = trainer(False), trainer(True)
     plain_block(), watched_block()  # warm-up (first-step checks, lazy set-up)
+    spent.update(hooks=0.0, metrics=0.0)
     plain: list[float] = []
     watched: list[float] = []
     for i in range(blocks):
@@ -123,6 +149,7 @@ def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dic
     inspector.detach()
     ratios = [w / p for w, p in zip(watched, plain, strict=True)]
     low, high = paired_interval(ratios)
+    watched_s = sum(watched) * log_every / 1e3
     return {
         "model": name,
         "plain_ms_per_step": statistics.median(plain),
@@ -132,6 +159,8 @@ def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dic
         "blocks": blocks,
         "steps_per_block": log_every,
         "layers": len(inspector.layers),
+        "hook_share": spent["hooks"] / watched_s,
+        "metrics_share": spent["metrics"] / watched_s,
     }
 
 
@@ -155,7 +184,9 @@ def main() -> None:
             f"{r['model']}: plain {r['plain_ms_per_step']:.2f} ms/step, watched "
             f"{r['watched_ms_per_step']:.2f} ms/step, ratio {r['ratio']:.4f} "
             f"(95% {low:.4f}-{high:.4f}; {r['blocks']} block pairs of {r['steps_per_block']} "
-            f"steps, metrics() + check_alarms() once a block)"
+            f"steps, metrics() + check_alarms() once a block); inside the inspector: hooks "
+            f"{100 * r['hook_share']:.2f}% + metrics/alarms {100 * r['metrics_share']:.2f}% "
+            "of the watched time"
         )
     if args.json:
         payload = {"machine": machine_name(device), "results": results}
