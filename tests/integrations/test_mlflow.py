@@ -20,12 +20,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 mlflow = pytest.importorskip("mlflow")
 
-from moe_devkit import RouterConfig  # noqa: E402
-from moe_devkit.inspect import RouterInspector  # noqa: E402
+from training_support import reference_windows  # noqa: E402
+
 from moe_devkit.inspect.live import METRIC_KEYS  # noqa: E402
 from moe_devkit.integrations.sinks import (  # noqa: E402
     MLFLOW_HINT,
@@ -35,7 +34,6 @@ from moe_devkit.integrations.sinks import (  # noqa: E402
     k_histogram,
     utilization_matrix,
 )
-from moe_devkit.routers.torch_router import MoEModel  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,20 +114,7 @@ def test_trainer_reports_every_key_at_every_logging_step_to_mlflow(
 @pytest.fixture
 def windows() -> tuple[list[dict[str, float]], Any]:
     """Three windows of a 2-layer x 6-expert reference model in a plain loop, and a summary."""
-    torch.manual_seed(0)
-    model = MoEModel(RouterConfig(hidden_size=16, num_experts=6, min_k=1, max_k=3), num_layers=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    out = []
-    with RouterInspector(model) as inspector:
-        for _ in range(3):
-            for _ in range(2):
-                step_out = model(torch.randn(4, 8, 16))
-                loss = step_out.hidden_states.pow(2).mean() + step_out.aux_loss
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            out.append(inspector.metrics(prefix="moe/"))
-    return out, inspector.summary()
+    return reference_windows()
 
 
 def test_mlflow_sink_writes_scalars_heatmap_and_k_histogram(

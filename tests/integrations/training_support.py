@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from moe_devkit import RouterConfig
+from moe_devkit.inspect import RouterInspector
+from moe_devkit.routers.torch_router import MoEModel
 
 SEQ = 8
 BATCH = 2
@@ -100,3 +105,21 @@ def same_float32(a: float, b: float) -> bool:
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
     return bool(np.float32(a) == np.float32(b))
+
+
+def reference_windows() -> tuple[list[dict[str, float]], Any]:
+    """Three windows of a 2-layer x 6-expert reference model in a plain loop, and a summary."""
+    torch.manual_seed(0)
+    model = MoEModel(RouterConfig(hidden_size=16, num_experts=6, min_k=1, max_k=3), num_layers=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = []
+    with RouterInspector(model) as inspector:
+        for _ in range(3):
+            for _ in range(2):
+                step_out = model(torch.randn(4, 8, 16))
+                loss = step_out.hidden_states.pow(2).mean() + step_out.aux_loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            out.append(inspector.metrics(prefix="moe/"))
+    return out, inspector.summary()
