@@ -1,0 +1,779 @@
+"""Routing traces: the experts each token was sent to in each MoE layer, recorded from a
+model, saved as ``.npz`` and compared between two runs of the same model.
+
+``RoutingTraceRecorder(model, max_tokens=..., weights=...)`` finds the routers as the
+``RouterInspector`` does (``discovery.find_probes``) and hooks the model's own call to read
+the token ids, the attention mask and the positions of each call. Everything stays on the
+model's device, in buffers allocated once: each call takes the next rows of a chunk (the row
+counter is a host integer, since a call's shape is known there), and every write is a
+device-side ``copy_`` into ``narrow`` views, so recording never waits for the device. A full
+chunk is copied to the host before the next call writes (the only device-to-host reads), and
+pad tokens (attention mask 0) are dropped then. At most ``max_tokens`` token positions of the
+calls are kept, padding included; a call that does not fit keeps its first rows.
+
+``RoutingTrace.save(path)`` writes an uncompressed-name ``.npz`` (numpy only) with:
+
+* ``expert_ids`` int32 [T, L, K]: the experts of each token in each layer, -1 padded (a
+  layer that did not run for a token is all -1);
+* ``weights`` float32 [T, L, K] (only when recorded): the routing weights of those experts;
+* ``token_ids`` int64 [T]: the input token ids, -1 where the model got embeddings;
+* ``positions`` int64 [T]: the position in the sequence, counted over its non-pad tokens;
+* ``sequence`` int64 [T]: which sequence, numbered in call order (a row of a batch is one;
+  a call given a non-empty KV cache, or an attention mask longer than its input, continues
+  the previous call's sequences: a step of ``generate``);
+* ``header``: a JSON string with ``format``, ``version``, ``layers`` (the L layer names),
+  ``num_experts`` (per layer) and ``metadata``.
+
+``compare_traces(a, b)`` aligns two traces by (sequence, position), checks that the token
+ids agree where both are known, and measures per layer how often the expert sets differ.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from moe_devkit.inspect.discovery import Probe, find_probes
+from moe_devkit.inspect.inspector import in_backward_recompute
+from moe_devkit.inspect.records import RouterSite, Selection
+from moe_devkit.reporting import make_report, report_json_text, write_atomic, write_atomic_set
+from moe_devkit.routers.torch_router import RoutingDecision
+
+TRACE_FORMAT = "moe-devkit-routing-trace"
+TRACE_VERSION = 1
+SECTION = "routing_comparison"
+_ARRAYS = ("expert_ids", "token_ids", "positions", "sequence")
+
+Array = npt.NDArray[Any]
+
+
+# ----------------------------------------------------------------------------- the trace
+
+
+@dataclass
+class RoutingTrace:
+    """T recorded tokens of L MoE layers (see the module docstring for the layout)."""
+
+    expert_ids: Array
+    token_ids: Array
+    positions: Array
+    sequence: Array
+    layers: list[str]
+    num_experts: list[int]
+    weights: Array | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        tokens = self.expert_ids.shape[0] if self.expert_ids.ndim == 3 else -1
+        if self.expert_ids.ndim != 3 or self.expert_ids.shape[1] != len(self.layers):
+            raise ValueError(
+                f"expert_ids must be [T, L, K] with L={len(self.layers)} layers; "
+                f"got shape {self.expert_ids.shape}"
+            )
+        if len(self.num_experts) != len(self.layers):
+            raise ValueError(
+                f"num_experts must have one entry per layer ({len(self.layers)}); "
+                f"got {len(self.num_experts)}"
+            )
+        for name in ("token_ids", "positions", "sequence"):
+            value = getattr(self, name)
+            if value.shape != (tokens,):
+                raise ValueError(f"{name} must be [T] with T={tokens}; got shape {value.shape}")
+        if self.weights is not None and self.weights.shape != self.expert_ids.shape:
+            raise ValueError(
+                f"weights must have the shape of expert_ids {self.expert_ids.shape}; "
+                f"got {self.weights.shape}"
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.expert_ids.shape[0])
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the trace as ``.npz`` (atomically: a failure leaves no half-written file)."""
+        header = {
+            "format": TRACE_FORMAT,
+            "version": TRACE_VERSION,
+            "layers": self.layers,
+            "num_experts": self.num_experts,
+            "metadata": self.metadata,
+        }
+        arrays: dict[str, Array] = {
+            "expert_ids": self.expert_ids.astype(np.int32),
+            "token_ids": self.token_ids.astype(np.int64),
+            "positions": self.positions.astype(np.int64),
+            "sequence": self.sequence.astype(np.int64),
+            "header": np.array(json.dumps(header)),
+        }
+        if self.weights is not None:
+            arrays["weights"] = self.weights.astype(np.float32)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        return write_atomic(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> RoutingTrace:
+        """Reads a trace written by ``save``.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is not a routing trace (not an .npz, a missing array or
+                header, another format or a newer version, inconsistent shapes).
+        """
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if not isinstance(data, np.lib.npyio.NpzFile):
+                    raise ValueError("a .npy array, not an .npz archive")
+                arrays = {name: data[name] for name in data.files}
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise ValueError(f"{path}: not an .npz routing trace ({exc})") from None
+        except ValueError as exc:
+            raise ValueError(f"{path}: not an .npz routing trace ({exc})") from None
+        missing = [name for name in (*_ARRAYS, "header") if name not in arrays]
+        if missing:
+            raise ValueError(f"{path}: not a routing trace: no {', '.join(missing)} array")
+        try:
+            header = json.loads(str(arrays["header"]))
+        except json.JSONDecodeError:
+            header = None
+        if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
+            raise ValueError(f"{path}: not a routing trace (expected format {TRACE_FORMAT!r})")
+        version = header.get("version")
+        if not isinstance(version, int) or version > TRACE_VERSION:
+            raise ValueError(
+                f"{path}: trace version must be <= {TRACE_VERSION}; got version={version!r}"
+            )
+        try:
+            return cls(
+                expert_ids=arrays["expert_ids"].astype(np.int32),
+                token_ids=arrays["token_ids"].astype(np.int64),
+                positions=arrays["positions"].astype(np.int64),
+                sequence=arrays["sequence"].astype(np.int64),
+                layers=[str(name) for name in header.get("layers", [])],
+                num_experts=[int(e) for e in header.get("num_experts", [])],
+                weights=arrays["weights"].astype(np.float32) if "weights" in arrays else None,
+                metadata=dict(header.get("metadata") or {}),
+            )
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: not a valid routing trace: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+def _mask_of(mask: Any, batch: int, length: int) -> bool:
+    """Whether ``mask`` is a [batch, >= length] attention mask."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return False
+    return mask.shape[0] == batch and mask.shape[1] >= length
+
+
+def _continues(kwargs: dict[str, Any], mask: torch.Tensor | None, length: int) -> bool:
+    """Whether a call continues the previous call's sequences: its attention mask is longer
+    than its input, or it gets a non-empty KV cache (a ``generate`` step)."""
+    if mask is not None and mask.shape[1] > length:
+        return True
+    for name in ("past_key_values", "cache"):
+        seen = getattr(kwargs.get(name), "get_seq_length", None)
+        if callable(seen) and int(seen()) > 0:
+            return True
+    return False
+
+
+@dataclass
+class _Call:
+    start: int  # first row of the chunk this call writes
+    rows: int  # rows kept (its first ones)
+    tokens: int  # tokens of the call (batch x length)
+
+
+class RoutingTraceRecorder:
+    """Records a ``RoutingTrace`` of every forward of ``model`` while attached.
+
+    ``with RoutingTraceRecorder(model, max_tokens=4096, weights=True) as rec: model(...)``,
+    then ``rec.trace()``. It finds the same routers as ``RouterInspector`` and can be
+    attached beside one.
+
+    Args:
+        model: the model; its own forward is hooked to read ``input_ids`` (or
+            ``inputs_embeds``), ``attention_mask`` and ``position_ids``.
+        max_tokens: the token budget: at most this many token positions are kept, padding
+            included (pads take a row until the chunk is copied to the host).
+        weights: also record the routing weights.
+        chunk_tokens: rows of the device buffers (default: ``max_tokens``); a full chunk is
+            copied to the host before the next call. A call of more tokens than a chunk
+            keeps its first ``chunk_tokens``.
+        metadata: JSON-serialisable values stored in the trace (a model name, a revision).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_tokens: int = 65536,
+        weights: bool = False,
+        chunk_tokens: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1; got max_tokens={max_tokens!r}")
+        chunk = max_tokens if chunk_tokens is None else chunk_tokens
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk_tokens must be an int >= 1; got chunk_tokens={chunk!r}")
+        self.model = model
+        self.max_tokens = max_tokens
+        self.chunk_tokens = min(chunk, max_tokens)
+        self.record_weights = weights
+        self.metadata = dict(metadata or {})
+        self.probes: list[Probe] = []
+        self.skipped: dict[str, int] = {}  # decisions whose token count was not the call's
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._order: dict[str, int] = {}
+        self._num_experts: dict[str, int] = {}
+        self._tokens: dict[str, torch.Tensor] = {}  # token_ids, positions, sequence, valid
+        self._ids: dict[str, torch.Tensor] = {}  # per layer [chunk, K] int32
+        self._weights: dict[str, torch.Tensor] = {}
+        self._chunks: list[dict[str, Array]] = []
+        self._cursor = 0  # rows of the current chunk written
+        self._flushed = 0  # rows of earlier chunks (the budget counts both)
+        self._call: _Call | None = None
+        self._next_sequence = 0
+        self._last_rows: tuple[int, int] | None = None  # (first sequence, batch) of last call
+
+    # ------------------------------------------------------------------ attach / detach
+
+    def attach(self) -> RoutingTraceRecorder:
+        """Hooks the model and every router found in it; returns self.
+
+        Raises:
+            ValueError: no router found, or already attached.
+        """
+        if self._handles:
+            raise ValueError("the recorder is already attached; call detach() first")
+        probes = find_probes(self.model)
+        if not probes:
+            raise ValueError(f"found no MoE router in {type(self.model).__name__}")
+        self.probes = probes
+        for i, probe in enumerate(probes):
+            self._order.setdefault(probe.site.layer, i)
+            self._handles += probe.install(self._emit)
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._begin_call, with_kwargs=True)
+        )
+        self._handles.append(self.model.register_forward_hook(self._end_call, always_call=True))
+        return self
+
+    def detach(self) -> None:
+        """Removes the hooks; what was recorded is kept."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._call = None
+
+    def __enter__(self) -> RoutingTraceRecorder:
+        return self.attach()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.detach()
+
+    @property
+    def rows_used(self) -> int:
+        """Token positions taken from the budget so far (padding included)."""
+        return self._flushed + self._cursor
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the device buffers (allocated once: ``chunk_tokens`` rows each)."""
+        buffers = [*self._tokens.values(), *self._ids.values(), *self._weights.values()]
+        return sum(t.numel() * t.element_size() for t in buffers)
+
+    # ------------------------------------------------------------------ hooks
+
+    def _begin_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if in_backward_recompute():
+            return
+        self._call = None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() in (1, 2):
+            ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+            batch, length = ids.shape
+            device = ids.device
+        else:
+            embeds = kwargs.get("inputs_embeds", ids)
+            if not isinstance(embeds, torch.Tensor) or embeds.dim() < 2:
+                return
+            ids = None
+            shape = embeds.shape[:-1]
+            batch = shape[0] if len(shape) == 2 else 1
+            length = math.prod(shape) // max(batch, 1)
+            device = embeds.device
+        tokens = batch * length
+        mask = kwargs.get("attention_mask")
+        if not _mask_of(mask, batch, length):
+            mask = None
+        continuation = _continues(kwargs, mask, length)
+        if continuation and self._last_rows is not None and self._last_rows[1] == batch:
+            first = self._last_rows[0]
+        else:
+            first = self._next_sequence
+            self._next_sequence += batch
+        self._last_rows = (first, batch)
+
+        if self._cursor and self._cursor + tokens > self.chunk_tokens:
+            self._flush()
+        rows = min(tokens, self.chunk_tokens - self._cursor, self.max_tokens - self.rows_used)
+        if rows <= 0:
+            return
+        self._ensure_token_buffers(device)
+        start = self._cursor
+        view = {name: t.narrow(0, start, rows) for name, t in self._tokens.items()}
+        if ids is not None:
+            view["token_ids"].copy_(ids.reshape(-1)[:rows])
+        else:
+            view["token_ids"].fill_(-1)
+        view["positions"].copy_(self._positions(kwargs, mask, batch, length, device)[:rows])
+        seq = torch.arange(first, first + batch, device=device).repeat_interleave(length)
+        view["sequence"].copy_(seq[:rows])
+        if mask is not None:
+            view["valid"].copy_((mask[:, mask.shape[1] - length :] != 0).reshape(-1)[:rows])
+        else:
+            view["valid"].fill_(True)
+        self._cursor += rows
+        self._call = _Call(start, rows, tokens)
+
+    @staticmethod
+    def _positions(
+        kwargs: dict[str, Any],
+        mask: torch.Tensor | None,
+        batch: int,
+        length: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        if mask is not None:  # counted over the non-pad tokens: left padding moves nothing
+            counted = mask.to(device=device, dtype=torch.int64).cumsum(1) - 1
+            return counted[:, mask.shape[1] - length :].reshape(-1)
+        position_ids = kwargs.get("position_ids")
+        if isinstance(position_ids, torch.Tensor) and position_ids.numel() in (
+            length,
+            batch * length,
+        ):
+            return (
+                position_ids.to(device=device, dtype=torch.int64).expand(batch, length).reshape(-1)
+            )
+        cache_position = kwargs.get("cache_position")
+        if isinstance(cache_position, torch.Tensor) and cache_position.numel() == length:
+            rows = cache_position.to(device=device, dtype=torch.int64).reshape(1, length)
+            return rows.expand(batch, length).reshape(-1)
+        return torch.arange(length, device=device).repeat(batch)
+
+    def _end_call(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._call = None
+
+    def _emit(
+        self, site: RouterSite, decision: RoutingDecision, selection: Selection | None = None
+    ) -> None:
+        call = self._call
+        if call is None or in_backward_recompute():
+            return
+        if decision.num_tokens != call.tokens:
+            self.skipped[site.layer] = self.skipped.get(site.layer, 0) + 1
+            return
+        ids, weights = self._layer_buffers(site.layer, decision)
+        k = min(decision.max_k, ids.shape[1])
+        rows = decision.expert_indices.narrow(0, 0, call.rows).narrow(1, 0, k)
+        ids.narrow(0, call.start, call.rows).narrow(1, 0, k).copy_(rows)
+        if weights is not None:
+            values = decision.expert_weights.narrow(0, 0, call.rows).narrow(1, 0, k)
+            weights.narrow(0, call.start, call.rows).narrow(1, 0, k).copy_(values)
+
+    # ------------------------------------------------------------------ buffers
+
+    def _ensure_token_buffers(self, device: torch.device) -> None:
+        if self._tokens:
+            return
+        n = self.chunk_tokens
+        self._tokens = {
+            "token_ids": torch.full((n,), -1, dtype=torch.int64, device=device),
+            "positions": torch.zeros(n, dtype=torch.int64, device=device),
+            "sequence": torch.zeros(n, dtype=torch.int64, device=device),
+            "valid": torch.zeros(n, dtype=torch.bool, device=device),
+        }
+
+    def _layer_buffers(
+        self, layer: str, decision: RoutingDecision
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids = self._ids.get(layer)
+        if ids is None:
+            device = decision.expert_indices.device
+            shape = (self.chunk_tokens, decision.max_k)
+            ids = torch.full(shape, -1, dtype=torch.int32, device=device)
+            self._ids[layer] = ids
+            self._num_experts[layer] = decision.num_experts
+            if self.record_weights:
+                self._weights[layer] = torch.zeros(shape, dtype=torch.float32, device=device)
+        return ids, self._weights.get(layer)
+
+    def _flush(self) -> None:
+        """Copies the chunk's rows to the host (one read per buffer), without the pads."""
+        rows = self._cursor
+        if rows == 0:
+            return
+        keep = self._tokens["valid"][:rows].cpu().numpy()
+        chunk = {
+            name: self._tokens[name][:rows].cpu().numpy()[keep]
+            for name in ("token_ids", "positions", "sequence")
+        }
+        for layer, ids in self._ids.items():
+            chunk[f"ids:{layer}"] = ids[:rows].cpu().numpy()[keep]
+            ids.fill_(-1)
+        for layer, weights in self._weights.items():
+            chunk[f"weights:{layer}"] = weights[:rows].cpu().numpy()[keep]
+            weights.zero_()
+        self._chunks.append(chunk)
+        self._flushed += rows
+        self._cursor = 0
+
+    def trace(self) -> RoutingTrace:
+        """What was recorded so far (copies the current chunk to the host first)."""
+        self._flush()
+        layers = sorted(self._ids, key=lambda name: self._order.get(name, len(self._order)))
+        width = max((self._ids[name].shape[1] for name in layers), default=1)
+        tokens = sum(len(c["token_ids"]) for c in self._chunks)
+        expert_ids = np.full((tokens, len(layers), width), -1, dtype=np.int32)
+        weights = np.zeros(expert_ids.shape, np.float32) if self.record_weights else None
+        offset = 0
+        for chunk in self._chunks:
+            n = len(chunk["token_ids"])
+            for j, layer in enumerate(layers):
+                part = chunk.get(f"ids:{layer}")
+                if part is not None:
+                    expert_ids[offset : offset + n, j, : part.shape[1]] = part
+                values = chunk.get(f"weights:{layer}")
+                if weights is not None and values is not None:
+                    weights[offset : offset + n, j, : values.shape[1]] = values
+            offset += n
+
+        def joined(name: str) -> Array:
+            parts = [c[name] for c in self._chunks]
+            return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+        return RoutingTrace(
+            expert_ids=expert_ids,
+            token_ids=joined("token_ids"),
+            positions=joined("positions"),
+            sequence=joined("sequence"),
+            layers=layers,
+            num_experts=[self._num_experts[name] for name in layers],
+            weights=weights,
+            metadata=dict(self.metadata),
+        )
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+@dataclass
+class LayerComparison:
+    """How one layer's routing differs between two traces, over the aligned tokens.
+
+    Attributes:
+        set_differs: fraction of tokens whose expert set differs.
+        jaccard: mean Jaccard index of the two expert sets (1 where both are empty).
+        top1_flip: fraction whose top-1 expert differs (the highest-weight expert when a
+            trace has weights, else its first listed expert).
+        k_abs_diff: mean |k_a - k_b|; k_differs: fraction with different k.
+        weight_abs_error: mean |w_a - w_b| over the (token, expert) pairs both selected
+            (None without weights in both traces, or without a shared pair).
+    """
+
+    layer: str
+    num_experts: int
+    set_differs: float
+    jaccard: float
+    top1_flip: float
+    k_abs_diff: float
+    k_differs: float
+    weight_abs_error: float | None
+
+
+@dataclass
+class TraceComparison:
+    """``compare_traces``' result.
+
+    ``differs`` is bool [N, L]: the expert set of aligned token n differs in layer l;
+    ``positions`` [N] the tokens' positions (for the heatmap).
+    """
+
+    tokens_compared: int
+    tokens_only_a: int
+    tokens_only_b: int
+    layers: list[LayerComparison]
+    any_layer_differs: float
+    layers_only_a: list[str]
+    layers_only_b: list[str]
+    differs: Array
+    positions: Array
+
+    @property
+    def identical(self) -> bool:
+        return self.any_layer_differs == 0.0 and all(
+            layer.weight_abs_error in (None, 0.0) for layer in self.layers
+        )
+
+    def to_section(self) -> dict[str, Any]:
+        """The JSON section ``routing_comparison``."""
+        return {
+            "tokens_compared": self.tokens_compared,
+            "tokens_only_a": self.tokens_only_a,
+            "tokens_only_b": self.tokens_only_b,
+            "any_layer_differs": self.any_layer_differs,
+            "identical": self.identical,
+            "layers_only_a": self.layers_only_a,
+            "layers_only_b": self.layers_only_b,
+            "layers": [vars(layer).copy() for layer in self.layers],
+        }
+
+
+def _keys(trace: RoutingTrace, name: str) -> Array:
+    keys = np.stack([trace.sequence, trace.positions], axis=1)
+    unique, counts = np.unique(keys, axis=0, return_counts=True)
+    if keys.shape[0] and counts.max() > 1:
+        s, p = unique[int(np.argmax(counts))]
+        raise ValueError(f"trace {name} holds position {p} of sequence {s} more than once")
+    return keys
+
+
+def _one_hot(ids: Array, num_experts: int) -> Array:
+    rows = np.arange(ids.shape[0])[:, None]
+    cols = np.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    hot = np.zeros((ids.shape[0], num_experts + 1), dtype=bool)
+    hot[rows, cols] = True
+    return hot[:, :num_experts]
+
+
+def _dense(ids: Array, weights: Array, num_experts: int) -> Array:
+    dense = np.zeros((ids.shape[0], num_experts + 1), dtype=np.float64)
+    cols = np.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    np.add.at(dense, (np.arange(ids.shape[0])[:, None], cols), weights)
+    return dense[:, :num_experts]
+
+
+def _top1(ids: Array, weights: Array | None) -> Array:
+    if ids.shape[1] == 0:
+        return np.full(ids.shape[0], -1)
+    if weights is None:
+        return ids[:, 0]
+    scored = np.where(ids >= 0, weights, -np.inf)
+    return np.take_along_axis(ids, np.argmax(scored, axis=1)[:, None], axis=1)[:, 0]
+
+
+def compare_traces(a: RoutingTrace, b: RoutingTrace) -> TraceComparison:
+    """Compares the routing of two traces token by token, layer by layer.
+
+    Tokens are aligned by (sequence, position); layers by name.
+
+    Raises:
+        ValueError: the traces share no layer or no token, a shared layer has a different
+            number of experts, a trace holds a position twice, or the token ids differ
+            where both are known (the traces were not recorded on the same inputs).
+    """
+    shared = [name for name in a.layers if name in b.layers]
+    if not shared:
+        raise ValueError(f"the traces share no layer: A has {a.layers}, B has {b.layers}")
+    keys_a, keys_b = _keys(a, "A"), _keys(b, "B")
+    width = max(int(keys_a[:, 1].max(initial=0)), int(keys_b[:, 1].max(initial=0))) + 1
+    flat_a = keys_a[:, 0] * width + keys_a[:, 1]
+    flat_b = keys_b[:, 0] * width + keys_b[:, 1]
+    _, ia, ib = np.intersect1d(flat_a, flat_b, assume_unique=True, return_indices=True)
+    if ia.size == 0:
+        raise ValueError(
+            f"the traces share no (sequence, position): A has {a.num_tokens} tokens, "
+            f"B has {b.num_tokens}"
+        )
+    tok_a, tok_b = a.token_ids[ia], b.token_ids[ib]
+    wrong = np.nonzero((tok_a >= 0) & (tok_b >= 0) & (tok_a != tok_b))[0]
+    if wrong.size:
+        s, p = keys_a[ia[wrong[0]]]
+        raise ValueError(
+            f"the traces are not of the same inputs: {wrong.size} aligned tokens have "
+            f"different token ids, the first at sequence {s}, position {p} "
+            f"({tok_a[wrong[0]]} in A, {tok_b[wrong[0]]} in B)"
+        )
+    results: list[LayerComparison] = []
+    differs = np.zeros((ia.size, len(shared)), dtype=bool)
+    for j, name in enumerate(shared):
+        la, lb = a.layers.index(name), b.layers.index(name)
+        experts_a, experts_b = a.num_experts[la], b.num_experts[lb]
+        if experts_a != experts_b:
+            raise ValueError(f"layer {name!r} has {experts_a} experts in A and {experts_b} in B")
+        ids_a, ids_b = a.expert_ids[ia, la], b.expert_ids[ib, lb]
+        w_a = a.weights[ia, la] if a.weights is not None else None
+        w_b = b.weights[ib, lb] if b.weights is not None else None
+        hot_a, hot_b = _one_hot(ids_a, experts_a), _one_hot(ids_b, experts_b)
+        differs[:, j] = (hot_a != hot_b).any(axis=1)
+        inter = (hot_a & hot_b).sum(axis=1)
+        union = (hot_a | hot_b).sum(axis=1)
+        jaccard = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+        k_a, k_b = hot_a.sum(axis=1), hot_b.sum(axis=1)
+        error: float | None = None
+        if w_a is not None and w_b is not None:
+            both = hot_a & hot_b
+            if both.any():
+                gap = np.abs(_dense(ids_a, w_a, experts_a) - _dense(ids_b, w_b, experts_b))
+                error = float(gap[both].mean())
+        results.append(
+            LayerComparison(
+                layer=name,
+                num_experts=experts_a,
+                set_differs=float(differs[:, j].mean()),
+                jaccard=float(jaccard.mean()),
+                top1_flip=float((_top1(ids_a, w_a) != _top1(ids_b, w_b)).mean()),
+                k_abs_diff=float(np.abs(k_a - k_b).mean()),
+                k_differs=float((k_a != k_b).mean()),
+                weight_abs_error=error,
+            )
+        )
+    return TraceComparison(
+        tokens_compared=int(ia.size),
+        tokens_only_a=int(a.num_tokens - ia.size),
+        tokens_only_b=int(b.num_tokens - ib.size),
+        layers=results,
+        any_layer_differs=float(differs.any(axis=1).mean()),
+        layers_only_a=[name for name in a.layers if name not in b.layers],
+        layers_only_b=[name for name in b.layers if name not in a.layers],
+        differs=differs,
+        positions=keys_a[ia, 1],
+    )
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def disagreement_by_position(comparison: TraceComparison, max_columns: int = 256) -> Array:
+    """float [L, C]: the fraction of tokens whose expert set differs, per layer and
+    position (positions binned into at most ``max_columns`` columns); NaN where no token."""
+    positions = comparison.positions
+    columns = int(positions.max(initial=0)) + 1
+    bins = min(columns, max_columns)
+    column = (positions * bins) // max(columns, 1)
+    totals = np.bincount(column, minlength=bins).astype(np.float64)
+    layers = comparison.differs.shape[1]
+    grid = np.full((layers, bins), np.nan)
+    for j in range(layers):
+        hits = np.bincount(column, weights=comparison.differs[:, j], minlength=bins)
+        grid[j] = np.where(totals > 0, hits / np.maximum(totals, 1), np.nan)
+    return grid
+
+
+def heatmap_png(comparison: TraceComparison, dpi: int = 110) -> bytes:
+    """The layer x position heatmap of disagreement, as PNG bytes (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    grid = disagreement_by_position(comparison)
+    fig = Figure(figsize=(10, 1.5 + 0.35 * max(grid.shape[0], 1)), dpi=dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(
+        grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="magma", interpolation="nearest"
+    )
+    ax.set_yticks(range(grid.shape[0]), [layer.layer for layer in comparison.layers])
+    binned = int(comparison.positions.max(initial=0)) + 1 > grid.shape[1]
+    ax.set_xlabel("position (binned)" if binned else "position")
+    ax.set_title("fraction of tokens whose expert set differs")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+_COLUMNS = (
+    ("layer", "layer"),
+    ("set differs", "set_differs"),
+    ("mean Jaccard", "jaccard"),
+    ("top-1 flips", "top1_flip"),
+    ("mean |Δk|", "k_abs_diff"),
+    ("k differs", "k_differs"),
+    ("weight |Δ| (shared)", "weight_abs_error"),
+)
+
+
+def render_html(report: Mapping[str, Any], png: bytes) -> str:
+    """A self-contained page: the summary, the per-layer table and the heatmap."""
+    from moe_devkit.inspect.html import _CSP, _CSS, _fmt
+
+    section = report["sections"][SECTION]
+    head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in _COLUMNS)
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="name">{html.escape(str(layer[key]))}</td>'
+            if key == "layer"
+            else f"<td>{'n/a' if layer[key] is None else _fmt(layer[key], 4)}</td>"
+            for _, key in _COLUMNS
+        )
+        + "</tr>"
+        for layer in section["layers"]
+    )
+    image = base64.b64encode(png).decode("ascii")
+    only = "".join(
+        f"<p>Layers only in {side}: {html.escape(', '.join(section[key]))}</p>"
+        for side, key in (("A", "layers_only_a"), ("B", "layers_only_b"))
+        if section[key]
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<title>moe-devkit routing comparison</title><style>{_CSS}</style></head>
+<body><h1>Routing comparison</h1>
+<p>{section["tokens_compared"]} tokens compared ({section["tokens_only_a"]} only in A,
+{section["tokens_only_b"]} only in B); tokens that differ in at least one layer:
+{_fmt(section["any_layer_differs"], 4)}.</p>{only}
+<table><tr>{head}</tr>{rows}</table>
+<h2>Disagreement by layer and position</h2>
+<img alt="layer x position disagreement" src="data:image/png;base64,{image}">
+</body></html>
+"""
+
+
+def write_comparison(
+    comparison: TraceComparison, out_dir: str | Path, sources: Sequence[str] = ()
+) -> tuple[Path, Path]:
+    """Writes ``routing_comparison.json`` (the report envelope) and
+    ``routing_comparison.html``; both are rendered before either is written."""
+    section = comparison.to_section()
+    if sources:
+        section["traces"] = list(sources)
+    report = make_report({SECTION: section})
+    text = report_json_text(report)
+    page = render_html(json.loads(text), heatmap_png(comparison))
+    out = Path(out_dir)
+    json_path, html_path = write_atomic_set(
+        {out / "routing_comparison.json": text, out / "routing_comparison.html": page}
+    )
+    return json_path, html_path
