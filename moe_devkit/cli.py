@@ -13,7 +13,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from moe_devkit._argparse import ArgumentParser
-from moe_devkit.commands import diagnose, gradients, memory, numerics, profile, report
+from moe_devkit.commands import (
+    compare_routing,
+    diagnose,
+    gradients,
+    memory,
+    numerics,
+    profile,
+    report,
+)
 from moe_devkit.commands.common import Command, UsageError
 
 if TYPE_CHECKING:
@@ -28,6 +36,7 @@ COMMANDS: dict[str, Command] = {
         gradients.COMMAND,
         memory.COMMAND,
         profile.COMMAND,
+        compare_routing.COMMAND,
     )
 }
 
