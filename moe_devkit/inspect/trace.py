@@ -19,8 +19,8 @@ calls are kept, padding included; a call that does not fit keeps its first rows.
 * ``token_ids`` int64 [T]: the input token ids, -1 where the model got embeddings;
 * ``positions`` int64 [T]: the position in the sequence, counted over its non-pad tokens;
 * ``sequence`` int64 [T]: which sequence, numbered in call order (a row of a batch is one;
-  a call given a non-empty KV cache, or an attention mask longer than its input, continues
-  the previous call's sequences: a step of ``generate``);
+  a call given the KV cache object of the previous call, or an attention mask longer than
+  its input, continues the previous call's sequences: a step of ``generate``);
 * ``header``: a JSON string with ``format``, ``version``, ``layers`` (the L layer names),
   ``num_experts`` (per layer) and ``metadata``.
 
@@ -35,8 +35,9 @@ import html
 import io
 import json
 import math
+import weakref
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -184,16 +185,25 @@ def _mask_of(mask: Any, batch: int, length: int) -> bool:
     return mask.shape[0] == batch and mask.shape[1] >= length
 
 
-def _continues(kwargs: dict[str, Any], mask: torch.Tensor | None, length: int) -> bool:
-    """Whether a call continues the previous call's sequences: its attention mask is longer
-    than its input, or it gets a non-empty KV cache (a ``generate`` step)."""
-    if mask is not None and mask.shape[1] > length:
-        return True
+def _no_cache() -> Any:
+    return None
+
+
+def _cache_of(kwargs: dict[str, Any]) -> Any:
+    """The KV cache object a call gets (None without one)."""
     for name in ("past_key_values", "cache"):
-        seen = getattr(kwargs.get(name), "get_seq_length", None)
-        if callable(seen) and int(seen()) > 0:
-            return True
-    return False
+        value = kwargs.get(name)
+        if value is not None and not isinstance(value, torch.Tensor | bool):
+            return value
+    return None
+
+
+def _reference(value: Any) -> Callable[[], Any]:
+    """A weak reference to ``value`` where it allows one (a cache is not kept alive)."""
+    try:
+        return weakref.ref(value)
+    except TypeError:
+        return lambda: None
 
 
 @dataclass
@@ -257,6 +267,7 @@ class RoutingTraceRecorder:
         self._call: _Call | None = None
         self._next_sequence = 0
         self._last_rows: tuple[int, int] | None = None  # (first sequence, batch) of last call
+        self._last_cache: Callable[[], Any] = _no_cache
 
     # ------------------------------------------------------------------ attach / detach
 
@@ -334,7 +345,13 @@ class RoutingTraceRecorder:
         mask = kwargs.get("attention_mask")
         if not _mask_of(mask, batch, length):
             mask = None
-        continuation = _continues(kwargs, mask, length)
+        # A call continues the previous call's sequences (a generate step) when its mask is
+        # longer than its input, or when it gets the KV cache object the previous call got:
+        # both are read on the host (a cache's length may live on the device).
+        cache = _cache_of(kwargs)
+        continuation = mask is not None and mask.shape[1] > length
+        continuation |= cache is not None and self._last_cache() is cache
+        self._last_cache = _reference(cache) if cache is not None else _no_cache
         if continuation and self._last_rows is not None and self._last_rows[1] == batch:
             first = self._last_rows[0]
         else:
@@ -355,7 +372,8 @@ class RoutingTraceRecorder:
         else:
             view["token_ids"].fill_(-1)
         view["positions"].copy_(self._positions(kwargs, mask, batch, length, device)[:rows])
-        seq = torch.arange(first, first + batch, device=device).repeat_interleave(length)
+        seq = torch.arange(first, first + batch, device=device).unsqueeze(1)
+        seq = seq.expand(batch, length).reshape(-1)
         view["sequence"].copy_(seq[:rows])
         if mask is not None:
             view["valid"].copy_((mask[:, mask.shape[1] - length :] != 0).reshape(-1)[:rows])

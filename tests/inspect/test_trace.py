@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from hf_zoo import build_tiny
 from torch import nn
 
+from moe_devkit.inspect import RouterInspector
 from moe_devkit.inspect.trace import RoutingTrace, RoutingTraceRecorder, compare_traces
 from moe_devkit.routers.torch_router import MoEModel, RouterConfig
 
@@ -219,17 +220,36 @@ def test_pad_tokens_are_not_recorded(mixtral: nn.Module) -> None:
 
 
 def test_generate_continues_each_sequence(mixtral: nn.Module) -> None:
-    ids = _inputs(batch=2, length=5)
+    prompts = [_inputs(batch=2, length=5, seed=s) for s in (1, 2)]
+    outputs = []
     with RoutingTraceRecorder(mixtral) as recorder, torch.no_grad():
-        out = mixtral.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False
-        )
+        for ids in prompts:  # each generate: its own cache, its own two sequences
+            outputs.append(
+                mixtral.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False
+                )
+            )
     trace = recorder.trace()
     order = np.lexsort((trace.positions, trace.sequence))
     # the last generated token is never fed back: 5 prompt + 2 new tokens per sequence
-    np.testing.assert_array_equal(trace.sequence[order], np.repeat([0, 1], 7))
-    np.testing.assert_array_equal(trace.positions[order], np.tile(np.arange(7), 2))
-    np.testing.assert_array_equal(trace.token_ids[order], out[:, :7].reshape(-1).numpy())
+    np.testing.assert_array_equal(trace.sequence[order], np.repeat([0, 1, 2, 3], 7))
+    np.testing.assert_array_equal(trace.positions[order], np.tile(np.arange(7), 4))
+    expected = torch.cat([out[:, :7] for out in outputs]).reshape(-1).numpy()
+    np.testing.assert_array_equal(trace.token_ids[order], expected)
+
+
+def test_beside_an_inspector_the_counts_agree(mixtral: nn.Module) -> None:
+    ids = _inputs(batch=2, length=8)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    inspector = RouterInspector(mixtral)
+    with inspector, RoutingTraceRecorder(mixtral) as recorder, torch.no_grad():
+        mixtral(input_ids=ids, attention_mask=mask)
+    trace = recorder.trace()
+    layers = inspector.summary().layers
+    for j, name in enumerate(trace.layers):
+        counts = np.bincount(trace.expert_ids[:, j].reshape(-1), minlength=8)
+        assert layers[name]["utilization"]["counts"] == counts.tolist()
 
 
 def test_reference_model_without_token_ids_and_k_differences() -> None:
