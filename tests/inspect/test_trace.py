@@ -5,6 +5,7 @@ directly from each router's input."""
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,12 @@ from hf_zoo import build_tiny
 from torch import nn
 
 from moe_devkit.inspect import RouterInspector
-from moe_devkit.inspect.trace import RoutingTrace, RoutingTraceRecorder, compare_traces
+from moe_devkit.inspect.trace import (
+    RoutingTrace,
+    RoutingTraceRecorder,
+    compare_traces,
+    disagreement_by_position,
+)
 from moe_devkit.routers.torch_router import MoEModel, RouterConfig
 
 
@@ -135,6 +141,9 @@ def test_perturbed_router_flips_what_a_direct_topk_says(mixtral: nn.Module) -> N
         assert layer.jaccard == pytest.approx(jaccard.mean().item())
         assert (layer.k_abs_diff, layer.k_differs) == (0.0, 0.0)
         assert layer.weight_abs_error is not None and layer.weight_abs_error > 0
+        by_position = differs.reshape(4, 16).float().mean(0).numpy()  # sequences x positions
+        grid = disagreement_by_position(result)[result.layers.index(layer)]
+        np.testing.assert_allclose(grid, by_position)
     assert result.any_layer_differs == pytest.approx(any_differs.float().mean().item())
     assert 0 < result.any_layer_differs < 1  # the noise moves some tokens, not all
     assert not result.identical
@@ -170,6 +179,20 @@ def test_load_rejects_what_is_not_a_trace(tmp_path: Path) -> None:
         RoutingTrace.load(other)
     with pytest.raises(FileNotFoundError):
         RoutingTrace.load(tmp_path / "missing.npz")
+    arrays = {name: np.zeros(2, np.int64) for name in ("token_ids", "positions", "sequence")}
+    arrays["expert_ids"] = np.zeros((2, 1, 1), np.int32)
+    for header, message in [
+        ({"format": "other", "version": 1}, "expected format 'moe-devkit-routing-trace'"),
+        ({"format": "moe-devkit-routing-trace", "version": 99}, "version must be <= 1"),
+        (
+            {"format": "moe-devkit-routing-trace", "version": 1, "layers": ["a", "b"]},
+            r"expert_ids must be \[T, L, K\] with L=2 layers",
+        ),
+    ]:
+        path = tmp_path / "header.npz"
+        np.savez(path, header=np.array(json.dumps(header)), **arrays)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=message):
+            RoutingTrace.load(path)
 
 
 def test_token_budget_bounds_rows_and_memory(mixtral: nn.Module) -> None:
