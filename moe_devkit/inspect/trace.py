@@ -230,6 +230,9 @@ class RoutingTraceRecorder:
             copied to the host before the next call. A call of more tokens than a chunk
             keeps its first ``chunk_tokens``.
         metadata: JSON-serialisable values stored in the trace (a model name, a revision).
+        every: record one model call in ``every`` (the first, then every ``every``-th; the
+            sequence numbers count the calls left out too, so two traces taken with the same
+            ``every`` on the same inputs align).
     """
 
     def __init__(
@@ -239,6 +242,7 @@ class RoutingTraceRecorder:
         max_tokens: int = 65536,
         weights: bool = False,
         chunk_tokens: int | None = None,
+        every: int = 1,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -252,7 +256,11 @@ class RoutingTraceRecorder:
         self.max_tokens = max_tokens
         self.chunk_tokens = min(chunk, max_tokens)
         self.record_weights = weights
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1; got every={every!r}")
         self.metadata = dict(metadata or {})
+        self.every = every
+        self.calls = 0  # model calls seen while attached (recorded or not)
         self.probes: list[Probe] = []
         self.skipped: dict[str, int] = {}  # decisions whose token count was not the call's
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -358,6 +366,9 @@ class RoutingTraceRecorder:
             first = self._next_sequence
             self._next_sequence += batch
         self._last_rows = (first, batch)
+        self.calls += 1
+        if (self.calls - 1) % self.every:
+            return
 
         if self._cursor and self._cursor + tokens > self.chunk_tokens:
             self._flush()

@@ -228,6 +228,21 @@ def test_chunks_are_flushed_and_equal_one_buffer(mixtral: nn.Module) -> None:
     assert compare_traces(chunked, whole).identical
 
 
+def test_every_records_one_call_in_n(mixtral: nn.Module) -> None:
+    calls = [_inputs(batch=2, length=4, seed=s) for s in range(5)]
+    recorder = RoutingTraceRecorder(mixtral, every=2)
+    with recorder, torch.no_grad():
+        for ids in calls:
+            mixtral(input_ids=ids)
+    trace = recorder.trace()
+    assert recorder.calls == 5
+    np.testing.assert_array_equal(trace.sequence, np.repeat([0, 1, 4, 5, 8, 9], 4))
+    kept = torch.cat([calls[0], calls[2], calls[4]]).reshape(-1).numpy()
+    np.testing.assert_array_equal(trace.token_ids, kept)
+    with pytest.raises(ValueError, match="every must be an int >= 1"):
+        RoutingTraceRecorder(mixtral, every=0)
+
+
 def test_pad_tokens_are_not_recorded(mixtral: nn.Module) -> None:
     ids = _inputs(batch=3, length=8)
     mask = torch.ones_like(ids)
