@@ -106,16 +106,17 @@ def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) 
 
 def test_every_command_module_is_listed() -> None:
     """Each public module of moe_devkit.commands (``common`` aside) declares the COMMAND that
-    the CLI lists, under its own name; check-debug is listed by the CLI itself."""
+    the CLI lists, under its own name with ``-`` for ``_`` (``compare_routing`` is
+    ``compare-routing``); check-debug is listed by the CLI itself."""
     modules = [
         info.name
         for info in pkgutil.iter_modules(commands_package.__path__)
         if not info.name.startswith("_") and info.name != "common"
     ]
-    assert sorted(COMMANDS) == sorted(modules)
+    assert sorted(COMMANDS) == sorted(m.replace("_", "-") for m in modules)
     for name, command in COMMANDS.items():
         assert command.name == name
-        assert command.run.__module__ == f"moe_devkit.commands.{name}"
+        assert command.run.__module__ == f"moe_devkit.commands.{name.replace('-', '_')}"
 
 
 @pytest.mark.vscode_smoke

@@ -1,4 +1,4 @@
-"""``moe-devkit compare_routing A.npz B.npz``: how the routing of two traces of one model
+"""``moe-devkit compare-routing A.npz B.npz``: how the routing of two traces of one model
 differs, token by token and layer by layer (``inspect.trace.compare_traces``)."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMAND = Command(
-    "compare_routing",
+    "compare-routing",
     "compare two routing traces of one model (.npz): per-layer expert-set differences",
     add_arguments,
     run,

@@ -1,4 +1,4 @@
-"""``moe-devkit compare_routing A B``: the report of two traces of a real tiny Mixtral, and
+"""``moe-devkit compare-routing A B``: the report of two traces of a real tiny Mixtral, and
 every error as one line, exit 2, with nothing written."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from moe_devkit.cli import main
 from moe_devkit.inspect.trace import RoutingTrace, RoutingTraceRecorder, compare_traces
 from moe_devkit.reporting import load_report_json
 
-PROG = "moe-devkit compare_routing"
+PROG = "moe-devkit compare-routing"
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ def test_report_of_two_traces(
     traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "cmp"
-    assert main(["compare_routing", str(traces["a"]), str(traces["b"]), "--out", str(out)]) == 0
+    assert main(["compare-routing", str(traces["a"]), str(traces["b"]), "--out", str(out)]) == 0
     report = load_report_json(out / "routing_comparison.json")
     section = report["sections"]["routing_comparison"]
     expected = compare_traces(RoutingTrace.load(traces["a"]), RoutingTrace.load(traces["b"]))
@@ -89,7 +89,7 @@ def test_report_of_two_traces(
 
 def test_a_trace_against_itself_is_identical(traces: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "same"
-    assert main(["compare_routing", str(traces["a"]), str(traces["a"]), "--out", str(out)]) == 0
+    assert main(["compare-routing", str(traces["a"]), str(traces["a"]), "--out", str(out)]) == 0
     section = load_report_json(out / "routing_comparison.json")["sections"]["routing_comparison"]
     assert section["identical"] is True and section["any_layer_differs"] == 0.0
     assert all(layer["jaccard"] == 1.0 for layer in section["layers"])
@@ -117,7 +117,7 @@ def test_errors_are_one_line_and_write_nothing(
     path_a = str(traces.get(a, tmp_path / "missing.npz"))
     path_b = str(traces.get(b, tmp_path / "missing.npz"))
     out = tmp_path / "out"
-    assert main(["compare_routing", path_a, path_b, "--out", str(out)]) == 2
+    assert main(["compare-routing", path_a, path_b, "--out", str(out)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.count("\n") == 1
@@ -130,7 +130,7 @@ def test_out_that_is_a_file_is_refused(
 ) -> None:
     out = tmp_path / "taken"
     out.write_text("keep")
-    assert main(["compare_routing", str(traces["a"]), str(traces["b"]), "--out", str(out)]) == 2
+    assert main(["compare-routing", str(traces["a"]), str(traces["b"]), "--out", str(out)]) == 2
     assert capsys.readouterr().err == (
         f"{PROG}: error: --out must be a directory; {str(out)!r} is a file\n"
     )
