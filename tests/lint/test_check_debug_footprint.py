@@ -134,7 +134,15 @@ def test_core_dependencies_are_the_hooks_alone() -> None:
     assert {"jax", "hf"} <= {e for s in extras["dev"] for e in s.split("[")[-1][:-1].split(",")}
 
 
-DIAGNOSTICS_COMMANDS = ["diagnose", "report", "numerics", "gradients", "memory", "profile"]
+DIAGNOSTICS_COMMANDS = [
+    "diagnose",
+    "report",
+    "numerics",
+    "gradients",
+    "memory",
+    "profile",
+    "compare-routing",
+]
 
 
 def without_diagnostics_deps(*argv: str) -> subprocess.CompletedProcess[str]:
