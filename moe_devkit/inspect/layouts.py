@@ -50,7 +50,9 @@ def jetmoe_adapter(module: nn.Module, args: tuple[Any, ...], output: Any) -> Rou
     """
     index_sorted, _, gates, expert_size, logits = output
     num_experts, pairs = logits.shape[-1], index_sorted.numel()
-    sizes = torch.as_tensor(list(expert_size), device=logits.device)
+    sizes = torch.tensor(list(expert_size), dtype=torch.long)
+    if logits.is_cuda:  # from pinned memory, non-blocking: a pageable copy would synchronise
+        sizes = sizes.pin_memory().to(logits.device, non_blocking=True)
     experts = torch.arange(num_experts, device=logits.device)
     expert_of_pair = experts.repeat_interleave(sizes, output_size=pairs)  # output_size: no sync
     flat = torch.empty(pairs, dtype=torch.long, device=logits.device)
