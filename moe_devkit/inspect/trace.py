@@ -48,6 +48,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from moe_devkit.diagnostics.findings import Finding
 from moe_devkit.inspect.discovery import Probe, find_probes
 from moe_devkit.inspect.inspector import in_backward_recompute
 from moe_devkit.inspect.records import RouterSite, Selection
@@ -572,6 +573,35 @@ class TraceComparison:
             layer.weight_abs_error in (None, 0.0) for layer in self.layers
         )
 
+    def layers_over(self, tolerance: float = 0.0) -> list[LayerComparison]:
+        """The shared layers whose expert set differs for more than ``tolerance`` (a
+        fraction of the aligned tokens, 0 to 1) of the tokens."""
+        _check_tolerance(tolerance)
+        return [layer for layer in self.layers if layer.set_differs > tolerance]
+
+    def findings(self, tolerance: float = 0.0) -> list[Finding]:
+        """One ``routing-differs`` error per layer of ``layers_over(tolerance)``."""
+        return [
+            Finding(
+                code="routing-differs",
+                severity="error",
+                message=(
+                    f"{layer.layer}: the expert set differs for {layer.set_differs:.2%} of "
+                    f"{self.tokens_compared} aligned tokens (tolerance {tolerance:.2%}; "
+                    f"top-1 flips {layer.top1_flip:.2%})"
+                ),
+                location=layer.layer,
+                details={
+                    "set_differs": layer.set_differs,
+                    "top1_flip": layer.top1_flip,
+                    "jaccard": layer.jaccard,
+                    "tolerance": tolerance,
+                    "tokens_compared": self.tokens_compared,
+                },
+            )
+            for layer in self.layers_over(tolerance)
+        ]
+
     def to_section(self) -> dict[str, Any]:
         """The JSON section ``routing_comparison``."""
         return {
@@ -584,6 +614,15 @@ class TraceComparison:
             "layers_only_b": self.layers_only_b,
             "layers": [vars(layer).copy() for layer in self.layers],
         }
+
+
+def _check_tolerance(tolerance: float) -> None:
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, int | float)
+        or not 0.0 <= tolerance <= 1.0
+    ):
+        raise ValueError(f"tolerance must be a fraction in [0, 1]; got tolerance={tolerance!r}")
 
 
 def _keys(trace: RoutingTrace, name: str) -> Array:
@@ -754,7 +793,7 @@ _COLUMNS = (
 
 def render_html(report: Mapping[str, Any], png: bytes) -> str:
     """A self-contained page: the summary, the per-layer table and the heatmap."""
-    from moe_devkit.inspect.html import _CSP, _CSS, _fmt
+    from moe_devkit.inspect.html import _CSP, _CSS, _findings_html, _fmt
 
     section = report["sections"][SECTION]
     head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in _COLUMNS)
@@ -783,6 +822,7 @@ def render_html(report: Mapping[str, Any], png: bytes) -> str:
 <p>{section["tokens_compared"]} tokens compared ({section["tokens_only_a"]} only in A,
 {section["tokens_only_b"]} only in B); tokens that differ in at least one layer:
 {_fmt(section["any_layer_differs"], 4)}.</p>{only}
+{_findings_html(report.get("findings", []))}
 <table><tr>{head}</tr>{rows}</table>
 <h2>Disagreement by layer and position</h2>
 <img alt="layer x position disagreement" src="data:image/png;base64,{image}">
@@ -791,14 +831,19 @@ def render_html(report: Mapping[str, Any], png: bytes) -> str:
 
 
 def write_comparison(
-    comparison: TraceComparison, out_dir: str | Path, sources: Sequence[str] = ()
+    comparison: TraceComparison,
+    out_dir: str | Path,
+    sources: Sequence[str] = (),
+    tolerance: float = 0.0,
 ) -> tuple[Path, Path]:
-    """Writes ``routing_comparison.json`` (the report envelope) and
-    ``routing_comparison.html``; both are rendered before either is written."""
+    """Writes ``routing_comparison.json`` (the report envelope, with the ``routing-differs``
+    findings of ``comparison.findings(tolerance)``) and ``routing_comparison.html``; both
+    are rendered before either is written."""
     section = comparison.to_section()
     if sources:
         section["traces"] = list(sources)
-    report = make_report({SECTION: section})
+    section["tolerance"] = tolerance
+    report = make_report({SECTION: section}, comparison.findings(tolerance))
     text = report_json_text(report)
     page = render_html(json.loads(text), heatmap_png(comparison))
     out = Path(out_dir)

@@ -1,5 +1,6 @@
-"""``moe-devkit compare-routing A B``: the report of two traces of a real tiny Mixtral, and
-every error as one line, exit 2, with nothing written."""
+"""``moe-devkit compare-routing A B``: the report of two traces of a real tiny Mixtral, exit 1
+when a layer's expert sets differ beyond ``--tolerance`` (0 otherwise), and every error as one
+line, exit 2, with nothing written."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         folder = tmp_path_factory.mktemp("traces")
         made = {
             "a": _trace(model, 1),
+            "a_again": _trace(copy.deepcopy(model), 1),
             "b": _trace(perturbed, 1),
             "other_inputs": _trace(model, 2),
         }
@@ -69,7 +71,7 @@ def test_report_of_two_traces(
     traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "cmp"
-    assert main(["compare-routing", str(traces["a"]), str(traces["b"]), "--out", str(out)]) == 0
+    assert main(["compare-routing", str(traces["a"]), str(traces["b"]), "--out", str(out)]) == 1
     report = load_report_json(out / "routing_comparison.json")
     section = report["sections"]["routing_comparison"]
     expected = compare_traces(RoutingTrace.load(traces["a"]), RoutingTrace.load(traces["b"]))
@@ -85,14 +87,69 @@ def test_report_of_two_traces(
     assert all(layer["layer"] in page for layer in section["layers"])
     printed = capsys.readouterr().out
     assert "30 tokens compared" in printed and "routing_comparison.html" in printed
+    # every layer whose sets differ at all is one routing-differs error, at tolerance 0
+    differing = [layer.layer for layer in expected.layers if layer.set_differs > 0]
+    assert differing and section["tolerance"] == 0.0
+    assert [f["location"] for f in report["findings"]] == differing
+    assert {f["code"] for f in report["findings"]} == {"routing-differs"}
+    assert {f["severity"] for f in report["findings"]} == {"error"}
+    assert f"verdict: {len(differing)} error" in printed
+    assert page.count("routing-differs") == len(differing)
 
 
-def test_a_trace_against_itself_is_identical(traces: dict[str, Path], tmp_path: Path) -> None:
+def test_tolerance_decides_the_exit_code(
+    traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    expected = compare_traces(RoutingTrace.load(traces["a"]), RoutingTrace.load(traces["b"]))
+    fractions = sorted({layer.set_differs for layer in expected.layers})
+    worst = fractions[-1]
+    assert 0 < worst < 1
+    args = ["compare-routing", str(traces["a"]), str(traces["b"])]
+    # at the worst layer's own fraction nothing is over: exit 0, no findings
+    out = tmp_path / "at_worst"
+    assert main([*args, "--tolerance", repr(worst), "--out", str(out)]) == 0
+    report = load_report_json(out / "routing_comparison.json")
+    assert (
+        report["findings"] == [] and report["sections"]["routing_comparison"]["tolerance"] == worst
+    )
+    assert "verdict: no alarms" in capsys.readouterr().out
+    # just below it, the worst layer (and only the layers at that fraction) are findings
+    below = worst - 1e-9
+    out = tmp_path / "below_worst"
+    assert main([*args, "--tolerance", repr(below), "--out", str(out)]) == 1
+    over = [layer.layer for layer in expected.layers if layer.set_differs > below]
+    assert [
+        f["location"] for f in load_report_json(out / "routing_comparison.json")["findings"]
+    ] == over
+    assert [layer.layer for layer in expected.layers_over(below)] == over
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "nan", "half"])
+def test_tolerance_outside_0_1_is_a_usage_error(
+    traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    out = tmp_path / "out"
+    argv = ["compare-routing", str(traces["a"]), str(traces["b"]), "--tolerance", value]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"{PROG}: error: argument --tolerance: expected a fraction from 0 to 1; got {value!r}\n"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("other", ["a", "a_again"])
+def test_same_weights_compare_identical_exit_0(
+    traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], other: str
+) -> None:
     out = tmp_path / "same"
-    assert main(["compare-routing", str(traces["a"]), str(traces["a"]), "--out", str(out)]) == 0
-    section = load_report_json(out / "routing_comparison.json")["sections"]["routing_comparison"]
+    argv = ["compare-routing", str(traces["a"]), str(traces[other]), "--out", str(out)]
+    assert main(argv) == 0
+    report = load_report_json(out / "routing_comparison.json")
+    section = report["sections"]["routing_comparison"]
     assert section["identical"] is True and section["any_layer_differs"] == 0.0
     assert all(layer["jaccard"] == 1.0 for layer in section["layers"])
+    assert report["findings"] == []
+    assert capsys.readouterr().out.rstrip().endswith("verdict: no alarms")
 
 
 @pytest.mark.parametrize(
