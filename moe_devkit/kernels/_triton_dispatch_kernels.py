@@ -193,3 +193,50 @@ def plan_scatter_kernel(
     weight = tl.load(weight_ptr + pairs, mask=live & active, other=0.0)
     tl.store(src_ptr + row, pairs // K, mask=live & active)
     tl.store(row_weight_ptr + row, weight, mask=live & active)
+
+
+@triton.jit
+def swiglu_rows_backward_kernel(
+    gate_up_ptr,  # [M, 2F]: the forward's input, gate in [0, F), up in [F, 2F)
+    weight_ptr,  # float32[M]: routing weight of each row
+    grad_ptr,  # [M, F]: gradient of the forward's output
+    grad_gate_up_ptr,  # [M, 2F] (out): gradient of gate_up (rows < active)
+    grad_weight_ptr,  # float32[M] (out): gradient of each row's weight (rows < active)
+    active_ptr,  # int32[1]
+    F,
+    stride_in,
+    stride_grad,
+    stride_out,
+    BLOCK_R: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    # Program i: rows [i * BLOCK_R, ...), a loop over the F columns in BLOCK_F steps, so
+    # that the weight's gradient (a sum over F) is reduced in registers, with no atomics.
+    # d hidden/d gate = w * up * s * (1 + gate * (1 - s)), s = sigmoid(gate);
+    # d hidden/d up = w * silu(gate); d hidden/d w = silu(gate) * up.
+    first = tl.program_id(0).to(tl.int64) * BLOCK_R
+    active = tl.load(active_ptr).to(tl.int64)
+    if first < active:
+        rows = first + tl.arange(0, BLOCK_R)
+        live = rows < active
+        weight = tl.load(weight_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        grad_weight = tl.full([BLOCK_R], 0.0, dtype=tl.float32)
+        for start in range(0, F, BLOCK_F):
+            cols = start + tl.arange(0, BLOCK_F)
+            mask = live[:, None] & (cols[None, :] < F)
+            base = gate_up_ptr + rows[:, None] * stride_in + cols[None, :]
+            gate = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(base + F, mask=mask, other=0.0).to(tl.float32)
+            grad_ptrs = grad_ptr + rows[:, None] * stride_grad + cols[None, :]
+            grad = tl.load(grad_ptrs, mask=mask, other=0.0).to(tl.float32)
+            sig = 1.0 / (1.0 + tl.exp(-gate))
+            silu = gate * sig
+            grad_weight += tl.reduce(grad * silu * up, 1, _add)
+            scaled = grad * weight[:, None]
+            grad_gate = scaled * up * sig * (1.0 + gate * (1.0 - sig))
+            grad_up = scaled * silu
+            out = grad_gate_up_ptr + rows[:, None] * stride_out + cols[None, :]
+            element = grad_gate_up_ptr.dtype.element_ty
+            tl.store(out, grad_gate.to(element), mask=mask)
+            tl.store(out + F, grad_up.to(element), mask=mask)
+        tl.store(grad_weight_ptr + rows, grad_weight, mask=live)

@@ -9,7 +9,9 @@ stage, whether a kernel takes over and which one:
   Triton installed (the routers also under Triton's interpreter with
   ``triton_router.INTERPRET_ON_CPU`` set), and for the routing and the layer's no-grad
   forward only where nothing needs what they skip (see ``routes_in_triton`` and
-  ``layer_matmul``).
+  ``layer_matmul``). With autograd on, the layer trains on the active-pair kernels with
+  their own backward (``layer_train_matmul``, ``train_dispatch``, ``train_experts``,
+  ``train_combine``; ``triton_train``).
 * "triton": the Triton kernels wherever a step has one, on every device they run on (CUDA,
   or Triton's interpreter with ``TRITON_INTERPRET=1``); steps without a kernel (the routers
   with autograd on, a capacity limit or policy "raise") stay PyTorch ops. A forward raises
@@ -27,7 +29,13 @@ from typing import NamedTuple
 import torch
 
 from moe_devkit.config import RouterConfig
-from moe_devkit.kernels import triton_dispatch, triton_experts, triton_grouped, triton_router
+from moe_devkit.kernels import (
+    triton_dispatch,
+    triton_experts,
+    triton_grouped,
+    triton_router,
+    triton_train,
+)
 from moe_devkit.kernels.triton_router import FusedRouting, KRule
 
 __all__ = [
@@ -36,6 +44,7 @@ __all__ = [
     "FusedRouting",
     "GroupedMatmul",
     "KRule",
+    "PairPlan",
     "check_implementation",
     "combine",
     "dispatch",
@@ -43,10 +52,15 @@ __all__ = [
     "fuses_gating",
     "grouped_matmul",
     "layer_matmul",
+    "layer_train_matmul",
+    "plan_pairs",
     "require_triton",
     "route",
     "routes_in_triton",
     "swiglu_experts",
+    "train_combine",
+    "train_dispatch",
+    "train_experts",
 ]
 
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference", "triton")
@@ -243,6 +257,54 @@ class ActivePairs(NamedTuple):
     """int64[N, K]: the sorted row of each (token, slot), -1 where the pair is not executed."""
 
 
+class PairPlan(NamedTuple):
+    """Where each executed token-expert pair goes in the expert-sorted rows."""
+
+    src: torch.Tensor
+    """int64[N*K]: the token of each sorted row; rows past offsets[-1] undefined."""
+    row_weights: torch.Tensor
+    """float32[N*K]: the routing weight of each sorted row."""
+    offsets: torch.Tensor
+    """int32[E]: end row of each expert's group; the last is the number of executed pairs."""
+    pos: torch.Tensor
+    """int64[N, K]: the sorted row of each (token, slot), -1 where the pair is not executed."""
+
+
+def plan_pairs(
+    expert_indices: torch.Tensor,
+    dropped: torch.Tensor,
+    expert_weights: torch.Tensor,
+    num_experts: int,
+) -> PairPlan:
+    """The executed pairs grouped by expert, in the reference's row order (a stable sort by
+    expert): ``triton_dispatch.plan``'s counting sort up to
+    ``triton_dispatch.PLAN_MAX_EXPERTS`` experts, ``torch.sort`` beyond. No host sync.
+
+    Args:
+        expert_indices: int64[N, K], -1 padded; dropped: bool[N, K]; expert_weights:
+            float32[N, K] (a ``RoutingDecision``'s fields).
+        num_experts: E.
+    """
+    num_tokens, max_k = expert_indices.shape
+    if num_experts <= triton_dispatch.PLAN_MAX_EXPERTS:
+        return PairPlan(*triton_dispatch.plan(expert_indices, dropped, expert_weights, num_experts))
+    active = ((expert_indices >= 0) & ~dropped).reshape(-1)
+    key = torch.where(active, expert_indices.reshape(-1), num_experts)
+    if num_experts < 256:  # uint8 keys: one 8-bit radix pass instead of eight
+        key = key.to(torch.uint8)
+    sorted_key, order = torch.sort(key, stable=True)
+    bounds = torch.arange(1, num_experts + 1, device=key.device, dtype=key.dtype)
+    offsets = torch.searchsorted(sorted_key, bounds).to(torch.int32)
+    src, row_weights = order // max_k, expert_weights.reshape(-1)[order]
+    rows = torch.arange(order.shape[0], device=order.device)
+    pos = (
+        torch.empty_like(order)
+        .index_copy_(0, order, torch.where(sorted_key < num_experts, rows, -1))
+        .view(num_tokens, max_k)
+    )  # sorted row of each (token, slot); -1 if inactive
+    return PairPlan(src, row_weights, offsets, pos)
+
+
 def dispatch(
     flat: torch.Tensor,
     expert_indices: torch.Tensor,
@@ -250,43 +312,96 @@ def dispatch(
     expert_weights: torch.Tensor,
     num_experts: int,
 ) -> ActivePairs:
-    """The executed pairs grouped by expert, gathered in Triton kernels that skip the others.
-
-    Same row order as the reference (a stable sort by expert): ``triton_dispatch.plan``'s
-    counting sort up to ``triton_dispatch.PLAN_MAX_EXPERTS`` experts, ``torch.sort`` beyond.
-    Rows past the active count are not gathered (their values are undefined).
+    """The executed pairs grouped by expert (``plan_pairs``), gathered in a Triton kernel
+    that skips the others: rows past the active count are not gathered (undefined).
 
     Args:
         flat: float[N, D], the hidden states.
-        expert_indices: int64[N, K], -1 padded; dropped: bool[N, K]; expert_weights:
-            float32[N, K] (a ``RoutingDecision``'s fields).
-        num_experts: E.
+        expert_indices, dropped, expert_weights, num_experts: as ``plan_pairs``.
     """
-    num_tokens, max_k = expert_indices.shape
-    if num_experts <= triton_dispatch.PLAN_MAX_EXPERTS:
-        src, row_weights, offsets, pos = triton_dispatch.plan(
-            expert_indices, dropped, expert_weights, num_experts
-        )
-    else:
-        active = ((expert_indices >= 0) & ~dropped).reshape(-1)
-        key = torch.where(active, expert_indices.reshape(-1), num_experts)
-        if num_experts < 256:  # uint8 keys: one 8-bit radix pass instead of eight
-            key = key.to(torch.uint8)
-        sorted_key, order = torch.sort(key, stable=True)
-        bounds = torch.arange(1, num_experts + 1, device=key.device, dtype=key.dtype)
-        offsets = torch.searchsorted(sorted_key, bounds).to(torch.int32)
-        src, row_weights = order // max_k, expert_weights.reshape(-1)[order]
-        rows = torch.arange(order.shape[0], device=flat.device)
-        pos = (
-            torch.empty_like(order)
-            .index_copy_(0, order, torch.where(sorted_key < num_experts, rows, -1))
-            .view(num_tokens, max_k)
-        )  # sorted row of each (token, slot); -1 if inactive
-    x_sorted = triton_dispatch.gather_rows(flat.contiguous(), src, offsets[-1:])
-    return ActivePairs(x_sorted, row_weights, offsets, pos)
+    plan = plan_pairs(expert_indices, dropped, expert_weights, num_experts)
+    x_sorted = triton_dispatch.gather_rows(flat.contiguous(), plan.src, plan.offsets[-1:])
+    return ActivePairs(x_sorted, plan.row_weights, plan.offsets, plan.pos)
 
 
 def combine(y_sorted: torch.Tensor, pos: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
     """float[N, D]: each token's K weighted expert outputs summed (``triton_dispatch.combine``);
     NaN on the non-finite tokens."""
     return triton_dispatch.combine(y_sorted, pos, nonfinite)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def layer_train_matmul(flat: torch.Tensor, implementation: str) -> GroupedMatmul | None:
+    """The differentiable grouped matmul of the layer's active-pair training path, or None
+    for the padded PyTorch path.
+
+    With autograd on, outside torch.compile (inductor fuses the padded path's ops itself):
+    under "auto" on CUDA with Triton (``torch._grouped_mm`` for bfloat16 on sm90/sm100, the
+    Triton grouped matmul otherwise), under "triton" wherever Triton runs (it raises
+    elsewhere).
+    """
+    if implementation == "reference" or not torch.is_grad_enabled():
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    if implementation == "triton":
+        require_triton(flat.device)
+    elif flat.device.type != "cuda" or not triton_dispatch.is_available(flat.device):
+        return None
+    return grouped_matmul(flat, implementation)
+
+
+def train_dispatch(
+    flat: torch.Tensor,
+    expert_indices: torch.Tensor,
+    dropped: torch.Tensor,
+    expert_weights: torch.Tensor,
+    num_experts: int,
+) -> tuple[PairPlan, torch.Tensor, torch.Tensor]:
+    """The training path's dispatch (``triton_train.Dispatch``): the plan, the active
+    pairs' rows float[N*K, D] and their weights float32[N*K], both differentiable (towards
+    ``flat`` and ``expert_weights``); rows past the active count are undefined.
+
+    Args: as ``dispatch``.
+    """
+    plan = plan_pairs(expert_indices, dropped, expert_weights.detach(), num_experts)
+    x_sorted, row_weights = triton_train.Dispatch.apply(  # type: ignore[no-untyped-call]
+        flat, expert_weights, plan.src, plan.row_weights, plan.pos, plan.offsets[-1:]
+    )
+    return plan, x_sorted, row_weights
+
+
+def train_experts(
+    x_sorted: torch.Tensor,
+    row_weights: torch.Tensor,
+    plan: PairPlan,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    matmul: GroupedMatmul,
+) -> torch.Tensor:
+    """``SwiGLUExperts.forward`` on the active rows, differentiable: ``matmul`` (from
+    ``layer_train_matmul``) for both projections, ``triton_train.SwiGLU`` between them.
+    Rows past the active count of the result are undefined (nothing reads them).
+
+    Args:
+        x_sorted: float[M, D] and row_weights: float32[M], from ``train_dispatch``.
+        plan: its plan.
+        w_gate_up: float[E, 2F, D]; w_down: float[E, D, F] (``SwiGLUExperts``' weights).
+        matmul: a differentiable grouped matmul.
+    """
+    gate_up = matmul(x_sorted, w_gate_up.transpose(-2, -1), offs=plan.offsets)  # [M, 2F]
+    active = plan.offsets[-1:]
+    hidden = triton_train.SwiGLU.apply(gate_up, row_weights, active)  # type: ignore[no-untyped-call]
+    out: torch.Tensor = matmul(hidden, w_down.transpose(-2, -1), offs=plan.offsets)  # [M, D]
+    return out
+
+
+def train_combine(y_sorted: torch.Tensor, plan: PairPlan, nonfinite: torch.Tensor) -> torch.Tensor:
+    """float[N, D]: each token's active rows summed (float32, one rounding), NaN on the
+    non-finite tokens, differentiable (``triton_train.Combine``)."""
+    out: torch.Tensor = triton_train.Combine.apply(  # type: ignore[no-untyped-call]
+        y_sorted, plan.pos, nonfinite, plan.src, plan.offsets[-1:]
+    )
+    return out

@@ -7,8 +7,9 @@ Triton kernels read that number (the end of the last expert group) on the device
 the rest, so a dynamic router that activates half the pairs pays about half the time
 (``benchmarks/bench_moe_layer.py`` measures that ratio).
 
-They have no backward: ``MoELayer`` uses them where autograd is off (``torch.no_grad`` or
-``torch.inference_mode``) on CUDA with Triton installed. Triton is imported at first use;
+``swiglu_rows_backward`` is the SwiGLU's backward; the gather and the combine are each
+other's backward. ``triton_train`` makes autograd Functions of them for the layer's training
+path; the layer's no-grad forward calls them directly. Triton is imported at first use;
 with ``TRITON_INTERPRET=1`` set before that, the kernels run in Triton's interpreter on CPU
 tensors (the tests use this).
 """
@@ -31,6 +32,7 @@ __all__ = [
     "is_available",
     "plan",
     "swiglu_rows",
+    "swiglu_rows_backward",
 ]
 
 _ROWS = 16  # rows (or tokens) per program
@@ -104,6 +106,45 @@ def swiglu_rows(gate_up: torch.Tensor, weights: torch.Tensor, active: torch.Tens
             BLOCK_F=_COLS,
         )
     return out
+
+
+def swiglu_rows_backward(
+    gate_up: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor, active: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``swiglu_rows`` with respect to ``gate_up`` and ``weights``.
+
+    Float32 math, like the forward; the weight's gradient (a sum over the F columns) is
+    reduced in one program per row block, without atomics.
+
+    Args:
+        gate_up: [M, 2F] and weights: float32[M], the forward's inputs.
+        grad: [M, F], the gradient of the forward's output (rows < active[0] are read).
+        active: int32[1] on the device.
+
+    Returns:
+        grad_gate_up: [M, 2F] in gate_up's dtype and grad_weights: float32[M], both defined
+        on rows < active[0] only.
+    """
+    m, f = gate_up.shape[0], gate_up.shape[1] // 2
+    grad_gate_up = torch.empty_like(gate_up)
+    grad_weights = torch.empty(m, dtype=torch.float32, device=gate_up.device)
+    if m:
+        grad = grad.contiguous()
+        _kernels().swiglu_rows_backward_kernel[(triton_grouped._cdiv(m, _ROWS),)](
+            gate_up,
+            weights,
+            grad,
+            grad_gate_up,
+            grad_weights,
+            active,
+            f,
+            gate_up.stride(0),
+            grad.stride(0),
+            grad_gate_up.stride(0),
+            BLOCK_R=_ROWS,
+            BLOCK_F=_COLS,
+        )
+    return grad_gate_up, grad_weights
 
 
 def combine(y: torch.Tensor, pos: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:

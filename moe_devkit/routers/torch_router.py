@@ -782,6 +782,9 @@ class MoELayer(nn.Module):
         if (matmul := fast_path.layer_matmul(flat, self.implementation)) is not None:
             out = self._forward_in_triton(flat, routing, matmul)
             return MoEOutput(out.reshape(hidden_states.shape), routing)
+        if (matmul := fast_path.layer_train_matmul(flat, self.implementation)) is not None:
+            out = self._forward_train(flat, routing, matmul)
+            return MoEOutput(out.reshape(hidden_states.shape), routing)
         if _host_reads_are_free(flat.device):
             out = self._forward_active_rows(flat, routing)
             return MoEOutput(out.to(flat.dtype).reshape(hidden_states.shape), routing)
@@ -836,6 +839,28 @@ class MoELayer(nn.Module):
             by_pair = by_pair.index_copy(0, order, y_sorted).view(num_tokens, max_k, -1)
             out = by_pair.sum(dim=1, dtype=torch.float32)  # [N, D]
             return torch.where(routing.nonfinite.unsqueeze(-1), math.nan, out)
+
+    def _forward_train(
+        self, flat: torch.Tensor, routing: RoutingDecision, matmul: GroupedMatmul
+    ) -> torch.Tensor:
+        """The forward with autograd in Triton kernels whose backward is theirs too, so the
+        layer's training step follows the active pairs: same row order, grouped matmuls and
+        float32 sum as the padded path; padding is never gathered, activated, summed or
+        back-propagated, and no row is written by two slots."""
+        with record_function(span_name("dispatch")):
+            plan, x_sorted, row_weights = fast_path.train_dispatch(
+                flat,
+                routing.expert_indices,
+                routing.dropped,
+                routing.expert_weights,
+                self.config.num_experts,
+            )
+        with record_function(span_name("experts")):
+            y_sorted = fast_path.train_experts(
+                x_sorted, row_weights, plan, self.experts.w_gate_up, self.experts.w_down, matmul
+            )
+        with record_function(span_name("combine")):
+            return fast_path.train_combine(y_sorted, plan, routing.nonfinite)
 
     def _forward_in_triton(
         self, flat: torch.Tensor, routing: RoutingDecision, matmul: GroupedMatmul

@@ -49,8 +49,8 @@ def test_one_kernel_update_equals_the_pytorch_ops(n: int, experts: int, max_k: i
     fused, plain = states(experts, max_k, config)
     for seed in range(3):
         inputs = decision(n, experts, max_k, seed)
-        fused._update_tensors(StepTensors(*inputs), coactivation=False, sample=True)
-        plain._update_tensors(StepTensors(*inputs), coactivation=False, sample=True)
+        fused._update_tensors(StepTensors(*inputs, inputs[0], inputs[4]), coactivation=False, sample=True)
+        plain._update_tensors(StepTensors(*inputs, inputs[0], inputs[4]), coactivation=False, sample=True)
     for name in ("counts", "joint", "dropped", "res_k", "res_complexity", "tokens_seen"):
         expected = getattr(plain.stats, name)
         got = getattr(fused.stats, name)

@@ -182,7 +182,7 @@ def test_no_grad_forward_on_cuda_takes_the_active_pair_path(
     x = torch.randn(5, 8, device="cuda")
     with torch.no_grad():
         layer(x)
-    layer(x)  # autograd on: the PyTorch path
+    layer(x)  # autograd on: the training path (train_dispatch), not this forward
     assert calls == [4]
 
 

@@ -597,7 +597,9 @@ def test_experts_hand_on_no_uninitialised_rows(
     # Fresh buffers read as NaN: a row the grouped matmul leaves unwritten shows up.
     force_padded_path(monkeypatch)  # CUDA's path, with rows past the last group, on the CPU too
     torch.manual_seed(13)
-    layer = MoELayer(tiny_config(min_k=1, max_k=3, mode=mode, top_p=0.6)).to(device)
+    # "reference": on CUDA, "auto" trains on the active-pair kernels (tests/kernels).
+    config = tiny_config(min_k=1, max_k=3, mode=mode, top_p=0.6)
+    layer = MoELayer(config, implementation="reference").to(device)
     x = torch.randn(48, 16, device=device, requires_grad=True)
     seen = _experts_hand_on(layer, x)
     end = int(seen["offsets"][-1])
