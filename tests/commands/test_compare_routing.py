@@ -157,8 +157,13 @@ def test_same_weights_compare_identical_exit_0(
     [
         ("missing", "b", "trace file {a!r} does not exist"),
         ("a", "missing", "trace file {b!r} does not exist"),
-        ("text", "b", "trace file {a!r} cannot be read: {a}: not an .npz routing trace"),
-        ("a", "plain", "trace file {b!r} cannot be read: {b}: not a routing trace: no "),
+        (
+            "text",
+            "b",
+            "trace file {a!r} cannot be read: {a}: not a readable .npy/.npz file (neither a "
+            "numpy array nor an archive)",
+        ),
+        ("a", "plain", "trace file {b!r} cannot be read: {b}: not a routing record: expected"),
         ("a", "other_inputs", "the traces cannot be compared: the traces are not of the same"),
         ("a", "renamed", "the traces cannot be compared: the traces share no layer"),
     ],
@@ -192,3 +197,81 @@ def test_out_that_is_a_file_is_refused(
         f"{PROG}: error: --out must be a directory; {str(out)!r} is a file\n"
     )
     assert out.read_text() == "keep"
+
+
+def _as_vllm(path: Path, out: Path) -> Path:
+    """The trace at ``path`` written as vLLM's routed experts of 3 requests: int16
+    [requests, tokens, layers, k], k padded with E (a tiny Mixtral's traces have none)."""
+    trace = RoutingTrace.load(path)
+    ids = trace.expert_ids.astype(np.int16)
+    ids[ids < 0] = 8
+    np.save(out, ids.reshape(3, 10, *ids.shape[1:]))
+    return out
+
+
+def test_vllm_record_against_a_trace(
+    traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    same = _as_vllm(traces["a"], tmp_path / "a_vllm.npy")
+    other = _as_vllm(traces["b"], tmp_path / "b_vllm.npy")
+    out = tmp_path / "same"
+    argv = ["compare-routing", str(traces["a"]), str(same), "--num-experts", "8"]
+    assert main([*argv, "--format-b", "vllm", "--out", str(out)]) == 0
+    section = load_report_json(out / "routing_comparison.json")["sections"]["routing_comparison"]
+    # the vLLM side's numbered layers took the trace's names: every layer compared
+    assert [layer["layer"] for layer in section["layers"]] == RoutingTrace.load(traces["a"]).layers
+    assert section["tokens_compared"] == 30 and section["any_layer_differs"] == 0.0
+    # auto-detected, the perturbed model's record differs exactly as its own trace does
+    out = tmp_path / "other"
+    assert main(["compare-routing", str(traces["a"]), str(other), "--num-experts", "8",
+                 "--out", str(out)]) == 1  # fmt: skip
+    section = load_report_json(out / "routing_comparison.json")["sections"]["routing_comparison"]
+    expected = compare_traces(RoutingTrace.load(traces["a"]), RoutingTrace.load(traces["b"]))
+    assert [layer["set_differs"] for layer in section["layers"]] == [
+        layer.set_differs for layer in expected.layers
+    ]
+    capsys.readouterr()
+    # without --num-experts: one line saying what to pass
+    assert main(["compare-routing", str(traces["a"]), str(same), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith("needs num_experts (pass --num-experts)")
+    assert not (tmp_path / "x").exists()
+
+
+def test_sglang_dump_compares_expert_loads(
+    traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = RoutingTrace.load(traces["a"])
+    counts = np.zeros((len(trace.layers), 8), np.int64)
+    for layer in range(len(trace.layers)):
+        np.add.at(counts[layer], trace.expert_ids[:, layer].reshape(-1), 1)
+    dump = tmp_path / "expert_distribution_recorder_1.pt"
+    torch.save({"rank": 0, "logical_count": torch.from_numpy(counts[None].astype(np.int32))}, dump)
+    out = tmp_path / "same"
+    assert main(["compare-routing", str(dump), str(traces["a"]), "--out", str(out)]) == 0
+    report = load_report_json(out / "routing_count_comparison.json")
+    section = report["sections"]["routing_count_comparison"]
+    assert [layer["total_variation"] for layer in section["layers"]] == [0.0] * len(trace.layers)
+    assert [layer["pairs_a"] for layer in section["layers"]] == [60] * len(trace.layers)
+    assert report["findings"] == [] and "verdict: no alarms" in capsys.readouterr().out
+    # against the perturbed model's trace the loads move: a finding per layer that moved
+    out = tmp_path / "other"
+    code = main(["compare-routing", str(dump), str(traces["b"]), "--out", str(out)])
+    report = load_report_json(out / "routing_count_comparison.json")
+    moved = [x["layer"] for x in report["sections"]["routing_count_comparison"]["layers"]
+             if x["total_variation"] > 0]  # fmt: skip
+    assert moved and code == 1
+    assert [f["location"] for f in report["findings"]] == moved
+    assert {f["code"] for f in report["findings"]} == {"routing-load-differs"}
+
+
+@pytest.mark.parametrize("value", ["0", "8,x", "-1", ""])
+def test_num_experts_must_be_positive_integers(
+    traces: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    argv = ["compare-routing", str(traces["a"]), str(traces["b"]), "--num-experts", value]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"{PROG}: error: argument --num-experts: expected a positive integer or a "
+        f"comma-separated list of them; got {value!r}\n"
+    )
