@@ -28,6 +28,7 @@ import torch
 from _args import check_device, check_output_path, positive_int  # type: ignore[import-not-found]
 from bench_moe_layer import machine_name  # type: ignore[import-not-found]
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_devkit import RouterConfig
 from moe_devkit.inspect import RouterInspector
@@ -80,9 +81,28 @@ def paired_interval(ratios: list[float]) -> tuple[float, float]:
     return values[low], values[high]
 
 
-def time_hooks(inspector: RouterInspector, spent: dict[str, float]) -> None:
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is on (``counting``), into ``ops[key]``.
+
+    The proxy of the hooks' cost on a launch-bound GPU: each op is host time on the critical
+    path (about 5-10 us on CUDA, a kernel launch for most). Views and metadata ops count too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = {"hooks": 0, "metrics": 0}
+        self.key: str | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if self.key is not None:
+            self.ops[self.key] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def time_hooks(inspector: RouterInspector, spent: dict[str, float], counter: OpCounter) -> None:
     """Wraps each hook the attached ``inspector`` registered so that the time spent in it is
-    added to ``spent["hooks"]`` (host time: on CUDA, the time to issue its work)."""
+    added to ``spent["hooks"]`` (host time: on CUDA, the time to issue its work), and the
+    aten ops it issues to ``counter.ops["hooks"]`` while ``counter`` is on."""
     for handle in inspector._handles:
         hooks = handle.hooks_dict_ref()
         if hooks is None or handle.id not in hooks:
@@ -91,9 +111,11 @@ def time_hooks(inspector: RouterInspector, spent: dict[str, float]) -> None:
 
         def timed(*args: object, _hook: Callable[..., object] = hook, **kwargs: object) -> object:
             start = time.perf_counter()
+            outer, counter.key = counter.key, "hooks"
             try:
                 return _hook(*args, **kwargs)
             finally:
+                counter.key = outer
                 spent["hooks"] += time.perf_counter() - start
 
         hooks[handle.id] = timed
@@ -102,6 +124,7 @@ def time_hooks(inspector: RouterInspector, spent: dict[str, float]) -> None:
 def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dict[str, object]:
     inspector = RouterInspector()
     spent = {"hooks": 0.0, "metrics": 0.0}
+    counter = OpCounter()
 
     def trainer(watched: bool) -> Callable[[], float]:
         torch.manual_seed(0)  # the same weights and batch for both copies
@@ -110,7 +133,7 @@ def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dic
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         if watched:
             inspector.attach(model)
-            time_hooks(inspector, spent)
+            time_hooks(inspector, spent, counter)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
@@ -125,8 +148,10 @@ def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dic
                 step()
             if watched:
                 read = time.perf_counter()
+                counter.key = "metrics"
                 inspector.metrics()
                 inspector.check_alarms(on_alarm=lambda findings: None)
+                counter.key = None
                 spent["metrics"] += time.perf_counter() - read
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -146,6 +171,10 @@ def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dic
         else:
             watched.append(watched_block())
             plain.append(plain_block())
+    # The aten ops inside the inspector, counted over two more watched blocks (the counting
+    # mode's own cost stays out of the timings above)
+    with counter:
+        watched_block(), watched_block()
     inspector.detach()
     ratios = [w / p for w, p in zip(watched, plain, strict=True)]
     low, high = paired_interval(ratios)
@@ -161,6 +190,8 @@ def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dic
         "layers": len(inspector.layers),
         "hook_share": spent["hooks"] / watched_s,
         "metrics_share": spent["metrics"] / watched_s,
+        "hook_ops_per_step": counter.ops["hooks"] / (2 * log_every),
+        "metrics_ops_per_read": counter.ops["metrics"] / 2,
     }
 
 
@@ -186,7 +217,9 @@ def main() -> None:
             f"(95% {low:.4f}-{high:.4f}; {r['blocks']} block pairs of {r['steps_per_block']} "
             f"steps, metrics() + check_alarms() once a block); inside the inspector: hooks "
             f"{100 * r['hook_share']:.2f}% + metrics/alarms {100 * r['metrics_share']:.2f}% "
-            "of the watched time"
+            f"of the watched time; hook ops per step {r['hook_ops_per_step']:.1f} "
+            f"(aten ops, drains included), metrics/alarms ops per read "
+            f"{r['metrics_ops_per_read']:.0f}"
         )
     if args.json:
         payload = {"machine": machine_name(device), "results": results}
