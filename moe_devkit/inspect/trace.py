@@ -7,9 +7,11 @@ the token ids, the attention mask and the positions of each call. Everything sta
 model's device, in buffers allocated once: each call takes the next rows of a chunk (the row
 counter is a host integer, since a call's shape is known there), and every write is a
 device-side ``copy_`` into ``narrow`` views, so recording never waits for the device. A full
-chunk is copied to the host before the next call writes (the only device-to-host reads), and
-pad tokens (attention mask 0) are dropped then. At most ``max_tokens`` token positions of the
-calls are kept, padding included; a call that does not fit keeps its first rows.
+chunk is copied off the device before the next call writes (from CUDA, a non-blocking copy
+into pinned host memory followed by an event), and ``trace()`` copies the last one and waits
+for the copies: the only wait for the device. Pad tokens (attention mask 0) are dropped
+then. At most ``max_tokens`` token positions of the calls are kept, padding included; a call
+that does not fit keeps its first rows.
 
 ``RoutingTrace.save(path)`` writes an uncompressed-name ``.npz`` (numpy only) with:
 
@@ -214,6 +216,26 @@ class _Call:
     tokens: int  # tokens of the call (batch x length)
 
 
+class _Chunk:
+    """A flushed chunk: host copies of its rows (pads included) and the events after which
+    the copies from a CUDA device are complete."""
+
+    def __init__(self, host: dict[str, torch.Tensor], events: list[torch.cuda.Event]) -> None:
+        self._host: dict[str, torch.Tensor] | None = host
+        self._events = events
+        self._arrays: dict[str, Array] = {}
+
+    def arrays(self) -> dict[str, Array]:
+        """The rows as numpy arrays without the pads (waits for the copies the first time)."""
+        if self._host is not None:
+            for event in self._events:
+                event.synchronize()
+            keep = self._host.pop("valid").numpy()
+            self._arrays = {name: t.numpy()[keep] for name, t in self._host.items()}
+            self._host, self._events = None, []
+        return self._arrays
+
+
 class RoutingTraceRecorder:
     """Records a ``RoutingTrace`` of every forward of ``model`` while attached.
 
@@ -225,11 +247,13 @@ class RoutingTraceRecorder:
         model: the model; its own forward is hooked to read ``input_ids`` (or
             ``inputs_embeds``), ``attention_mask`` and ``position_ids``.
         max_tokens: the token budget: at most this many token positions are kept, padding
-            included (pads take a row until the chunk is copied to the host).
+            included (pads take a row until the chunk is copied to the host). The first
+            call that finds the budget full removes the hooks on the routers.
         weights: also record the routing weights.
         chunk_tokens: rows of the device buffers (default: ``max_tokens``); a full chunk is
-            copied to the host before the next call. A call of more tokens than a chunk
-            keeps its first ``chunk_tokens``.
+            copied to the host before the next call (from CUDA without waiting: into pinned
+            memory, read by ``trace()``). A call of more tokens than a chunk keeps its first
+            ``chunk_tokens``.
         metadata: JSON-serialisable values stored in the trace (a model name, a revision).
         every: record one model call in ``every`` (the first, then every ``every``-th; the
             sequence numbers count the calls left out too, so two traces taken with the same
@@ -265,12 +289,13 @@ class RoutingTraceRecorder:
         self.probes: list[Probe] = []
         self.skipped: dict[str, int] = {}  # decisions whose token count was not the call's
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._router_handles: list[torch.utils.hooks.RemovableHandle] = []  # of the probes
         self._order: dict[str, int] = {}
         self._num_experts: dict[str, int] = {}
         self._tokens: dict[str, torch.Tensor] = {}  # token_ids, positions, sequence, valid
         self._ids: dict[str, torch.Tensor] = {}  # per layer [chunk, K] int32
         self._weights: dict[str, torch.Tensor] = {}
-        self._chunks: list[dict[str, Array]] = []
+        self._chunks: list[_Chunk] = []
         self._cursor = 0  # rows of the current chunk written
         self._flushed = 0  # rows of earlier chunks (the budget counts both)
         self._call: _Call | None = None
@@ -294,7 +319,8 @@ class RoutingTraceRecorder:
         self.probes = probes
         for i, probe in enumerate(probes):
             self._order.setdefault(probe.site.layer, i)
-            self._handles += probe.install(self._emit)
+            self._router_handles += probe.install(self._emit)
+        self._handles += self._router_handles
         self._handles.append(
             self.model.register_forward_pre_hook(self._begin_call, with_kwargs=True)
         )
@@ -306,6 +332,7 @@ class RoutingTraceRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._router_handles.clear()
         self._call = None
 
     def __enter__(self) -> RoutingTraceRecorder:
@@ -342,7 +369,7 @@ class RoutingTraceRecorder:
             batch, length = ids.shape
             device = ids.device
         else:
-            embeds = kwargs.get("inputs_embeds", ids)
+            embeds = kwargs.get("inputs_embeds", kwargs.get("hidden_states", ids))
             if not isinstance(embeds, torch.Tensor) or embeds.dim() < 2:
                 return
             ids = None
@@ -375,6 +402,12 @@ class RoutingTraceRecorder:
             self._flush()
         rows = min(tokens, self.chunk_tokens - self._cursor, self.max_tokens - self.rows_used)
         if rows <= 0:
+            if self.rows_used >= self.max_tokens:
+                # Nothing more will be recorded: the routers' hooks, which build each
+                # layer's decision, are let go (the model's own hooks still count calls).
+                for handle in self._router_handles:
+                    handle.remove()
+                self._router_handles.clear()
             return
         self._ensure_token_buffers(device)
         start = self._cursor
@@ -435,8 +468,8 @@ class RoutingTraceRecorder:
         k = min(decision.max_k, ids.shape[1])
         rows = decision.expert_indices.narrow(0, 0, call.rows).narrow(1, 0, k)
         ids.narrow(0, call.start, call.rows).narrow(1, 0, k).copy_(rows)
-        if weights is not None:
-            values = decision.expert_weights.narrow(0, 0, call.rows).narrow(1, 0, k)
+        if weights is not None:  # detached: the buffer joins no autograd graph
+            values = decision.expert_weights.detach().narrow(0, 0, call.rows).narrow(1, 0, k)
             weights.narrow(0, call.start, call.rows).narrow(1, 0, k).copy_(values)
 
     # ------------------------------------------------------------------ buffers
@@ -467,35 +500,52 @@ class RoutingTraceRecorder:
         return ids, self._weights.get(layer)
 
     def _flush(self) -> None:
-        """Copies the chunk's rows to the host (one read per buffer), without the pads."""
+        """Copies the chunk's rows off the device buffers (one copy per buffer) and resets
+        the layer buffers; the pads are dropped when ``trace()`` reads the copies.
+
+        From a CUDA buffer the copy is a non-blocking one into pinned host memory, followed
+        by an event on the stream: nothing waits for the device until ``trace()``.
+        """
         rows = self._cursor
         if rows == 0:
             return
-        keep = self._tokens["valid"][:rows].cpu().numpy()
-        chunk = {
-            name: self._tokens[name][:rows].cpu().numpy()[keep]
-            for name in ("token_ids", "positions", "sequence")
-        }
-        for layer, ids in self._ids.items():
-            chunk[f"ids:{layer}"] = ids[:rows].cpu().numpy()[keep]
+        names = ("valid", "token_ids", "positions", "sequence")
+        sources = {name: self._tokens[name] for name in names}
+        sources.update({f"ids:{layer}": ids for layer, ids in self._ids.items()})
+        sources.update({f"weights:{layer}": w for layer, w in self._weights.items()})
+        host: dict[str, torch.Tensor] = {}
+        events: dict[torch.device, torch.cuda.Event] = {}
+        for name, buffer in sources.items():
+            part = buffer.narrow(0, 0, rows)
+            if part.is_cuda:
+                host[name] = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+                host[name].copy_(part, non_blocking=True)
+                if part.device not in events:
+                    events[part.device] = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            else:
+                host[name] = part.to("cpu", copy=True)
+        for device, event in events.items():
+            event.record(torch.cuda.current_stream(device))
+        for ids in self._ids.values():
             ids.fill_(-1)
-        for layer, weights in self._weights.items():
-            chunk[f"weights:{layer}"] = weights[:rows].cpu().numpy()[keep]
+        for weights in self._weights.values():
             weights.zero_()
-        self._chunks.append(chunk)
+        self._chunks.append(_Chunk(host, list(events.values())))
         self._flushed += rows
         self._cursor = 0
 
     def trace(self) -> RoutingTrace:
-        """What was recorded so far (copies the current chunk to the host first)."""
+        """What was recorded so far: copies the current chunk off the device, then waits for
+        the copies of every chunk (the only wait for the device)."""
         self._flush()
+        chunks = [chunk.arrays() for chunk in self._chunks]
         layers = sorted(self._ids, key=lambda name: self._order.get(name, len(self._order)))
         width = max((self._ids[name].shape[1] for name in layers), default=1)
-        tokens = sum(len(c["token_ids"]) for c in self._chunks)
+        tokens = sum(len(c["token_ids"]) for c in chunks)
         expert_ids = np.full((tokens, len(layers), width), -1, dtype=np.int32)
         weights = np.zeros(expert_ids.shape, np.float32) if self.record_weights else None
         offset = 0
-        for chunk in self._chunks:
+        for chunk in chunks:
             n = len(chunk["token_ids"])
             for j, layer in enumerate(layers):
                 part = chunk.get(f"ids:{layer}")
@@ -507,7 +557,7 @@ class RoutingTraceRecorder:
             offset += n
 
         def joined(name: str) -> Array:
-            parts = [c[name] for c in self._chunks]
+            parts = [c[name] for c in chunks]
             return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
         return RoutingTrace(

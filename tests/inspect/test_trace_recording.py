@@ -1,0 +1,88 @@
+"""RoutingTraceRecorder during training and at a full budget: the routing weights of a training
+step are recorded detached (the buffers join no autograd graph), a full budget lets go of
+the routers' hooks, and the reference model is recorded however it is called."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from moe_devkit.inspect.trace import RoutingTraceRecorder
+from moe_devkit.routers.torch_router import MoEModel, RouterConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _reference(seed: int = 0) -> MoEModel:
+    torch.manual_seed(seed)
+    config = RouterConfig(hidden_size=16, num_experts=6, max_k=3, expert_hidden_size=16)
+    return MoEModel(config, num_layers=2)
+
+
+def _router_hooks(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) for name, m in model.named_modules() if name.endswith("router")
+    )
+
+
+def test_training_steps_record_the_weights_detached() -> None:
+    model = _reference().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 5, 16, generator=generator) for _ in range(3)]
+    decisions = []
+    recorder = RoutingTraceRecorder(model, weights=True, max_tokens=30, chunk_tokens=20)
+    with recorder:
+        for x in xs:  # 10 tokens a step: the chunk is flushed before the third
+            optimizer.zero_grad()
+            out = model(x)
+            (out.hidden_states.square().mean() + out.aux_loss).backward()
+            optimizer.step()
+            decisions.append([(r.expert_indices, r.expert_weights.detach()) for r in out.routings])
+    trace = recorder.trace()
+    assert trace.num_tokens == 30 and trace.weights is not None
+    for j in range(2):
+        ids = torch.cat([step[j][0] for step in decisions])
+        weights = torch.cat([step[j][1] for step in decisions])
+        np.testing.assert_array_equal(trace.expert_ids[:, j], ids.numpy())
+        np.testing.assert_array_equal(trace.weights[:, j], weights.numpy())
+    # the recorder's buffers hold no autograd graph: none of them requires grad
+    buffers = [*recorder._tokens.values(), *recorder._ids.values(), *recorder._weights.values()]
+    assert buffers and not any(b.requires_grad for b in buffers)
+
+
+def test_a_full_budget_lets_go_of_the_router_hooks() -> None:
+    model = _reference().eval()
+    before = _router_hooks(model)
+    recorder = RoutingTraceRecorder(model, max_tokens=15).attach()
+    assert _router_hooks(model) == before + 2  # one per router
+    with torch.no_grad():
+        model(torch.randn(2, 5, 16))  # 10 of 15
+        assert _router_hooks(model) == before + 2
+        model(torch.randn(2, 5, 16))  # 5 more: full
+        assert _router_hooks(model) == before + 2
+        model(torch.randn(2, 5, 16))  # nothing left to record: the routers are let go
+        assert _router_hooks(model) == before
+        model(torch.randn(2, 5, 16))
+    assert recorder.calls == 4 and recorder.rows_used == 15
+    trace = recorder.trace()
+    assert trace.num_tokens == 15
+    np.testing.assert_array_equal(trace.sequence, np.repeat([0, 1, 2, 3], 5)[:15])
+    recorder.detach()
+    assert _router_hooks(model) == before
+
+
+def test_reference_model_called_by_keyword_is_recorded() -> None:
+    model = _reference().eval()
+    x = torch.randn(2, 5, 16)
+    traces = []
+    for call in ({"args": (x,), "kwargs": {}}, {"args": (), "kwargs": {"hidden_states": x}}):
+        with RoutingTraceRecorder(model) as recorder, torch.no_grad():
+            model(*call["args"], **call["kwargs"])
+        traces.append(recorder.trace())
+    positional, keyword = traces
+    assert keyword.num_tokens == positional.num_tokens == 10
+    np.testing.assert_array_equal(keyword.expert_ids, positional.expert_ids)
+    np.testing.assert_array_equal(keyword.positions, np.tile(np.arange(5), 2))
