@@ -222,6 +222,71 @@ def test_trace_replay_on_reference_model(router: str) -> None:
     assert comparison.findings() == []
 
 
+def _training_step(
+    model: nn.Module, ids: torch.Tensor, source: Any
+) -> tuple[dict[str, Any], RoutingTrace, dict[str, int]]:
+    """(gradients, trace, forced router calls) of one replayed training step."""
+    model.train()
+    replay = RoutingReplay(model, source)
+    with replay, RoutingTraceRecorder(model) as rec:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, rec.trace(), replay.forced_calls
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("source", ["trace", "balanced"])
+def test_replay_in_training_with_activation_checkpointing(
+    mixtral: nn.Module, source: str, use_reentrant: bool
+) -> None:
+    ids = _inputs(batch=2, length=5)["input_ids"]  # 10 tokens x 2 pairs: not a multiple of 8
+    _, base = _run(mixtral, {"input_ids": ids})
+    replayed = base if source == "trace" else source
+    plain = _perturb_routers(mixtral)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    grads, trace, calls = _training_step(plain, ids, replayed)
+    grads_ckpt, trace_ckpt, calls_ckpt = _training_step(checkpointed, ids, replayed)
+    assert set(calls.values()) == {1} and set(calls_ckpt.values()) == {2}  # the recompute
+    # the recompute in the backward pass routes as the forward did: the same gradients
+    assert grads.keys() == grads_ckpt.keys() and any("experts" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    _assert_same_routing(trace, trace_ckpt)
+    if source == "trace":
+        _assert_same_routing(base, trace)
+    else:  # the model's own probabilities weigh the forced experts: the routers learn
+        gates = [n for n in grads if n.endswith("mlp.gate.weight")]
+        assert len(gates) == 3 and all(grads[n].abs().sum() > 0 for n in gates)
+
+
+@pytest.mark.gpu
+def test_replay_makes_no_host_sync_on_cuda() -> None:
+    torch.manual_seed(0)
+    config = RouterConfig(
+        hidden_size=64, num_experts=8, max_k=3, expert_hidden_size=64, capacity_factor=1.25
+    )
+    model = MoEModel(config, num_layers=2).cuda().eval()
+    x = torch.randn(2, 16, 64, device="cuda")
+    with torch.no_grad(), RoutingTraceRecorder(model, weights=True) as rec:
+        model(x)
+        model(x)
+    trace = rec.trace()
+    for source in (trace, "balanced", "top_k"):
+        replay = RoutingReplay(model, source, k=2 if source == "top_k" else None)
+        with replay, torch.no_grad():
+            model(x)  # the first call copies the trace to the device
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = model(x)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        assert replay.forced_calls == {name: 2 for name in trace.layers}
+        assert bool(torch.isfinite(out.hidden_states).all())
+
+
 # ----------------------------------------------------------------------------- the finding
 
 
