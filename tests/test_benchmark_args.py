@@ -88,6 +88,11 @@ CASES = [
     positive("bench_training_overhead", "--blocks", "0"),
     positive("bench_training_overhead", "--log-every", "0"),
     unwritable("bench_training_overhead"),
+    positive("bench_trace_recording", "--reps", "0"),
+    positive("bench_trace_recording", "--steps", "0"),
+    positive("bench_trace_recording", "--threads", "-1"),
+    no_cuda("bench_trace_recording"),
+    unwritable("bench_trace_recording"),
     positive("bench_training", "--reps", "0"),
     usage("bench_training", ("--mean-k", "2,9"), "--mean-k must be in [1, 8]", "got 9.0"),
     usage(
