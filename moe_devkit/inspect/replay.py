@@ -386,7 +386,7 @@ class RoutingReplay:
             batch, length = ids.shape
             device = ids.device
         else:
-            embeds = kwargs.get("inputs_embeds", ids)
+            embeds = kwargs.get("inputs_embeds", kwargs.get("hidden_states", ids))
             if not isinstance(embeds, torch.Tensor) or embeds.dim() < 2:
                 return
             ids = None

@@ -217,6 +217,9 @@ def test_trace_replay_on_reference_model(router: str) -> None:
         assert torch.equal(r.k_per_token, b.k_per_token)
         assert torch.equal(r.dropped, b.dropped)  # the capacity limit re-applied
 
+    _, by_keyword = _run(perturbed, {"hidden_states": x}, base)  # MoEModel(hidden_states=x)
+    _assert_same_routing(base, by_keyword)
+
     comparison = compare_with_replay(model, perturbed, x)
     assert not comparison.normal.within_tolerance and comparison.replayed.within_tolerance
     assert comparison.findings() == []
