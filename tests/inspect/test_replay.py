@@ -416,6 +416,29 @@ def test_forced_k_is_the_models_own_top_k(mixtral: nn.Module, k: int) -> None:
         np.testing.assert_allclose(trace.weights[:, j], expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_forced_weights_follow_the_routers_renormalisation(norm_topk_prob: bool) -> None:
+    model = build_tiny("qwen2_moe").eval()
+    for gate in _gates(model).values():
+        gate.norm_topk_prob = norm_topk_prob  # Qwen2-MoE renormalises only when it is set
+    inputs = {"input_ids": _inputs(batch=2, length=6)["input_ids"]}
+    probs: dict[str, torch.Tensor] = {}
+    handles = _gate_probs(model, probs)
+    try:
+        _, own = _run(model, inputs, weights=True)
+        _, forced = _run(model, inputs, {"k": 3}, weights=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert own.weights is not None and forced.weights is not None
+    for j, name in enumerate(forced.layers):
+        chosen = np.take_along_axis(probs[name].numpy(), forced.expert_ids[:, j], axis=1)
+        expected = chosen / chosen.sum(1, keepdims=True) if norm_topk_prob else chosen
+        np.testing.assert_allclose(forced.weights[:, j], expected, rtol=1e-5, atol=1e-7)
+    sums = own.weights.sum(axis=2)  # the model's own weights follow the same rule
+    assert np.allclose(sums, 1.0, atol=1e-5) == norm_topk_prob
+
+
 def test_forced_k_on_reference_dynamic_router() -> None:
     torch.manual_seed(0)
     config = RouterConfig(hidden_size=16, num_experts=6, max_k=3, expert_hidden_size=16)
