@@ -710,6 +710,11 @@ def output_difference(
     )
 
 
+def _finite(value: float) -> float | None:
+    """``value``, or None where it is NaN or infinite (the report is strict JSON)."""
+    return value if math.isfinite(value) else None
+
+
 def replay_finding(
     replayed: OutputDifference, normal: OutputDifference | None = None, location: str | None = None
 ) -> Finding | None:
@@ -718,16 +723,16 @@ def replay_finding(
     if replayed.within_tolerance:
         return None
     details: dict[str, Any] = {
-        "max_abs_error": replayed.max_abs_error,
-        "relative_error": replayed.relative_error,
+        "max_abs_error": _finite(replayed.max_abs_error),
+        "relative_error": _finite(replayed.relative_error),
         "mismatched": replayed.mismatched,
         "elements": replayed.elements,
         "atol": replayed.atol,
         "rtol": replayed.rtol,
     }
     if normal is not None:
-        details["normal_max_abs_error"] = normal.max_abs_error
-        details["normal_relative_error"] = normal.relative_error
+        details["normal_max_abs_error"] = _finite(normal.max_abs_error)
+        details["normal_relative_error"] = _finite(normal.relative_error)
     return Finding(
         code=FINDING_CODE,
         severity="warning",

@@ -6,6 +6,7 @@ inputs; the replay-output-differs finding; the errors."""
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from moe_devkit.inspect.replay import (
     RoutingReplay,
     compare_with_replay,
     output_difference,
+    replay_finding,
 )
 from moe_devkit.inspect.trace import RoutingTrace, RoutingTraceRecorder, compare_traces
 from moe_devkit.routers.torch_router import (
@@ -330,6 +332,12 @@ def test_output_difference_checks() -> None:
     assert same.within_tolerance and same.max_abs_error == 0.0
     diff = output_difference(a, torch.tensor([1.0, -2.5, 4.0]), atol=0.1, rtol=0.0)
     assert (diff.max_abs_error, diff.relative_error, diff.mismatched) == (0.5, 0.125, 1)
+    nan = output_difference(a, torch.tensor([1.0, float("nan"), 4.0]))
+    assert nan.mismatched == 1 and not nan.within_tolerance
+    finding = replay_finding(nan)
+    assert finding is not None and finding.details["max_abs_error"] is None
+    assert json.loads(json.dumps(finding.to_dict(), allow_nan=False))["code"] == FINDING_CODE
+    assert replay_finding(same) is None
     with pytest.raises(ValueError, match=r"same shape; got \(3,\) \(reference\) and \(2,\)"):
         output_difference(a, a[:2])
     with pytest.raises(ValueError, match="atol must be a number >= 0; got atol=-1"):
