@@ -216,6 +216,13 @@ class _Call:
     tokens: int  # tokens of the call (batch x length)
 
 
+def _block(tensor: torch.Tensor, start: int, rows: int, k: int) -> torch.Tensor:
+    """``tensor[start : start + rows, :k]``, taking views only where they select less."""
+    if start or rows != tensor.shape[0]:
+        tensor = tensor.narrow(0, start, rows)
+    return tensor if k == tensor.shape[1] else tensor.narrow(1, 0, k)
+
+
 class _Chunk:
     """A flushed chunk: host copies of its rows (pads included) and the events after which
     the copies from a CUDA device are complete."""
@@ -410,22 +417,28 @@ class RoutingTraceRecorder:
                 self._router_handles.clear()
             return
         self._ensure_token_buffers(device)
-        start = self._cursor
-        view = {name: t.narrow(0, start, rows) for name, t in self._tokens.items()}
+        call = _Call(self._cursor, rows, tokens)
+        # token_ids stay -1 for a call given embeddings, valid stays True for a call without
+        # a mask: both are set so at allocation and at each flush
         if ids is not None:
-            view["token_ids"].copy_(ids.reshape(-1)[:rows])
-        else:
-            view["token_ids"].fill_(-1)
-        view["positions"].copy_(self._positions(kwargs, mask, batch, length, device)[:rows])
-        seq = torch.arange(first, first + batch, device=device).unsqueeze(1)
-        seq = seq.expand(batch, length).reshape(-1)
-        view["sequence"].copy_(seq[:rows])
+            self._write("token_ids", ids, call, batch, length)
+        positions = self._position_rows(kwargs, mask, batch, length, device)
+        self._write("positions", positions, call, batch, length)
+        sequences = torch.arange(first, first + batch, device=device).unsqueeze(1)
+        self._write("sequence", sequences, call, batch, length)
         if mask is not None:
-            view["valid"].copy_((mask[:, mask.shape[1] - length :] != 0).reshape(-1)[:rows])
-        else:
-            view["valid"].fill_(True)
+            self._write("valid", mask[:, mask.shape[1] - length :] != 0, call, batch, length)
         self._cursor += rows
-        self._call = _Call(start, rows, tokens)
+        self._call = call
+
+    def _write(self, name: str, value: torch.Tensor, call: _Call, batch: int, length: int) -> None:
+        """Writes ``value`` (broadcastable to [batch, length]) into the call's rows of the
+        token buffer ``name``: one device copy (by broadcast when the whole call fits)."""
+        rows = self._tokens[name].narrow(0, call.start, call.rows)
+        if call.rows == call.tokens:
+            rows.view(batch, length).copy_(value)
+        else:
+            rows.copy_(value.expand(batch, length).reshape(-1)[: call.rows])
 
     @staticmethod
     def _positions(
@@ -435,22 +448,32 @@ class RoutingTraceRecorder:
         length: int,
         device: torch.device,
     ) -> torch.Tensor:
+        """The call's positions, [batch x length] (also read by ``replay``)."""
+        rows = RoutingTraceRecorder._position_rows(kwargs, mask, batch, length, device)
+        return rows.expand(batch, length).reshape(-1)
+
+    @staticmethod
+    def _position_rows(
+        kwargs: dict[str, Any],
+        mask: torch.Tensor | None,
+        batch: int,
+        length: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """The call's positions, broadcastable to [batch, length]."""
         if mask is not None:  # counted over the non-pad tokens: left padding moves nothing
             counted = mask.to(device=device, dtype=torch.int64).cumsum(1) - 1
-            return counted[:, mask.shape[1] - length :].reshape(-1)
+            return counted[:, mask.shape[1] - length :]
         position_ids = kwargs.get("position_ids")
         if isinstance(position_ids, torch.Tensor) and position_ids.numel() in (
             length,
             batch * length,
         ):
-            return (
-                position_ids.to(device=device, dtype=torch.int64).expand(batch, length).reshape(-1)
-            )
+            return position_ids.to(device=device, dtype=torch.int64).reshape(-1, length)
         cache_position = kwargs.get("cache_position")
         if isinstance(cache_position, torch.Tensor) and cache_position.numel() == length:
-            rows = cache_position.to(device=device, dtype=torch.int64).reshape(1, length)
-            return rows.expand(batch, length).reshape(-1)
-        return torch.arange(length, device=device).repeat(batch)
+            return cache_position.to(device=device, dtype=torch.int64).reshape(1, length)
+        return torch.arange(length, device=device)
 
     def _end_call(self, module: nn.Module, args: Any, output: Any) -> None:
         self._call = None
@@ -466,11 +489,12 @@ class RoutingTraceRecorder:
             return
         ids, weights = self._layer_buffers(site.layer, decision)
         k = min(decision.max_k, ids.shape[1])
-        rows = decision.expert_indices.narrow(0, 0, call.rows).narrow(1, 0, k)
-        ids.narrow(0, call.start, call.rows).narrow(1, 0, k).copy_(rows)
+        _block(ids, call.start, call.rows, k).copy_(
+            _block(decision.expert_indices, 0, call.rows, k)
+        )
         if weights is not None:  # detached: the buffer joins no autograd graph
-            values = decision.expert_weights.detach().narrow(0, 0, call.rows).narrow(1, 0, k)
-            weights.narrow(0, call.start, call.rows).narrow(1, 0, k).copy_(values)
+            values = _block(decision.expert_weights.detach(), 0, call.rows, k)
+            _block(weights, call.start, call.rows, k).copy_(values)
 
     # ------------------------------------------------------------------ buffers
 
@@ -482,7 +506,7 @@ class RoutingTraceRecorder:
             "token_ids": torch.full((n,), -1, dtype=torch.int64, device=device),
             "positions": torch.zeros(n, dtype=torch.int64, device=device),
             "sequence": torch.zeros(n, dtype=torch.int64, device=device),
-            "valid": torch.zeros(n, dtype=torch.bool, device=device),
+            "valid": torch.ones(n, dtype=torch.bool, device=device),
         }
 
     def _layer_buffers(
@@ -526,6 +550,8 @@ class RoutingTraceRecorder:
                 host[name] = part.to("cpu", copy=True)
         for device, event in events.items():
             event.record(torch.cuda.current_stream(device))
+        self._tokens["token_ids"].fill_(-1)
+        self._tokens["valid"].fill_(True)
         for ids in self._ids.values():
             ids.fill_(-1)
         for weights in self._weights.values():
