@@ -226,6 +226,18 @@ def test_trace_replay_on_reference_model(router: str) -> None:
     assert not comparison.normal.within_tolerance and comparison.replayed.within_tolerance
     assert comparison.findings() == []
 
+    experts_changed = copy.deepcopy(perturbed)
+    with torch.no_grad():
+        experts_changed.layers[1].moe.experts.w_down.mul_(1.1)
+        with RoutingReplay(experts_changed, base):
+            replayed_out = experts_changed(x).hidden_states
+    (finding,) = compare_with_replay(model, experts_changed, x).findings()
+    gap = (replayed_out.double() - base_out.hidden_states.double()).abs()
+    assert finding.code == FINDING_CODE
+    assert finding.details["max_abs_error"] == pytest.approx(float(gap.max()), rel=1e-12)
+    scale = float(base_out.hidden_states.abs().max())
+    assert finding.details["relative_error"] == pytest.approx(float(gap.max()) / scale, rel=1e-12)
+
 
 def _training_step(
     model: nn.Module, ids: torch.Tensor, source: Any
