@@ -37,7 +37,7 @@ from moe_devkit.routers.torch_router import MoEModel, RouterConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PACKAGE = str(Path(moe_devkit.__file__).parent)
-TIE = 1e-4
+TIE = 1e-3  # float32 CPU and CUDA probabilities differ by far less (no TF32 on this path)
 MAX_TIED = 0.1
 CALLS = 5
 BATCH, LENGTH = 2, 8  # 16 tokens a call
