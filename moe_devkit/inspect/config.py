@@ -43,6 +43,11 @@ class InspectorConfig:
             graph replay; on an H100 host, timed over 16-forward windows, folding 16 steps
             at once cost more CPU in its concatenations than 16 replays: +11-16% against
             +4% on a 1.2 ms forward).
+        batch_steps: the forward hooks that read a transformers router's outputs keep up to
+            this many steps' outputs by reference and build their decisions in one batched
+            pass (``inspect.raw``; on CUDA replayed from a captured graph), instead of some
+            60 small ops per layer and step on the model's critical path (default 16; 1:
+            build every step as it comes).
     """
 
     window: int = 50
@@ -61,13 +66,14 @@ class InspectorConfig:
     side_stream: bool = False
     triton: bool = True
     defer_steps: int = 1
+    batch_steps: int = 16
 
     def __post_init__(self) -> None:
         for name in ("window", "max_windows", "complexity_bins", "reservoir_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 2:
                 raise ValueError(f"{name} must be an int >= 2; got {name}={value!r}")
-        for name in ("reservoir_every", "defer_steps"):
+        for name in ("reservoir_every", "defer_steps", "batch_steps"):
             every = getattr(self, name)
             if isinstance(every, bool) or not isinstance(every, int) or every < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {name}={every!r}")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,7 +60,30 @@ class Emit(Protocol):
     ) -> None: ...
 
 
+class EmitRaw(Protocol):
+    """The inspector's callback for a router's outputs read by reference: the logits, the
+    selected experts, their weights (or None) and the scoring; it builds the decision now
+    or later (``inspect.raw``)."""
+
+    def __call__(
+        self,
+        site: RouterSite,
+        logits: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor | None,
+        scoring: Scoring,
+    ) -> None: ...
+
+
 Handle = torch.utils.hooks.RemovableHandle
+
+
+class Install(Protocol):
+    """Registers a probe's hooks; given the inspector's callbacks, returns the handles
+    (``raw``: where a router's outputs may go by reference; default: ``emit`` a decision)."""
+
+    def __call__(self, emit: Emit, raw: EmitRaw | None = None) -> list[Handle]: ...
+
 
 # How transformers' experts modules name the index and weight arguments of their forward.
 INDEX_ARGUMENTS = (
@@ -95,12 +118,13 @@ class Probe:
     Attributes:
         site: where the layer is (its name in the summary, its block and router).
         how: what is read, in words (shown by ``RouterInspector.probes``).
-        install: registers the hooks; given the inspector's ``emit``, returns the handles.
+        install: registers the hooks; given the inspector's ``emit`` (and optionally its
+            ``EmitRaw``), returns the handles.
     """
 
     site: RouterSite
     how: str
-    install: Callable[[Emit], list[Handle]] = field(repr=False)
+    install: Install = field(repr=False)
 
 
 def find_probes(model: nn.Module) -> list[Probe]:
@@ -246,7 +270,7 @@ def _argument(
 def _reference_probe(name: str, module: nn.Module) -> Probe:
     site = RouterSite(name, module, module)
 
-    def install(emit: Emit) -> list[Handle]:
+    def install(emit: Emit, raw: EmitRaw | None = None) -> list[Handle]:
         def hook(mod: nn.Module, args: Any, output: Any) -> None:
             if isinstance(output, RoutingDecision):
                 emit(site, output)
@@ -260,7 +284,7 @@ def _adapter_probe(name: str, module: nn.Module, block: nn.Module, adapter: Rout
     site = RouterSite(name, block, module)
     how = f"registered adapter {getattr(adapter, '__name__', type(adapter).__name__)}"
 
-    def install(emit: Emit) -> list[Handle]:
+    def install(emit: Emit, raw: EmitRaw | None = None) -> list[Handle]:
         def hook(mod: nn.Module, args: Any, output: Any) -> None:
             decision = adapter(mod, args, output)
             if decision is not None:
@@ -288,7 +312,7 @@ def _router_probe(
     max_k = _configured_top_k(router, block)
     scoring = _scoring(router, block)
 
-    def install(emit: Emit) -> list[Handle]:
+    def install(emit: Emit, raw: EmitRaw | None = None) -> list[Handle]:
         pending: list[torch.Tensor] = []  # logits waiting for the experts' inputs
         selected: list[Selection] = []
 
@@ -305,7 +329,13 @@ def _router_probe(
             if parts is not None:
                 weights, indices = parts
                 probe.how = "router output: logits, weights, indices"
-                emit(site, decision_from_router_outputs(logits, indices, weights, scoring=scoring))
+                if raw is not None:
+                    raw(site, logits, indices, weights, scoring)
+                else:
+                    decision = decision_from_router_outputs(
+                        logits, indices, weights, scoring=scoring
+                    )
+                    emit(site, decision)
                 return
             dense = _dense_scores(output, logits)
             if dense is not None:
@@ -342,7 +372,7 @@ def _experts_probe(
     """An experts module no declared router covers: the indices it receives."""
     site = RouterSite(name, block, gate)
 
-    def install(emit: Emit) -> list[Handle]:
+    def install(emit: Emit, raw: EmitRaw | None = None) -> list[Handle]:
         pending: list[torch.Tensor] = []
 
         def gate_hook(mod: nn.Module, args: Any, output: Any) -> None:
@@ -373,7 +403,7 @@ def _product_key_probe(name: str, block: nn.Module) -> Probe:
     lookup: nn.Module = getattr(block, "down_embed")  # noqa: B009
     site = RouterSite(name, block, gate)
 
-    def install(emit: Emit) -> list[Handle]:
+    def install(emit: Emit, raw: EmitRaw | None = None) -> list[Handle]:
         pending: list[torch.Tensor] = []
 
         def lookup_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:

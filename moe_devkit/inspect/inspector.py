@@ -37,7 +37,9 @@ from torch import nn
 
 from moe_devkit.diagnostics.findings import SEVERITIES, Finding, Severity
 from moe_devkit.inspect.adapters import (
+    Scoring,
     check_decision,
+    decision_from_router_outputs,
     decision_from_tensors,
     exclude_tokens,
     raise_unknown_moe,
@@ -103,6 +105,12 @@ class RouterInspector:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._masks = TokenMasks()
         self._checked: set[str] = set()
+        # Layers whose router outputs may be kept by reference (inspect.raw): the layout
+        # checked at an eager step, and the outputs of that step (refs + their versions)
+        # until the next call shows nobody modified them in place.
+        self._raw_layout: dict[str, tuple[object, ...]] = {}
+        self._raw_probe: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
+        self._raw_refused: set[str] = set()
         self.signals = ModelSignals(self.config)
         self.probes: list[Probe] = []
         self.routing_history_size = 0
@@ -142,7 +150,7 @@ class RouterInspector:
             )
         sites = [probe.site for probe in probes]
         for probe in probes:
-            self._handles += probe.install(self._emit)
+            self._handles += probe.install(self._emit, self._emit_raw)
         self._handles += self._masks.attach(model, sites)
         self._handles += self.signals.attach(model, sites)
         self.probes = probes
@@ -193,6 +201,54 @@ class RouterInspector:
         self.record(decision, layer=site.layer, defer=True, selection=selection)
         self.signals.on_decision(site, decision)
 
+    def _emit_raw(
+        self,
+        site: RouterSite,
+        logits: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor | None,
+        scoring: Scoring,
+    ) -> None:
+        """Records one router call from its outputs: kept by reference and built later in a
+        batch (``inspect.raw``) once the layer's outputs were seen checked and unmodified;
+        otherwise built and recorded now."""
+        if in_backward_recompute():
+            return
+        layer = site.layer
+        state = self.layers.get(layer)
+        layout = (logits.shape, logits.dtype, indices.shape, indices.dtype, logits.device)
+        if (
+            state is None
+            or state.stream is not None
+            or self._raw_layout.get(layer) != layout
+            or not self._raw_allowed(layer)
+            or torch.compiler.is_compiling()
+            or (logits.is_cuda and torch.cuda.is_current_stream_capturing())
+        ):
+            decision = decision_from_router_outputs(logits, indices, weights, scoring=scoring)
+            self._emit(site, decision)
+            if layer not in self._raw_refused:
+                self._raw_layout[layer] = layout
+                self._raw_probe[layer] = (logits, indices, (logits._version, indices._version))
+            return
+        keep = self._masks.valid_tokens(site, logits.numel() // logits.shape[-1])
+        aux_step = self.signals.defer_decision(site, logits.shape[-1], logits.device)
+        state.update_raw(logits.detach(), indices.detach(), keep, scoring, aux_step)
+
+    def _raw_allowed(self, layer: str) -> bool:
+        """Whether ``layer``'s router outputs may be kept by reference: its previous
+        (eager) call's outputs were not modified in place since."""
+        if layer in self._raw_refused:
+            return False
+        probe = self._raw_probe.pop(layer, None)
+        if probe is None:
+            return True
+        logits, indices, version = probe
+        if (logits._version, indices._version) != version:
+            self._raw_refused.add(layer)
+            return False
+        return True
+
     # ------------------------------------------------------------------ recording
 
     def record(
@@ -234,6 +290,7 @@ class RouterInspector:
                 decision.expert_indices.device,
                 self.config,
             )
+            state.deliver = self.signals.deliver
             self.layers[layer] = state
         elif (state.num_experts, state.max_k) != (decision.num_experts, decision.max_k):
             raise ValueError(

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -128,46 +128,95 @@ def follows_transformers(output: Any) -> bool:
     )
 
 
+class _StepSums:
+    """The aux-loss sums of the open steps, one row per step: f64[rows, 2E + 2] = (pairs not
+    counted, selections of each expert [E], router_probs summed over the tokens [E],
+    tokens), on the device of the first decision. A step's row is ``step % rows``; every
+    layer of a step adds to it (at once, or later from a batched build), and the step's
+    loss is read when its last layer has added."""
+
+    def __init__(self, num_experts: int, device: torch.device, rows: int = HISTORY) -> None:
+        self.num_experts, self.device, self.rows = num_experts, device, rows
+        self.sums = torch.zeros(rows, 2 * num_experts + 2, dtype=torch.float64, device=device)
+
+    def add(self, steps: Sequence[int], block: torch.Tensor) -> None:
+        """Adds ``block`` [S, 2E + 2] to the rows of ``steps`` (a run of consecutive steps
+        is one slice: one op, or two where it wraps)."""
+        block = _moved(block, self.device)
+        start = 0
+        while start < len(steps):
+            stop = start + 1
+            while stop < len(steps) and steps[stop] == steps[stop - 1] + 1:
+                stop += 1
+            self._add_run(steps[start] % self.rows, block[start:stop])
+            start = stop
+
+    def _add_run(self, row: int, block: torch.Tensor) -> None:
+        first = min(block.shape[0], self.rows - row)
+        self.sums[row : row + first].add_(block[:first])
+        if first < block.shape[0]:
+            self.sums[: block.shape[0] - first].add_(block[first:])
+
+    def take(self, first_step: int, count: int) -> torch.Tensor:
+        """f64[count]: the loss of ``count`` consecutive steps from ``first_step`` (NaN where
+        no router probabilities were added); their rows are zeroed for reuse."""
+        row = first_step % self.rows
+        head = min(count, self.rows - row)
+        parts = [self.sums[row : row + head]]
+        if head < count:
+            parts.append(self.sums[: count - head])
+        sums = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        for part in parts:
+            part.zero_()
+        num_experts = self.num_experts
+        counts, probs = sums[:, 1 : num_experts + 1], sums[:, num_experts + 1 : -1]
+        total = sums[:, -1:].clamp_min(1.0)
+        loss = num_experts * ((counts / total) * (probs / total)).sum(dim=-1)
+        return torch.where(probs.sum(dim=-1) > 0, loss, math.nan)
+
+
+def decision_sums(decision: RoutingDecision) -> torch.Tensor:
+    """f64[2E + 2]: one decision's aux-loss sums (see ``_StepSums``)."""
+    num_experts = decision.num_experts
+    indices = decision.expert_indices
+    valid = (decision.k_per_token.reshape(-1) >= 0) & ~decision.nonfinite.reshape(-1)  # [N]
+    sums = torch.zeros(2 * num_experts + 2, dtype=torch.float64, device=indices.device)
+    # Bucket 0 takes the empty slots (index -1) and every slot of an excluded token.
+    buckets = ((indices + 1) * valid.unsqueeze(-1)).reshape(-1)
+    ones = torch.ones((), dtype=torch.float64, device=indices.device).expand(buckets.numel())
+    sums[: num_experts + 1].index_add_(0, buckets, ones)
+    probs = decision.router_probs.reshape(-1, num_experts)
+    probs = torch.where(valid.unsqueeze(-1), probs, 0.0).sum(dim=0, dtype=torch.float64)
+    sums[num_experts + 1 : 2 * num_experts + 1].add_(probs)
+    sums[-1:].add_(valid.sum(dtype=torch.float64))
+    return sums
+
+
 @dataclass
 class _StepAccumulator:
-    """One step's load-balancing sums, per E: f64[2E + 2] = (pairs not counted, selections
-    of each expert [E], router_probs summed over the tokens [E], tokens)."""
+    """One forward's inspector load-balancing loss: the layers' decisions add their sums to
+    the step's row of ``_StepSums`` (at once, or later from a batched build: ``waiting``
+    counts those not added yet). ``experts``: the E of the step's layers (-1 once two
+    differ: the loss is then undefined)."""
 
-    sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    track: _AuxTrack
+    step: int
+    waiting: int = 0
+    experts: int | None = None
+
+    def joins(self, num_experts: int, device: torch.device) -> bool:
+        """Whether a layer of ``num_experts`` experts adds to this step (a step whose layers
+        have different numbers of experts has no inspector loss)."""
+        if self.experts is None:
+            self.experts = num_experts
+        elif self.experts != num_experts:
+            self.experts = -1
+        return self.experts == num_experts and self.track.sums_for(num_experts, device)
 
     def add(self, decision: RoutingDecision) -> None:
-        num_experts = decision.num_experts
-        indices = decision.expert_indices
-        valid = (decision.k_per_token.reshape(-1) >= 0) & ~decision.nonfinite.reshape(-1)  # [N]
-        sums = self.sums.get(num_experts)
-        if sums is None:
-            sums = torch.zeros(2 * num_experts + 2, dtype=torch.float64, device=indices.device)
-            self.sums[num_experts] = sums
-        target = (
-            sums if sums.device == indices.device else torch.zeros_like(sums, device=indices.device)
-        )
-        # Bucket 0 takes the empty slots (index -1) and every slot of an excluded token.
-        buckets = ((indices + 1) * valid.unsqueeze(-1)).reshape(-1)
-        ones = torch.ones((), dtype=torch.float64, device=indices.device).expand(buckets.numel())
-        target[: num_experts + 1].index_add_(0, buckets, ones)
-        probs = decision.router_probs.reshape(-1, num_experts)
-        probs = torch.where(valid.unsqueeze(-1), probs, 0.0).sum(dim=0, dtype=torch.float64)
-        target[num_experts + 1 : 2 * num_experts + 1].add_(probs)
-        target[-1:].add_(valid.sum(dtype=torch.float64))
-        if target is not sums:
-            sums.add_(_moved(target, sums.device))
-
-    def loss(self) -> torch.Tensor | None:
-        """E * sum_e f_e P_e over the step's decisions (None without decisions, or when the
-        layers have different numbers of experts; NaN when the decisions carry no router
-        probabilities, as those built from expert indices alone)."""
-        if len(self.sums) != 1:
-            return None
-        ((num_experts, sums),) = self.sums.items()
-        counts, probs = sums[1 : num_experts + 1], sums[num_experts + 1 : 2 * num_experts + 1]
-        total = sums[-1].clamp_min(1.0)
-        loss = num_experts * ((counts / total) * (probs / total)).sum()
-        return torch.where(probs.sum() > 0, loss, math.nan)  # NaN: no router probabilities
+        if self.joins(decision.num_experts, decision.expert_indices.device):
+            assert self.track.sums is not None
+            self.track.sums.add([self.step], decision_sums(decision).unsqueeze(0))
 
 
 class _Ring:
@@ -194,6 +243,27 @@ class _Ring:
             self.steps.append(step)
         self.count += 1
 
+    def put_many(self, steps: Sequence[int], values: torch.Tensor) -> None:
+        """Puts R rows at once (``values`` [R, width]); as R calls of ``put``."""
+        if len(steps) > HISTORY:
+            steps, values = steps[-HISTORY:], values[-HISTORY:]
+        values = _moved(values.detach().double(), self.device)
+        nan = values.isnan()  # left out of the extrema, as put's fmin and fmax do
+        self.low = torch.fmin(self.low, values.masked_fill(nan, math.inf).amin(dim=0))
+        self.high = torch.fmax(self.high, values.masked_fill(nan, -math.inf).amax(dim=0))
+        slot, count = self.count % HISTORY, len(steps)
+        head = min(count, HISTORY - slot)
+        self.rows[slot : slot + head].copy_(values[:head])
+        if head < count:
+            self.rows[: count - head].copy_(values[head:])
+        for i, step in enumerate(steps):
+            index = (slot + i) % HISTORY
+            if index < len(self.steps):
+                self.steps[index] = step
+            else:
+                self.steps.append(step)
+        self.count += count
+
     def host(self) -> tuple[list[int], list[list[float]], list[list[float]]]:
         """(steps, rows, [min row, max row]) in step order, read in one transfer."""
         size = len(self.steps)
@@ -203,7 +273,14 @@ class _Ring:
 
 
 class _AuxTrack:
-    """The model's aux loss and the inspector's load-balancing loss, per model forward."""
+    """The model's aux loss and the inspector's load-balancing loss, per model forward.
+
+    Each forward's pair of values is kept by reference and put into the ring in batches of
+    ``FLUSH_STEPS`` forwards (a handful of ops per batch instead of per forward), once every
+    layer of those forwards has added its sums; ``flush`` puts the rest.
+    """
+
+    FLUSH_STEPS = 16
 
     def __init__(self) -> None:
         self.step = 0  # forwards seen
@@ -215,15 +292,50 @@ class _AuxTrack:
         self.output_type: str | None = None
         self.ring: _Ring | None = None  # columns: model value, inspector value
         self.current: _StepAccumulator | None = None
+        self.sums: _StepSums | None = None
+        self._rows: list[tuple[int, torch.Tensor | float | None, _StepAccumulator | None]] = []
+        self._open: dict[int, _StepAccumulator] = {}  # steps with sums still to come
 
     def begin(self, requested: bool) -> None:
         # The inspector's own per-forward value is kept for transformers-style models (their
         # ModelOutput): once the first forward has shown another output type (moe-devkit's
-        # reference model, a custom model), the per-layer work (about 11 small ops per
-        # layer and step, on the model's stream) stops.
+        # reference model, a custom model), the per-layer work stops.
         compared = self.step == 0 or self.model_outputs > 0
-        self.current = _StepAccumulator() if compared else None
+        self.current = _StepAccumulator(self, self.step) if compared else None
         self.requested_steps += int(requested)
+
+    def sums_for(self, num_experts: int, device: torch.device) -> bool:
+        """Creates the sums buffer at the first decision; False for another E."""
+        if self.sums is None:
+            self.sums = _StepSums(num_experts, device)
+        return self.sums.num_experts == num_experts
+
+    def defer(self, num_experts: int, device: torch.device) -> int | None:
+        """The current step, for a layer that adds its sums later (None: not compared)."""
+        current = self.current
+        if current is None or not current.joins(num_experts, device):
+            return None
+        if self._open and current.step - min(self._open) >= HISTORY // 2:
+            return None  # the oldest open step's row would be reused: leave this one out
+        current.waiting += 1
+        self._open[current.step] = current
+        return current.step
+
+    def deliver(self, steps: Sequence[int], block: torch.Tensor) -> None:
+        """Adds the sums of deferred layers (``block`` [S, 2E + 2], one row per step)."""
+        assert self.sums is not None
+        if all(step in self._open for step in steps):
+            self.sums.add(steps, block)
+        else:  # a step already put into the ring (its row may be reused): left out
+            for i, step in enumerate(steps):
+                if step in self._open:
+                    self.sums.add([step], block[i : i + 1])
+        for step in steps:
+            accumulator = self._open.get(step)
+            if accumulator is not None:
+                accumulator.waiting -= 1
+                if accumulator.waiting <= 0:
+                    del self._open[step]
 
     def end(self, output: Any, training: bool) -> None:
         accumulator, self.current = self.current, None
@@ -235,19 +347,70 @@ class _AuxTrack:
         self.model_outputs += int(transformers_output)
         if status == "value" and transformers_output:
             self.transformers_steps += 1
-        inspector = accumulator.loss() if accumulator is not None else None
-        if value is not None or inspector is not None or self.ring is not None:
-            if self.ring is None:
-                # An accelerator's values stay there: never copied to the host during a step.
-                devices = [t.device for t in (inspector, value) if isinstance(t, torch.Tensor)]
-                accelerators = [d for d in devices if d.type != "cpu"]
-                self.ring = _Ring(2, (accelerators or devices or [torch.device("cpu")])[0])
-            device = self.ring.device
-            nan = torch.full((), math.nan, dtype=torch.float64, device=device)
-            model = _scalar(value, device) if value is not None else nan
-            mine = _moved(inspector, device) if inspector is not None else nan
-            self.ring.put(self.step, torch.stack([model, mine]))
+        if accumulator is not None and accumulator.experts in (None, -1):
+            accumulator = None  # no layer added (or layers of different E): no value
+        if value is not None or accumulator is not None or self.ring is not None or self._rows:
+            kept = value.detach() if isinstance(value, torch.Tensor) else value
+            self._rows.append((self.step, kept, accumulator))
+            if len(self._rows) >= self.FLUSH_STEPS:
+                self.flush(complete=False)
         self.step += 1
+
+    def flush(self, complete: bool = True) -> None:
+        """Puts the kept forwards into the ring: those whose layers have all added their
+        sums (``complete``: every one; a sum still missing then reads NaN)."""
+        ready = 0
+        while ready < len(self._rows) and (complete or not _waiting(self._rows[ready][2])):
+            ready += 1
+        if not ready:
+            return
+        rows, self._rows = self._rows[:ready], self._rows[ready:]
+        for _, _, accumulator in rows:
+            if accumulator is not None:
+                self._open.pop(accumulator.step, None)
+        if self.ring is None:
+            # An accelerator's values stay there: never copied to the host during a step.
+            devices = [v.device for _, v, _ in rows if isinstance(v, torch.Tensor)]
+            devices += [self.sums.device] if self.sums is not None else []
+            accelerators = [d for d in devices if d.type != "cpu"]
+            self.ring = _Ring(2, (accelerators or devices or [torch.device("cpu")])[0])
+        device = self.ring.device
+        model = _column([value for _, value, _ in rows], device)
+        first, count = rows[0][0], rows[-1][0] - rows[0][0] + 1
+        complete_rows = [a is not None and a.waiting <= 0 for _, _, a in rows]
+        if self.sums is not None and any(a is not None for _, _, a in rows):
+            losses = _moved(self.sums.take(first, count), device)
+            if all(complete_rows) and count == len(rows):
+                mine = losses  # consecutive forwards, each with its value: no gather
+            else:
+                nan = torch.full((), math.nan, dtype=torch.float64, device=device)
+                picked = [
+                    losses[step - first] if ok else nan
+                    for (step, _, _), ok in zip(rows, complete_rows, strict=True)
+                ]
+                mine = torch.stack(picked)
+        else:
+            mine = torch.full((len(rows),), math.nan, dtype=torch.float64, device=device)
+        self.ring.put_many([step for step, _, _ in rows], torch.stack([model, mine], dim=-1))
+
+
+def _waiting(accumulator: _StepAccumulator | None) -> bool:
+    return accumulator is not None and accumulator.waiting > 0
+
+
+def _column(values: Sequence[torch.Tensor | float | None], device: torch.device) -> torch.Tensor:
+    """f64[R] on ``device``: the model's aux losses (a tensor's mean, NaN where None)."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if len(tensors) == len(values) and all(t.dim() == 0 and t.device == device for t in tensors):
+        return torch.stack(tensors).double()  # the common case: two ops for every forward
+    return torch.stack(
+        [
+            _scalar(v, device)
+            if v is not None
+            else torch.full((), math.nan, dtype=torch.float64, device=device)
+            for v in values
+        ]
+    )
 
 
 def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -369,6 +532,25 @@ class ModelSignals:
         if track is not None:
             track.update()
 
+    def defer_decision(
+        self, site: RouterSite, num_experts: int, device: torch.device
+    ) -> int | None:
+        """For a decision built later in a batch (``inspect.raw``): the forward its aux-loss
+        sums join (None: not compared), to pass to ``deliver``; the selection bias is
+        recorded now, as ``on_decision`` does."""
+        if _tracing():
+            return None
+        step = self._aux.defer(num_experts, device)
+        track = self._bias_track(site.layer, num_experts)
+        if track is not None:
+            track.update()
+        return step
+
+    def deliver(self, steps: Sequence[int], block: torch.Tensor) -> None:
+        """The aux-loss sums [S, 2E + 2] of deferred decisions, one row per step of
+        ``steps`` (values ``defer_decision`` returned)."""
+        self._aux.deliver(steps, block)
+
     def _bias_track(self, layer: str, num_experts: int) -> _BiasTrack | None:
         if layer in self._bias:
             return self._bias[layer]
@@ -392,6 +574,7 @@ class ModelSignals:
 
     def _aux_host(self) -> dict[str, Any] | None:
         aux = self._aux
+        aux.flush()
         if not aux.step:
             return None
         history: dict[str, list[Any]] = {"steps": [], "model": [], "inspector": []}

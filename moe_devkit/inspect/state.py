@@ -20,11 +20,15 @@ installed), and the updates are replayed from CUDA graphs.
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 
+from moe_devkit.inspect.adapters import Scoring
 from moe_devkit.inspect.capture import Inputs, UpdateGraphs
 from moe_devkit.inspect.config import InspectorConfig
+from moe_devkit.inspect.raw import RawInputs, RawRouting, steps_from_raw
 from moe_devkit.inspect.records import (
     LayerRecord,
     MergedSteps,
@@ -42,6 +46,14 @@ HOST_FOLD_TOKENS = 8192
 """Off CUDA, the forward hooks' decisions are folded together once this many tokens are
 pending: each fold is some 40 small ops whose per-op cost, not arithmetic, dominates below a
 few thousand tokens; the bound keeps the pending tensors to about 1 MB per layer."""
+
+
+RAW_BYTES = 16 * 2**20
+"""A layer's router outputs kept by reference (``update_raw``) are folded once their logits
+reach this many bytes, whatever ``InspectorConfig.batch_steps`` allows."""
+
+Deliver = Callable[[Sequence[int], torch.Tensor], None]
+"""Receives the aux-loss sums of batched steps: (forward of each step, f64[S, 2E + 2])."""
 
 
 def coactivation_steps(steps: int, every: int) -> int:
@@ -78,8 +90,14 @@ class LayerState:
             else None
         )
         self.graphs = UpdateGraphs(self.stats, device)
+        self._device = device
         self._deferred: list[StepTensors] = []  # decision tensors not folded yet
         self._pending_tokens = 0
+        self._raw: list[RawRouting] = []  # router outputs not built into decisions yet
+        self._raw_bytes = 0
+        self._raw_sums: dict[object, torch.Tensor] = {}  # a captured build's aux-sums output
+        self._warned_modified = False
+        self.deliver: Deliver | None = None  # where batched steps' aux-loss sums go
         self._host_fold = device.type != "cuda"
         # One Triton kernel for the per-token statistics (CUDA only: the interpreter is slow)
         self._fused = config.triton and device.type == "cuda" and fused_update_available(device)
@@ -115,6 +133,8 @@ class LayerState:
         if torch.compiler.is_compiling():
             self._update_compiled(step)
             return
+        if self._raw:
+            self._drain_raw()  # steps stay in order
         every, sample_every = self.config.coactivation_every, self.config.reservoir_every
         flags = (bool(every) and self.steps % every == 0, self.steps % sample_every == 0)
         if defer and self.graphed and not any(flags) and self.config.defer_steps > 1:
@@ -130,6 +150,9 @@ class LayerState:
             self._replay(step, flags)
         else:
             self._update_tensors(step, coactivation=flags[0], sample=flags[1])
+        self._count_step()
+
+    def _count_step(self) -> None:
         self.steps += 1
         if self.steps % self.window == 0:
             self.drain()
@@ -137,6 +160,40 @@ class LayerState:
         now = time.time()
         self.first_time = now if self.first_time is None else self.first_time
         self.last_time = now
+
+    def update_raw(
+        self,
+        logits: torch.Tensor,
+        indices: torch.Tensor,
+        keep: torch.Tensor | None,
+        scoring: Scoring,
+        aux_step: int | None,
+    ) -> None:
+        """Keeps one router call's outputs by reference (no op); ``drain`` builds the
+        decisions of the kept calls at once (``inspect.raw``) and folds them.
+
+        Only for outputs nobody modifies afterwards (checked when folded: a warning). Up to
+        ``config.batch_steps`` calls or ``RAW_BYTES`` of logits are kept; ``aux_step``: the
+        forward whose aux-loss sums this call joins (``ModelSignals.defer_decision``).
+        """
+        if self._deferred:
+            self.drain()  # steps stay in order
+        every = self.config.coactivation_every
+        raw = RawRouting(
+            logits,
+            indices,
+            keep,
+            scoring,
+            aux_step,
+            bool(every) and self.steps % every == 0,
+            self.steps % self.config.reservoir_every == 0,
+            (logits._version, indices._version),
+        )
+        self._raw.append(raw)
+        self._raw_bytes += logits.numel() * logits.element_size()
+        if len(self._raw) >= self.config.batch_steps or self._raw_bytes >= RAW_BYTES:
+            self._drain_raw()
+        self._count_step()
 
     def _update_compiled(self, step: StepTensors) -> None:
         """Under torch.compile: the periodic updates are masked by tensors (a Python step
@@ -153,6 +210,8 @@ class LayerState:
 
     def drain(self) -> None:
         """Folds the deferred steps in: their tensors concatenated, one pass, no host sync."""
+        if self._raw:
+            self._drain_raw()
         if not self._deferred:
             return
         pending, self._deferred = self._deferred, []
@@ -172,6 +231,78 @@ class LayerState:
             lambda buffers: MergedSteps(*buffers).fill(pending),  # the graph's input buffers
             lambda inputs: self._fold_merged(MergedSteps(*inputs)),
         )
+
+    def _drain_raw(self) -> None:
+        """Builds and folds the kept router outputs, one batch per run of one layout."""
+        pending, self._raw = self._raw, []
+        self._raw_bytes = 0
+        if not self._warned_modified and any(raw.modified() for raw in pending):
+            self._warned_modified = True
+            warnings.warn(
+                f"layer {self.name!r}: the router's outputs were modified in place after its "
+                "forward; the inspector read them when folding and may count what the model "
+                "did not route. Record this layer's decisions yourself "
+                "(RouterInspector.record) if the model changes them.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        start = 0
+        while start < len(pending):
+            layout, stop = pending[start].layout(), start + 1
+            while stop < len(pending) and pending[stop].layout() == layout:
+                stop += 1
+            self._fold_raw(pending[start:stop], layout)
+            start = stop
+
+    def _fold_raw(self, raws: Sequence[RawRouting], layout: object) -> None:
+        coactivation = tuple(i for i, raw in enumerate(raws) if raw.coactivation)
+        sample = tuple(i for i, raw in enumerate(raws) if raw.sample)
+        scoring = raws[0].scoring
+        key = ("raw", len(raws), layout, coactivation, sample)
+        if self.graphed and self.stats.counts.is_cuda:
+            sums = self._raw_sums.get(key)
+            if sums is None:
+                width = 2 * self.num_experts + 2
+                sums = torch.empty(len(raws), width, dtype=torch.float64, device=self._device)
+                self._raw_sums[key] = sums
+            out = sums
+
+            def update(inputs: Sequence[torch.Tensor]) -> None:
+                built = self._fold_raw_inputs(RawInputs.of(inputs), scoring, coactivation, sample)
+                out.copy_(built)
+
+            self.graphs.run_built(
+                key,
+                lambda: RawInputs.stack(raws).tensors(),
+                lambda buffers: RawInputs.of(buffers).fill(raws),
+                update,
+            )
+        else:
+            out = self._fold_raw_inputs(RawInputs.stack(raws), scoring, coactivation, sample)
+        steps = [raw.aux_step for raw in raws]
+        if self.deliver is not None and steps[0] is not None:
+            self.deliver(steps, out)  # type: ignore[arg-type]
+
+    def _fold_raw_inputs(
+        self,
+        inputs: RawInputs,
+        scoring: Scoring,
+        coactivation: tuple[int, ...],
+        sample: tuple[int, ...],
+    ) -> torch.Tensor:
+        """Folds S stacked router calls; returns their aux-loss sums [S, 2E + 2]."""
+        built = steps_from_raw(inputs, scoring)
+        merged = built.merged
+        self._update_tensors(merged.folded(), coactivation=False, sample=False)
+        tokens = inputs.logits.shape[1]
+        for i in coactivation:
+            rows = merged.indices[i * tokens : (i + 1) * tokens]
+            fold_coactivation(self.stats, rows, self.num_experts)
+        for i in sample:
+            part = slice(i * tokens, (i + 1) * tokens)
+            k = merged.k[part].clamp_max(self.max_k)  # -1 stays: never sampled
+            fold_reservoir(self.stats, merged.complexity[part].float(), k, self.config.seed)
+        return built.aux_sums
 
     def _fold_merged(self, merged: MergedSteps) -> None:
         """Token statistics of concatenated steps (no periodic update)."""

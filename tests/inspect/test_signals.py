@@ -543,8 +543,10 @@ def test_the_signal_hooks_read_no_value_on_the_host(
     device: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ModelSignals' hooks run with every host read of a tensor value made to raise (and on
-    CUDA under the sync debug mode that raises on any synchronisation)."""
-    calls = {"on_decision": 0, "_begin_step": 0, "_end_step": 0}
+    CUDA under the sync debug mode that raises on any synchronisation). After a layer's
+    first (eager) step, its decisions are deferred (``defer_decision``) and their sums
+    delivered when the layer's batch is folded."""
+    calls = {"on_decision": 0, "defer_decision": 0, "deliver": 0, "_begin_step": 0, "_end_step": 0}
     for name in calls:
         original = getattr(ModelSignals, name)
 
@@ -562,8 +564,15 @@ def test_the_signal_hooks_read_no_value_on_the_host(
     inspector = RouterInspector().attach(model)
     for step in range(2):
         model(_tokens(step).to(device))
-    assert calls == {"on_decision": 4, "_begin_step": 2, "_end_step": 2}
+    assert calls == {
+        "on_decision": 2,  # the first forward's two layers
+        "defer_decision": 2,  # the second's, built later in a batch
+        "deliver": 0,
+        "_begin_step": 2,
+        "_end_step": 2,
+    }
     aux = inspector.summary().aux_loss
+    assert calls["deliver"] == 2  # one batch per layer, folded by summary()
     assert aux is not None and aux["compared_steps"] == 2
     assert aux["ratio"] == pytest.approx(1.0, abs=1e-5)
     # A selection bias, changed between the steps.
@@ -577,7 +586,8 @@ def test_the_signal_hooks_read_no_value_on_the_host(
         model(_tokens(step).to(device))
     bias = inspector.summary().layers["model.layers.0.mlp.gate"]["selection_bias"]
     assert bias["history"]["abs_max"] == pytest.approx([0.01, 0.03, 0.06])
-    assert calls["on_decision"] == 4 + 6
+    assert calls["on_decision"] == 2 + 2  # each model's first forward, eager
+    assert calls["defer_decision"] == 2 + 4  # the later ones: the bias read at once
 
 
 def test_decisions_without_router_probabilities_give_no_inspector_loss() -> None:
