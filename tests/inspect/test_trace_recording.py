@@ -1,6 +1,7 @@
 """RoutingTraceRecorder during training and at a full budget: the routing weights of a training
 step are recorded detached (the buffers join no autograd graph), a full budget lets go of
-the routers' hooks, and the reference model is recorded however it is called."""
+the routers' hooks, the reference model is recorded however it is called, and a recorded
+call costs a few ops a layer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_devkit.inspect.trace import RoutingTraceRecorder
 from moe_devkit.routers.torch_router import MoEModel, RouterConfig
@@ -86,3 +88,36 @@ def test_reference_model_called_by_keyword_is_recorded() -> None:
     assert keyword.num_tokens == positional.num_tokens == 10
     np.testing.assert_array_equal(keyword.expert_ids, positional.expert_ids)
     np.testing.assert_array_equal(keyword.positions, np.tile(np.arange(5), 2))
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_of_a_call(model: nn.Module, x: torch.Tensor) -> int:
+    counter = _OpCount()
+    with counter, torch.no_grad():
+        model(x)
+    return counter.ops
+
+
+def test_a_recorded_call_costs_a_few_ops_a_layer() -> None:
+    """The recorder's own work for a reference-model call (its router returns the decision):
+    at most nine ops for the call's token rows (positions and sequences: an arange and one
+    copy each, with their views; none for the token ids of an embeddings call) and five for
+    each layer's ids and weights. It is the difference between a recorded and a plain call."""
+    model = _reference().eval()
+    x = torch.randn(2, 5, 16)
+    plain = _ops_of_a_call(model, x)
+    with RoutingTraceRecorder(model, weights=True, max_tokens=100):
+        _ops_of_a_call(model, x)  # the first call allocates the buffers
+        recorded = _ops_of_a_call(model, x)
+    assert recorded - plain <= 9 + 2 * 5
