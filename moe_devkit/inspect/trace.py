@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from moe_devkit.diagnostics.findings import Finding
+from moe_devkit.inspect.adapters import Scoring, decision_from_router_outputs
 from moe_devkit.inspect.discovery import Probe, find_probes
 from moe_devkit.inspect.inspector import in_backward_recompute
 from moe_devkit.inspect.records import RouterSite, Selection
@@ -326,7 +327,7 @@ class RoutingTraceRecorder:
         self.probes = probes
         for i, probe in enumerate(probes):
             self._order.setdefault(probe.site.layer, i)
-            self._router_handles += probe.install(self._emit)
+            self._router_handles += probe.install(self._emit, self._emit_raw)
         self._handles += self._router_handles
         self._handles.append(
             self.model.register_forward_pre_hook(self._begin_call, with_kwargs=True)
@@ -487,14 +488,51 @@ class RoutingTraceRecorder:
         if decision.num_tokens != call.tokens:
             self.skipped[site.layer] = self.skipped.get(site.layer, 0) + 1
             return
-        ids, weights = self._layer_buffers(site.layer, decision)
-        k = min(decision.max_k, ids.shape[1])
-        _block(ids, call.start, call.rows, k).copy_(
-            _block(decision.expert_indices, 0, call.rows, k)
-        )
-        if weights is not None:  # detached: the buffer joins no autograd graph
-            values = _block(decision.expert_weights.detach(), 0, call.rows, k)
-            _block(weights, call.start, call.rows, k).copy_(values)
+        weights = decision.expert_weights if self.record_weights else None
+        self._write_layer(site.layer, call, decision.expert_indices, weights, decision.num_experts)
+
+    def _emit_raw(
+        self,
+        site: RouterSite,
+        logits: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor | None,
+        scoring: Scoring,
+    ) -> None:
+        """A router's own outputs (a transformers top-k router): its experts and weights are
+        copied as they are, with no decision built (the weights of -1 slots are zeroed on
+        the host, as a decision's are)."""
+        call = self._call
+        if call is None or in_backward_recompute():
+            return
+        num_experts = logits.shape[-1]
+        if self.record_weights and weights is None:  # the weights follow from the logits
+            decision = decision_from_router_outputs(logits, indices, scoring=scoring)
+            self._emit(site, decision)
+            return
+        tokens = logits.numel() // max(num_experts, 1)
+        if tokens != call.tokens or indices.numel() % max(tokens, 1):
+            self.skipped[site.layer] = self.skipped.get(site.layer, 0) + 1
+            return
+        selected = indices.reshape(tokens, -1)
+        values = weights.reshape(selected.shape) if weights is not None else None
+        self._write_layer(site.layer, call, selected, values, num_experts)
+
+    def _write_layer(
+        self,
+        layer: str,
+        call: _Call,
+        indices: torch.Tensor,
+        weights: torch.Tensor | None,
+        num_experts: int,
+    ) -> None:
+        """Copies the call's rows of ``indices`` [N, K] (and ``weights``, when recorded)."""
+        ids, buffer = self._layer_buffers(layer, indices, num_experts)
+        k = min(indices.shape[1], ids.shape[1])
+        _block(ids, call.start, call.rows, k).copy_(_block(indices, 0, call.rows, k))
+        if buffer is not None and weights is not None:  # detached: joins no autograd graph
+            values = _block(weights.detach(), 0, call.rows, k)
+            _block(buffer, call.start, call.rows, k).copy_(values)
 
     # ------------------------------------------------------------------ buffers
 
@@ -510,15 +548,15 @@ class RoutingTraceRecorder:
         }
 
     def _layer_buffers(
-        self, layer: str, decision: RoutingDecision
+        self, layer: str, indices: torch.Tensor, num_experts: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids = self._ids.get(layer)
         if ids is None:
-            device = decision.expert_indices.device
-            shape = (self.chunk_tokens, decision.max_k)
+            device = indices.device
+            shape = (self.chunk_tokens, indices.shape[1])
             ids = torch.full(shape, -1, dtype=torch.int32, device=device)
             self._ids[layer] = ids
-            self._num_experts[layer] = decision.num_experts
+            self._num_experts[layer] = num_experts
             if self.record_weights:
                 self._weights[layer] = torch.zeros(shape, dtype=torch.float32, device=device)
         return ids, self._weights.get(layer)
@@ -581,6 +619,8 @@ class RoutingTraceRecorder:
                 if weights is not None and values is not None:
                     weights[offset : offset + n, j, : values.shape[1]] = values
             offset += n
+        if weights is not None:
+            weights[expert_ids < 0] = 0.0  # an empty slot weighs nothing
 
         def joined(name: str) -> Array:
             parts = [c[name] for c in chunks]

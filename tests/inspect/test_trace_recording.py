@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hf_zoo import build_tiny
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -121,3 +122,32 @@ def test_a_recorded_call_costs_a_few_ops_a_layer() -> None:
         _ops_of_a_call(model, x)  # the first call allocates the buffers
         recorded = _ops_of_a_call(model, x)
     assert recorded - plain <= 9 + 2 * 5
+
+
+def test_a_transformers_router_is_recorded_without_building_its_decision() -> None:
+    """Mixtral's router returns its experts and weights: the recorder copies them as they
+    are (a decision would add some 60 ops a layer: probabilities, entropy, losses)."""
+    torch.manual_seed(0)
+    model = build_tiny("mixtral")
+    ids = torch.randint(0, 128, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+
+    def ops() -> int:
+        counter = _OpCount()
+        with counter, torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        return counter.ops
+
+    plain = ops()
+    with RoutingTraceRecorder(model, weights=True, max_tokens=100) as recorder:
+        ops()  # the first call allocates the buffers
+        recorded = ops()
+    layers = len(recorder.probes)
+    assert layers == 3
+    # the masked call's rows (token ids, positions counted over the mask, sequences,
+    # validity) in at most 16 ops, then a few a layer
+    assert recorded - plain <= 16 + 8 * layers
+    trace = recorder.trace()
+    assert trace.num_tokens == 2 * int(mask.sum()) and trace.weights is not None
+    np.testing.assert_allclose(trace.weights.sum(2), 1.0, rtol=1e-5)  # top-2, renormalised
