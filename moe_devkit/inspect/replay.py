@@ -53,13 +53,10 @@ from moe_devkit.diagnostics.findings import Finding
 from moe_devkit.inspect.discovery import find_probes
 from moe_devkit.inspect.inspector import in_backward_recompute
 from moe_devkit.inspect.trace import (
+    CallNumbering,
     RoutingTrace,
     RoutingTraceRecorder,
     TraceComparison,
-    _cache_of,
-    _mask_of,
-    _no_cache,
-    _reference,
     compare_traces,
 )
 from moe_devkit.routers.torch_router import (
@@ -233,9 +230,7 @@ class RoutingReplay:
         self._in_call = False
         self._device_trace: dict[str, torch.Tensor] = {}
         self._bad: torch.Tensor | None = None  # int64 [2]: missing, other ids (deferred)
-        self._next_sequence = 0
-        self._last_rows: tuple[int, int] | None = None
-        self._last_cache: Any = _no_cache
+        self._numbering = CallNumbering()  # sequences numbered as the recorder numbers them
 
     # ------------------------------------------------------------------ attach / detach
 
@@ -380,34 +375,10 @@ class RoutingReplay:
             return
         self._call = None
         self._in_call = True
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() in (1, 2):
-            ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
-            batch, length = ids.shape
-            device = ids.device
-        else:
-            embeds = kwargs.get("inputs_embeds", kwargs.get("hidden_states", ids))
-            if not isinstance(embeds, torch.Tensor) or embeds.dim() < 2:
-                return
-            ids = None
-            shape = embeds.shape[:-1]
-            batch = shape[0] if len(shape) == 2 else 1
-            length = math.prod(shape) // max(batch, 1)
-            device = embeds.device
-        mask = kwargs.get("attention_mask")
-        if not _mask_of(mask, batch, length):
-            mask = None
-        # Sequences numbered exactly as RoutingTraceRecorder._begin_call numbers them.
-        cache = _cache_of(kwargs)
-        continuation = mask is not None and mask.shape[1] > length
-        continuation |= cache is not None and self._last_cache() is cache
-        self._last_cache = _reference(cache) if cache is not None else _no_cache
-        if continuation and self._last_rows is not None and self._last_rows[1] == batch:
-            first = self._last_rows[0]
-        else:
-            first = self._next_sequence
-            self._next_sequence += batch
-        self._last_rows = (first, batch)
+        numbered = self._numbering.number(args, kwargs)
+        if numbered is None:
+            return
+        ids, batch, length, device, mask, first = numbered
         self.calls += 1
 
         trace = self._trace_tensors(device)

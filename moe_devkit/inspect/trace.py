@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -210,6 +210,65 @@ def _reference(value: Any) -> Callable[[], Any]:
         return lambda: None
 
 
+class NumberedCall(NamedTuple):
+    """One model call as ``CallNumbering`` reads it."""
+
+    ids: torch.Tensor | None  # int[batch, length], None for a call given embeddings
+    batch: int
+    length: int
+    device: torch.device
+    mask: torch.Tensor | None  # the attention mask, None when absent or not [batch, >= length]
+    first: int  # the sequence number of the call's first row
+
+
+class CallNumbering:
+    """Numbers the sequences of successive model calls, as traces record them.
+
+    Each row of a call's batch is a new sequence, numbered in call order, unless the call
+    continues the previous call's sequences (a step of ``generate``): its attention mask is
+    longer than its input, or it gets the KV cache object the previous call got (both read
+    on the host: a cache's length may live on the device). ``RoutingTraceRecorder`` and
+    ``RoutingReplay`` number calls with it, so a replay finds a recorded token by (sequence,
+    position).
+    """
+
+    def __init__(self) -> None:
+        self._next_sequence = 0
+        self._last_rows: tuple[int, int] | None = None  # (first sequence, batch) of last call
+        self._last_cache: Callable[[], Any] = _no_cache
+
+    def number(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> NumberedCall | None:
+        """The call's shape, mask and first sequence number (None: no token input found)."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() in (1, 2):
+            ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+            batch, length = ids.shape
+            device = ids.device
+        else:
+            embeds = kwargs.get("inputs_embeds", kwargs.get("hidden_states", ids))
+            if not isinstance(embeds, torch.Tensor) or embeds.dim() < 2:
+                return None
+            ids = None
+            shape = embeds.shape[:-1]
+            batch = shape[0] if len(shape) == 2 else 1
+            length = math.prod(shape) // max(batch, 1)
+            device = embeds.device
+        mask = kwargs.get("attention_mask")
+        if not _mask_of(mask, batch, length):
+            mask = None
+        cache = _cache_of(kwargs)
+        continuation = mask is not None and mask.shape[1] > length
+        continuation |= cache is not None and self._last_cache() is cache
+        self._last_cache = _reference(cache) if cache is not None else _no_cache
+        if continuation and self._last_rows is not None and self._last_rows[1] == batch:
+            first = self._last_rows[0]
+        else:
+            first = self._next_sequence
+            self._next_sequence += batch
+        self._last_rows = (first, batch)
+        return NumberedCall(ids, batch, length, device, mask, first)
+
+
 @dataclass
 class _Call:
     start: int  # first row of the chunk this call writes
@@ -307,9 +366,7 @@ class RoutingTraceRecorder:
         self._cursor = 0  # rows of the current chunk written
         self._flushed = 0  # rows of earlier chunks (the budget counts both)
         self._call: _Call | None = None
-        self._next_sequence = 0
-        self._last_rows: tuple[int, int] | None = None  # (first sequence, batch) of last call
-        self._last_cache: Callable[[], Any] = _no_cache
+        self._numbering = CallNumbering()
 
     # ------------------------------------------------------------------ attach / detach
 
@@ -371,37 +428,11 @@ class RoutingTraceRecorder:
         if in_backward_recompute():
             return
         self._call = None
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() in (1, 2):
-            ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
-            batch, length = ids.shape
-            device = ids.device
-        else:
-            embeds = kwargs.get("inputs_embeds", kwargs.get("hidden_states", ids))
-            if not isinstance(embeds, torch.Tensor) or embeds.dim() < 2:
-                return
-            ids = None
-            shape = embeds.shape[:-1]
-            batch = shape[0] if len(shape) == 2 else 1
-            length = math.prod(shape) // max(batch, 1)
-            device = embeds.device
+        numbered = self._numbering.number(args, kwargs)
+        if numbered is None:
+            return
+        ids, batch, length, device, mask, first = numbered
         tokens = batch * length
-        mask = kwargs.get("attention_mask")
-        if not _mask_of(mask, batch, length):
-            mask = None
-        # A call continues the previous call's sequences (a generate step) when its mask is
-        # longer than its input, or when it gets the KV cache object the previous call got:
-        # both are read on the host (a cache's length may live on the device).
-        cache = _cache_of(kwargs)
-        continuation = mask is not None and mask.shape[1] > length
-        continuation |= cache is not None and self._last_cache() is cache
-        self._last_cache = _reference(cache) if cache is not None else _no_cache
-        if continuation and self._last_rows is not None and self._last_rows[1] == batch:
-            first = self._last_rows[0]
-        else:
-            first = self._next_sequence
-            self._next_sequence += batch
-        self._last_rows = (first, batch)
         self.calls += 1
         if (self.calls - 1) % self.every:
             return
