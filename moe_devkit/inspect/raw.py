@@ -36,8 +36,6 @@ class RawRouting(NamedTuple):
         keep: bool[N] or None: the tokens to count (None: all; False for padding).
         scoring: how the router probabilities follow from the logits.
         aux_step: the model forward whose aux-loss sums this call joins (None: not compared).
-        coactivation, sample: whether this step updates the co-activation matrix / offers
-            its tokens to the reservoir.
         version: the logits' and indices' version counters when kept (an in-place change
             after the forward would alter what is read later).
     """
@@ -47,8 +45,6 @@ class RawRouting(NamedTuple):
     keep: torch.Tensor | None
     scoring: Scoring
     aux_step: int | None
-    coactivation: bool
-    sample: bool
     version: tuple[int, int]
 
     def layout(self) -> tuple[object, ...]:
@@ -62,9 +58,15 @@ class RawRouting(NamedTuple):
             self.keep is None,
             self.scoring,
             self.aux_step is None,
-            self.coactivation,
-            self.sample,
         )
+
+    def padding(self) -> RawRouting:
+        """A call of this layout that counts nothing (every token left out): the slots of a
+        captured batch that a shorter batch does not fill."""
+        logits = torch.zeros_like(self.logits)
+        indices = torch.full_like(self.indices, -1)
+        keep = torch.zeros(logits.numel() // max(logits.shape[-1], 1), dtype=torch.bool)
+        return self._replace(logits=logits, indices=indices, keep=keep.to(logits.device))
 
     def modified(self) -> bool:
         """True when the logits or indices were changed in place since they were kept."""

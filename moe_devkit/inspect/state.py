@@ -69,6 +69,23 @@ def moments_from_sums(sums: torch.Tensor) -> torch.Tensor:
     return torch.stack([n, mean, m2])
 
 
+def _empty_step(step: StepTensors) -> StepTensors:
+    """A step of ``step``'s layout that counts nothing: every token left out (k = -1, no
+    expert), no pair dropped, zero losses."""
+    none = torch.full_like(step.indices, -1)
+    return StepTensors(
+        none,
+        torch.zeros_like(step.complexity),
+        torch.zeros_like(step.nonfinite),
+        torch.full_like(step.k, -1),
+        torch.zeros_like(step.dropped),
+        torch.zeros_like(step.lb_loss),
+        torch.zeros_like(step.z_loss),
+        torch.full_like(step.selected, -1),
+        torch.zeros_like(step.selected_dropped),
+    )
+
+
 class LayerState:
     """Running statistics of one router, all tensors on the router's device."""
 
@@ -96,6 +113,9 @@ class LayerState:
         self._raw: list[RawRouting] = []  # router outputs not built into decisions yet
         self._raw_bytes = 0
         self._raw_sums: dict[object, torch.Tensor] = {}  # a captured build's aux-sums output
+        self._raw_pad: dict[object, RawRouting] = {}  # a call that counts nothing, per layout
+        self._keep_all: dict[int, torch.Tensor] = {}  # True for every token, per token count
+        self._step_pad: dict[object, StepTensors] = {}  # a step that counts nothing
         self._warned_modified = False
         self.deliver: Deliver | None = None  # where batched steps' aux-loss sums go
         self._host_fold = device.type != "cuda"
@@ -123,13 +143,13 @@ class LayerState:
         """
         # A context, not a decorator: torch.compile cannot call a decorated method of a
         # LayerState created inside the compiled region (on the first step).
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # a training step
             with torch.no_grad():
-                self._update(StepTensors.of(d, selection), defer)
+                self._update(StepTensors.of(d, selection), defer, training=True)
         else:
             self._update(StepTensors.of(d, selection), defer)
 
-    def _update(self, step: StepTensors, defer: bool) -> None:
+    def _update(self, step: StepTensors, defer: bool, training: bool = False) -> None:
         if torch.compiler.is_compiling():
             self._update_compiled(step)
             return
@@ -137,9 +157,10 @@ class LayerState:
             self._drain_raw()  # steps stay in order
         every, sample_every = self.config.coactivation_every, self.config.reservoir_every
         flags = (bool(every) and self.steps % every == 0, self.steps % sample_every == 0)
-        if defer and self.graphed and not any(flags) and self.config.defer_steps > 1:
+        limit = self._defer_limit(training)
+        if defer and self.graphed and not any(flags) and limit > 1:
             self._deferred.append(step)
-            if len(self._deferred) >= self.config.defer_steps:
+            if len(self._deferred) >= limit:
                 self.drain()
         elif defer and self._host_fold and not any(flags):
             self._deferred.append(StepTensors(*(t.detach() for t in step)))
@@ -152,6 +173,14 @@ class LayerState:
             self._update_tensors(step, coactivation=flags[0], sample=flags[1])
         self._count_step()
 
+    def _defer_limit(self, training: bool) -> int:
+        """Steps a CUDA layer defers: ``config.defer_steps``, or in training (where the
+        decision's tensors sit at new addresses each step, so a per-step replay first copies
+        them) ``config.batch_steps``."""
+        if self.config.defer_steps > 1 or not training:
+            return self.config.defer_steps
+        return self.config.batch_steps
+
     def _count_step(self) -> None:
         self.steps += 1
         if self.steps % self.window == 0:
@@ -160,6 +189,13 @@ class LayerState:
         now = time.time()
         self.first_time = now if self.first_time is None else self.first_time
         self.last_time = now
+
+    def periodic_due(self) -> bool:
+        """Whether the next step updates the co-activation matrix or the reservoir."""
+        every = self.config.coactivation_every
+        return (
+            bool(every) and self.steps % every == 0
+        ) or self.steps % self.config.reservoir_every == 0
 
     def update_raw(
         self,
@@ -172,22 +208,15 @@ class LayerState:
         """Keeps one router call's outputs by reference (no op); ``drain`` builds the
         decisions of the kept calls at once (``inspect.raw``) and folds them.
 
-        Only for outputs nobody modifies afterwards (checked when folded: a warning). Up to
+        Only for outputs nobody modifies afterwards (checked when folded: a warning), and
+        not for a step with a periodic update (``periodic_due``: those are folded at once). Up to
         ``config.batch_steps`` calls or ``RAW_BYTES`` of logits are kept; ``aux_step``: the
         forward whose aux-loss sums this call joins (``ModelSignals.defer_decision``).
         """
         if self._deferred:
             self.drain()  # steps stay in order
-        every = self.config.coactivation_every
         raw = RawRouting(
-            logits,
-            indices,
-            keep,
-            scoring,
-            aux_step,
-            bool(every) and self.steps % every == 0,
-            self.steps % self.config.reservoir_every == 0,
-            (logits._version, indices._version),
+            logits, indices, keep, scoring, aux_step, (logits._version, indices._version)
         )
         self._raw.append(raw)
         self._raw_bytes += logits.numel() * logits.element_size()
@@ -225,6 +254,15 @@ class LayerState:
         if not (self.graphed and self.stats.counts.is_cuda):
             self._fold_merged(MergedSteps.concat(pending))
             return
+        one = _layout(pending[:1])
+        if all(_layout([step]) == one for step in pending[1:]):
+            # One graph per step layout, whatever the count: padded with steps that count
+            # nothing, so a read at any step replays the same graph.
+            pad = self._step_pad.get(one)
+            if pad is None:
+                pad = self._step_pad[one] = _empty_step(pending[0])
+            slots = max(self.config.defer_steps, self.config.batch_steps)
+            pending = [*pending, *([pad] * (slots - len(pending)))]
         self.graphs.run_built(
             _layout(pending),
             lambda: MergedSteps.concat(pending),
@@ -246,6 +284,8 @@ class LayerState:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        if self.graphed and self.stats.counts.is_cuda:  # one layout with and without a mask
+            pending = [raw if raw.keep is not None else self._all_kept(raw) for raw in pending]
         start = 0
         while start < len(pending):
             layout, stop = pending[start].layout(), start + 1
@@ -254,54 +294,57 @@ class LayerState:
             self._fold_raw(pending[start:stop], layout)
             start = stop
 
+    def _all_kept(self, raw: RawRouting) -> RawRouting:
+        tokens = raw.logits.numel() // max(raw.logits.shape[-1], 1)
+        keep = self._keep_all.get(tokens)
+        if keep is None:
+            keep = torch.ones(tokens, dtype=torch.bool, device=raw.logits.device)
+            self._keep_all[tokens] = keep
+        return raw._replace(keep=keep)
+
+    def _raw_slots(self, raw: RawRouting) -> int:
+        """The steps a captured batch of ``raw``'s layout holds: the most that can be kept."""
+        step_bytes = max(raw.logits.numel() * raw.logits.element_size(), 1)
+        return max(1, min(self.config.batch_steps, -(-RAW_BYTES // step_bytes)))
+
     def _fold_raw(self, raws: Sequence[RawRouting], layout: object) -> None:
-        coactivation = tuple(i for i, raw in enumerate(raws) if raw.coactivation)
-        sample = tuple(i for i, raw in enumerate(raws) if raw.sample)
         scoring = raws[0].scoring
-        key = ("raw", len(raws), layout, coactivation, sample)
         if self.graphed and self.stats.counts.is_cuda:
-            sums = self._raw_sums.get(key)
-            if sums is None:
+            # One graph per layout, whatever the batch's length: a shorter batch is padded
+            # with calls that count nothing, so reads at any step replay the same graph.
+            pad = self._raw_pad.get(layout)
+            if pad is None:
+                pad = self._raw_pad[layout] = raws[0].padding()
+            slots = self._raw_slots(raws[0])
+            filled = [*raws, *([pad] * (slots - len(raws)))]
+            key = ("raw", slots, layout)
+            out = self._raw_sums.get(key)
+            if out is None:
                 width = 2 * self.num_experts + 2
-                sums = torch.empty(len(raws), width, dtype=torch.float64, device=self._device)
-                self._raw_sums[key] = sums
-            out = sums
+                out = torch.empty(slots, width, dtype=torch.float64, device=self._device)
+                self._raw_sums[key] = out
+            sums = out
 
             def update(inputs: Sequence[torch.Tensor]) -> None:
-                built = self._fold_raw_inputs(RawInputs.of(inputs), scoring, coactivation, sample)
-                out.copy_(built)
+                sums.copy_(self._fold_raw_inputs(RawInputs.of(inputs), scoring))
 
             self.graphs.run_built(
                 key,
-                lambda: RawInputs.stack(raws).tensors(),
-                lambda buffers: RawInputs.of(buffers).fill(raws),
+                lambda: RawInputs.stack(filled).tensors(),
+                lambda buffers: RawInputs.of(buffers).fill(filled),
                 update,
             )
+            out = out[: len(raws)]
         else:
-            out = self._fold_raw_inputs(RawInputs.stack(raws), scoring, coactivation, sample)
+            out = self._fold_raw_inputs(RawInputs.stack(raws), scoring)
         steps = [raw.aux_step for raw in raws]
         if self.deliver is not None and steps[0] is not None:
             self.deliver(steps, out)  # type: ignore[arg-type]
 
-    def _fold_raw_inputs(
-        self,
-        inputs: RawInputs,
-        scoring: Scoring,
-        coactivation: tuple[int, ...],
-        sample: tuple[int, ...],
-    ) -> torch.Tensor:
+    def _fold_raw_inputs(self, inputs: RawInputs, scoring: Scoring) -> torch.Tensor:
         """Folds S stacked router calls; returns their aux-loss sums [S, 2E + 2]."""
         built = steps_from_raw(inputs, scoring)
-        merged = built.merged
-        self._update_tensors(merged.folded(), coactivation=False, sample=False)
-        tokens = inputs.logits.shape[1]
-        for i in coactivation:
-            rows = merged.indices[i * tokens : (i + 1) * tokens]
-            fold_coactivation(self.stats, rows, self.num_experts)
-        for i in sample:
-            part = slice(i * tokens, (i + 1) * tokens)
-            k = merged.k[part].clamp_max(self.max_k)  # -1 stays: never sampled
-            fold_reservoir(self.stats, merged.complexity[part].float(), k, self.config.seed)
+        self._update_tensors(built.merged.folded(), coactivation=False, sample=False)
         return built.aux_sums
 
     def _fold_merged(self, merged: MergedSteps) -> None:

@@ -3,6 +3,7 @@ built at each step (decision_from_router_outputs + exclude_tokens), on CPU and C
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 
 from moe_devkit.inspect import InspectorConfig, RouterInspector
 from moe_devkit.inspect.adapters import decision_from_router_outputs, exclude_tokens
-from moe_devkit.inspect.raw import RawInputs, steps_from_raw
+from moe_devkit.inspect.raw import RawInputs, RawRouting, steps_from_raw
 from moe_devkit.inspect.signals import decision_sums
 
 transformers = pytest.importorskip("transformers")
@@ -196,3 +197,73 @@ def test_a_layer_whose_router_outputs_change_in_place_is_read_at_each_step() -> 
         experts = inspector.layers[f"model.layers.{i}.mlp.experts"].host_state()
         assert router.steps == experts.steps == 6
         assert torch.equal(router.counts, experts.counts)
+
+
+def test_padding_slots_count_nothing() -> None:
+    """A captured batch shorter than its slots is padded with calls (raw router outputs)
+    or steps (decisions) that count nothing: the statistics equal the unpadded fold's."""
+    from moe_devkit.inspect.records import MergedSteps, StepTensors
+    from moe_devkit.inspect.state import LayerState, _empty_step
+
+    config = InspectorConfig()
+    steps, tokens, experts, k = 3, 9, 6, 2
+    logits = _logits(steps, tokens, experts)
+    indices = torch.nan_to_num(logits, nan=0.0).topk(k, dim=-1).indices
+    keep = torch.ones(tokens, dtype=torch.bool)
+    raws = [
+        RawRouting(logits[s], indices[s], keep, "softmax", s, (0, 0))  # type: ignore[arg-type]
+        for s in range(steps)
+    ]
+    padded = [*raws, raws[0].padding(), raws[0].padding()]
+    plain = LayerState("a", experts, k, torch.device("cpu"), config)
+    filled = LayerState("b", experts, k, torch.device("cpu"), config)
+    sums = plain._fold_raw_inputs(RawInputs.stack(raws), "softmax")
+    padded_sums = filled._fold_raw_inputs(RawInputs.stack(padded), "softmax")
+    assert torch.equal(sums, padded_sums[:steps])
+    decisions = []
+    for s in range(steps):
+        decision = decision_from_router_outputs(logits[s], indices[s])
+        decisions.append(StepTensors.of(decision))
+    pads = [_empty_step(decisions[0])] * 2
+    plain._fold_merged(MergedSteps.concat(decisions))
+    filled._fold_merged(MergedSteps.concat([*decisions, *pads]))
+    for name, tensor in plain.stats.tensors().items():
+        torch.testing.assert_close(tensor, filled.stats.tensors()[name], equal_nan=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_defers_reference_decisions_to_the_same_statistics() -> None:
+    """In training on CUDA the reference routers' decisions are deferred (up to batch_steps)
+    and folded from a padded captured graph; the statistics equal eager per-step updates."""
+    from moe_devkit import MoEModel, RouterConfig
+
+    config = RouterConfig(hidden_size=32, num_experts=8, max_k=3, expert_hidden_size=32)
+    results = []
+    for graphs in (True, False):
+        torch.manual_seed(0)
+        model = MoEModel(config, num_layers=2).cuda()
+        settings = InspectorConfig(window=5, coactivation_every=3, reservoir_every=4)
+        inspector = RouterInspector(config=dataclasses.replace(settings, cuda_graphs=graphs))
+        inspector.attach(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(4, 16, 32, device="cuda")
+        windows = []
+        for step in range(23):
+            out = model(x)
+            (out.hidden_states.square().mean() + out.aux_loss).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if step in (6, 15):
+                windows.append(inspector.metrics())
+        if graphs:
+            assert any(state._step_pad for state in inspector.layers.values())
+        results.append((inspector, windows))
+    (graphed, graphed_windows), (eager, eager_windows) = results
+    for name, state in graphed.layers.items():
+        mine, theirs = state.host_state(), eager.layers[name].host_state()
+        for field in ("counts", "selected", "joint", "coactivation", "sample_k"):
+            assert torch.equal(getattr(mine, field), getattr(theirs, field)), field
+        for field in ("loss_sums", "moments", "extrema", "snapshots", "sample_complexity"):
+            _close(getattr(mine, field), getattr(theirs, field))
+    _close(graphed_windows, eager_windows)
