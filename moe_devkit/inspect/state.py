@@ -239,6 +239,13 @@ class LayerState:
 
     def drain(self) -> None:
         """Folds the deferred steps in: their tensors concatenated, one pass, no host sync."""
+        if torch.is_grad_enabled():  # a read during training: a deferred loss needs no grad
+            with torch.no_grad():
+                self._drain()
+        else:
+            self._drain()
+
+    def _drain(self) -> None:
         if self._raw:
             self._drain_raw()
         if not self._deferred:
