@@ -295,6 +295,8 @@ class _AuxTrack:
         self.sums: _StepSums | None = None
         self._rows: list[tuple[int, torch.Tensor | float | None, _StepAccumulator | None]] = []
         self._open: dict[int, _StepAccumulator] = {}  # steps with sums still to come
+        self._staging: dict[torch.device, torch.Tensor] = {}  # kept aux losses, see _stage
+        self._staged = 0
 
     def begin(self, requested: bool) -> None:
         # The inspector's own per-forward value is kept for transformers-style models (their
@@ -350,11 +352,28 @@ class _AuxTrack:
         if accumulator is not None and accumulator.experts in (None, -1):
             accumulator = None  # no layer added (or layers of different E): no value
         if value is not None or accumulator is not None or self.ring is not None or self._rows:
-            kept = value.detach() if isinstance(value, torch.Tensor) else value
+            kept = self._stage(value.detach()) if isinstance(value, torch.Tensor) else value
             self._rows.append((self.step, kept, accumulator))
-            if len(self._rows) >= self.FLUSH_STEPS:
+            if len(self._rows) >= HISTORY // 2:
+                self.flush()  # layers that never fold: a staging slot is about to be reused
+            elif len(self._rows) >= self.FLUSH_STEPS:
                 self.flush(complete=False)
         self.step += 1
+
+    def _stage(self, value: torch.Tensor) -> torch.Tensor:
+        """A scalar aux loss copied into a slot of a preallocated buffer on its device (one
+        copy): holding the model's own tensor until the flush would keep its memory block
+        from the allocator, and move the addresses of the next steps' tensors."""
+        if value.dim() != 0 or not value.is_floating_point():
+            return value
+        staging = self._staging.get(value.device)
+        if staging is None:
+            staging = torch.zeros(HISTORY, dtype=torch.float64, device=value.device)
+            self._staging[value.device] = staging
+        slot = staging[self._staged % HISTORY]
+        self._staged += 1
+        slot.copy_(value)
+        return slot
 
     def flush(self, complete: bool = True) -> None:
         """Puts the kept forwards into the ring: those whose layers have all added their
