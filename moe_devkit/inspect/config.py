@@ -47,7 +47,9 @@ class InspectorConfig:
             this many steps' outputs by reference and build their decisions in one batched
             pass (``inspect.raw``; on CUDA replayed from a captured graph), instead of some
             60 small ops per layer and step on the model's critical path (default 16; 1:
-            build every step as it comes).
+            build every step as it comes). In training on CUDA (autograd on at the hook),
+            the reference routers' decisions are kept up to this many steps too, unless
+            ``defer_steps`` is above 1.
     """
 
     window: int = 50
