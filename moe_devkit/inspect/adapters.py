@@ -224,7 +224,7 @@ def decision_from_router_outputs(
         dropped=torch.zeros_like(selected) if dropped is None else dropped.reshape(indices.shape),
         nonfinite=~finite,
         load_balancing_loss=load_balancing_loss(probs, indices, finite),
-        z_loss=scores.z_loss,
+        z_loss=scores.lse.square().sum() / finite.sum().clamp_min(1),
         compute_loss=k_per_token.sum() / (max(num_tokens, 1) * indices.shape[1]),
         aux_loss=logits.new_zeros(()),
         batch_shape=(num_tokens,) if batch_shape is None else batch_shape,
@@ -232,36 +232,36 @@ def decision_from_router_outputs(
 
 
 class _LogitStatistics(NamedTuple):
-    probs: torch.Tensor  # float32[N, E]
-    finite: torch.Tensor  # bool[N]: every logit of the token finite
-    entropy: torch.Tensor  # float32[N]: normalized entropy of probs, in [0, 1]
-    z_loss: torch.Tensor  # float32[]: router_z_loss over the finite tokens
+    probs: torch.Tensor  # float32[..., E]
+    finite: torch.Tensor  # bool[...]: every logit of the token finite
+    entropy: torch.Tensor  # float32[...]: normalized entropy of probs, in [0, 1]
+    lse: torch.Tensor  # float32[...]: logsumexp of the logits, 0 where not finite
 
 
 def _logit_statistics(logits: torch.Tensor, scoring: Scoring) -> _LogitStatistics:
-    """Router probabilities, finiteness, normalized entropy and z-loss of float32[N, E]
-    logits, from one shifted exponential: the values of ``torch.softmax``,
-    ``normalized_entropy`` and ``router_z_loss`` (to float32 rounding) in about a third of
-    their separate kernels, which bound a router hook's cost on small token counts."""
+    """Router probabilities, finiteness, normalized entropy and logsumexp of float32[..., E]
+    logits (any leading shape), from one shifted exponential: the values of
+    ``torch.softmax``, ``normalized_entropy`` and the logsumexp of ``router_z_loss`` (to
+    float32 rounding) in about a third of their separate kernels, which bound a router
+    hook's cost on small token counts."""
     num_experts = logits.shape[-1]
     top = logits.amax(dim=-1, keepdim=True)  # NaN propagates
     finite = (logits.amin(dim=-1) > -math.inf) & (top.squeeze(-1) < math.inf)  # NaN: False
-    shifted = (logits - top).clamp_min(-1e30)  # -inf logits: p = 0 and p * shifted = 0
     if scoring == "softmax":
+        shifted = (logits - top).clamp_min(-1e30)  # -inf logits: p = 0 and p * shifted = 0
         exp = shifted.exp()
         total = exp.sum(dim=-1, keepdim=True)
         probs = exp / total
         log_total = total.log().squeeze(-1)
         # H = -sum p log p, with log p = shifted - log(total)
         entropy = log_total - (probs * shifted).sum(dim=-1)
-        lse = torch.where(finite, top.squeeze(-1) + log_total, 0.0)
-        z_loss = lse.square().sum() / finite.sum().clamp_min(1)
+        lse = top.squeeze(-1) + log_total
     else:
         probs = _router_probs(logits, scoring)
         entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
-        z_loss = router_z_loss(logits, finite)
+        lse = torch.logsumexp(torch.where(finite.unsqueeze(-1), logits, 0.0), dim=-1)
     entropy = entropy / math.log(num_experts) if num_experts > 1 else torch.zeros_like(entropy)
-    return _LogitStatistics(probs, finite, entropy, z_loss)
+    return _LogitStatistics(probs, finite, entropy, torch.where(finite, lse, 0.0))
 
 
 def exclude_tokens(decision: RoutingDecision, keep: torch.Tensor) -> RoutingDecision:

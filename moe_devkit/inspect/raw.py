@@ -16,13 +16,12 @@ The values equal the per-step ones (``decision_from_router_outputs`` followed by
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
-from moe_devkit.inspect.adapters import Scoring, _router_probs
+from moe_devkit.inspect.adapters import Scoring, _logit_statistics
 from moe_devkit.inspect.records import MergedSteps
 from moe_devkit.routers.torch_router import count_values
 
@@ -146,22 +145,7 @@ def steps_from_raw(inputs: RawInputs, scoring: Scoring = "softmax") -> RawSteps:
     logits = inputs.logits.float()  # [S, N, E]
     steps, num_tokens, num_experts = logits.shape
     indices = inputs.indices.long()  # [S, N, K]
-    top = logits.amax(dim=-1, keepdim=True)  # NaN propagates
-    finite = (logits.amin(dim=-1) > -math.inf) & (top.squeeze(-1) < math.inf)  # [S, N]
-    shifted = (logits - top).clamp_min(-1e30)
-    if scoring == "softmax":
-        exp = shifted.exp()
-        total = exp.sum(dim=-1, keepdim=True)
-        probs = exp / total
-        log_total = total.log().squeeze(-1)
-        entropy = log_total - (probs * shifted).sum(dim=-1)
-        lse = top.squeeze(-1) + log_total
-    else:  # sigmoid scores normalised to sum 1
-        probs = _router_probs(logits, scoring)
-        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
-        lse = torch.logsumexp(torch.where(finite.unsqueeze(-1), logits, 0.0), dim=-1)
-    scale = math.log(num_experts) if num_experts > 1 else math.inf  # one expert: entropy 0
-    entropy = entropy / scale
+    probs, finite, entropy, lse = _logit_statistics(logits, scoring)  # [S, N, E], [S, N]
     keep = inputs.keep
     valid = finite if keep is None else finite & keep  # [S, N]
     selected = indices >= 0
