@@ -11,8 +11,13 @@ paired ratios). Beside it, the time spent inside the inspector's own hooks and i
 ``metrics()`` + ``check_alarms()``, as a share of the watched step time (a direct reading,
 far less sensitive to machine load than the ratio of two step times).
 
+``--size tiny`` (the default) builds models of hidden size 256 on 1024 tokens: on a GPU their
+steps are bound by kernel launches, so every microsecond of host time in a hook lands on the
+critical path (the worst case for a watcher). ``--size base`` builds models of hidden size
+1024 on 4096 tokens, whose steps keep an H100 busy, as training steps do.
+
     python benchmarks/bench_training_overhead.py                      # CPU, both models
-    python benchmarks/bench_training_overhead.py --device cuda --model hf
+    python benchmarks/bench_training_overhead.py --device cuda --model hf --size base
 """
 
 from __future__ import annotations
@@ -35,12 +40,18 @@ from moe_devkit.inspect import RouterInspector
 from moe_devkit.reporting import write_atomic
 from moe_devkit.routers.torch_router import MoEModel
 
+#: size -> (hidden size, batch, sequence length)
+SIZES = {"tiny": (256, 8, 128), "base": (1024, 8, 512)}
 
-def reference_model(device: torch.device) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+
+def reference_model(
+    device: torch.device, size: str = "tiny"
+) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     """moe-devkit's reference model (2 MoE layers, 16 experts, dynamic k) and its loss."""
-    config = RouterConfig(hidden_size=256, num_experts=16, max_k=4, expert_hidden_size=256)
+    hidden, batch, length = SIZES[size]
+    config = RouterConfig(hidden_size=hidden, num_experts=16, max_k=4, expert_hidden_size=hidden)
     model = MoEModel(config, num_layers=2).to(device)
-    x = torch.randn(8, 128, 256, device=device)
+    x = torch.randn(batch, length, hidden, device=device)
 
     def loss() -> torch.Tensor:
         out = model(x)
@@ -52,17 +63,21 @@ def reference_model(device: torch.device) -> tuple[nn.Module, Callable[[], torch
     return model, loss
 
 
-def transformers_model(device: torch.device) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+def transformers_model(
+    device: torch.device, size: str = "tiny"
+) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     """A small Mixtral (4 layers, 8 experts, top-2) built from its config, LM loss + aux."""
     import transformers
 
+    hidden, batch, length = SIZES[size]
     config = transformers.MixtralConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
-        num_experts_per_tok=2, max_position_embeddings=256, output_router_logits=True,
+        vocab_size=512 if size == "tiny" else 8192, hidden_size=hidden,
+        intermediate_size=hidden, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=max(256, length), output_router_logits=True,
     )  # fmt: skip
     model = transformers.MixtralForCausalLM(config).to(device)
-    ids = torch.randint(0, 512, (8, 128), device=device)
+    ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
 
     def loss() -> torch.Tensor:
         return model(input_ids=ids, labels=ids).loss  # includes the router aux loss
@@ -121,14 +136,21 @@ def time_hooks(inspector: RouterInspector, spent: dict[str, float], counter: OpC
         hooks[handle.id] = timed
 
 
-def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dict[str, object]:
+def measure(
+    name: str,
+    device: torch.device,
+    blocks: int,
+    log_every: int,
+    size: str = "tiny",
+    warmup: int = 3,
+) -> dict[str, object]:
     inspector = RouterInspector()
     spent = {"hooks": 0.0, "metrics": 0.0}
     counter = OpCounter()
 
     def trainer(watched: bool) -> Callable[[], float]:
         torch.manual_seed(0)  # the same weights and batch for both copies
-        model, loss_fn = MODELS[name](device)
+        model, loss_fn = MODELS[name](device, size)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         if watched:
@@ -160,7 +182,8 @@ def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dic
         return block
 
     plain_block, watched_block = trainer(False), trainer(True)
-    plain_block(), watched_block()  # warm-up (first-step checks, lazy set-up)
+    for _ in range(warmup):  # first-step checks, lazy set-up, the captured graphs' layouts
+        plain_block(), watched_block()
     spent.update(hooks=0.0, metrics=0.0)
     plain: list[float] = []
     watched: list[float] = []
@@ -181,6 +204,7 @@ def measure(name: str, device: torch.device, blocks: int, log_every: int) -> dic
     watched_s = sum(watched) * log_every / 1e3
     return {
         "model": name,
+        "size": size,
         "plain_ms_per_step": statistics.median(plain),
         "watched_ms_per_step": statistics.median(watched),
         "ratio": statistics.median(ratios),
@@ -201,18 +225,24 @@ def main() -> None:
     parser.add_argument("--model", choices=("reference", "hf", "both"), default="both")
     parser.add_argument("--blocks", type=positive_int, default=12, help="block pairs")
     parser.add_argument("--log-every", type=positive_int, default=10, help="steps per block")
+    parser.add_argument("--size", choices=tuple(SIZES), default="tiny", help="model size")
+    parser.add_argument(
+        "--warmup", type=positive_int, default=3, help="untimed block pairs before the timing"
+    )
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
     check_device(parser, args.device)
     check_output_path(parser, args.json, "--json")
     device = torch.device(args.device)
     names = ("reference", "hf") if args.model == "both" else (args.model,)
-    results = [measure(name, device, args.blocks, args.log_every) for name in names]
+    results = [
+        measure(name, device, args.blocks, args.log_every, args.size, args.warmup) for name in names
+    ]
     print(f"machine: {machine_name(device)}")
     for r in results:
         low, high = r["ratio_95"]  # type: ignore[misc]
         print(
-            f"{r['model']}: plain {r['plain_ms_per_step']:.2f} ms/step, watched "
+            f"{r['model']} ({r['size']}): plain {r['plain_ms_per_step']:.2f} ms/step, watched "
             f"{r['watched_ms_per_step']:.2f} ms/step, ratio {r['ratio']:.4f} "
             f"(95% {low:.4f}-{high:.4f}; {r['blocks']} block pairs of {r['steps_per_block']} "
             f"steps, metrics() + check_alarms() once a block); inside the inspector: hooks "

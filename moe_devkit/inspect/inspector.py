@@ -220,7 +220,6 @@ class RouterInspector:
         if (
             state is None
             or state.stream is not None
-            or state.periodic_due()  # its co-activation / reservoir update: at once
             or self._raw_layout.get(layer) != layout
             or not self._raw_allowed(layer)
             or torch.compiler.is_compiling()

@@ -37,6 +37,8 @@ class RawRouting(NamedTuple):
         aux_step: the model forward whose aux-loss sums this call joins (None: not compared).
         version: the logits' and indices' version counters when kept (an in-place change
             after the forward would alter what is read later).
+        periodic: whether this call's step updates the co-activation matrix and the
+            reservoir (such a call opens a batch: it is always its first).
     """
 
     logits: torch.Tensor
@@ -45,6 +47,7 @@ class RawRouting(NamedTuple):
     scoring: Scoring
     aux_step: int | None
     version: tuple[int, int]
+    periodic: tuple[bool, bool] = (False, False)
 
     def layout(self) -> tuple[object, ...]:
         """What a batched build depends on besides values: shapes, dtypes, masks, flags."""
@@ -65,7 +68,8 @@ class RawRouting(NamedTuple):
         logits = torch.zeros_like(self.logits)
         indices = torch.full_like(self.indices, -1)
         keep = torch.zeros(logits.numel() // max(logits.shape[-1], 1), dtype=torch.bool)
-        return self._replace(logits=logits, indices=indices, keep=keep.to(logits.device))
+        keep = keep.to(logits.device)
+        return self._replace(logits=logits, indices=indices, keep=keep, periodic=(False, False))
 
     def modified(self) -> bool:
         """True when the logits or indices were changed in place since they were kept."""

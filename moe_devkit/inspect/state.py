@@ -155,8 +155,7 @@ class LayerState:
             return
         if self._raw:
             self._drain_raw()  # steps stay in order
-        every, sample_every = self.config.coactivation_every, self.config.reservoir_every
-        flags = (bool(every) and self.steps % every == 0, self.steps % sample_every == 0)
+        flags = self._periodic()
         limit = self._defer_limit(training)
         if defer and self.graphed and not any(flags) and limit > 1:
             self._deferred.append(step)
@@ -190,12 +189,12 @@ class LayerState:
         self.first_time = now if self.first_time is None else self.first_time
         self.last_time = now
 
-    def periodic_due(self) -> bool:
-        """Whether the next step updates the co-activation matrix or the reservoir."""
+    def _periodic(self) -> tuple[bool, bool]:
+        """Whether the next step updates the co-activation matrix and the reservoir."""
         every = self.config.coactivation_every
-        return (
-            bool(every) and self.steps % every == 0
-        ) or self.steps % self.config.reservoir_every == 0
+        return bool(
+            every
+        ) and self.steps % every == 0, self.steps % self.config.reservoir_every == 0
 
     def update_raw(
         self,
@@ -208,16 +207,17 @@ class LayerState:
         """Keeps one router call's outputs by reference (no op); ``drain`` builds the
         decisions of the kept calls at once (``inspect.raw``) and folds them.
 
-        Only for outputs nobody modifies afterwards (checked when folded: a warning), and
-        not for a step with a periodic update (``periodic_due``: those are folded at once). Up to
+        Only for outputs nobody modifies afterwards (checked when folded: a warning). Up to
         ``config.batch_steps`` calls or ``RAW_BYTES`` of logits are kept; ``aux_step``: the
-        forward whose aux-loss sums this call joins (``ModelSignals.defer_decision``).
+        forward whose aux-loss sums this call joins (``ModelSignals.defer_decision``). A
+        step with a periodic update (co-activation, reservoir) opens a new batch, whose
+        build applies that update to its first step.
         """
-        if self._deferred:
-            self.drain()  # steps stay in order
-        raw = RawRouting(
-            logits, indices, keep, scoring, aux_step, (logits._version, indices._version)
-        )
+        periodic = self._periodic()
+        if self._deferred or (self._raw and any(periodic)):
+            self.drain()  # steps stay in order; a periodic step is a batch's first
+        version = (logits._version, indices._version)
+        raw = RawRouting(logits, indices, keep, scoring, aux_step, version, periodic)
         self._raw.append(raw)
         self._raw_bytes += logits.numel() * logits.element_size()
         if len(self._raw) >= self.config.batch_steps or self._raw_bytes >= RAW_BYTES:
@@ -315,7 +315,7 @@ class LayerState:
         return max(1, min(self.config.batch_steps, -(-RAW_BYTES // step_bytes)))
 
     def _fold_raw(self, raws: Sequence[RawRouting], layout: object) -> None:
-        scoring = raws[0].scoring
+        scoring, periodic = raws[0].scoring, raws[0].periodic
         if self.graphed and self.stats.counts.is_cuda:
             # One graph per layout, whatever the batch's length: a shorter batch is padded
             # with calls that count nothing, so reads at any step replay the same graph.
@@ -324,7 +324,7 @@ class LayerState:
                 pad = self._raw_pad[layout] = raws[0].padding()
             slots = self._raw_slots(raws[0])
             filled = [*raws, *([pad] * (slots - len(raws)))]
-            key = ("raw", slots, layout)
+            key = ("raw", slots, layout, periodic)
             out = self._raw_sums.get(key)
             if out is None:
                 width = 2 * self.num_experts + 2
@@ -333,7 +333,7 @@ class LayerState:
             sums = out
 
             def update(inputs: Sequence[torch.Tensor]) -> None:
-                sums.copy_(self._fold_raw_inputs(RawInputs.of(inputs), scoring))
+                sums.copy_(self._fold_raw_inputs(RawInputs.of(inputs), scoring, periodic))
 
             self.graphs.run_built(
                 key,
@@ -343,15 +343,22 @@ class LayerState:
             )
             out = out[: len(raws)]
         else:
-            out = self._fold_raw_inputs(RawInputs.stack(raws), scoring)
+            out = self._fold_raw_inputs(RawInputs.stack(raws), scoring, periodic)
         steps = [raw.aux_step for raw in raws]
         if self.deliver is not None and steps[0] is not None:
             self.deliver(steps, out)  # type: ignore[arg-type]
 
-    def _fold_raw_inputs(self, inputs: RawInputs, scoring: Scoring) -> torch.Tensor:
-        """Folds S stacked router calls; returns their aux-loss sums [S, 2E + 2]."""
+    def _fold_raw_inputs(
+        self, inputs: RawInputs, scoring: Scoring, periodic: tuple[bool, bool] = (False, False)
+    ) -> torch.Tensor:
+        """Folds S stacked router calls, the periodic updates ``periodic`` on the first;
+        returns their aux-loss sums [S, 2E + 2]."""
         built = steps_from_raw(inputs, scoring)
-        self._update_tensors(built.merged.folded(), coactivation=False, sample=False)
+        coactivation, sample = periodic
+        first = inputs.logits.shape[1]  # the first call's tokens
+        self._update_tensors(
+            built.merged.folded(), coactivation=coactivation, sample=sample, first=first
+        )
         return built.aux_sums
 
     def _fold_merged(self, merged: MergedSteps) -> None:
@@ -375,8 +382,13 @@ class LayerState:
         sample: bool,
         due: torch.Tensor | None = None,
         sample_due: torch.Tensor | None = None,
+        first: int | None = None,
     ) -> None:
-        """The tensor work of one update, all in place (so a CUDA graph can replay it)."""
+        """The tensor work of one update, all in place (so a CUDA graph can replay it).
+
+        ``first``: the periodic updates take only the first ``first`` tokens (the first of
+        several concatenated steps); None: all of them.
+        """
         self.stats.selected += count_values(step.selected, self.num_experts)
         step = executed(step)
         if not (
@@ -396,11 +408,14 @@ class LayerState:
                 max_k=self.max_k,
                 bins=self.config.complexity_bins,
             )
+        indices, complexity, k = step.indices, step.complexity, step.k
+        if first is not None and (coactivation or sample):
+            indices, complexity, k = (t.narrow(0, 0, first) for t in (indices, complexity, k))
         if coactivation:
-            fold_coactivation(self.stats, step.indices, self.num_experts, due)
+            fold_coactivation(self.stats, indices, self.num_experts, due)
         if sample:
-            k = step.k.clamp_max(self.max_k)  # -1 stays: an excluded token is never sampled
-            fold_reservoir(self.stats, step.complexity.float(), k, self.config.seed, sample_due)
+            k = k.clamp_max(self.max_k)  # -1 stays: an excluded token is never sampled
+            fold_reservoir(self.stats, complexity.float(), k, self.config.seed, sample_due)
 
     def _snapshot(self) -> None:
         """Stores cumulative counts, k histogram and complexity sum at a window's end."""
