@@ -3,15 +3,18 @@ model, saved as ``.npz`` and compared between two runs of the same model.
 
 ``RoutingTraceRecorder(model, max_tokens=..., weights=...)`` finds the routers as the
 ``RouterInspector`` does (``discovery.find_probes``) and hooks the model's own call to read
-the token ids, the attention mask and the positions of each call. Everything stays on the
-model's device, in buffers allocated once: each call takes the next rows of a chunk (the row
-counter is a host integer, since a call's shape is known there), and every write is a
-device-side ``copy_`` into ``narrow`` views, so recording never waits for the device. A full
-chunk is copied off the device before the next call writes (from CUDA, a non-blocking copy
-into pinned host memory followed by an event), and ``trace()`` copies the last one and waits
-for the copies: the only wait for the device. Pad tokens (attention mask 0) are dropped
-then. At most ``max_tokens`` token positions of the calls are kept, padding included; a call
-that does not fit keeps its first rows.
+the token ids, the attention mask and the positions of each call. A recorded call issues no
+device op: its hooks keep references to the call's tensors (input ids, mask, position
+tensor, each router's selected experts and weights) with their version counters, and each
+call takes the next rows of a chunk by a host counter (a call's shape is known there).
+Every few calls the held tensors are concatenated, one ``torch.cat`` per dtype and shape,
+and copied off the device (from CUDA, a non-blocking copy into pinned host memory followed
+by an event); ``trace()`` copies the rest and waits for the copies: the only wait for the
+device. Sequence numbers and positions are computed on the host then, and pad tokens
+(attention mask 0) dropped. A tensor modified in place after its call is detected by its
+version counter and copied at each call from then on. At most ``max_tokens`` token
+positions of the calls are kept, padding included; a call that does not fit keeps its first
+rows.
 
 ``RoutingTrace.save(path)`` writes an uncompressed-name ``.npz`` (numpy only) with:
 
@@ -37,6 +40,7 @@ import html
 import io
 import json
 import math
+import warnings
 import weakref
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -269,38 +273,159 @@ class CallNumbering:
         return NumberedCall(ids, batch, length, device, mask, first)
 
 
+class _Held(NamedTuple):
+    """A tensor the recorder holds until its next copy: a reference to the model's own tensor
+    (``version``: its version counter when it was taken), or the recorder's private copy
+    (``version`` -1: nothing else can modify it)."""
+
+    tensor: torch.Tensor
+    version: int
+
+    def modified(self) -> bool:
+        return self.version >= 0 and self.tensor._version != self.version
+
+
 @dataclass
 class _Call:
-    start: int  # first row of the chunk this call writes
+    """One recorded model call, held until it is copied: its metadata and its tensors."""
+
     rows: int  # rows kept (its first ones)
     tokens: int  # tokens of the call (batch x length)
+    batch: int
+    length: int
+    first: int  # the sequence number of its first row
+    ids: _Held | None  # int [batch, length]; None for a call given embeddings
+    mask: _Held | None  # the attention mask [batch, >= length]; None without one
+    positions: _Held | None  # position_ids / cache_position (no mask); None: 0, 1, 2, ...
+    copy: bool  # made while compiling or capturing a CUDA graph: its tensors copied at once
+    layers: dict[str, tuple[_Held, _Held | None]] = field(default_factory=dict)
 
 
-def _block(tensor: torch.Tensor, start: int, rows: int, k: int) -> torch.Tensor:
-    """``tensor[start : start + rows, :k]``, taking views only where they select less."""
-    if start or rows != tensor.shape[0]:
-        tensor = tensor.narrow(0, start, rows)
-    return tensor if k == tensor.shape[1] else tensor.narrow(1, 0, k)
+class _Piece(NamedTuple):
+    """Where a held tensor went in a flush: ``size`` entries from ``start`` along the
+    concatenated dimension of group ``group``, which were ``shape`` when held."""
+
+    group: int
+    start: int
+    size: int
+    shape: tuple[int, ...]
+
+
+class _Layout(NamedTuple):
+    """A flushed call: its metadata and where its tensors are in the flush's groups."""
+
+    rows: int
+    tokens: int
+    batch: int
+    length: int
+    first: int
+    ids: _Piece | None
+    mask: _Piece | None
+    positions: _Piece | None
+    layers: dict[str, tuple[_Piece, _Piece | None, int, int]]  # indices, weights, rows, K
+    dropped: bool  # its inputs were modified in place before the copy: left out
+
+
+def _host_array(tensor: torch.Tensor) -> Array:
+    """``tensor`` (on the host) as a numpy array; bfloat16, which numpy lacks, as float32."""
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _token_rows(values: Array, batch: int, length: int, rows: int) -> Array:
+    """The first ``rows`` of ``values`` (broadcastable to [batch, length]) in row order."""
+    return np.broadcast_to(values, (batch, length)).reshape(-1)[:rows]
 
 
 class _Chunk:
-    """A flushed chunk: host copies of its rows (pads included) and the events after which
-    the copies from a CUDA device are complete."""
+    """A flush: host copies of the held tensors of some calls, concatenated by dtype and
+    shape (one group a kind), and the events after which the copies from a CUDA device are
+    complete. ``arrays()`` cuts them back into the calls' rows."""
 
-    def __init__(self, host: dict[str, torch.Tensor], events: list[torch.cuda.Event]) -> None:
-        self._host: dict[str, torch.Tensor] | None = host
+    def __init__(
+        self,
+        groups: list[torch.Tensor],
+        dims: list[int],
+        calls: list[_Layout],
+        widths: dict[str, int],
+        events: list[torch.cuda.Event],
+    ) -> None:
+        self._groups: list[torch.Tensor] | None = groups
+        self._dims = dims
+        self._calls = calls
+        self._widths = widths
         self._events = events
         self._arrays: dict[str, Array] = {}
 
     def arrays(self) -> dict[str, Array]:
-        """The rows as numpy arrays without the pads (waits for the copies the first time)."""
-        if self._host is not None:
+        """The rows as numpy arrays without the pads (waits for the copies the first time):
+        ``token_ids``, ``positions``, ``sequence`` [n] and per layer of the flush
+        ``ids:{layer}`` int32 [n, K] (-1 where the layer did not run) and, with weights,
+        ``weights:{layer}`` float32 [n, K]."""
+        if self._groups is not None:
             for event in self._events:
                 event.synchronize()
-            keep = self._host.pop("valid").numpy()
-            self._arrays = {name: t.numpy()[keep] for name, t in self._host.items()}
-            self._host, self._events = None, []
+            self._arrays = self._cut([_host_array(group) for group in self._groups])
+            self._groups, self._events = None, []
         return self._arrays
+
+    def _piece(self, groups: list[Array], piece: _Piece) -> Array:
+        values = groups[piece.group]
+        index = [slice(None)] * values.ndim
+        index[self._dims[piece.group]] = slice(piece.start, piece.start + piece.size)
+        return values[tuple(index)]
+
+    def _cut(self, groups: list[Array]) -> dict[str, Array]:
+        total = sum(call.rows for call in self._calls)
+        valid = np.ones(total, dtype=bool)
+        token_ids = np.full(total, -1, dtype=np.int64)
+        positions = np.zeros(total, dtype=np.int64)
+        sequence = np.zeros(total, dtype=np.int64)
+        layers = {name for call in self._calls for name in call.layers}
+        ids = {name: np.full((total, self._widths[name]), -1, np.int32) for name in layers}
+        weights: dict[str, Array] = {}
+        offset = 0
+        for call in self._calls:
+            rows, batch, length = call.rows, call.batch, call.length
+            part = slice(offset, offset + rows)
+            offset += rows
+            sequence[part] = np.repeat(np.arange(call.first, call.first + batch), length)[:rows]
+            if call.dropped:
+                valid[part] = False
+                continue
+            if call.ids is not None:
+                values = self._piece(groups, call.ids).reshape(batch, length)
+                token_ids[part] = _token_rows(values, batch, length, rows)
+            if call.mask is not None:  # positions counted over the non-pad tokens
+                mask = self._piece(groups, call.mask)
+                tail = mask[:, mask.shape[1] - length :]
+                valid[part] = _token_rows(tail != 0, batch, length, rows)
+                counted = np.cumsum(mask.astype(np.int64), axis=1) - 1
+                counted = counted[:, mask.shape[1] - length :]
+                positions[part] = _token_rows(counted, batch, length, rows)
+            elif call.positions is not None:
+                values = self._piece(groups, call.positions).astype(np.int64)
+                positions[part] = _token_rows(values.reshape(-1, length), batch, length, rows)
+            else:
+                positions[part] = _token_rows(np.arange(length), batch, length, rows)
+            for name, (indices, values_of, kept, k) in call.layers.items():
+                width = self._widths[name]
+                selected = self._piece(groups, indices).reshape(kept, k)[:rows, :width]
+                ids[name][part, : selected.shape[1]] = selected
+                if values_of is not None:
+                    if name not in weights:
+                        weights[name] = np.zeros((total, width), np.float32)
+                    values = self._piece(groups, values_of).reshape(kept, k)[:rows, :width]
+                    weights[name][part, : values.shape[1]] = values
+        arrays: dict[str, Array] = {
+            "token_ids": token_ids[valid],
+            "positions": positions[valid],
+            "sequence": sequence[valid],
+        }
+        arrays.update({f"ids:{name}": values[valid] for name, values in ids.items()})
+        arrays.update({f"weights:{name}": values[valid] for name, values in weights.items()})
+        return arrays
 
 
 class RoutingTraceRecorder:
@@ -310,21 +435,43 @@ class RoutingTraceRecorder:
     then ``rec.trace()``. It finds the same routers as ``RouterInspector`` and can be
     attached beside one.
 
+    A recorded call costs no device op on average: its hooks keep references to the call's
+    input ids, attention mask and position tensor and to each router's selected experts (and
+    weights), and every ``batch_calls`` calls (or ``max_held_bytes`` of held tensors, a full
+    chunk, ``trace()``, ``detach()``) the held tensors are concatenated, one ``torch.cat`` per
+    dtype and shape, and copied to the host (from CUDA without waiting: into pinned memory,
+    followed by an event; ``trace()`` is the only wait). Sequence numbers, and positions
+    without a mask or a position tensor, follow from each call's shape: they are computed on
+    the host by ``trace()``.
+
+    A held tensor modified in place before its copy would record what the model did not
+    route, so each tensor's version counter is read when it is held and compared before it
+    is copied. The first call of each layer (and the first call's inputs) is copied at once
+    and its tensors are checked at the next call: a layer whose outputs were modified in
+    place (or inputs that were) is copied at each call from then on, with a warning. A
+    change found only at a flush cannot be undone: the layer's rows of that call stay -1
+    (inputs: the call is left out), counted in ``modified``, with a warning. Tensors with no
+    version counter (made under ``torch.inference_mode``), and calls made while compiling
+    or capturing a CUDA graph, are copied at once.
+
     Args:
         model: the model; its own forward is hooked to read ``input_ids`` (or
             ``inputs_embeds``), ``attention_mask`` and ``position_ids``.
         max_tokens: the token budget: at most this many token positions are kept, padding
-            included (pads take a row until the chunk is copied to the host). The first
-            call that finds the budget full removes the hooks on the routers.
-        weights: also record the routing weights.
-        chunk_tokens: rows of the device buffers (default: ``max_tokens``); a full chunk is
-            copied to the host before the next call (from CUDA without waiting: into pinned
-            memory, read by ``trace()``). A call of more tokens than a chunk keeps its first
-            ``chunk_tokens``.
+            included (pads take a row until the trace is read). The first call that finds
+            the budget full removes the hooks on the routers.
+        weights: also record the routing weights (detached: they join no autograd graph).
+        chunk_tokens: the rows of a chunk (default: ``max_tokens``): a call that does not
+            fit in the current chunk starts the next one, after the held calls are copied.
+            A call of more tokens than a chunk keeps its first ``chunk_tokens``.
         metadata: JSON-serialisable values stored in the trace (a model name, a revision).
         every: record one model call in ``every`` (the first, then every ``every``-th; the
             sequence numbers count the calls left out too, so two traces taken with the same
             ``every`` on the same inputs align).
+        batch_calls: the most recorded calls held before they are copied.
+        max_held_bytes: the held tensors are copied once they reach this many bytes (they
+            stay alive until then: the model's own input and router output tensors, kept by
+            reference). A single call may hold more.
     """
 
     def __init__(
@@ -336,6 +483,8 @@ class RoutingTraceRecorder:
         chunk_tokens: int | None = None,
         every: int = 1,
         metadata: Mapping[str, Any] | None = None,
+        batch_calls: int = 16,
+        max_held_bytes: int = 16 * 2**20,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -344,6 +493,9 @@ class RoutingTraceRecorder:
         chunk = max_tokens if chunk_tokens is None else chunk_tokens
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk_tokens must be an int >= 1; got chunk_tokens={chunk!r}")
+        for name, value in (("batch_calls", batch_calls), ("max_held_bytes", max_held_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {name}={value!r}")
         self.model = model
         self.max_tokens = max_tokens
         self.chunk_tokens = min(chunk, max_tokens)
@@ -352,18 +504,27 @@ class RoutingTraceRecorder:
             raise ValueError(f"every must be an int >= 1; got every={every!r}")
         self.metadata = dict(metadata or {})
         self.every = every
+        self.batch_calls = batch_calls
+        self.max_held_bytes = max_held_bytes
         self.calls = 0  # model calls seen while attached (recorded or not)
         self.probes: list[Probe] = []
         self.skipped: dict[str, int] = {}  # decisions whose token count was not the call's
+        self.modified: dict[str, int] = {}  # calls whose held tensors changed before a copy
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._router_handles: list[torch.utils.hooks.RemovableHandle] = []  # of the probes
         self._order: dict[str, int] = {}
         self._num_experts: dict[str, int] = {}
-        self._tokens: dict[str, torch.Tensor] = {}  # token_ids, positions, sequence, valid
-        self._ids: dict[str, torch.Tensor] = {}  # per layer [chunk, K] int32
-        self._weights: dict[str, torch.Tensor] = {}
+        self._widths: dict[str, int] = {}  # K of each layer's first call
+        self._pending: list[_Call] = []  # recorded calls held until the next flush
+        self._held_bytes = 0
+        self._peak_bytes = 0
+        self._copied: set[str] = set()  # layers ("" for the inputs) copied at each call
+        # per layer ("" for the inputs) seen: its first call's tensors and their versions,
+        # until they are checked at its next call
+        self._watched: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        self._warned: set[str] = set()
         self._chunks: list[_Chunk] = []
-        self._cursor = 0  # rows of the current chunk written
+        self._cursor = 0  # rows of the current chunk taken
         self._flushed = 0  # rows of earlier chunks (the budget counts both)
         self._call: _Call | None = None
         self._numbering = CallNumbering()
@@ -393,12 +554,15 @@ class RoutingTraceRecorder:
         return self
 
     def detach(self) -> None:
-        """Removes the hooks; what was recorded is kept."""
+        """Removes the hooks and copies the held calls (releasing the model's tensors); what
+        was recorded is kept."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._router_handles.clear()
         self._call = None
+        self._watched.clear()  # a later attach watches its first calls again
+        self._materialise()
 
     def __enter__(self) -> RoutingTraceRecorder:
         return self.attach()
@@ -418,9 +582,11 @@ class RoutingTraceRecorder:
 
     @property
     def device_bytes(self) -> int:
-        """Bytes of the device buffers (allocated once: ``chunk_tokens`` rows each)."""
-        buffers = [*self._tokens.values(), *self._ids.values(), *self._weights.values()]
-        return sum(t.numel() * t.element_size() for t in buffers)
+        """The most bytes of tensors the recorder has held at once between two copies (the
+        model's tensors it references and its own copies of them): bounded by about
+        ``max_held_bytes``, or one call's inputs and routing when a call holds more. The
+        copies themselves are made into tensors freed after each flush."""
+        return self._peak_bytes
 
     # ------------------------------------------------------------------ hooks
 
@@ -448,29 +614,26 @@ class RoutingTraceRecorder:
                     handle.remove()
                 self._router_handles.clear()
             return
-        self._ensure_token_buffers(device)
-        call = _Call(self._cursor, rows, tokens)
-        # token_ids stay -1 for a call given embeddings, valid stays True for a call without
-        # a mask: both are set so at allocation and at each flush
-        if ids is not None:
-            self._write("token_ids", ids, call, batch, length)
-        positions = self._position_rows(kwargs, mask, batch, length, device)
-        self._write("positions", positions, call, batch, length)
-        sequences = torch.arange(first, first + batch, device=device).unsqueeze(1)
-        self._write("sequence", sequences, call, batch, length)
-        if mask is not None:
-            self._write("valid", mask[:, mask.shape[1] - length :] != 0, call, batch, length)
+        positions = self._position_source(kwargs, batch, length) if mask is None else None
+        inputs = [t for t in (ids, mask, positions) if t is not None]
+        unsafe = torch.compiler.is_compiling() or (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        )
+        copy = self._must_copy("", inputs, unsafe)
+        call = _Call(
+            rows,
+            tokens,
+            batch,
+            length,
+            first,
+            None if ids is None else self._hold(ids, copy),
+            None if mask is None else self._hold(mask, copy),
+            None if positions is None else self._hold(positions, copy),
+            unsafe,
+        )
+        self._pending.append(call)
         self._cursor += rows
         self._call = call
-
-    def _write(self, name: str, value: torch.Tensor, call: _Call, batch: int, length: int) -> None:
-        """Writes ``value`` (broadcastable to [batch, length]) into the call's rows of the
-        token buffer ``name``: one device copy (by broadcast when the whole call fits)."""
-        rows = self._tokens[name].narrow(0, call.start, call.rows)
-        if call.rows == call.tokens:
-            rows.view(batch, length).copy_(value)
-        else:
-            rows.copy_(value.expand(batch, length).reshape(-1)[: call.rows])
 
     @staticmethod
     def _positions(
@@ -492,23 +655,39 @@ class RoutingTraceRecorder:
         length: int,
         device: torch.device,
     ) -> torch.Tensor:
-        """The call's positions, broadcastable to [batch, length]."""
+        """The call's positions, broadcastable to [batch, length] (computed on the device;
+        the recorder computes the same on the host from what it holds)."""
         if mask is not None:  # counted over the non-pad tokens: left padding moves nothing
             counted = mask.to(device=device, dtype=torch.int64).cumsum(1) - 1
             return counted[:, mask.shape[1] - length :]
+        source = RoutingTraceRecorder._position_source(kwargs, batch, length)
+        if source is not None:
+            return source.to(device=device, dtype=torch.int64).reshape(-1, length)
+        return torch.arange(length, device=device)
+
+    @staticmethod
+    def _position_source(kwargs: dict[str, Any], batch: int, length: int) -> torch.Tensor | None:
+        """The tensor a call without a mask takes its positions from: ``position_ids`` ([batch
+        x length] or [length] values) or ``cache_position`` ([length]); None: 0, 1, 2, ..."""
         position_ids = kwargs.get("position_ids")
         if isinstance(position_ids, torch.Tensor) and position_ids.numel() in (
             length,
             batch * length,
         ):
-            return position_ids.to(device=device, dtype=torch.int64).reshape(-1, length)
+            return position_ids
         cache_position = kwargs.get("cache_position")
         if isinstance(cache_position, torch.Tensor) and cache_position.numel() == length:
-            return cache_position.to(device=device, dtype=torch.int64).reshape(1, length)
-        return torch.arange(length, device=device)
+            return cache_position
+        return None
 
     def _end_call(self, module: nn.Module, args: Any, output: Any) -> None:
         self._call = None
+        if self._pending and (
+            len(self._pending) >= self.batch_calls
+            or self._held_bytes >= self.max_held_bytes
+            or self.rows_used >= self.max_tokens
+        ):
+            self._materialise()
 
     def _emit(
         self, site: RouterSite, decision: RoutingDecision, selection: Selection | None = None
@@ -531,8 +710,8 @@ class RoutingTraceRecorder:
         scoring: Scoring,
     ) -> None:
         """A router's own outputs (a transformers top-k router): its experts and weights are
-        copied as they are, with no decision built (the weights of -1 slots are zeroed on
-        the host, as a decision's are)."""
+        held as they are, with no decision built (the weights of -1 slots are zeroed on the
+        host, as a decision's are)."""
         call = self._call
         if call is None or in_backward_recompute():
             return
@@ -545,9 +724,7 @@ class RoutingTraceRecorder:
         if tokens != call.tokens or indices.numel() % max(tokens, 1):
             self.skipped[site.layer] = self.skipped.get(site.layer, 0) + 1
             return
-        selected = indices.reshape(tokens, -1)
-        values = weights.reshape(selected.shape) if weights is not None else None
-        self._write_layer(site.layer, call, selected, values, num_experts)
+        self._write_layer(site.layer, call, indices, weights, num_experts)
 
     def _write_layer(
         self,
@@ -557,85 +734,173 @@ class RoutingTraceRecorder:
         weights: torch.Tensor | None,
         num_experts: int,
     ) -> None:
-        """Copies the call's rows of ``indices`` [N, K] (and ``weights``, when recorded)."""
-        ids, buffer = self._layer_buffers(layer, indices, num_experts)
-        k = min(indices.shape[1], ids.shape[1])
-        _block(ids, call.start, call.rows, k).copy_(_block(indices, 0, call.rows, k))
-        if buffer is not None and weights is not None:  # detached: joins no autograd graph
-            values = _block(weights.detach(), 0, call.rows, k)
-            _block(buffer, call.start, call.rows, k).copy_(values)
-
-    # ------------------------------------------------------------------ buffers
-
-    def _ensure_token_buffers(self, device: torch.device) -> None:
-        if self._tokens:
-            return
-        n = self.chunk_tokens
-        self._tokens = {
-            "token_ids": torch.full((n,), -1, dtype=torch.int64, device=device),
-            "positions": torch.zeros(n, dtype=torch.int64, device=device),
-            "sequence": torch.zeros(n, dtype=torch.int64, device=device),
-            "valid": torch.ones(n, dtype=torch.bool, device=device),
-        }
-
-    def _layer_buffers(
-        self, layer: str, indices: torch.Tensor, num_experts: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        ids = self._ids.get(layer)
-        if ids is None:
-            device = indices.device
-            shape = (self.chunk_tokens, indices.shape[1])
-            ids = torch.full(shape, -1, dtype=torch.int32, device=device)
-            self._ids[layer] = ids
+        """Holds the call's ``indices`` (``tokens x K`` values in token order) and
+        ``weights``, when recorded, until the next flush."""
+        if layer not in self._num_experts:
             self._num_experts[layer] = num_experts
-            if self.record_weights:
-                self._weights[layer] = torch.zeros(shape, dtype=torch.float32, device=device)
-        return ids, self._weights.get(layer)
+            self._widths[layer] = indices.numel() // max(call.tokens, 1)
+        if not self.record_weights:
+            weights = None
+        elif weights is not None and weights.requires_grad:  # joins no autograd graph
+            weights = weights.detach()
+        tensors = [indices] if weights is None else [indices, weights]
+        copy = self._must_copy(layer, tensors, call.copy)
+        held = None if weights is None else self._hold(weights, copy)
+        call.layers[layer] = (self._hold(indices, copy), held)
 
-    def _flush(self) -> None:
-        """Copies the chunk's rows off the device buffers (one copy per buffer) and resets
-        the layer buffers; the pads are dropped when ``trace()`` reads the copies.
+    # ------------------------------------------------------------------ held tensors
 
-        From a CUDA buffer the copy is a non-blocking one into pinned host memory, followed
-        by an event on the stream: nothing waits for the device until ``trace()``.
-        """
-        rows = self._cursor
-        if rows == 0:
+    def _must_copy(self, key: str, tensors: list[torch.Tensor], unsafe: bool) -> bool:
+        """Whether the tensors of ``key`` (a layer; "" for the inputs) are copied now rather
+        than held by reference: at its first call (its tensors are then watched until its
+        next call), once they were seen modified in place, for tensors no version counter
+        tracks, and while ``unsafe`` (compiling, capturing a CUDA graph)."""
+        if key in self._copied:
+            return True
+        if any(t.is_inference() for t in tensors):
+            return True
+        watched = self._watched.get(key)
+        if watched is None:
+            self._watched[key] = [(t, t._version) for t in tensors]
+            return True
+        if watched:
+            self._watched[key] = []
+            if any(t._version != version for t, version in watched):
+                self._refuse(key, lost=False)
+                return True
+        return unsafe
+
+    def _hold(self, tensor: torch.Tensor, copy: bool) -> _Held:
+        if tensor.dim() == 0:
+            tensor = tensor.reshape(1)
+        held = _Held(tensor.clone(), -1) if copy else _Held(tensor, tensor._version)
+        self._held_bytes += tensor.numel() * tensor.element_size()
+        self._peak_bytes = max(self._peak_bytes, self._held_bytes)
+        return held
+
+    def _refuse(self, key: str, *, lost: bool) -> None:
+        """``key``'s tensors were modified in place after the call: copied at each call from
+        now on (``lost``: a held call's were, so they could not be recorded)."""
+        self._copied.add(key)
+        self._watched.pop(key, None)
+        name = key or "inputs"
+        if lost:
+            self.modified[name] = self.modified.get(name, 0) + 1
+        if key in self._warned:
             return
-        names = ("valid", "token_ids", "positions", "sequence")
-        sources = {name: self._tokens[name] for name in names}
-        sources.update({f"ids:{layer}": ids for layer, ids in self._ids.items()})
-        sources.update({f"weights:{layer}": w for layer, w in self._weights.items()})
-        host: dict[str, torch.Tensor] = {}
+        self._warned.add(key)
+        what = f"layer {key!r}: the router's outputs" if key else "the model's inputs"
+        warnings.warn(
+            f"RoutingTraceRecorder: {what} were modified in place after the call that "
+            "produced them; "
+            + (
+                "a call held before its copy could not be recorded ("
+                + ("its rows are -1 in this layer" if key else "it is left out of the trace")
+                + ", counted in recorder.modified); "
+                if lost
+                else ""
+            )
+            + "they are copied at each call from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _materialise(self) -> None:
+        """Copies the held calls to the host: their tensors concatenated by kind (one
+        ``torch.cat`` per dtype and shape of all calls and layers), each group copied at once
+        (from CUDA, a non-blocking copy into pinned host memory followed by an event on the
+        stream: nothing waits for the device until ``trace()``). A call's rows beyond the
+        ones it keeps are left out before the copy."""
+        pending, self._pending = self._pending, []
+        self._held_bytes = 0
+        if not pending:
+            return
+        tensors: list[list[torch.Tensor]] = []
+        dims: list[int] = []
+        sizes: list[int] = []
+        groups: dict[tuple[Any, ...], int] = {}
+
+        def place(tensor: torch.Tensor, dim: int) -> _Piece:
+            """Adds ``tensor`` to its group: concatenated along ``dim`` (0 or -1)."""
+            shape = tuple(tensor.shape)
+            axis = dim % len(shape)
+            key = (axis, tensor.device, tensor.dtype, shape[:axis] + shape[axis + 1 :])
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = len(tensors)
+                tensors.append([])
+                dims.append(axis)
+                sizes.append(0)
+            start = sizes[group]
+            sizes[group] += shape[axis]
+            tensors[group].append(tensor)
+            return _Piece(group, start, shape[axis], shape)
+
+        calls: list[_Layout] = []
+        for call in pending:
+            inputs = (call.ids, call.mask, call.positions)
+            dropped = any(held is not None and held.modified() for held in inputs)
+            if dropped:
+                self._refuse("", lost=True)
+            pieces = [
+                None if held is None or dropped else place(held.tensor, -1) for held in inputs
+            ]
+            layers: dict[str, tuple[_Piece, _Piece | None, int, int]] = {}
+            for layer, (indices, weights) in () if dropped else call.layers.items():
+                if indices.modified() or (weights is not None and weights.modified()):
+                    self._refuse(layer, lost=True)
+                    continue
+                kept, k = call.tokens, indices.tensor.numel() // max(call.tokens, 1)
+                parts = [indices.tensor] if weights is None else [indices.tensor, weights.tensor]
+                if call.rows < call.tokens:  # only its first rows are copied
+                    kept = call.rows
+                    parts = [t.reshape(call.tokens, k).narrow(0, 0, kept) for t in parts]
+                placed = [place(t, 0) for t in parts]
+                layers[layer] = (placed[0], placed[1] if len(placed) > 1 else None, kept, k)
+            calls.append(
+                _Layout(
+                    call.rows,
+                    call.tokens,
+                    call.batch,
+                    call.length,
+                    call.first,
+                    pieces[0],
+                    pieces[1],
+                    pieces[2],
+                    layers,
+                    dropped,
+                )
+            )
+        host: list[torch.Tensor] = []
         events: dict[torch.device, torch.cuda.Event] = {}
-        for name, buffer in sources.items():
-            part = buffer.narrow(0, 0, rows)
-            if part.is_cuda:
-                host[name] = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
-                host[name].copy_(part, non_blocking=True)
-                if part.device not in events:
-                    events[part.device] = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        for group, dim in zip(tensors, dims, strict=True):
+            joined = torch.cat(group, dim=dim)
+            if joined.is_cuda:
+                copy = torch.empty(joined.shape, dtype=joined.dtype, pin_memory=True)
+                copy.copy_(joined, non_blocking=True)
+                if joined.device not in events:
+                    events[joined.device] = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                host.append(copy)
             else:
-                host[name] = part.to("cpu", copy=True)
+                host.append(joined if joined.device.type == "cpu" else joined.to("cpu"))
         for device, event in events.items():
             event.record(torch.cuda.current_stream(device))
-        self._tokens["token_ids"].fill_(-1)
-        self._tokens["valid"].fill_(True)
-        for ids in self._ids.values():
-            ids.fill_(-1)
-        for weights in self._weights.values():
-            weights.zero_()
-        self._chunks.append(_Chunk(host, list(events.values())))
-        self._flushed += rows
+        self._chunks.append(_Chunk(host, dims, calls, dict(self._widths), list(events.values())))
+
+    def _flush(self) -> None:
+        """Ends the chunk: copies the held calls (``_materialise``) and starts the next chunk
+        at row 0."""
+        self._materialise()
+        self._flushed += self._cursor
         self._cursor = 0
 
     def trace(self) -> RoutingTrace:
-        """What was recorded so far: copies the current chunk off the device, then waits for
-        the copies of every chunk (the only wait for the device)."""
+        """What was recorded so far: copies the held calls off the device, then waits for
+        the copies of every flush (the only wait for the device)."""
         self._flush()
         chunks = [chunk.arrays() for chunk in self._chunks]
-        layers = sorted(self._ids, key=lambda name: self._order.get(name, len(self._order)))
-        width = max((self._ids[name].shape[1] for name in layers), default=1)
+        layers = sorted(self._num_experts, key=lambda name: self._order.get(name, len(self._order)))
+        width = max((self._widths[name] for name in layers), default=1)
         tokens = sum(len(c["token_ids"]) for c in chunks)
         expert_ids = np.full((tokens, len(layers), width), -1, dtype=np.int32)
         weights = np.zeros(expert_ids.shape, np.float32) if self.record_weights else None
