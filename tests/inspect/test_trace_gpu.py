@@ -1,6 +1,9 @@
 """On CUDA, recording a routing trace makes no host synchronisation, chunk flushes included
-(a full chunk is copied without blocking into pinned host memory; only ``trace()`` waits),
-and the trace equals the one the same weights record on the CPU from the same inputs.
+(the held calls are copied without blocking into pinned host memory; only ``trace()``
+waits), and the trace equals the one the same weights record on the CPU from the same
+inputs. A recorded call issues under one aten op on average (its tensors are held and
+copied in batches), and a router output modified in place after the recorder read it is
+copied at each call from then on, without a synchronisation either.
 
 The reference MoEModel runs whole under ``torch.cuda.set_sync_debug_mode("error")`` (any
 synchronisation raises). transformers' Mixtral synchronises by itself (the causal-mask
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_devkit
 from moe_devkit.inspect.trace import RoutingTrace, RoutingTraceRecorder
@@ -212,3 +217,132 @@ def test_reference_model_records_without_sync_what_the_cpu_records(device: str) 
 @pytest.mark.parametrize("device", DEVICES)
 def test_mixtral_records_without_a_sync_of_its_own_what_the_cpu_records(device: str) -> None:
     _mixtral_case(device)
+
+
+class _HookOps(TorchDispatchMode):
+    """Counts the aten ops issued inside the recorder's hooks (and while ``counting``)."""
+
+    def __init__(self, recorder: RoutingTraceRecorder) -> None:
+        super().__init__()
+        self.ops = 0
+        self.counting = False
+        for handle in recorder._handles:
+            hooks = handle.hooks_dict_ref()
+            assert hooks is not None
+            hooks[handle.id] = self.counted(hooks[handle.id])
+
+    def counted(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            outer, self.counting = self.counting, True
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self.counting = outer
+
+        return wrapped
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops += self.counting
+        return func(*args, **(kwargs or {}))
+
+
+def _small_reference(device: str) -> MoEModel:
+    torch.manual_seed(0)
+    config = RouterConfig(hidden_size=32, num_experts=8, max_k=3, expert_hidden_size=32)
+    return MoEModel(config, num_layers=2).to(device).eval()
+
+
+def _sync_checked(device: str, calls: Callable[[], None]) -> None:
+    """Runs ``calls`` under sync-debug mode "error" on CUDA (any synchronisation raises)."""
+    if device != "cuda":
+        calls()
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        calls()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+OP_CALLS = 32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_recorded_calls_issue_under_one_op_each_without_sync(device: str) -> None:
+    """32 reference-model calls with weights and the copy ``trace()`` makes first: the first
+    call's experts and weights are cloned (2 layers x 2), then two flushes of 16 calls, one
+    group each of experts and of weights: a ``torch.cat`` each (on CUDA also the pinned host
+    buffer and the non-blocking copy into it), under one op a call. Nothing synchronises."""
+    model = _small_reference(device)
+    x = torch.randn(BATCH, LENGTH, 32, device=device)
+    with torch.no_grad():
+        model(x)  # first call: the layers' one-off probes may synchronise
+    recorder = RoutingTraceRecorder(model, weights=True, max_tokens=4096).attach()
+    counter = _HookOps(recorder)
+    outputs: list[Any] = []
+
+    def calls() -> None:
+        with counter, torch.no_grad():
+            outputs.extend(model(x) for _ in range(OP_CALLS))
+            counter.counting = True
+            recorder._flush()
+            counter.counting = False
+
+    _sync_checked(device, calls)
+    per_group = 4 if device == "cuda" else 1  # on CUDA: cat, pinned buffer (one or two), copy
+    assert counter.ops <= 2 * 2 + 2 * 2 * per_group
+    assert counter.ops / OP_CALLS < 1
+    trace = recorder.trace()
+    recorder.detach()
+    assert trace.num_tokens == OP_CALLS * BATCH * LENGTH and trace.weights is not None
+    for j in range(2):
+        ids = torch.cat([out.routings[j].expert_indices.cpu() for out in outputs])
+        np.testing.assert_array_equal(trace.expert_ids[:, j], ids.numpy())
+        weights = torch.cat([out.routings[j].expert_weights.cpu() for out in outputs])
+        np.testing.assert_array_equal(trace.weights[:, j], weights.numpy())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_router_outputs_modified_in_place_are_copied_without_sync(device: str) -> None:
+    """A hook after the recorder's scales the second router's weights in place at each call
+    (by 1: the model's values stay what they were, their version counter moves). The
+    recorder finds it at the second call, warns once naming the layer and copies that
+    layer at each call from then on; the trace holds the model's decisions. Nothing
+    synchronises."""
+    model = _small_reference(device)
+    generator = torch.Generator().manual_seed(2)
+    xs = [torch.randn(BATCH, LENGTH, 32, generator=generator).to(device) for _ in range(CALLS)]
+    with torch.no_grad():
+        model(xs[0])  # first call: the layers' one-off probes may synchronise
+    recorder = RoutingTraceRecorder(model, weights=True, chunk_tokens=CHUNK).attach()
+    routers = [m for name, m in model.named_modules() if name.endswith("router")]
+    layer = next(name for name, m in model.named_modules() if m is routers[1])
+
+    def rescale(mod: nn.Module, args: Any, out: Any) -> None:
+        out.expert_weights.mul_(1.0)
+
+    handle = routers[1].register_forward_hook(rescale)
+    outputs: list[Any] = []
+
+    def calls() -> None:
+        with torch.no_grad():
+            outputs.extend(model(x) for x in xs)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _sync_checked(device, calls)
+    finally:
+        handle.remove()
+    trace = recorder.trace()
+    recorder.detach()
+    refused = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(refused) == 1 and repr(layer) in str(refused[0].message)
+    assert recorder.modified == {} and layer in recorder._copied
+    assert trace.weights is not None and trace.num_tokens == CALLS * BATCH * LENGTH
+    for j in range(2):
+        ids = torch.cat([out.routings[j].expert_indices.cpu() for out in outputs])
+        np.testing.assert_array_equal(trace.expert_ids[:, j], ids.numpy())
+        weights = torch.cat([out.routings[j].expert_weights.cpu() for out in outputs])
+        np.testing.assert_array_equal(trace.weights[:, j], weights.numpy())
