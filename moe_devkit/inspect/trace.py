@@ -435,14 +435,14 @@ class RoutingTraceRecorder:
     then ``rec.trace()``. It finds the same routers as ``RouterInspector`` and can be
     attached beside one.
 
-    A recorded call costs no device op on average: its hooks keep references to the call's
-    input ids, attention mask and position tensor and to each router's selected experts (and
-    weights), and every ``batch_calls`` calls (or ``max_held_bytes`` of held tensors, a full
-    chunk, ``trace()``, ``detach()``) the held tensors are concatenated, one ``torch.cat`` per
-    dtype and shape, and copied to the host (from CUDA without waiting: into pinned memory,
-    followed by an event; ``trace()`` is the only wait). Sequence numbers, and positions
-    without a mask or a position tensor, follow from each call's shape: they are computed on
-    the host by ``trace()``.
+    A recorded call issues no aten op (weights that require grad are detached: one op a
+    layer): its hooks keep references to the call's input ids, attention mask and position
+    tensor and to each router's selected experts (and weights). Every ``batch_calls`` calls
+    (or ``max_held_bytes`` of held tensors, a full chunk, ``trace()``, ``detach()``) the held
+    tensors are concatenated, one ``torch.cat`` per dtype and shape, and copied to the host
+    (from CUDA without waiting: into pinned memory, followed by an event; ``trace()`` is the
+    only wait). Sequence numbers, and positions without a mask or a position tensor, follow
+    from each call's shape: they are computed on the host by ``trace()``.
 
     A held tensor modified in place before its copy would record what the model did not
     route, so each tensor's version counter is read when it is held and compared before it
