@@ -301,29 +301,14 @@ class _Call:
     layers: dict[str, tuple[_Held, _Held | None]] = field(default_factory=dict)
 
 
-class _Piece(NamedTuple):
-    """Where a held tensor went in a flush: ``size`` entries from ``start`` along the
-    concatenated dimension of group ``group``, which were ``shape`` when held."""
-
-    group: int
-    start: int
-    size: int
-    shape: tuple[int, ...]
-
-
-class _Layout(NamedTuple):
-    """A flushed call: its metadata and where its tensors are in the flush's groups."""
-
-    rows: int
-    tokens: int
-    batch: int
-    length: int
-    first: int
-    ids: _Piece | None
-    mask: _Piece | None
-    positions: _Piece | None
-    layers: dict[str, tuple[_Piece, _Piece | None, int, int]]  # indices, weights, rows, K
-    dropped: bool  # its inputs were modified in place before the copy: left out
+# The columns of a flush's call table (one row a call, ints): the call's metadata, then
+# where each held tensor went, as (group, start, size) along its group's concatenated
+# dimension (group -1: not held), then per layer of the flush the same for its experts and
+# weights, its rows held and its K.
+_ROWS, _BATCH, _LENGTH, _FIRST, _DROPPED, _IDS, _MASK, _POSITIONS = 0, 1, 2, 3, 4, 5, 8, 11
+_CALL_COLUMNS = 14
+_INDICES, _WEIGHTS, _KEPT, _K = 0, 3, 6, 7
+_LAYER_COLUMNS = 8
 
 
 def _host_array(tensor: torch.Tensor) -> Array:
@@ -340,20 +325,24 @@ def _token_rows(values: Array, batch: int, length: int, rows: int) -> Array:
 
 class _Chunk:
     """A flush: host copies of the held tensors of some calls, concatenated by dtype and
-    shape (one group a kind), and the events after which the copies from a CUDA device are
-    complete. ``arrays()`` cuts them back into the calls' rows."""
+    shape (one group a kind), the events after which the copies from a CUDA device are
+    complete, and a table of ints saying where each call's tensors are (a few objects a
+    flush, whatever its number of calls). ``arrays()`` cuts them back into the calls'
+    rows."""
 
     def __init__(
         self,
         groups: list[torch.Tensor],
         dims: list[int],
-        calls: list[_Layout],
+        table: Array,
+        layers: list[str],
         widths: dict[str, int],
         events: list[torch.cuda.Event],
     ) -> None:
         self._groups: list[torch.Tensor] | None = groups
         self._dims = dims
-        self._calls = calls
+        self._table = table
+        self._layers = layers
         self._widths = widths
         self._events = events
         self._arrays: dict[str, Array] = {}
@@ -370,54 +359,63 @@ class _Chunk:
             self._groups, self._events = None, []
         return self._arrays
 
-    def _piece(self, groups: list[Array], piece: _Piece) -> Array:
-        values = groups[piece.group]
+    def _piece(self, groups: list[Array], row: list[int], at: int) -> Array | None:
+        group, start, size = row[at : at + 3]
+        if group < 0:
+            return None
+        values = groups[group]
         index = [slice(None)] * values.ndim
-        index[self._dims[piece.group]] = slice(piece.start, piece.start + piece.size)
+        index[self._dims[group]] = slice(start, start + size)
         return values[tuple(index)]
 
     def _cut(self, groups: list[Array]) -> dict[str, Array]:
-        total = sum(call.rows for call in self._calls)
+        table: list[list[int]] = self._table.tolist()
+        total = sum(row[_ROWS] for row in table)
         valid = np.ones(total, dtype=bool)
         token_ids = np.full(total, -1, dtype=np.int64)
         positions = np.zeros(total, dtype=np.int64)
         sequence = np.zeros(total, dtype=np.int64)
-        layers = {name for call in self._calls for name in call.layers}
-        ids = {name: np.full((total, self._widths[name]), -1, np.int32) for name in layers}
+        ids = {name: np.full((total, self._widths[name]), -1, np.int32) for name in self._layers}
         weights: dict[str, Array] = {}
         offset = 0
-        for call in self._calls:
-            rows, batch, length = call.rows, call.batch, call.length
+        for row in table:
+            rows, batch, length, first = row[_ROWS], row[_BATCH], row[_LENGTH], row[_FIRST]
             part = slice(offset, offset + rows)
             offset += rows
-            sequence[part] = np.repeat(np.arange(call.first, call.first + batch), length)[:rows]
-            if call.dropped:
+            sequence[part] = np.repeat(np.arange(first, first + batch), length)[:rows]
+            if row[_DROPPED]:
                 valid[part] = False
                 continue
-            if call.ids is not None:
-                values = self._piece(groups, call.ids).reshape(batch, length)
-                token_ids[part] = _token_rows(values, batch, length, rows)
-            if call.mask is not None:  # positions counted over the non-pad tokens
-                mask = self._piece(groups, call.mask)
+            values = self._piece(groups, row, _IDS)
+            if values is not None:
+                token_ids[part] = _token_rows(values.reshape(batch, length), batch, length, rows)
+            mask = self._piece(groups, row, _MASK)
+            source = self._piece(groups, row, _POSITIONS)
+            if mask is not None:  # positions counted over the non-pad tokens
                 tail = mask[:, mask.shape[1] - length :]
                 valid[part] = _token_rows(tail != 0, batch, length, rows)
                 counted = np.cumsum(mask.astype(np.int64), axis=1) - 1
                 counted = counted[:, mask.shape[1] - length :]
                 positions[part] = _token_rows(counted, batch, length, rows)
-            elif call.positions is not None:
-                values = self._piece(groups, call.positions).astype(np.int64)
-                positions[part] = _token_rows(values.reshape(-1, length), batch, length, rows)
+            elif source is not None:
+                counted = source.astype(np.int64).reshape(-1, length)
+                positions[part] = _token_rows(counted, batch, length, rows)
             else:
                 positions[part] = _token_rows(np.arange(length), batch, length, rows)
-            for name, (indices, values_of, kept, k) in call.layers.items():
-                width = self._widths[name]
-                selected = self._piece(groups, indices).reshape(kept, k)[:rows, :width]
+            for j, name in enumerate(self._layers):
+                base = _CALL_COLUMNS + j * _LAYER_COLUMNS
+                selected = self._piece(groups, row, base + _INDICES)
+                if selected is None:
+                    continue
+                kept, k, width = row[base + _KEPT], row[base + _K], self._widths[name]
+                selected = selected.reshape(kept, k)[:rows, :width]
                 ids[name][part, : selected.shape[1]] = selected
-                if values_of is not None:
+                scores = self._piece(groups, row, base + _WEIGHTS)
+                if scores is not None:
                     if name not in weights:
                         weights[name] = np.zeros((total, width), np.float32)
-                    values = self._piece(groups, values_of).reshape(kept, k)[:rows, :width]
-                    weights[name][part, : values.shape[1]] = values
+                    scores = scores.reshape(kept, k)[:rows, :width]
+                    weights[name][part, : scores.shape[1]] = scores
         arrays: dict[str, Array] = {
             "token_ids": token_ids[valid],
             "positions": positions[valid],
@@ -757,8 +755,9 @@ class RoutingTraceRecorder:
         tracks, and while ``unsafe`` (compiling, capturing a CUDA graph)."""
         if key in self._copied:
             return True
-        if any(t.is_inference() for t in tensors):
-            return True
+        for tensor in tensors:
+            if tensor.is_inference():
+                return True
         watched = self._watched.get(key)
         if watched is None:
             self._watched[key] = [(t, t._version) for t in tensors]
@@ -775,7 +774,8 @@ class RoutingTraceRecorder:
             tensor = tensor.reshape(1)
         held = _Held(tensor.clone(), -1) if copy else _Held(tensor, tensor._version)
         self._held_bytes += tensor.numel() * tensor.element_size()
-        self._peak_bytes = max(self._peak_bytes, self._held_bytes)
+        if self._held_bytes > self._peak_bytes:
+            self._peak_bytes = self._held_bytes
         return held
 
     def _refuse(self, key: str, *, lost: bool) -> None:
@@ -820,57 +820,52 @@ class RoutingTraceRecorder:
         sizes: list[int] = []
         groups: dict[tuple[Any, ...], int] = {}
 
-        def place(tensor: torch.Tensor, dim: int) -> _Piece:
-            """Adds ``tensor`` to its group: concatenated along ``dim`` (0 or -1)."""
-            shape = tuple(tensor.shape)
-            axis = dim % len(shape)
-            key = (axis, tensor.device, tensor.dtype, shape[:axis] + shape[axis + 1 :])
+        def place(row: list[int], at: int, tensor: torch.Tensor, dim: int) -> None:
+            """Adds ``tensor`` to its group (concatenated along ``dim``, 0 or -1) and writes
+            where it went into ``row[at : at + 3]``."""
+            shape = tensor.shape
+            axis = 0 if dim == 0 else len(shape) - 1
+            key = (axis, tensor.device, tensor.dtype, shape[1:] if axis == 0 else shape[:-1])
             group = groups.get(key)
             if group is None:
                 group = groups[key] = len(tensors)
                 tensors.append([])
                 dims.append(axis)
                 sizes.append(0)
-            start = sizes[group]
+            row[at], row[at + 1], row[at + 2] = group, sizes[group], shape[axis]
             sizes[group] += shape[axis]
             tensors[group].append(tensor)
-            return _Piece(group, start, shape[axis], shape)
 
-        calls: list[_Layout] = []
+        layers: dict[str, int] = {}
         for call in pending:
+            for layer in call.layers:
+                layers.setdefault(layer, len(layers))
+        table: list[list[int]] = []
+        for call in pending:
+            row = [-1] * (_CALL_COLUMNS + _LAYER_COLUMNS * len(layers))
             inputs = (call.ids, call.mask, call.positions)
             dropped = any(held is not None and held.modified() for held in inputs)
+            row[_ROWS : _DROPPED + 1] = call.rows, call.batch, call.length, call.first, dropped
+            table.append(row)
             if dropped:
                 self._refuse("", lost=True)
-            pieces = [
-                None if held is None or dropped else place(held.tensor, -1) for held in inputs
-            ]
-            layers: dict[str, tuple[_Piece, _Piece | None, int, int]] = {}
-            for layer, (indices, weights) in () if dropped else call.layers.items():
+                continue
+            for held, at in zip(inputs, (_IDS, _MASK, _POSITIONS), strict=True):
+                if held is not None:
+                    place(row, at, held.tensor, -1)
+            for layer, (indices, weights) in call.layers.items():
                 if indices.modified() or (weights is not None and weights.modified()):
                     self._refuse(layer, lost=True)
                     continue
+                base = _CALL_COLUMNS + layers[layer] * _LAYER_COLUMNS
                 kept, k = call.tokens, indices.tensor.numel() // max(call.tokens, 1)
                 parts = [indices.tensor] if weights is None else [indices.tensor, weights.tensor]
                 if call.rows < call.tokens:  # only its first rows are copied
                     kept = call.rows
                     parts = [t.reshape(call.tokens, k).narrow(0, 0, kept) for t in parts]
-                placed = [place(t, 0) for t in parts]
-                layers[layer] = (placed[0], placed[1] if len(placed) > 1 else None, kept, k)
-            calls.append(
-                _Layout(
-                    call.rows,
-                    call.tokens,
-                    call.batch,
-                    call.length,
-                    call.first,
-                    pieces[0],
-                    pieces[1],
-                    pieces[2],
-                    layers,
-                    dropped,
-                )
-            )
+                for part, at in zip(parts, (_INDICES, _WEIGHTS), strict=False):
+                    place(row, base + at, part, 0)
+                row[base + _KEPT], row[base + _K] = kept, k
         host: list[torch.Tensor] = []
         events: dict[torch.device, torch.cuda.Event] = {}
         for group, dim in zip(tensors, dims, strict=True):
@@ -885,7 +880,15 @@ class RoutingTraceRecorder:
                 host.append(joined if joined.device.type == "cpu" else joined.to("cpu"))
         for device, event in events.items():
             event.record(torch.cuda.current_stream(device))
-        self._chunks.append(_Chunk(host, dims, calls, dict(self._widths), list(events.values())))
+        chunk = _Chunk(
+            host,
+            dims,
+            np.array(table, dtype=np.int64),
+            list(layers),
+            {name: self._widths[name] for name in layers},
+            list(events.values()),
+        )
+        self._chunks.append(chunk)
 
     def _flush(self) -> None:
         """Ends the chunk: copies the held calls (``_materialise``) and starts the next chunk
