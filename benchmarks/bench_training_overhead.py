@@ -143,7 +143,9 @@ def measure(
     log_every: int,
     size: str = "tiny",
     warmup: int = 3,
+    control: bool = False,
 ) -> dict[str, object]:
+    """Times the two copies (``control``: neither is watched, the harness's own spread)."""
     inspector = RouterInspector()
     spent = {"hooks": 0.0, "metrics": 0.0}
     counter = OpCounter()
@@ -181,7 +183,7 @@ def measure(
 
         return block
 
-    plain_block, watched_block = trainer(False), trainer(True)
+    plain_block, watched_block = trainer(False), trainer(not control)
     for _ in range(warmup):  # first-step checks, lazy set-up, the captured graphs' layouts
         plain_block(), watched_block()
     spent.update(hooks=0.0, metrics=0.0)
@@ -205,6 +207,7 @@ def measure(
     return {
         "model": name,
         "size": size,
+        "control": control,
         "plain_ms_per_step": statistics.median(plain),
         "watched_ms_per_step": statistics.median(watched),
         "ratio": statistics.median(ratios),
@@ -229,6 +232,11 @@ def main() -> None:
     parser.add_argument(
         "--warmup", type=positive_int, default=3, help="untimed block pairs before the timing"
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="attach nothing to either copy: the ratio of two identical runs (the harness's floor)",
+    )
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
     check_device(parser, args.device)
@@ -236,13 +244,15 @@ def main() -> None:
     device = torch.device(args.device)
     names = ("reference", "hf") if args.model == "both" else (args.model,)
     results = [
-        measure(name, device, args.blocks, args.log_every, args.size, args.warmup) for name in names
+        measure(name, device, args.blocks, args.log_every, args.size, args.warmup, args.control)
+        for name in names
     ]
     print(f"machine: {machine_name(device)}")
     for r in results:
         low, high = r["ratio_95"]  # type: ignore[misc]
         print(
-            f"{r['model']} ({r['size']}): plain {r['plain_ms_per_step']:.2f} ms/step, watched "
+            f"{r['model']} ({r['size']}{', control' if r['control'] else ''}): plain "
+            f"{r['plain_ms_per_step']:.2f} ms/step, watched "
             f"{r['watched_ms_per_step']:.2f} ms/step, ratio {r['ratio']:.4f} "
             f"(95% {low:.4f}-{high:.4f}; {r['blocks']} block pairs of {r['steps_per_block']} "
             f"steps, metrics() + check_alarms() once a block); inside the inspector: hooks "
