@@ -7,14 +7,14 @@ the token ids, the attention mask and the positions of each call. A recorded cal
 device op: its hooks keep references to the call's tensors (input ids, mask, position
 tensor, each router's selected experts and weights) with their version counters, and each
 call takes the next rows of a chunk by a host counter (a call's shape is known there).
-Every few calls the held tensors are concatenated, one ``torch.cat`` per dtype and shape,
-and copied off the device (from CUDA, a non-blocking copy into pinned host memory followed
-by an event); ``trace()`` copies the rest and waits for the copies: the only wait for the
-device. Sequence numbers and positions are computed on the host then, and pad tokens
-(attention mask 0) dropped. A tensor modified in place after its call is detected by its
-version counter and copied at each call from then on. At most ``max_tokens`` token
-positions of the calls are kept, padding included; a call that does not fit keeps its first
-rows.
+Every few calls the held tensors are concatenated on the device, one ``torch.cat`` per
+dtype and shape, and from time to time copied off it (from CUDA, a non-blocking copy into
+pinned host memory followed by an event); ``trace()`` copies the rest and waits for the
+copies: the only wait for the device. Sequence numbers and positions are computed on the
+host then, and pad tokens (attention mask 0) dropped. A tensor modified in place after its
+call is detected by its version counter and copied at each call from then on. At most
+``max_tokens`` token positions of the calls are kept, padding included; a call that does
+not fit keeps its first rows.
 
 ``RoutingTrace.save(path)`` writes an uncompressed-name ``.npz`` (numpy only) with:
 
@@ -323,99 +323,123 @@ def _token_rows(values: Array, batch: int, length: int, rows: int) -> Array:
     return np.broadcast_to(values, (batch, length)).reshape(-1)[:rows]
 
 
+class _Staged(NamedTuple):
+    """A batch of held calls concatenated on their device, waiting for the copy to the host:
+    one tensor a group (``keys``: the dtype, device and shape that make a group; ``dims``:
+    the dimension it was concatenated along) and the batch's call table."""
+
+    groups: list[torch.Tensor]
+    keys: list[tuple[Any, ...]]
+    dims: list[int]
+    table: Array
+    layers: list[str]
+    widths: dict[str, int]
+
+
+class _Part(NamedTuple):
+    """A staged batch within a chunk: its call table and, per group of the batch, the
+    chunk's group that holds it and its offset there."""
+
+    table: Array
+    layers: list[str]
+    widths: dict[str, int]
+    remap: list[tuple[int, int]]
+
+
 class _Chunk:
-    """A flush: host copies of the held tensors of some calls, concatenated by dtype and
-    shape (one group a kind), the events after which the copies from a CUDA device are
-    complete, and a table of ints saying where each call's tensors are (a few objects a
-    flush, whatever its number of calls). ``arrays()`` cuts them back into the calls'
-    rows."""
+    """A copy to the host of some staged batches: host tensors, one per group (dtype, shape)
+    of them all, the events after which the copies from a CUDA device are complete, and each
+    batch's table of ints saying where its calls' tensors are (a few objects a batch,
+    whatever its number of calls). ``arrays()`` cuts them back into the calls' rows."""
 
     def __init__(
         self,
         groups: list[torch.Tensor],
         dims: list[int],
-        table: Array,
-        layers: list[str],
-        widths: dict[str, int],
+        parts: list[_Part],
         events: list[torch.cuda.Event],
     ) -> None:
         self._groups: list[torch.Tensor] | None = groups
         self._dims = dims
-        self._table = table
-        self._layers = layers
-        self._widths = widths
+        self._parts = parts
         self._events = events
         self._arrays: dict[str, Array] = {}
 
     def arrays(self) -> dict[str, Array]:
         """The rows as numpy arrays without the pads (waits for the copies the first time):
-        ``token_ids``, ``positions``, ``sequence`` [n] and per layer of the flush
+        ``token_ids``, ``positions``, ``sequence`` [n] and per layer of the chunk
         ``ids:{layer}`` int32 [n, K] (-1 where the layer did not run) and, with weights,
         ``weights:{layer}`` float32 [n, K]."""
         if self._groups is not None:
             for event in self._events:
                 event.synchronize()
-            self._arrays = self._cut([_host_array(group) for group in self._groups])
-            self._groups, self._events = None, []
+            groups = [_host_array(group) for group in self._groups]
+            cut = [self._cut(groups, part) for part in self._parts]
+            self._arrays = _join_cuts(cut)
+            self._groups, self._events, self._parts = None, [], []
         return self._arrays
 
-    def _piece(self, groups: list[Array], row: list[int], at: int) -> Array | None:
+    def _piece(
+        self, groups: list[Array], remap: list[tuple[int, int]], row: list[int], at: int
+    ) -> Array | None:
         group, start, size = row[at : at + 3]
         if group < 0:
             return None
+        group, offset = remap[group]
         values = groups[group]
         index = [slice(None)] * values.ndim
-        index[self._dims[group]] = slice(start, start + size)
+        index[self._dims[group]] = slice(offset + start, offset + start + size)
         return values[tuple(index)]
 
-    def _cut(self, groups: list[Array]) -> dict[str, Array]:
-        table: list[list[int]] = self._table.tolist()
+    def _cut(self, groups: list[Array], part: _Part) -> dict[str, Array]:
+        table: list[list[int]] = part.table.tolist()
+        remap = part.remap
         total = sum(row[_ROWS] for row in table)
         valid = np.ones(total, dtype=bool)
         token_ids = np.full(total, -1, dtype=np.int64)
         positions = np.zeros(total, dtype=np.int64)
         sequence = np.zeros(total, dtype=np.int64)
-        ids = {name: np.full((total, self._widths[name]), -1, np.int32) for name in self._layers}
+        ids = {name: np.full((total, part.widths[name]), -1, np.int32) for name in part.layers}
         weights: dict[str, Array] = {}
         offset = 0
         for row in table:
             rows, batch, length, first = row[_ROWS], row[_BATCH], row[_LENGTH], row[_FIRST]
-            part = slice(offset, offset + rows)
+            cut = slice(offset, offset + rows)
             offset += rows
-            sequence[part] = np.repeat(np.arange(first, first + batch), length)[:rows]
+            sequence[cut] = np.repeat(np.arange(first, first + batch), length)[:rows]
             if row[_DROPPED]:
-                valid[part] = False
+                valid[cut] = False
                 continue
-            values = self._piece(groups, row, _IDS)
+            values = self._piece(groups, remap, row, _IDS)
             if values is not None:
-                token_ids[part] = _token_rows(values.reshape(batch, length), batch, length, rows)
-            mask = self._piece(groups, row, _MASK)
-            source = self._piece(groups, row, _POSITIONS)
+                token_ids[cut] = _token_rows(values.reshape(batch, length), batch, length, rows)
+            mask = self._piece(groups, remap, row, _MASK)
+            source = self._piece(groups, remap, row, _POSITIONS)
             if mask is not None:  # positions counted over the non-pad tokens
                 tail = mask[:, mask.shape[1] - length :]
-                valid[part] = _token_rows(tail != 0, batch, length, rows)
+                valid[cut] = _token_rows(tail != 0, batch, length, rows)
                 counted = np.cumsum(mask.astype(np.int64), axis=1) - 1
                 counted = counted[:, mask.shape[1] - length :]
-                positions[part] = _token_rows(counted, batch, length, rows)
+                positions[cut] = _token_rows(counted, batch, length, rows)
             elif source is not None:
                 counted = source.astype(np.int64).reshape(-1, length)
-                positions[part] = _token_rows(counted, batch, length, rows)
+                positions[cut] = _token_rows(counted, batch, length, rows)
             else:
-                positions[part] = _token_rows(np.arange(length), batch, length, rows)
-            for j, name in enumerate(self._layers):
+                positions[cut] = _token_rows(np.arange(length), batch, length, rows)
+            for j, name in enumerate(part.layers):
                 base = _CALL_COLUMNS + j * _LAYER_COLUMNS
-                selected = self._piece(groups, row, base + _INDICES)
+                selected = self._piece(groups, remap, row, base + _INDICES)
                 if selected is None:
                     continue
-                kept, k, width = row[base + _KEPT], row[base + _K], self._widths[name]
+                kept, k, width = row[base + _KEPT], row[base + _K], part.widths[name]
                 selected = selected.reshape(kept, k)[:rows, :width]
-                ids[name][part, : selected.shape[1]] = selected
-                scores = self._piece(groups, row, base + _WEIGHTS)
+                ids[name][cut, : selected.shape[1]] = selected
+                scores = self._piece(groups, remap, row, base + _WEIGHTS)
                 if scores is not None:
                     if name not in weights:
                         weights[name] = np.zeros((total, width), np.float32)
                     scores = scores.reshape(kept, k)[:rows, :width]
-                    weights[name][part, : scores.shape[1]] = scores
+                    weights[name][cut, : scores.shape[1]] = scores
         arrays: dict[str, Array] = {
             "token_ids": token_ids[valid],
             "positions": positions[valid],
@@ -424,6 +448,27 @@ class _Chunk:
         arrays.update({f"ids:{name}": values[valid] for name, values in ids.items()})
         arrays.update({f"weights:{name}": values[valid] for name, values in weights.items()})
         return arrays
+
+
+def _join_cuts(cuts: list[dict[str, Array]]) -> dict[str, Array]:
+    """The rows of several batches, one after the other (a layer missing from a batch: -1
+    experts and 0 weights in its rows)."""
+    if len(cuts) == 1:
+        return cuts[0]
+    names = list(dict.fromkeys(name for cut in cuts for name in cut))
+    joined: dict[str, Array] = {}
+    for name in names:
+        parts = []
+        for cut in cuts:
+            part = cut.get(name)
+            if part is None:
+                n = len(cut["token_ids"])
+                width = next(c[name].shape[1] for c in cuts if name in c)
+                fill, dtype = (-1, np.int32) if name.startswith("ids:") else (0.0, np.float32)
+                part = np.full((n, width), fill, dtype=dtype)
+            parts.append(part)
+        joined[name] = np.concatenate(parts)
+    return joined
 
 
 class RoutingTraceRecorder:
@@ -436,21 +481,23 @@ class RoutingTraceRecorder:
     A recorded call issues no aten op (weights that require grad are detached: one op a
     layer): its hooks keep references to the call's input ids, attention mask and position
     tensor and to each router's selected experts (and weights). Every ``batch_calls`` calls
-    (or ``max_held_bytes`` of held tensors, a full chunk, ``trace()``, ``detach()``) the held
-    tensors are concatenated, one ``torch.cat`` per dtype and shape, and copied to the host
-    (from CUDA without waiting: into pinned memory, followed by an event; ``trace()`` is the
-    only wait). Sequence numbers, and positions without a mask or a position tensor, follow
-    from each call's shape: they are computed on the host by ``trace()``.
+    the held tensors are concatenated on their device, one ``torch.cat`` per dtype and shape
+    of all the calls and layers, which releases the model's tensors; once the recorder holds
+    ``max_held_bytes`` (references and those copies), at a full chunk, a full budget,
+    ``trace()`` and ``detach()``, they are copied to the host, joined again by dtype and
+    shape (from CUDA without waiting: into pinned memory, followed by an event; ``trace()``
+    is the only wait). Sequence numbers, and positions without a mask or a position tensor,
+    follow from each call's shape: they are computed on the host by ``trace()``.
 
     A held tensor modified in place before its copy would record what the model did not
     route, so each tensor's version counter is read when it is held and compared before it
     is copied. The first call of each layer (and the first call's inputs) is copied at once
     and its tensors are checked at the next call: a layer whose outputs were modified in
     place (or inputs that were) is copied at each call from then on, with a warning. A
-    change found only at a flush cannot be undone: the layer's rows of that call stay -1
-    (inputs: the call is left out), counted in ``modified``, with a warning. Tensors with no
-    version counter (made under ``torch.inference_mode``), and calls made while compiling
-    or capturing a CUDA graph, are copied at once.
+    change found only when a batch is copied cannot be undone: the layer's rows of that
+    call stay -1 (inputs: the call is left out), counted in ``modified``, with a warning.
+    Tensors with no version counter (made under ``torch.inference_mode``), and calls made
+    while compiling or capturing a CUDA graph, are copied at once.
 
     Args:
         model: the model; its own forward is hooked to read ``input_ids`` (or
@@ -460,16 +507,18 @@ class RoutingTraceRecorder:
             the budget full removes the hooks on the routers.
         weights: also record the routing weights (detached: they join no autograd graph).
         chunk_tokens: the rows of a chunk (default: ``max_tokens``): a call that does not
-            fit in the current chunk starts the next one, after the held calls are copied.
+            fit in the current chunk starts the next one, after what the recorder holds is
+            copied to the host.
             A call of more tokens than a chunk keeps its first ``chunk_tokens``.
         metadata: JSON-serialisable values stored in the trace (a model name, a revision).
         every: record one model call in ``every`` (the first, then every ``every``-th; the
             sequence numbers count the calls left out too, so two traces taken with the same
             ``every`` on the same inputs align).
-        batch_calls: the most recorded calls held before they are copied.
-        max_held_bytes: the held tensors are copied once they reach this many bytes (they
-            stay alive until then: the model's own input and router output tensors, kept by
-            reference). A single call may hold more.
+        batch_calls: the most recorded calls held by reference before they are copied on
+            their device (the model's input and router output tensors stay alive until
+            then).
+        max_held_bytes: the device memory the recorder keeps before copying to the host
+            (references and device copies; ``device_bytes`` is the most it kept).
     """
 
     def __init__(
@@ -515,6 +564,8 @@ class RoutingTraceRecorder:
         self._widths: dict[str, int] = {}  # K of each layer's first call
         self._pending: list[_Call] = []  # recorded calls held until the next flush
         self._held_bytes = 0
+        self._staged: list[_Staged] = []  # batches concatenated on the device, not yet copied
+        self._staged_bytes = 0
         self._peak_bytes = 0
         self._copied: set[str] = set()  # layers ("" for the inputs) copied at each call
         # per layer ("" for the inputs) seen: its first call's tensors and their versions,
@@ -561,6 +612,7 @@ class RoutingTraceRecorder:
         self._call = None
         self._watched.clear()  # a later attach watches its first calls again
         self._materialise()
+        self._offload()
 
     def __enter__(self) -> RoutingTraceRecorder:
         return self.attach()
@@ -580,10 +632,9 @@ class RoutingTraceRecorder:
 
     @property
     def device_bytes(self) -> int:
-        """The most bytes of tensors the recorder has held at once between two copies (the
-        model's tensors it references and its own copies of them): bounded by about
-        ``max_held_bytes``, or one call's inputs and routing when a call holds more. The
-        copies themselves are made into tensors freed after each flush."""
+        """The most bytes of device tensors the recorder has kept alive at once before their
+        copy to the host: the model's tensors it references and its own copies of them on
+        the device; bounded by about ``max_held_bytes`` (a single call may hold more)."""
         return self._peak_bytes
 
     # ------------------------------------------------------------------ hooks
@@ -680,11 +731,14 @@ class RoutingTraceRecorder:
 
     def _end_call(self, module: nn.Module, args: Any, output: Any) -> None:
         self._call = None
-        if self._pending and (
-            len(self._pending) >= self.batch_calls
-            or self._held_bytes >= self.max_held_bytes
-            or self.rows_used >= self.max_tokens
-        ):
+        if not self._pending:
+            return
+        if self.rows_used >= self.max_tokens or (
+            self._held_bytes + self._staged_bytes >= self.max_held_bytes
+        ):  # nothing more to record, or the memory bound: to the host
+            self._materialise()
+            self._offload()
+        elif len(self._pending) >= self.batch_calls:
             self._materialise()
 
     def _emit(
@@ -774,8 +828,8 @@ class RoutingTraceRecorder:
             tensor = tensor.reshape(1)
         held = _Held(tensor.clone(), -1) if copy else _Held(tensor, tensor._version)
         self._held_bytes += tensor.numel() * tensor.element_size()
-        if self._held_bytes > self._peak_bytes:
-            self._peak_bytes = self._held_bytes
+        if self._held_bytes + self._staged_bytes > self._peak_bytes:
+            self._peak_bytes = self._held_bytes + self._staged_bytes
         return held
 
     def _refuse(self, key: str, *, lost: bool) -> None:
@@ -806,11 +860,10 @@ class RoutingTraceRecorder:
         )
 
     def _materialise(self) -> None:
-        """Copies the held calls to the host: their tensors concatenated by kind (one
-        ``torch.cat`` per dtype and shape of all calls and layers), each group copied at once
-        (from CUDA, a non-blocking copy into pinned host memory followed by an event on the
-        stream: nothing waits for the device until ``trace()``). A call's rows beyond the
-        ones it keeps are left out before the copy."""
+        """Copies the held calls on their device, releasing the model's tensors: they are
+        concatenated by kind (one ``torch.cat`` per dtype and shape of all calls and layers)
+        and staged until ``_offload``. A call's rows beyond the ones it keeps are left out;
+        a held tensor modified in place since its call is refused."""
         pending, self._pending = self._pending, []
         self._held_bytes = 0
         if not pending:
@@ -866,34 +919,67 @@ class RoutingTraceRecorder:
                 for part, at in zip(parts, (_INDICES, _WEIGHTS), strict=False):
                     place(row, base + at, part, 0)
                 row[base + _KEPT], row[base + _K] = kept, k
+        joined = [torch.cat(group, dim=dim) for group, dim in zip(tensors, dims, strict=True)]
+        staged = _Staged(
+            joined,
+            list(groups),
+            dims,
+            np.array(table, dtype=np.int64),
+            list(layers),
+            {name: self._widths[name] for name in layers},
+        )
+        self._staged.append(staged)
+        self._staged_bytes += sum(t.numel() * t.element_size() for t in joined)
+        self._peak_bytes = max(self._peak_bytes, self._staged_bytes)
+
+    def _offload(self) -> None:
+        """Copies the staged batches to the host: one tensor per group (dtype, shape) of them
+        all, concatenated where several batches have one (from CUDA, a non-blocking copy into
+        pinned host memory followed by an event on the stream: nothing waits for the device
+        until ``trace()``)."""
+        staged, self._staged = self._staged, []
+        self._staged_bytes = 0
+        if not staged:
+            return
+        merged: dict[tuple[Any, ...], int] = {}
+        tensors: list[list[torch.Tensor]] = []
+        dims: list[int] = []
+        sizes: list[int] = []
+        parts: list[_Part] = []
+        for batch in staged:
+            remap = []
+            for tensor, key, dim in zip(batch.groups, batch.keys, batch.dims, strict=True):
+                group = merged.get(key)
+                if group is None:
+                    group = merged[key] = len(tensors)
+                    tensors.append([])
+                    dims.append(dim)
+                    sizes.append(0)
+                remap.append((group, sizes[group]))
+                sizes[group] += tensor.shape[dim]
+                tensors[group].append(tensor)
+            parts.append(_Part(batch.table, batch.layers, batch.widths, remap))
         host: list[torch.Tensor] = []
         events: dict[torch.device, torch.cuda.Event] = {}
-        for group, dim in zip(tensors, dims, strict=True):
-            joined = torch.cat(group, dim=dim)
+        for members, dim in zip(tensors, dims, strict=True):
+            joined = members[0] if len(members) == 1 else torch.cat(members, dim=dim)
             if joined.is_cuda:
                 copy = torch.empty(joined.shape, dtype=joined.dtype, pin_memory=True)
                 copy.copy_(joined, non_blocking=True)
                 if joined.device not in events:
                     events[joined.device] = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 host.append(copy)
-            else:
+            else:  # the recorder's own copy already (on the CPU)
                 host.append(joined if joined.device.type == "cpu" else joined.to("cpu"))
         for device, event in events.items():
             event.record(torch.cuda.current_stream(device))
-        chunk = _Chunk(
-            host,
-            dims,
-            np.array(table, dtype=np.int64),
-            list(layers),
-            {name: self._widths[name] for name in layers},
-            list(events.values()),
-        )
-        self._chunks.append(chunk)
+        self._chunks.append(_Chunk(host, dims, parts, list(events.values())))
 
     def _flush(self) -> None:
-        """Ends the chunk: copies the held calls (``_materialise``) and starts the next chunk
-        at row 0."""
+        """Ends the chunk: copies the held calls to the host (``_materialise``, ``_offload``)
+        and starts the next chunk at row 0."""
         self._materialise()
+        self._offload()
         self._flushed += self._cursor
         self._cursor = 0
 

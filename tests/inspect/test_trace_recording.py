@@ -204,9 +204,10 @@ CALLS = 32
 def test_recorded_calls_cost_under_one_op_each_on_average(name: str, weights: bool) -> None:
     """Over 32 calls and the final copy of ``trace()``, the recorder issues fewer than one
     aten op a call: the first call of each layer copies its tensors (a clone each), the
-    others are held by reference and copied 16 calls at a time, one ``torch.cat`` per dtype
-    and shape of what is held (token ids, masks, experts, weights) for all calls and layers
-    (on CUDA two more each: the pinned host buffer and the copy into it)."""
+    others are held by reference and copied on their device 16 calls at a time, one
+    ``torch.cat`` per dtype and shape of what is held (token ids, masks, experts, weights)
+    for all calls and layers; the copy to the host joins the two batches, one more
+    ``torch.cat`` each (on CUDA also the pinned host buffer and the copy into it)."""
     torch.manual_seed(0)
     if name == "reference":
         model = _reference().eval()
@@ -241,8 +242,8 @@ def test_recorded_calls_cost_under_one_op_each_on_average(name: str, weights: bo
     tensors = 1 + weights  # held per layer and call
     inputs = 0 if name == "reference" else 2  # token ids and mask
     kinds = tensors + (inputs > 0)  # the ids and the mask are both int64 [2, 6]: one cat
-    # the first call's clones, then two flushes of one cat per kind
-    assert counter.ops == inputs + layers * tensors + 2 * kinds
+    # the first call's clones, two batches of one cat per kind, one cat per kind to join them
+    assert counter.ops == inputs + layers * tensors + 2 * kinds + kinds
     assert counter.ops / CALLS < 1
 
 
@@ -541,18 +542,29 @@ def test_inference_mode_tensors_are_copied_at_once(mixtral: nn.Module) -> None:
 
 
 def test_held_bytes_and_calls_are_bounded(mixtral: nn.Module) -> None:
-    """The held calls are copied every ``batch_calls`` calls, or sooner once they hold
-    ``max_held_bytes``: the trace is the same either way."""
+    """The held calls are copied on their device every ``batch_calls`` calls, and what the
+    recorder holds (references and those copies) goes to the host once it reaches
+    ``max_held_bytes`` (and at ``trace()``, ``detach()``): the trace is the same either
+    way."""
     generator = torch.Generator().manual_seed(7)
     inputs = [_ids(2, 6, generator) for _ in range(10)]
+    recorder = RoutingTraceRecorder(mixtral, batch_calls=3).attach()
+    with torch.no_grad():
+        for x in inputs:
+            mixtral(input_ids=x)
+    # three batches of three calls on the device, the tenth call held, nothing on the host
+    assert (len(recorder._staged), len(recorder._pending), len(recorder._chunks)) == (3, 1, 0)
+    recorder.detach()
+    assert (len(recorder._staged), len(recorder._pending), len(recorder._chunks)) == (0, 0, 1)
     calls = [lambda x=x: mixtral(input_ids=x) for x in inputs]
     by_calls, few = _record(mixtral, calls, eager=False, batch_calls=3)
     by_bytes, small = _record(mixtral, calls, eager=False, max_held_bytes=1)
-    assert len(few._chunks) == 4 and len(small._chunks) == 10  # 3 + 3 + 3 + 1; each call
+    assert len(few._chunks) == 1 and len(small._chunks) == 10  # at detach(); each call
     # one call holds its ids [2, 6] and 3 layers' experts [12, 2], all int64
     assert small.device_bytes == (2 * 6 + 3 * 12 * 2) * 8
-    assert few.device_bytes == 3 * small.device_bytes
+    assert few.device_bytes == 10 * small.device_bytes  # 9 calls staged, 1 held
     _assert_same(by_calls, by_bytes)
+    _assert_same(recorder.trace(), by_calls)
     for name in ("batch_calls", "max_held_bytes"):
         with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
             RoutingTraceRecorder(mixtral, **{name: 0})
