@@ -401,6 +401,7 @@ def test_router_outputs_modified_in_place_are_copied_at_each_call(mixtral: nn.Mo
                 mixtral(input_ids=ids)
             recorder.detach()
     finally:
+        recorder.detach()
         for handle in handles:
             handle.remove()
     refused = [w for w in caught if issubclass(w.category, RuntimeWarning)]
@@ -439,6 +440,7 @@ def test_a_change_found_at_a_copy_leaves_those_rows_out(mixtral: nn.Module) -> N
                 mixtral(input_ids=ids)
             recorder.detach()
     finally:
+        recorder.detach()
         for handle in handles:
             handle.remove()
     refused = [w for w in caught if issubclass(w.category, RuntimeWarning)]
@@ -468,8 +470,8 @@ def test_a_reused_input_buffer_is_copied_at_each_call(mixtral: nn.Module) -> Non
     for i, mask in enumerate(masks):
         mask[1, : i % 3] = 0
     ids_buffer, mask_buffer = torch.zeros_like(inputs[0]), torch.zeros_like(masks[0])
-    recorder = RoutingTraceRecorder(mixtral).attach()
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+    recorder = RoutingTraceRecorder(mixtral)
+    with recorder, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for ids, mask in zip(inputs, masks, strict=True):
             ids_buffer.copy_(ids)
@@ -501,8 +503,8 @@ def test_inputs_changed_before_a_copy_leave_the_call_out(mixtral: nn.Module) -> 
     the third call is left out of the trace (counted in ``modified``); the rest is right."""
     inputs = _calls(torch.Generator().manual_seed(5))
     buffer = torch.zeros_like(inputs[0])
-    recorder = RoutingTraceRecorder(mixtral, batch_calls=4).attach()
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+    recorder = RoutingTraceRecorder(mixtral, batch_calls=4)
+    with recorder, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i, ids in enumerate(inputs):
             if i >= 2:
@@ -523,18 +525,20 @@ def test_inputs_changed_before_a_copy_leave_the_call_out(mixtral: nn.Module) -> 
 
 
 def test_inference_mode_tensors_are_copied_at_once(mixtral: nn.Module) -> None:
-    """Tensors made under ``torch.inference_mode`` track no version: the recorder copies
-    them at each call (no reference it could not check) and records the same trace."""
+    """Tensors made under ``torch.inference_mode`` (the routers' outputs here) track no
+    version: the recorder copies them at each call (no reference it could not check) and
+    records the same trace."""
     generator = torch.Generator().manual_seed(6)
     inputs = [_ids(2, 5, generator) for _ in range(6)]
-    recorder = RoutingTraceRecorder(mixtral, weights=True).attach()
-    with torch.inference_mode():
+    recorder = RoutingTraceRecorder(mixtral, weights=True)
+    with recorder, torch.inference_mode():
         for ids in inputs:
             mixtral(input_ids=ids)
-        assert all(
-            h.version == -1 for h in recorder._pending[-1].layers[recorder.trace().layers[0]]
-        )
-    recorder.detach()
+        calls = recorder._pending
+        held = [h for call in calls for pair in call.layers.values() for h in pair if h]
+        assert len(held) == 6 * 3 * 2 and all(h.version == -1 for h in held)  # copies
+        # the input ids, made outside inference mode, have a version: held by reference
+        assert [call.ids.version >= 0 for call in calls if call.ids] == [False] + [True] * 5
     reference, _ = _record(
         mixtral, [lambda x=x: mixtral(input_ids=x) for x in inputs], eager=True, weights=True
     )
@@ -548,13 +552,12 @@ def test_held_bytes_and_calls_are_bounded(mixtral: nn.Module) -> None:
     way."""
     generator = torch.Generator().manual_seed(7)
     inputs = [_ids(2, 6, generator) for _ in range(10)]
-    recorder = RoutingTraceRecorder(mixtral, batch_calls=3).attach()
-    with torch.no_grad():
+    recorder = RoutingTraceRecorder(mixtral, batch_calls=3)
+    with recorder, torch.no_grad():
         for x in inputs:
             mixtral(input_ids=x)
-    # three batches of three calls on the device, the tenth call held, nothing on the host
-    assert (len(recorder._staged), len(recorder._pending), len(recorder._chunks)) == (3, 1, 0)
-    recorder.detach()
+        # three batches of three calls on the device, the tenth call held, none on the host
+        assert (len(recorder._staged), len(recorder._pending), len(recorder._chunks)) == (3, 1, 0)
     assert (len(recorder._staged), len(recorder._pending), len(recorder._chunks)) == (0, 0, 1)
     calls = [lambda x=x: mixtral(input_ids=x) for x in inputs]
     by_calls, few = _record(mixtral, calls, eager=False, batch_calls=3)
