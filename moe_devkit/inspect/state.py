@@ -109,6 +109,7 @@ class LayerState:
         self.graphs = UpdateGraphs(self.stats, device)
         self._device = device
         self._deferred: list[StepTensors] = []  # decision tensors not folded yet
+        self._deferred_flags = (False, False)  # the first deferred step's periodic updates
         self._pending_tokens = 0
         self._raw: list[RawRouting] = []  # router outputs not built into decisions yet
         self._raw_bytes = 0
@@ -137,9 +138,10 @@ class LayerState:
         at once (one concatenation and one pass), which divides the per-step cost of the
         fold's small ops: on CUDA with graphs up to ``config.defer_steps`` steps, elsewhere
         until ``HOST_FOLD_TOKENS`` tokens are pending. Only for decisions whose tensors
-        nobody modifies afterwards (the hooks' fresh router outputs). Steps with a periodic
-        update (co-activation, reservoir) are folded at once; ``drain`` folds what is
-        pending, and every reader of the statistics calls it first.
+        nobody modifies afterwards (the hooks' fresh router outputs). A step with a
+        periodic update (co-activation, reservoir) opens a new batch, whose pass applies
+        that update to its first step; ``drain`` folds what is pending, and every reader
+        of the statistics calls it first.
         """
         # A context, not a decorator: torch.compile cannot call a decorated method of a
         # LayerState created inside the compiled region (on the first step).
@@ -157,12 +159,15 @@ class LayerState:
             self._drain_raw()  # steps stay in order
         flags = self._periodic()
         limit = self._defer_limit(training)
-        if defer and self.graphed and not any(flags) and limit > 1:
-            self._deferred.append(step)
+        graphed = defer and self.graphed and limit > 1
+        if (graphed or (defer and self._host_fold)) and any(flags) and self._deferred:
+            self.drain()  # a periodic step opens a batch: its updates apply to the first
+        if graphed:
+            self._defer_step(step, flags)
             if len(self._deferred) >= limit:
                 self.drain()
-        elif defer and self._host_fold and not any(flags):
-            self._deferred.append(StepTensors(*(t.detach() for t in step)))
+        elif defer and self._host_fold:
+            self._defer_step(StepTensors(*(t.detach() for t in step)), flags)
             self._pending_tokens += step.k.shape[0]
             if self._pending_tokens >= HOST_FOLD_TOKENS:
                 self.drain()
@@ -171,6 +176,11 @@ class LayerState:
         else:
             self._update_tensors(step, coactivation=flags[0], sample=flags[1])
         self._count_step()
+
+    def _defer_step(self, step: StepTensors, flags: tuple[bool, bool]) -> None:
+        if not self._deferred:
+            self._deferred_flags = flags
+        self._deferred.append(step)
 
     def _defer_limit(self, training: bool) -> int:
         """Steps a CUDA layer defers: ``config.defer_steps``, or in training (where the
@@ -251,15 +261,17 @@ class LayerState:
         if not self._deferred:
             return
         pending, self._deferred = self._deferred, []
+        flags, self._deferred_flags = self._deferred_flags, (False, False)
         self._pending_tokens = 0
         if len(pending) == 1:
             if self.graphed:
-                self._replay(pending[0], (False, False))
+                self._replay(pending[0], flags)
             else:
-                self._update_tensors(pending[0], coactivation=False, sample=False)
+                self._update_tensors(pending[0], coactivation=flags[0], sample=flags[1])
             return
+        first = pending[0].k.shape[0]  # the first step's tokens: its periodic updates
         if not (self.graphed and self.stats.counts.is_cuda):
-            self._fold_merged(MergedSteps.concat(pending))
+            self._fold_merged(MergedSteps.concat(pending), flags, first)
             return
         one = _layout(pending[:1])
         if all(_layout([step]) == one for step in pending[1:]):
@@ -271,10 +283,10 @@ class LayerState:
             slots = max(self.config.defer_steps, self.config.batch_steps)
             pending = [*pending, *([pad] * (slots - len(pending)))]
         self.graphs.run_built(
-            _layout(pending),
+            (_layout(pending), flags),
             lambda: MergedSteps.concat(pending),
             lambda buffers: MergedSteps(*buffers).fill(pending),  # the graph's input buffers
-            lambda inputs: self._fold_merged(MergedSteps(*inputs)),
+            lambda inputs: self._fold_merged(MergedSteps(*inputs), flags, first),
         )
 
     def _drain_raw(self) -> None:
@@ -361,9 +373,16 @@ class LayerState:
         )
         return built.aux_sums
 
-    def _fold_merged(self, merged: MergedSteps) -> None:
-        """Token statistics of concatenated steps (no periodic update)."""
-        self._update_tensors(merged.folded(), coactivation=False, sample=False)
+    def _fold_merged(
+        self,
+        merged: MergedSteps,
+        flags: tuple[bool, bool] = (False, False),
+        first: int | None = None,
+    ) -> None:
+        """Token statistics of concatenated steps, the periodic updates ``flags`` on the
+        ``first`` tokens (the first step's)."""
+        coactivation, sample = flags
+        self._update_tensors(merged.folded(), coactivation=coactivation, sample=sample, first=first)
 
     def _replay(self, step: StepTensors, flags: tuple[bool, bool]) -> None:
         """Runs one update from a captured CUDA graph (see ``capture.UpdateGraphs.run``)."""

@@ -228,6 +228,19 @@ def test_padding_slots_count_nothing() -> None:
     filled._fold_merged(MergedSteps.concat([*decisions, *pads]))
     for name, tensor in plain.stats.tensors().items():
         torch.testing.assert_close(tensor, filled.stats.tensors()[name], equal_nan=True)
+    # A batch opened by a periodic step: co-activation and reservoir take its first step
+    # only, padded or not, as the first step folded alone with them would.
+    alone = LayerState("c", experts, k, torch.device("cpu"), config)
+    for state, batch in ((plain, decisions), (filled, [*decisions, *pads])):
+        state._fold_merged(MergedSteps.concat(batch), (True, True), first=tokens)
+    alone._fold_merged(MergedSteps.concat(decisions[:1]), (True, True))
+    assert alone.stats.coactivation.sum() > 0
+    for state in (plain, filled):
+        torch.testing.assert_close(state.stats.coactivation, alone.stats.coactivation)
+        for name in ("res_keys", "res_k", "res_complexity", "tokens_seen"):
+            torch.testing.assert_close(
+                getattr(state.stats, name), getattr(alone.stats, name), equal_nan=True
+            )
 
 
 @pytest.mark.gpu
