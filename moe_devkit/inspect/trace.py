@@ -304,9 +304,11 @@ class _Call:
 # The columns of a flush's call table (one row a call, ints): the call's metadata, then
 # where each held tensor went, as (group, start, size) along its group's concatenated
 # dimension (group -1: not held), then per layer of the flush the same for its experts and
-# weights, its rows held and its K.
-_ROWS, _BATCH, _LENGTH, _FIRST, _DROPPED, _IDS, _MASK, _POSITIONS = 0, 1, 2, 3, 4, 5, 8, 11
-_CALL_COLUMNS = 14
+# weights, its rows held and its K. A mask wider than its call (a step of ``generate``) is
+# copied as its last ``length`` columns and its row sums (``_MASK_SUMS``).
+_ROWS, _BATCH, _LENGTH, _FIRST, _DROPPED = 0, 1, 2, 3, 4
+_IDS, _MASK, _MASK_SUMS, _POSITIONS = 5, 8, 11, 14
+_CALL_COLUMNS = 17
 _INDICES, _WEIGHTS, _KEPT, _K = 0, 3, 6, 7
 _LAYER_COLUMNS = 8
 
@@ -414,12 +416,18 @@ class _Chunk:
             if values is not None:
                 token_ids[cut] = _token_rows(values.reshape(batch, length), batch, length, rows)
             mask = self._piece(groups, remap, row, _MASK)
+            sums = self._piece(groups, remap, row, _MASK_SUMS)
             source = self._piece(groups, remap, row, _POSITIONS)
             if mask is not None:  # positions counted over the non-pad tokens
                 tail = mask[:, mask.shape[1] - length :]
                 valid[cut] = _token_rows(tail != 0, batch, length, rows)
-                counted = np.cumsum(mask.astype(np.int64), axis=1) - 1
-                counted = counted[:, mask.shape[1] - length :]
+                counted = np.cumsum(tail.astype(np.int64), axis=1) - 1
+                if sums is not None:  # the mask's columns before its last ones: their sum
+                    counted += (sums - tail.astype(np.int64).sum(axis=1))[:, None]
+                else:
+                    counted += (
+                        mask[:, : mask.shape[1] - length].astype(np.int64).sum(axis=1)[:, None]
+                    )
                 positions[cut] = _token_rows(counted, batch, length, rows)
             elif source is not None:
                 counted = source.astype(np.int64).reshape(-1, length)
@@ -862,8 +870,10 @@ class RoutingTraceRecorder:
     def _materialise(self) -> None:
         """Copies the held calls on their device, releasing the model's tensors: they are
         concatenated by kind (one ``torch.cat`` per dtype and shape of all calls and layers)
-        and staged until ``_offload``. A call's rows beyond the ones it keeps are left out;
-        a held tensor modified in place since its call is refused."""
+        and staged until ``_offload``. A call's rows beyond the ones it keeps are left out,
+        and a mask wider than its call (a step of ``generate``) is cut to its last columns
+        and its row sums (two ops); a held tensor modified in place since its call is
+        refused."""
         pending, self._pending = self._pending, []
         self._held_bytes = 0
         if not pending:
@@ -903,9 +913,16 @@ class RoutingTraceRecorder:
             if dropped:
                 self._refuse("", lost=True)
                 continue
-            for held, at in zip(inputs, (_IDS, _MASK, _POSITIONS), strict=True):
-                if held is not None:
-                    place(row, at, held.tensor, -1)
+            if call.ids is not None:
+                place(row, _IDS, call.ids.tensor, -1)
+            if call.positions is not None:
+                place(row, _POSITIONS, call.positions.tensor, -1)
+            if call.mask is not None:
+                mask, width = call.mask.tensor, call.mask.tensor.shape[1]
+                if width > call.length:  # its last columns, and the row sums of all
+                    place(row, _MASK_SUMS, mask.sum(1, dtype=torch.int64), -1)
+                    mask = mask.narrow(1, width - call.length, call.length)
+                place(row, _MASK, mask, -1)
             for layer, (indices, weights) in call.layers.items():
                 if indices.modified() or (weights is not None and weights.modified()):
                     self._refuse(layer, lost=True)

@@ -309,13 +309,17 @@ def _scenario(name: str, mixtral: nn.Module) -> tuple[nn.Module, list[Callable[[
             calls.append(lambda x=ids, p=positions: mixtral(input_ids=x, position_ids=p))
         else:
             calls.append(lambda x=ids, m=mask: mixtral(input_ids=x, attention_mask=m))
-    if name == "generate":
+    if name in ("generate", "generate_padded"):
         prompts = [_ids(2, 5, generator) for _ in range(3)]
+        masks = [torch.ones_like(p) for p in prompts]
+        if name == "generate_padded":  # left padding: the steps' masks start with pads
+            for i, mask in enumerate(masks):
+                mask[i % 2, : 1 + i] = 0
         calls = [
-            lambda p=p: mixtral.generate(
-                p, attention_mask=torch.ones_like(p), max_new_tokens=4, do_sample=False
+            lambda p=p, m=m: mixtral.generate(
+                p, attention_mask=m, max_new_tokens=4, do_sample=False
             )
-            for p in prompts
+            for p, m in zip(prompts, masks, strict=True)
         ]
     options = {
         "every": {"every": 2},
@@ -334,6 +338,7 @@ SCENARIOS = [
     "inputs_embeds",
     "position_ids",
     "generate",
+    "generate_padded",
     "every",
     "budget",
     "chunk",
@@ -571,3 +576,34 @@ def test_held_bytes_and_calls_are_bounded(mixtral: nn.Module) -> None:
     for name in ("batch_calls", "max_held_bytes"):
         with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
             RoutingTraceRecorder(mixtral, **{name: 0})
+
+
+def test_a_generate_step_copies_the_last_columns_of_its_mask(mixtral: nn.Module) -> None:
+    """A step of ``generate`` gets the mask of the whole sequence so far: the recorder
+    copies only its last columns (the step's tokens) and its row sums, so what goes to the
+    host grows with the tokens, not with the square of the sequence length; the positions
+    still count the non-pad tokens before the step."""
+    prompt = _ids(2, 30, torch.Generator().manual_seed(8))
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
+    recorder = RoutingTraceRecorder(mixtral)
+    with recorder, torch.no_grad():
+        out = mixtral.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        widths = [call.mask.tensor.shape[1] for call in recorder._pending if call.mask]
+        assert widths == [30, 31, 32, 33]  # the prompt, then three steps
+        recorder._materialise()
+        (staged,) = recorder._staged
+        rows = [t for t, dim in zip(staged.groups, staged.dims, strict=True) if dim == 1]
+        sums = [t for t, dim in zip(staged.groups, staged.dims, strict=True) if t.dim() == 1]
+        # the token ids and the masks' last columns, [2, 30 + 1 + 1 + 1] each, in one group
+        assert [tuple(t.shape) for t in rows] == [(2, 2 * 33)]
+        assert [tuple(t.shape) for t in sums] == [(3 * 2,)]  # the three steps' row sums
+    trace = recorder.trace()
+    order = np.lexsort((trace.positions, trace.sequence))
+    assert trace.num_tokens == 2 * 33 - 4
+    np.testing.assert_array_equal(trace.sequence[order], np.repeat([0, 1], [33, 29]))
+    np.testing.assert_array_equal(trace.positions[order], np.r_[np.arange(33), np.arange(29)])
+    tokens = out[:, :33].reshape(-1)[
+        torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], 1).reshape(-1).bool()
+    ]
+    np.testing.assert_array_equal(trace.token_ids[order], tokens.numpy())
