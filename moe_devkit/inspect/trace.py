@@ -539,7 +539,7 @@ class RoutingTraceRecorder:
         every: int = 1,
         metadata: Mapping[str, Any] | None = None,
         batch_calls: int = 16,
-        max_held_bytes: int = 16 * 2**20,
+        max_held_bytes: int = 64 * 2**20,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
