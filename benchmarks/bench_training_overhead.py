@@ -5,9 +5,11 @@ does at each logging step), against the same training steps with no inspector.
 Two copies of the model, built from the same seed (same weights, same batch, so the same
 routing and the same work), train side by side: one with the inspector attached once for the
 whole run, as a training callback does, one without. They run in alternating blocks of
-``--log-every`` optimizer steps, so machine load hits both alike; the ratio is the median of
-the paired block ratios, with a distribution-free 95% interval (order statistics of the
-paired ratios). Beside it, the time spent inside the inspector's own hooks and in
+``--log-every`` optimizer steps, so machine load hits both alike, in two arms: the copy
+built second watched, then two new copies with the one built first watched (two copies of a
+model need not run alike; the arms carry that bias opposite ways). The ratio is the median
+of the paired block ratios of both arms, with a distribution-free 95% interval (order
+statistics of the paired ratios), and each arm's median beside it. Beside it, the time spent inside the inspector's own hooks and in
 ``metrics()`` + ``check_alarms()``, as a share of the watched step time (a direct reading,
 far less sensitive to machine load than the ratio of two step times).
 
@@ -145,17 +147,21 @@ def measure(
     warmup: int = 3,
     control: bool = False,
 ) -> dict[str, object]:
-    """Times the two copies (``control``: neither is watched, the harness's own spread)."""
-    inspector = RouterInspector()
+    """Times the watched copy against the plain one in two arms: the copy built second
+    watched, then (two new copies) the copy built first. Two copies of one model need not
+    run alike (allocation and cache placement: on the CPU VM the copy built second ran
+    3.6% faster in a control run), so each arm carries that bias one way and the pooled
+    ratios cancel it. ``control``: neither copy is watched (the harness's own ratio)."""
     spent = {"hooks": 0.0, "metrics": 0.0}
     counter = OpCounter()
+    layers = 0
 
-    def trainer(watched: bool) -> Callable[[], float]:
+    def trainer(inspector: RouterInspector | None) -> Callable[[], float]:
         torch.manual_seed(0)  # the same weights and batch for both copies
         model, loss_fn = MODELS[name](device, size)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        if watched:
+        if inspector is not None:
             inspector.attach(model)
             time_hooks(inspector, spent, counter)
 
@@ -170,7 +176,7 @@ def measure(
             start = time.perf_counter()
             for _ in range(log_every):
                 step()
-            if watched:
+            if inspector is not None:
                 read = time.perf_counter()
                 counter.key = "metrics"
                 inspector.metrics()
@@ -183,24 +189,42 @@ def measure(
 
         return block
 
-    plain_block, watched_block = trainer(False), trainer(not control)
-    for _ in range(warmup):  # first-step checks, lazy set-up, the captured graphs' layouts
-        plain_block(), watched_block()
-    spent.update(hooks=0.0, metrics=0.0)
     plain: list[float] = []
     watched: list[float] = []
-    for i in range(blocks):
-        if i % 2 == 0:  # flip the order each pair
-            plain.append(plain_block())
-            watched.append(watched_block())
+    arms: list[float] = []
+    for watch_second in (True, False):
+        inspector = None if control else RouterInspector()
+        if watch_second:
+            plain_block, watched_block = trainer(None), trainer(inspector)
         else:
-            watched.append(watched_block())
-            plain.append(plain_block())
-    # The aten ops inside the inspector, counted over two more watched blocks (the counting
-    # mode's own cost stays out of the timings above)
-    with counter:
-        watched_block(), watched_block()
-    inspector.detach()
+            watched_block, plain_block = trainer(inspector), trainer(None)
+        timed = dict(spent)  # what the warm-up and the op counting add stays out
+        for _ in range(warmup):  # first-step checks, lazy set-up, the captured graphs' layouts
+            plain_block(), watched_block()
+        spent.update(timed)
+        arm_plain: list[float] = []
+        arm_watched: list[float] = []
+        for i in range(blocks):
+            if i % 2 == 0:  # flip the order each pair
+                arm_plain.append(plain_block())
+                arm_watched.append(watched_block())
+            else:
+                arm_watched.append(watched_block())
+                arm_plain.append(plain_block())
+        plain += arm_plain
+        watched += arm_watched
+        arms.append(statistics.median(w / p for w, p in zip(arm_watched, arm_plain, strict=True)))
+        if inspector is not None:
+            layers = len(inspector.layers)
+            if not watch_second:
+                # The aten ops inside the inspector, counted over two more watched blocks
+                # (the counting mode's own cost stays out of the timings above)
+                timed = dict(spent)
+                with counter:
+                    watched_block(), watched_block()
+                spent.update(timed)
+            inspector.detach()
+        del plain_block, watched_block
     ratios = [w / p for w, p in zip(watched, plain, strict=True)]
     low, high = paired_interval(ratios)
     watched_s = sum(watched) * log_every / 1e3
@@ -212,9 +236,10 @@ def measure(
         "watched_ms_per_step": statistics.median(watched),
         "ratio": statistics.median(ratios),
         "ratio_95": [low, high],
-        "blocks": blocks,
+        "arm_ratios": arms,
+        "blocks": 2 * blocks,
         "steps_per_block": log_every,
-        "layers": len(inspector.layers),
+        "layers": layers,
         "hook_share": spent["hooks"] / watched_s,
         "metrics_share": spent["metrics"] / watched_s,
         "hook_ops_per_step": counter.ops["hooks"] / (2 * log_every),
@@ -226,7 +251,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", choices=("reference", "hf", "both"), default="both")
-    parser.add_argument("--blocks", type=positive_int, default=12, help="block pairs")
+    parser.add_argument(
+        "--blocks", type=positive_int, default=12, help="block pairs in each of the two arms"
+    )
     parser.add_argument("--log-every", type=positive_int, default=10, help="steps per block")
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny", help="model size")
     parser.add_argument(
@@ -254,7 +281,8 @@ def main() -> None:
             f"{r['model']} ({r['size']}{', control' if r['control'] else ''}): plain "
             f"{r['plain_ms_per_step']:.2f} ms/step, watched "
             f"{r['watched_ms_per_step']:.2f} ms/step, ratio {r['ratio']:.4f} "
-            f"(95% {low:.4f}-{high:.4f}; {r['blocks']} block pairs of {r['steps_per_block']} "
+            f"(95% {low:.4f}-{high:.4f}; arms {r['arm_ratios'][0]:.4f} / {r['arm_ratios'][1]:.4f}; "
+            f"{r['blocks']} block pairs of {r['steps_per_block']} "
             f"steps, metrics() + check_alarms() once a block); inside the inspector: hooks "
             f"{100 * r['hook_share']:.2f}% + metrics/alarms {100 * r['metrics_share']:.2f}% "
             f"of the watched time; hook ops per step {r['hook_ops_per_step']:.1f} "
