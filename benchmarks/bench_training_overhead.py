@@ -9,7 +9,8 @@ whole run, as a training callback does, one without. They run in alternating blo
 built second watched, then two new copies with the one built first watched (two copies of a
 model need not run alike; the arms carry that bias opposite ways). The ratio is the median
 of the paired block ratios of both arms, with a distribution-free 95% interval (order
-statistics of the paired ratios), and each arm's median beside it. Beside it, the time spent inside the inspector's own hooks and in
+statistics of the paired ratios), and each arm's median beside it. Beside it, the time
+spent inside the inspector's own hooks and in
 ``metrics()`` + ``check_alarms()``, as a share of the watched step time (a direct reading,
 far less sensitive to machine load than the ratio of two step times).
 
