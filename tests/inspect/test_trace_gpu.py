@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from recorder_ops import HookOps
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_devkit
 from moe_devkit.inspect.trace import RoutingTrace, RoutingTraceRecorder
@@ -219,33 +219,6 @@ def test_mixtral_records_without_a_sync_of_its_own_what_the_cpu_records(device: 
     _mixtral_case(device)
 
 
-class _HookOps(TorchDispatchMode):
-    """Counts the aten ops issued inside the recorder's hooks (and while ``counting``)."""
-
-    def __init__(self, recorder: RoutingTraceRecorder) -> None:
-        super().__init__()
-        self.ops = 0
-        self.counting = False
-        for handle in recorder._handles:
-            hooks = handle.hooks_dict_ref()
-            assert hooks is not None
-            hooks[handle.id] = self.counted(hooks[handle.id])
-
-    def counted(self, hook: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            outer, self.counting = self.counting, True
-            try:
-                return hook(*args, **kwargs)
-            finally:
-                self.counting = outer
-
-        return wrapped
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.ops += self.counting
-        return func(*args, **(kwargs or {}))
-
-
 def _small_reference(device: str) -> MoEModel:
     torch.manual_seed(0)
     config = RouterConfig(hidden_size=32, num_experts=8, max_k=3, expert_hidden_size=32)
@@ -280,7 +253,7 @@ def test_recorded_calls_issue_under_one_op_each_without_sync(device: str) -> Non
     with torch.no_grad():
         model(x)  # first call: the layers' one-off probes may synchronise
     recorder = RoutingTraceRecorder(model, weights=True, max_tokens=4096).attach()
-    counter = _HookOps(recorder)
+    counter = HookOps(recorder)
     outputs: list[Any] = []
 
     def calls() -> None:

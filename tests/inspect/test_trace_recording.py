@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hf_zoo import build_tiny
+from recorder_ops import HookOps
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -168,34 +169,6 @@ def test_a_transformers_router_is_recorded_without_building_its_decision() -> No
 # ----------------------------------------------------------------------------- deferred copies
 
 
-class _HookOps(TorchDispatchMode):
-    """Counts the aten ops issued inside the recorder's hooks (and while ``counting`` is set),
-    not the model's: each hook is wrapped to count while it runs."""
-
-    def __init__(self, recorder: RoutingTraceRecorder) -> None:
-        super().__init__()
-        self.ops = 0
-        self.counting = False
-        for handle in recorder._handles:
-            hooks = handle.hooks_dict_ref()
-            assert hooks is not None
-            hooks[handle.id] = self.counted(hooks[handle.id])
-
-    def counted(self, hook: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            outer, self.counting = self.counting, True
-            try:
-                return hook(*args, **kwargs)
-            finally:
-                self.counting = outer
-
-        return wrapped
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.ops += self.counting
-        return func(*args, **(kwargs or {}))
-
-
 CALLS = 32
 
 
@@ -228,7 +201,7 @@ def test_recorded_calls_cost_under_one_op_each_on_average(name: str, weights: bo
 
         tokens = int(mask.sum())
     recorder = RoutingTraceRecorder(model, weights=weights, max_tokens=10_000).attach()
-    counter = _HookOps(recorder)
+    counter = HookOps(recorder)
     with counter, torch.no_grad():
         for _ in range(CALLS):
             call()
