@@ -67,8 +67,8 @@ class RawRouting(NamedTuple):
         captured batch that a shorter batch does not fill."""
         logits = torch.zeros_like(self.logits)
         indices = torch.full_like(self.indices, -1)
-        keep = torch.zeros(logits.numel() // max(logits.shape[-1], 1), dtype=torch.bool)
-        keep = keep.to(logits.device)
+        tokens = logits.numel() // max(logits.shape[-1], 1)
+        keep = torch.zeros(tokens, dtype=torch.bool, device=logits.device)  # made there: no copy
         return self._replace(logits=logits, indices=indices, keep=keep, periodic=(False, False))
 
     def modified(self) -> bool:
