@@ -357,6 +357,27 @@ def _calls(generator: torch.Generator, count: int = 12) -> list[torch.Tensor]:
     return [_ids(2, 6, generator) for _ in range(count)]
 
 
+def _runtime_warnings(
+    model: nn.Module,
+    recorder: RoutingTraceRecorder,
+    inputs: list[torch.Tensor],
+    handles: list[Any],
+) -> list[warnings.WarningMessage]:
+    """Runs ``inputs`` through ``model`` without grad, detaches ``recorder`` and removes
+    ``handles`` (also on failure); returns the RuntimeWarnings raised meanwhile."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for ids in inputs:
+                model(input_ids=ids)
+            recorder.detach()
+    finally:
+        recorder.detach()
+        for handle in handles:
+            handle.remove()
+    return [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
 def test_router_outputs_modified_in_place_are_copied_at_each_call(mixtral: nn.Module) -> None:
     """A hook after the recorder's changes one gate's experts and weights in place at every
     call: the recorder finds it at the second call (the first was copied at once, its
@@ -372,17 +393,7 @@ def test_router_outputs_modified_in_place_are_copied_at_each_call(mixtral: nn.Mo
         out[1].mul_(0.5)
 
     handles.append(gate.register_forward_hook(vandal))
-    try:
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for ids in inputs:
-                mixtral(input_ids=ids)
-            recorder.detach()
-    finally:
-        recorder.detach()
-        for handle in handles:
-            handle.remove()
-    refused = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    refused = _runtime_warnings(mixtral, recorder, inputs, handles)
     assert len(refused) == 1 and repr(name) in str(refused[0].message)
     assert "modified in place" in str(refused[0].message)
     assert recorder.modified == {} and recorder._copied == {name}
@@ -411,17 +422,7 @@ def test_a_change_found_at_a_copy_leaves_those_rows_out(mixtral: nn.Module) -> N
             out[2].copy_((out[2] + 1) % 8)
 
     handles.append(gate.register_forward_hook(vandal))
-    try:
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for ids in inputs:
-                mixtral(input_ids=ids)
-            recorder.detach()
-    finally:
-        recorder.detach()
-        for handle in handles:
-            handle.remove()
-    refused = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    refused = _runtime_warnings(mixtral, recorder, inputs, handles)
     assert len(refused) == 1 and repr(layer) in str(refused[0].message)
     assert "could not be recorded" in str(refused[0].message)
     assert recorder.modified == {layer: 2}
